@@ -1,0 +1,36 @@
+"""Caption handling at training time: trigger word, tag shuffling and dropout."""
+from __future__ import annotations
+
+import random
+
+
+def split_tags(caption: str) -> list[str]:
+    return [t.strip() for t in caption.split(",") if t.strip()]
+
+
+def with_trigger(caption: str, trigger: str) -> str:
+    if not trigger:
+        return caption
+    if trigger in split_tags(caption) or caption.startswith(trigger + " ") or caption == trigger:
+        return caption
+    return f"{trigger}, {caption}" if caption else trigger
+
+
+def fill_template(template: str, trigger: str) -> str:
+    return " ".join(template.replace("[trigger]", trigger).split())
+
+
+def augment(caption: str, rng: random.Random, shuffle: bool, keep_tokens: int,
+            tag_dropout: float, caption_dropout: float) -> str:
+    """Apply per-step caption augmentation. The first `keep_tokens` tags never move or drop."""
+    if caption_dropout and rng.random() < caption_dropout:
+        return ""
+    if not (shuffle or tag_dropout):
+        return caption
+    tags = split_tags(caption)
+    head, tail = tags[:keep_tokens], tags[keep_tokens:]
+    if tag_dropout:
+        tail = [t for t in tail if rng.random() >= tag_dropout]
+    if shuffle:
+        rng.shuffle(tail)
+    return ", ".join(head + tail)

@@ -1,0 +1,121 @@
+"""The training dataset: bucketed, deterministic batches of images (or cached latents) and captions."""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from ..config import DataConfig
+from . import buckets as bk
+from .captions import augment, fill_template, with_trigger
+from .scan import Scan
+
+
+@dataclass
+class Entry:
+    path: Path
+    caption: str
+    repeats: int
+    size: tuple[int, int]  # original (width, height) after EXIF rotation
+    bucket: tuple[int, int]
+    digest: str
+
+
+def open_rgb(path: Path, background=(255, 255, 255)) -> Image.Image:
+    """Open an image upright in RGB; transparency is composited on `background`."""
+    with Image.open(path) as im:
+        im.seek(0)  # first frame of animations
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
+            im = im.convert("RGBA")
+            canvas = Image.new("RGB", im.size, background)
+            canvas.paste(im, mask=im.getchannel("A"))
+            return canvas
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(im, dtype=np.float32)
+            arr = (arr / max(1.0, arr.max()) * 255.0).clip(0, 255).astype(np.uint8)
+            return Image.fromarray(arr).convert("RGB")
+        return im.convert("RGB")
+
+
+class TrainingSet:
+    def __init__(self, scan: Scan, cfg: DataConfig, resolution: int):
+        self.cfg = cfg
+        self.resolution = resolution
+        self.problems = dict(scan.problems)
+        self.buckets = bk.make_buckets(resolution, cfg.bucket_step, cfg.min_bucket_side, cfg.max_bucket_side)
+        self.entries: list[Entry] = []
+        for item in scan.items:
+            try:
+                with Image.open(item.image) as im:
+                    im = ImageOps.exif_transpose(im)
+                    size = im.size
+                digest = hashlib.sha256(item.image.read_bytes()).hexdigest()
+            except Exception as e:  # one bad file must never stop a run: it is reported and skipped
+                self.problems[str(item.image)] = f"unreadable image ({type(e).__name__}: {e})"
+                continue
+            caption = item.caption or fill_template(cfg.default_caption, cfg.trigger)
+            caption = with_trigger(caption, cfg.trigger)
+            bucket = bk.choose_bucket(*size, self.buckets, cfg.no_upscale, cfg.bucket_step)
+            self.entries.append(Entry(item.image, caption, item.repeats * cfg.repeats, size, bucket, digest))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(e.repeats for e in self.entries)
+
+    def bucket_table(self) -> dict[str, int]:
+        table: dict[str, int] = {}
+        for e in self.entries:
+            key = f"{e.bucket[0]}x{e.bucket[1]}"
+            table[key] = table.get(key, 0) + e.repeats
+        return dict(sorted(table.items()))
+
+    def epoch_batches(self, epoch: int, seed: int, batch_size: int) -> list[list[int]]:
+        """Shuffled batches for one epoch; every batch comes from one bucket. Same (seed, epoch), same order."""
+        rng = random.Random(f"{seed}-{epoch}")
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, e in enumerate(self.entries):
+            by_bucket.setdefault(e.bucket, []).extend([i] * e.repeats)
+        batches = []
+        for bucket in sorted(by_bucket):
+            idx = by_bucket[bucket]
+            rng.shuffle(idx)
+            batches += [idx[k:k + batch_size] for k in range(0, len(idx), batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def crop_position(self, rng: random.Random) -> tuple[float, float]:
+        return (rng.random(), rng.random()) if self.cfg.random_crop else (0.5, 0.5)
+
+    def crop_top_left(self, i: int, crop: tuple[float, float]) -> tuple[int, int]:
+        """SDXL's crop conditioning (y, x) for image i, computed without opening the image."""
+        e = self.entries[i]
+        _, box = bk.fit(*e.size, e.bucket, *crop)
+        return box[1], box[0]
+
+    def pixels(self, i: int, crop: tuple[float, float], flip: bool):
+        """Image i fitted to its bucket as a CHW tensor in [-1, 1], plus its crop top-left (y, x)."""
+        e = self.entries[i]
+        im = open_rgb(e.path)
+        scaled, box = bk.fit(*im.size, e.bucket, *crop)
+        im = im.resize(scaled, Image.Resampling.LANCZOS).crop(box)
+        if flip:
+            im = ImageOps.mirror(im)
+        arr = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
+        return arr / 127.5 - 1.0, (box[1], box[0])
+
+    def caption(self, i: int, rng: random.Random) -> str:
+        c = self.cfg
+        return augment(self.entries[i].caption, rng, c.shuffle_tags, c.keep_tokens, c.tag_dropout, c.caption_dropout)
+
+    def cache_key(self, i: int, crop: tuple[float, float], vae_id: str) -> str:
+        e = self.entries[i]
+        return hashlib.sha256(f"{e.digest}|{e.bucket}|{crop}|{vae_id}".encode()).hexdigest()[:32]

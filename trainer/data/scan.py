@@ -1,0 +1,79 @@
+"""Find the images and captions of a dataset folder, torch-free so the UI can call it.
+
+A dataset is a folder of images with same-stem caption files. Kohya-style subfolders named
+`N_name` repeat their images N times per epoch.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+REPEAT_DIR = re.compile(r"^(\d+)_(.+)$")
+
+
+@dataclass
+class Item:
+    image: Path
+    caption: str
+    repeats: int
+    caption_problem: str = ""
+
+
+@dataclass
+class Scan:
+    root: Path
+    items: list[Item] = field(default_factory=list)
+    problems: dict[str, str] = field(default_factory=dict)  # file -> reason it is not used
+
+
+class DatasetError(ValueError):
+    pass
+
+
+def read_caption(path: Path) -> tuple[str, str]:
+    """Return (caption, problem). Non-UTF-8 captions are reported and read as cp1252/latin-1."""
+    if not path.exists():
+        return "", "no caption file"
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        text, problem = raw.decode("utf-8"), ""
+    except UnicodeDecodeError:
+        try:
+            text = raw.decode("cp1252")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+        problem = "caption is not UTF-8 (read as Windows-1252)"
+    text = " ".join(text.split())
+    if not text and not problem:
+        problem = "empty caption"
+    return text, problem
+
+
+def scan(root: str | Path, caption_extension: str = ".txt", repeats: int = 1) -> Scan:
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist; pass a folder of images with .txt captions")
+    result = Scan(root)
+    for folder, folder_repeats in _folders(root, repeats):
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith("."):
+                continue
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                if path.stat().st_size == 0:
+                    result.problems[str(path)] = "zero-byte file"
+                    continue
+                caption, problem = read_caption(path.with_suffix(caption_extension))
+                result.items.append(Item(path, caption, folder_repeats, problem))
+    return result
+
+
+def _folders(root: Path, repeats: int):
+    yield root, repeats
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        m = REPEAT_DIR.match(sub.name)
+        if m:
+            yield sub, max(1, int(m.group(1)))

@@ -1,0 +1,65 @@
+"""The run folder's event log (`events.jsonl`) and its STOP file: the only channel to the app."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+STOP_FILE = "STOP"
+EVENTS_FILE = "events.jsonl"
+
+
+class Events:
+    """Appends one JSON object per line. Only the writing process (rank 0) gets enabled=True."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.started = time.monotonic()
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def emit(self, type: str, **fields) -> dict:
+        event = {"type": type, "time": round(time.time(), 3), **{k: _clean(v) for k, v in fields.items()}}
+        if self.enabled:
+            with open(self.run_dir / EVENTS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(event) + "\n")
+                f.flush()
+        return event
+
+    def step(self, step: int, total: int, loss: float, lr: float, epoch: int) -> dict:
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / step * (total - step) if step else None
+        return self.emit("step", step=step, total=total, loss=loss, lr=lr, epoch=epoch,
+                         elapsed_s=round(elapsed, 2), eta_s=None if eta is None else round(eta, 1))
+
+    def stop_requested(self) -> bool:
+        return (self.run_dir / STOP_FILE).exists()
+
+    def clear_stop(self) -> None:
+        if self.enabled:
+            (self.run_dir / STOP_FILE).unlink(missing_ok=True)
+
+
+def _clean(v):
+    # JSON has no NaN: a non-finite loss is written as null plus the event's own message.
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def read_events(run_dir: str | Path) -> list[dict]:
+    """Every complete line of events.jsonl; a half-written last line is skipped."""
+    path = Path(run_dir) / EVENTS_FILE
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

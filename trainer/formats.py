@@ -1,0 +1,157 @@
+"""LoRA files: peft layers -> kohya/A1111 keys, metadata (ss_* and modelspec.*), atomic save.
+
+Names and alphas are written from the live model and its peft scaling, never by string-rewriting a
+peft state dict: diffusers' converter writes alpha = rank whatever alpha was trained, and
+transformers 5's CLIPTextModel lost the `text_model.` level that every loader expects.
+"""
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as st_save
+
+from .atomic import write_bytes
+from .lora import ADAPTER
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def kohya_name(prefix: str, module_path: str) -> str:
+    if prefix.startswith("lora_te") and not module_path.startswith("text_model."):
+        module_path = "text_model." + module_path
+    return f"{prefix}_{module_path.replace('.', '_')}"
+
+
+def lora_layers(model: torch.nn.Module):
+    """(module path, peft LoRA layer) for every layer carrying our adapter."""
+    for name, mod in model.named_modules():
+        if hasattr(mod, "lora_A") and ADAPTER in mod.lora_A:
+            # DDP/compile wrappers add a prefix that is not part of the model's own names.
+            for wrapper in ("module.", "_orig_mod."):
+                if name.startswith(wrapper):
+                    name = name[len(wrapper):]
+            yield name, mod
+
+
+def kohya_state_dict(models: dict[str, torch.nn.Module], dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """`models` maps key prefix ('lora_unet', 'lora_te', 'lora_te1', 'lora_te2') to a peft-injected model."""
+    out: dict[str, torch.Tensor] = {}
+    for prefix, model in models.items():
+        for path, mod in lora_layers(model):
+            key = kohya_name(prefix, path)
+            down = mod.lora_A[ADAPTER].weight
+            up = mod.lora_B[ADAPTER].weight
+            rank = down.shape[0]
+            # kohya scales by alpha / rank; peft's scaling already includes rsLoRA's sqrt.
+            alpha = float(mod.scaling[ADAPTER]) * rank
+            out[f"{key}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous()
+            out[f"{key}.lora_up.weight"] = up.detach().to("cpu", dtype).contiguous()
+            out[f"{key}.alpha"] = torch.tensor(alpha, dtype=dtype)
+            magnitude = getattr(mod, "lora_magnitude_vector", None)
+            if magnitude is not None and ADAPTER in magnitude:
+                out[f"{key}.dora_scale"] = magnitude[ADAPTER].weight.detach().to("cpu", dtype).reshape(-1, 1).contiguous()
+    return out
+
+
+def tensor_hashes(tensors: dict[str, torch.Tensor]) -> tuple[str, str]:
+    """kohya's `sshs_model_hash` (sha256 of the tensor bytes, header excluded) and A1111's legacy hash."""
+    blob = st_save(tensors)
+    header_len = int.from_bytes(blob[:8], "little")
+    data = blob[8 + header_len:]
+    legacy = hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
+    return hashlib.sha256(data).hexdigest(), legacy
+
+
+def now_epoch() -> int:
+    # SOURCE_DATE_EPOCH makes two identical runs write byte-identical files (reproducible builds).
+    sde = os.environ.get("SOURCE_DATE_EPOCH")
+    return int(sde) if sde else int(time.time())
+
+
+def iso_date(epoch: int) -> str:
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def png_data_url(path: str | Path, max_side: int = 256) -> str:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail((max_side, max_side))
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def build_metadata(*, name: str, family, cfg, resolution: int, prediction_type: str, train_text_encoder: bool,
+                   tag_frequency: dict, num_images: int, steps: int, epoch: int, started: int, finished: int,
+                   base_name: str, base_hash: str, thumbnail: str | None = None) -> dict[str, str]:
+    conv = "conv" in cfg.lora.unet_extra
+    network_args = {"conv_dim": str(cfg.lora.rank), "conv_alpha": str(cfg.lora.alpha)} if conv else {}
+    if cfg.lora.use_dora:
+        network_args["dora_wd"] = "True"
+    if cfg.lora.use_rslora:
+        network_args["rs_lora"] = "True"
+    te_lr = cfg.optim.text_encoder_lr if train_text_encoder else 0.0
+    config = cfg.to_dict()
+    config["save"].pop("output_dir", None)  # where it ran is not how it was made
+    md = {
+        "ss_output_name": name,
+        "ss_base_model_version": family.ss_base_model_version,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(cfg.lora.rank),
+        "ss_network_alpha": str(cfg.lora.alpha),
+        "ss_network_args": json.dumps(network_args),
+        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_tag_frequency": json.dumps(tag_frequency, ensure_ascii=False),
+        "ss_num_train_images": str(num_images),
+        "ss_steps": str(steps),
+        "ss_epoch": str(epoch),
+        "ss_learning_rate": str(cfg.optim.lr),
+        "ss_unet_lr": str(cfg.optim.lr),
+        "ss_text_encoder_lr": str(te_lr),
+        "ss_network_train_unet_only": str(not train_text_encoder),
+        "ss_seed": str(cfg.train.seed),
+        "ss_mixed_precision": cfg.train.mixed_precision,
+        "ss_min_snr_gamma": str(cfg.train.min_snr_gamma),
+        "ss_noise_offset": str(cfg.train.noise_offset),
+        "ss_training_started_at": str(started),
+        "ss_training_finished_at": str(finished),
+        "ss_sd_model_name": base_name,
+        "ss_new_sd_model_hash": base_hash,
+        "ss_v2": str(family.name == "sd2"),
+        "ss_v_parameterization": str(prediction_type == "v_prediction"),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{family.modelspec_architecture}/lora",
+        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models"
+                                     if family.name == "sdxl" else "diffusers"),
+        "modelspec.title": name,
+        "modelspec.date": iso_date(finished),
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.prediction_type": prediction_type,
+        "modelspec.trigger_phrase": cfg.data.trigger,
+        "modelspec.description": f"LoRA trained with LoRA Studio on {base_name}",
+        "modelspec.author": "",
+        "modelspec.license": "",
+        "modelspec.tags": "lora",
+        "lora_studio.config": json.dumps(config, sort_keys=True),
+    }
+    if thumbnail:
+        md["modelspec.thumbnail"] = thumbnail
+    return md
+
+
+def save_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write atomically, with kohya's tensor hashes added to the metadata."""
+    md = dict(metadata)
+    md["sshs_model_hash"], md["sshs_legacy_hash"] = tensor_hashes(tensors)
+    write_bytes(path, st_save(tensors, metadata=md))
+    return Path(path)

@@ -1,0 +1,390 @@
+"""The training loop: encode, noise, predict, loss, step, sample, save. Reads top to bottom."""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import lora as lora_mod
+from .config import RunConfig
+from .data.cache import LatentCache, default_cache_dir, vae_identity
+from .data.captions import split_tags
+from .data.dataset import TrainingSet
+from .data.scan import DatasetError, scan
+from .events import Events
+from .formats import SAVE_DTYPES, build_metadata, kohya_state_dict, now_epoch, png_data_url, save_lora
+from .models import load_base
+from .precision import Precision
+from .samples import render, save_png
+
+
+class TrainingError(RuntimeError):
+    """A run cannot go on; the message says why and what to try."""
+
+
+@dataclass
+class Result:
+    lora_path: Path
+    steps: int
+    stopped_early: bool
+
+
+NON_FINITE_PATIENCE = 3  # fp16 scalers skip a few overflowing steps by design; a streak is a real fault
+
+
+def train(cfg: RunConfig, events: Events | None = None) -> Result:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params, compute_snr
+
+    run_dir = Path(cfg.save.output_dir)
+    accelerator = Accelerator(log_with=_trackers(), project_dir=str(run_dir / "logs"))
+    main = accelerator.is_main_process
+    events = events or Events(run_dir, enabled=main)
+    device = accelerator.device
+    precision = Precision(cfg.train.mixed_precision, device)
+    set_seed(cfg.train.seed)
+
+    # ---- model, family defaults, LoRA ----------------------------------------------------------
+    base = load_base(cfg.model.source, cfg.model.family)
+    fam = base.family
+    resolve_auto(cfg, fam, base.prediction_type)
+    train_te = cfg.lora.train_text_encoder
+    unet, vae, tes = base.unet, base.vae, base.text_encoders
+    for m in (unet, vae, *tes):
+        m.requires_grad_(False)
+    unet.to(device, dtype=precision.weight_dtype)
+    vae.to(device, dtype=precision.vae_dtype(fam.name))
+    for te in tes:
+        te.to(device, dtype=precision.weight_dtype)
+
+    if cfg.lora.train_unet:
+        lora_mod.inject(unet, cfg.lora, lora_mod.unet_targets(cfg.lora), "UNet")
+    if train_te:
+        for te in tes:
+            lora_mod.inject(te, cfg.lora, lora_mod.text_encoder_targets(cfg.lora), "text-encoder")
+    trained = ([unet] if cfg.lora.train_unet else []) + (list(tes) if train_te else [])
+    if not trained:
+        raise TrainingError("nothing to train: set lora.train_unet or lora.train_text_encoder to true")
+    cast_training_params(trained, dtype=torch.float32)  # LoRA weights stay fp32 under half-precision bases
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        for te in tes if train_te else []:
+            te.gradient_checkpointing_enable()
+    unet.set_attn_processor(_sdpa_processor())
+
+    # ---- data ------------------------------------------------------------------------------------
+    try:
+        found = scan(cfg.data.dataset, cfg.data.caption_extension)
+    except DatasetError as e:
+        raise TrainingError(str(e)) from None
+    data = TrainingSet(found, cfg.data, cfg.data.resolution)
+    for path, reason in data.problems.items():
+        events.emit("warning", message=f"skipped {path}: {reason}")
+    if not len(data):
+        raise TrainingError(f"dataset {cfg.data.dataset} has no usable images; run `lora-studio dataset check` on it")
+    events.emit("dataset", images=len(data), samples=data.num_samples, buckets=data.bucket_table())
+    use_cache = cfg.data.cache_latents and not (cfg.data.random_crop or cfg.data.flip)
+    cache = LatentCache(Path(cfg.data.cache_dir or default_cache_dir()) / "latents") if use_cache else None
+    vae_id = vae_identity(vae) if use_cache else ""
+    if use_cache:
+        _fill_latent_cache(data, cache, vae, vae_id, main, accelerator, events)
+
+    # ---- optimizer and schedule -----------------------------------------------------------------
+    groups = [{"params": lora_mod.lora_parameters(unet), "lr": cfg.optim.lr}] if cfg.lora.train_unet else []
+    if train_te:
+        groups.append({"params": [p for te in tes for p in lora_mod.lora_parameters(te)], "lr": cfg.optim.text_encoder_lr})
+    optimizer = make_optimizer(cfg, groups, device)
+    world = accelerator.num_processes
+    batches_per_epoch = len(data.epoch_batches(0, cfg.train.seed, cfg.train.batch_size)) // world
+    if batches_per_epoch == 0:
+        raise TrainingError(f"{data.num_samples} samples make fewer batches than {world} processes; "
+                            "lower train.batch_size or add images or repeats")
+    steps_per_epoch = max(1, batches_per_epoch // cfg.train.gradient_accumulation)
+    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    lr_scheduler = get_scheduler(cfg.optim.scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+                                 num_training_steps=total)
+    prepared = accelerator.prepare(*trained)  # DDP wrapping only; data order and AMP stay ours
+    prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
+    model_of = dict(zip(map(id, trained), prepared))
+    unet_fwd = model_of.get(id(unet), unet)
+    tes_fwd = [model_of.get(id(te), te) for te in tes]
+    if cfg.train.compile and device.type == "cuda":
+        unet_fwd = torch.compile(unet_fwd)
+
+    noise_scheduler = DDPMScheduler.from_config(base.scheduler_config, prediction_type=cfg.model.prediction_type)
+    gen = torch.Generator("cpu").manual_seed(cfg.train.seed + accelerator.process_index)
+    rng = random.Random(cfg.train.seed + accelerator.process_index)
+    if main:
+        write_config(cfg, run_dir)
+        accelerator.init_trackers("lora-studio")
+    trainable = sum(p.numel() for g in groups for p in g["params"])
+    events.emit("start", total=total, family=fam.name, resolution=cfg.data.resolution, trainable_params=trainable,
+                device=str(device), processes=world, mixed_precision=cfg.train.mixed_precision)
+
+    def loss_on(batch_idx: list[int]) -> torch.Tensor:
+        crops = [data.crop_position(rng) for _ in batch_idx]
+        flips = [cfg.data.flip and rng.random() < 0.5 for _ in batch_idx]
+        captions = [data.caption(i, rng) for i in batch_idx]
+        with torch.no_grad():
+            latents, crop_tl = _latents(data, batch_idx, crops, flips, cache, vae, vae_id, gen)
+        latents = latents.to(device, torch.float32)
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        if cfg.train.noise_offset:
+            noise += cfg.train.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen).to(device)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(device)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
+            noise_scheduler.get_velocity(latents, noise, t)
+        with precision.autocast(), (contextlib.nullcontext() if train_te else torch.no_grad()):
+            hidden, pooled = fam.encode(tes_fwd, fam.tokenize(base.tokenizers, captions), cfg.model.clip_skip)
+        sizes = [(e.size[1], e.size[0]) for e in (data.entries[i] for i in batch_idx)]
+        targets = [(data.entries[i].bucket[1], data.entries[i].bucket[0]) for i in batch_idx]
+        added = fam.added_cond(pooled, sizes, crop_tl, targets) if pooled is not None else None
+        with precision.autocast():
+            pred = unet_fwd(noisy.to(precision.weight_dtype), t, hidden.to(precision.weight_dtype),
+                            added_cond_kwargs=added).sample
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if cfg.train.min_snr_gamma:
+            snr = compute_snr(noise_scheduler, t)
+            clipped = torch.clamp(snr, max=cfg.train.min_snr_gamma)
+            v_pred = noise_scheduler.config.prediction_type == "v_prediction"
+            loss = loss * (clipped / (snr + 1) if v_pred else clipped / snr)
+        return loss.mean()
+
+    def batch_stream():
+        epoch = 0
+        while True:
+            batches = data.epoch_batches(epoch, cfg.train.seed, cfg.train.batch_size)
+            for b in batches[: batches_per_epoch * world][accelerator.process_index::world]:
+                yield epoch, b
+            epoch += 1
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    from tqdm.auto import tqdm
+
+    stream = batch_stream()
+    step, epoch, smooth, bad_streak, stopped = 0, 0, None, 0, False
+    name = cfg.save.name or run_dir.name
+    started = now_epoch()
+    bar = tqdm(total=total, disable=not main, desc="train", dynamic_ncols=True)
+    save_args = dict(cfg=cfg, base=base, data=data, models=_prefixed(fam, unet if cfg.lora.train_unet else None,
+                     tes if train_te else []), started=started)
+    try:
+        while step < total:
+            for micro in range(cfg.train.gradient_accumulation):
+                epoch, batch = next(stream)
+                last = micro == cfg.train.gradient_accumulation - 1
+                with _no_sync(accelerator, prepared, enabled=not last):
+                    loss = loss_on(batch)
+                    precision.scaler.scale(loss / cfg.train.gradient_accumulation).backward()
+            precision.scaler.unscale_(optimizer)
+            if cfg.optim.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.optim.max_grad_norm)
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+            bad_streak = 0 if math.isfinite(loss_value) else bad_streak + 1
+            if bad_streak >= NON_FINITE_PATIENCE:
+                raise TrainingError(_non_finite_message(step, cfg.train.mixed_precision))
+            if math.isfinite(loss_value):
+                smooth = loss_value if smooth is None else 0.9 * smooth + 0.1 * loss_value
+            lr = lr_scheduler.get_last_lr()[0]
+            events.step(step, total, loss_value, lr, epoch + 1)
+            accelerator.log({"loss": loss_value, "lr": lr}, step=step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{smooth:.4f}" if smooth is not None else "nan", lr=f"{lr:.2e}", epoch=epoch + 1)
+
+            if main and cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0 and step < total:
+                _sample(cfg, base, unet, tes, data, precision, run_dir, step, events)
+            if cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0 and step < total and main:
+                _save(run_dir / "checkpoints" / f"{name}-step{step:06d}.safetensors", step, epoch, events, **save_args)
+            if _stop_everywhere(accelerator, events):
+                stopped = True
+                events.emit("stopping", step=step, message="STOP file found: saving and stopping")
+                break
+            if cfg.save.every_n_epochs and main and step % steps_per_epoch == 0 and step < total \
+                    and (step // steps_per_epoch) % cfg.save.every_n_epochs == 0:
+                _save(run_dir / "checkpoints" / f"{name}-epoch{step // steps_per_epoch:04d}.safetensors",
+                      step, epoch, events, **save_args)
+    except KeyboardInterrupt:
+        stopped = True
+        events.emit("stopping", step=step, message="interrupted: saving the LoRA before exiting")
+    finally:
+        bar.close()
+
+    accelerator.wait_for_everyone()
+    final = run_dir / f"{name}.safetensors"
+    thumb = None
+    if main and cfg.sample.at_end and step > 0:
+        written = _sample(cfg, base, unet, tes, data, precision, run_dir, step, events)
+        thumb = written[0] if written else None
+    if main and step > 0:
+        _save(final, step, epoch, events, thumbnail=thumb, **save_args)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if main:
+        events.clear_stop()
+        events.emit("done", step=step, total=total, stopped=stopped, path=str(final) if step else None)
+    return Result(final, step, stopped)
+
+
+# ---- pieces the loop reads as one line each ------------------------------------------------------
+
+def resolve_auto(cfg: RunConfig, fam, model_prediction_type: str) -> None:
+    """Fill every 'auto' value from the model, so the written config.toml is explicit."""
+    cfg.model.family = fam.name
+    if cfg.model.prediction_type is None:
+        cfg.model.prediction_type = model_prediction_type
+    if cfg.data.resolution is None:
+        cfg.data.resolution = fam.default_resolution
+    if cfg.lora.train_text_encoder is None:
+        cfg.lora.train_text_encoder = fam.name != "sdxl"  # SDXL's two encoders rarely need it and cost memory
+    if cfg.optim.text_encoder_lr is None:
+        cfg.optim.text_encoder_lr = cfg.optim.lr / 2
+    if cfg.data.cache_dir is None:
+        cfg.data.cache_dir = str(default_cache_dir())
+
+
+def write_config(cfg: RunConfig, run_dir: Path) -> None:
+    from .atomic import write_text
+
+    write_text(run_dir / "config.toml", cfg.to_toml())
+
+
+def make_optimizer(cfg: RunConfig, groups, device):
+    o = cfg.optim
+    if o.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise TrainingError("optim.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes, "
+                                "or use optim.optimizer=adamw") from None
+        if device.type != "cuda":
+            raise TrainingError("optim.optimizer=adamw8bit needs a CUDA GPU; use optim.optimizer=adamw on CPU")
+        return bnb.optim.AdamW8bit(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    if o.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise TrainingError("optim.optimizer=prodigy needs prodigyopt: pip install prodigyopt") from None
+        return Prodigy(groups, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    return torch.optim.AdamW(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def _trackers():
+    import importlib.util
+
+    return "tensorboard" if importlib.util.find_spec("tensorboard") else None
+
+
+def _sdpa_processor():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    return AttnProcessor2_0()
+
+
+def _prefixed(fam, unet, tes) -> dict:
+    models = {"lora_unet": unet} if unet is not None else {}
+    models.update(zip(fam.te_prefixes, tes))
+    return models
+
+
+@contextlib.contextmanager
+def _no_sync(accelerator, models, enabled: bool):
+    # Skip the DDP all-reduce on accumulation micro-steps; only the last one syncs gradients.
+    with contextlib.ExitStack() as stack:
+        if enabled:
+            for m in models:
+                stack.enter_context(accelerator.no_sync(m))
+        yield
+
+
+def _stop_everywhere(accelerator, events: Events) -> bool:
+    flag = torch.tensor([1.0 if events.stop_requested() else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def _non_finite_message(step: int, mixed_precision: str) -> str:
+    hint = {"fp16": "fp16 overflow: try train.mixed_precision=bf16, a lower optim.lr, or a fp32 VAE",
+            "bf16": "try a lower optim.lr or train.mixed_precision=no"}.get(mixed_precision, "try a lower optim.lr")
+    return f"loss became NaN/inf at step {step} ({hint}); the last saved LoRA is kept"
+
+
+def _latents(data, batch_idx, crops, flips, cache, vae, vae_id, gen):
+    out, crop_tl = [], []
+    for i, crop, flip in zip(batch_idx, crops, flips):
+        key = data.cache_key(i, crop, vae_id) if cache else None
+        latent = cache.get(key) if cache else None
+        if latent is None:
+            pixels, _ = data.pixels(i, crop, flip)
+            latent = _encode(vae, pixels, gen)
+            if cache:
+                cache.put(key, latent)
+        out.append(latent)
+        crop_tl.append(data.crop_top_left(i, crop))
+    return torch.stack(out), crop_tl
+
+
+def _encode(vae, pixels: torch.Tensor, gen) -> torch.Tensor:
+    dist = vae.encode(pixels.unsqueeze(0).to(vae.device, vae.dtype)).latent_dist
+    latent = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(dist.mean.device, dist.mean.dtype)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((latent.float() - shift) * vae.config.scaling_factor)[0].cpu()
+
+
+def _fill_latent_cache(data, cache, vae, vae_id, main, accelerator, events) -> None:
+    """Encode every image once on the main process; the other ranks then read the cache."""
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator("cpu").manual_seed(0)
+    if main:
+        todo = [i for i in range(len(data)) if cache.get(data.cache_key(i, (0.5, 0.5), vae_id)) is None]
+        events.emit("cache", cached=len(data) - len(todo), to_encode=len(todo))
+        with torch.no_grad():
+            for i in tqdm(todo, desc="cache latents", disable=not todo):
+                pixels, _ = data.pixels(i, (0.5, 0.5), False)
+                cache.put(data.cache_key(i, (0.5, 0.5), vae_id), _encode(vae, pixels, gen))
+    accelerator.wait_for_everyone()
+    cache.hits = cache.misses = 0
+
+
+def _sample(cfg, base, unet, tes, data, precision, run_dir, step, events) -> list[Path]:
+    prompts = cfg.sample.prompts or [data.entries[i].caption for i in range(min(2, len(data)))]
+    images = render(base.family, unet, base.vae, tes, base.tokenizers, base.scheduler_config, prompts,
+                    negative=cfg.sample.negative_prompt, seed=cfg.sample.seed, steps=cfg.sample.steps,
+                    guidance=cfg.sample.guidance_scale, size=cfg.data.resolution, clip_skip=cfg.model.clip_skip,
+                    autocast=precision.autocast())
+    written = []
+    for i, (prompt, im) in enumerate(zip(prompts, images)):
+        path = save_png(im, run_dir / "samples" / f"step{step:06d}_{i:02d}.png")
+        events.emit("sample", step=step, path=str(path), prompt=prompt, seed=cfg.sample.seed + i)
+        written.append(path)
+    return written
+
+
+def _save(path: Path, step: int, epoch: int, events: Events, *, cfg, base, data, models, started,
+          thumbnail: Path | None = None) -> None:
+    tensors = kohya_state_dict(models, SAVE_DTYPES[cfg.save.dtype])
+    tags = Counter(t for e in data.entries for t in split_tags(e.caption) for _ in range(e.repeats))
+    metadata = build_metadata(
+        name=path.stem, family=base.family, cfg=cfg, resolution=cfg.data.resolution,
+        prediction_type=cfg.model.prediction_type, train_text_encoder=bool(cfg.lora.train_text_encoder),
+        tag_frequency={Path(cfg.data.dataset).name: dict(tags)}, num_images=data.num_samples, steps=step,
+        epoch=epoch + 1, started=started, finished=now_epoch(), base_name=base.name, base_hash=base.file_hash,
+        thumbnail=png_data_url(thumbnail) if thumbnail else None,
+    )
+    save_lora(path, tensors, metadata)
+    events.emit("saved", step=step, path=str(path))

@@ -1,0 +1,66 @@
+"""LoRA injection with peft: which modules are targeted, and what becomes trainable."""
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+
+from .config import LoraConfig
+
+UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+UNET_EXTRA = {
+    "proj": ["proj_in", "proj_out"],
+    "ff": ["ff.net.0.proj", "ff.net.2"],
+    # LoCon: the ResNet and resampler convolutions, as kohya's LoCon targets them.
+    "conv": ["conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"],
+}
+TE_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
+TE_MLP = ["fc1", "fc2"]
+ADAPTER = "default"
+
+
+def unet_targets(cfg: LoraConfig) -> list[str]:
+    return UNET_ATTENTION + [t for extra in cfg.unet_extra for t in UNET_EXTRA[extra]]
+
+
+def text_encoder_targets(cfg: LoraConfig) -> list[str]:
+    return TE_ATTENTION + (TE_MLP if cfg.text_encoder_mlp else [])
+
+
+def peft_config(cfg: LoraConfig, targets: list[str]) -> PeftLoraConfig:
+    return PeftLoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+        init_lora_weights="gaussian", use_dora=cfg.use_dora, use_rslora=cfg.use_rslora,
+    )
+
+
+def check_rank(model: torch.nn.Module, targets: list[str], rank: int, what: str) -> None:
+    """A rank above a layer's smallest side adds parameters without adding capacity: refuse it."""
+    for name, mod in model.named_modules():
+        if any(name == t or name.endswith("." + t) for t in targets):
+            w = getattr(mod, "weight", None)
+            if w is not None and w.ndim >= 2 and rank > min(w.shape[0], w.shape[1]):
+                raise ValueError(f"lora.rank {rank} is larger than {what} layer {name} ({w.shape[1]} -> {w.shape[0]}); "
+                                 f"use a rank of at most {min(w.shape[0], w.shape[1])}")
+
+
+def inject(model: torch.nn.Module, cfg: LoraConfig, targets: list[str], what: str) -> None:
+    check_rank(model, targets, cfg.rank, what)
+    model.add_adapter(peft_config(cfg, targets))
+
+
+def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def expected_parameter_count(model: torch.nn.Module, rank: int) -> int:
+    """Σ rank·(in+out) over LoRA-wrapped linear layers, and rank·(in·k·k + out) for conv layers."""
+    total = 0
+    for mod in model.modules():
+        if hasattr(mod, "lora_A") and ADAPTER in getattr(mod, "lora_A", {}):
+            base = mod.get_base_layer()
+            if isinstance(base, torch.nn.Conv2d):
+                kh, kw = base.kernel_size
+                total += rank * (base.in_channels * kh * kw + base.out_channels)
+            else:
+                total += rank * (base.in_features + base.out_features)
+    return total

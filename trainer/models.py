@@ -1,0 +1,256 @@
+"""Load a base model and describe its family.
+
+Everything that differs between SD1, SD2 and SDXL lives in a `Family`: how captions become
+conditioning, the added conditioning, key prefixes, default resolution and file-format names.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "tiny-sd"
+
+
+class ModelError(RuntimeError):
+    """The base model is missing, unreadable or of the wrong kind. The message says what to do."""
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    default_resolution: int
+    te_prefixes: tuple[str, ...]
+    modelspec_architecture: str
+    ss_base_model_version: str
+
+    def tokenize(self, tokenizers, captions: list[str]) -> list[torch.Tensor]:
+        return [tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids for tok in tokenizers]
+
+    def encode(self, text_encoders, input_ids: list[torch.Tensor], clip_skip: int = 1):
+        """Return (hidden states for cross-attention, pooled embedding or None)."""
+        te = text_encoders[0]
+        out = te(input_ids[0].to(te.device), output_hidden_states=clip_skip > 1)
+        if clip_skip == 1:
+            return out.last_hidden_state, None
+        final_norm = getattr(te, "text_model", te).final_layer_norm
+        return final_norm(out.hidden_states[-clip_skip]), None
+
+    def added_cond(self, pooled, original_sizes, crops, target_sizes):
+        return None
+
+    def prompt_kwargs(self, text_encoders, tokenizers, prompts: list[str], negative: str, clip_skip: int = 1) -> dict:
+        """Pipeline arguments for `prompts`, encoded exactly as in training (clip skip included)."""
+        hidden, pooled = self.encode(text_encoders, self.tokenize(tokenizers, prompts), clip_skip)
+        n_hidden, n_pooled = self.encode(text_encoders, self.tokenize(tokenizers, [negative] * len(prompts)), clip_skip)
+        kwargs = {"prompt_embeds": hidden, "negative_prompt_embeds": n_hidden}
+        if pooled is not None:
+            kwargs.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=n_pooled)
+        return kwargs
+
+    def pipeline(self, unet, vae, text_encoders, tokenizers, scheduler):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+
+
+@dataclass(frozen=True)
+class SDXLFamily(Family):
+    def encode(self, text_encoders, input_ids, clip_skip: int = 1):
+        # SDXL conditions on the penultimate layer of both encoders, concatenated, plus the
+        # projected pooled output of the second.
+        hidden, pooled = [], None
+        for te, ids in zip(text_encoders, input_ids):
+            out = te(ids.to(te.device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            if hasattr(out, "text_embeds"):
+                pooled = out.text_embeds
+        return torch.cat(hidden, dim=-1), pooled
+
+    def added_cond(self, pooled, original_sizes, crops, target_sizes):
+        time_ids = torch.tensor([list(o) + list(c) + list(t) for o, c, t in zip(original_sizes, crops, target_sizes)],
+                                dtype=pooled.dtype, device=pooled.device)
+        return {"text_embeds": pooled, "time_ids": time_ids}
+
+    def pipeline(self, unet, vae, text_encoders, tokenizers, scheduler):
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
+                                         tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
+                                         scheduler=scheduler)
+
+
+FAMILIES = {
+    "sd1": Family("sd1", 512, ("lora_te",), "stable-diffusion-v1", "sd_v1"),
+    "sd2": Family("sd2", 768, ("lora_te",), "stable-diffusion-v2-768-v", "sd_v2"),
+    "sdxl": SDXLFamily("sdxl", 1024, ("lora_te1", "lora_te2"), "stable-diffusion-xl-v1-base", "sdxl_base_v1-0"),
+}
+
+
+@dataclass
+class Base:
+    """A loaded base model. Text encoders and tokenizers are lists (one for SD, two for SDXL)."""
+    family: Family
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list
+    tokenizers: list
+    scheduler_config: dict
+    source: str
+    name: str
+    file_hash: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+
+def detect_family(unet_config, scheduler_config: dict) -> Family:
+    if unet_config.get("addition_embed_type") == "text_time":
+        return FAMILIES["sdxl"]
+    if unet_config.get("cross_attention_dim") == 1024 or unet_config.get("use_linear_projection"):
+        return FAMILIES["sd2"]
+    return FAMILIES["sd1"]
+
+
+def resolve_source(source: str) -> str:
+    if source in ("", "tiny"):
+        if not (EMBEDDED_DIR / "model_index.json").exists():
+            raise ModelError(f"the embedded tiny model is not in {EMBEDDED_DIR}; reinstall lora-studio "
+                             "or pass --model with a diffusers folder, a .safetensors file or a Hub id")
+        return str(EMBEDDED_DIR)
+    return source
+
+
+def load_base(source: str, family: str = "auto") -> Base:
+    """Load a diffusers folder, a single-file checkpoint or a Hub id. Raises ModelError with one line."""
+    source = resolve_source(source)
+    path = Path(source).expanduser()
+    try:
+        if path.is_dir():
+            if not (path / "model_index.json").exists():
+                raise ModelError(f"{path} is a folder but not a diffusers model (no model_index.json); "
+                                 "pass a diffusers folder, a .safetensors checkpoint or a Hub id")
+            pipe = _from_pretrained(str(path), local_only=True)
+            file_hash = ""
+        elif path.exists():
+            pipe = _from_single_file(path)
+            file_hash = sha256_file(path)
+        elif _looks_like_path(source):
+            raise ModelError(f"model {source} does not exist; check the path")
+        else:
+            pipe = _from_hub(source)
+            file_hash = ""
+    except ModelError:
+        raise
+    except Exception as e:  # diffusers raises many kinds; the user needs one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"could not load model {source}: {first}") from e
+
+    sched = dict(pipe.scheduler.config)
+    fam = detect_family(pipe.unet.config, sched) if family == "auto" else FAMILIES[family]
+    tes = [t for t in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if t is not None]
+    toks = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+    if len(tes) != len(fam.te_prefixes):
+        raise ModelError(f"{source} has {len(tes)} text encoder(s) but a {fam.name} model needs {len(fam.te_prefixes)}")
+    name = path.stem if path.exists() else source
+    return Base(fam, pipe.unet, pipe.vae, tes, toks, sched, source, name, file_hash)
+
+
+def _looks_like_path(source: str) -> bool:
+    # A Hub id is "owner/name"; anything else with separators or a file suffix is meant as a path.
+    return (source.startswith((".", "/", "~")) or source.count("/") != 1 or "\\" in source
+            or source.endswith((".safetensors",) + PICKLE_SUFFIXES))
+
+
+def _pipeline_class_for(model_index: dict):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if "XL" in model_index.get("_class_name", "") or "text_encoder_2" in model_index:
+        return StableDiffusionXLPipeline, {}
+    return StableDiffusionPipeline, {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+def _from_pretrained(source: str, local_only: bool):
+    from diffusers import DiffusionPipeline
+
+    if Path(source).is_dir():
+        index = json.loads((Path(source) / "model_index.json").read_text())
+    else:
+        index = DiffusionPipeline.load_config(source, local_files_only=local_only)
+    cls, kwargs = _pipeline_class_for(index)
+    return cls.from_pretrained(source, local_files_only=local_only, **kwargs)
+
+
+def _from_hub(source: str):
+    try:
+        return _from_pretrained(source, local_only=True)
+    except Exception:
+        pass
+    try:
+        return _from_pretrained(source, local_only=False)
+    except Exception as e:
+        raise ModelError(f"could not load Hub model {source}: not in the local cache and not downloadable "
+                         f"({type(e).__name__}); download it first or pass a local folder") from e
+
+
+def _from_single_file(path: Path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        check_pickle_is_weights_only(path)
+    elif suffix != ".safetensors":
+        raise ModelError(f"{path.name}: unsupported model file type {suffix!r}; use .safetensors or a diffusers folder")
+    keys = checkpoint_keys(path)
+    if any(k.startswith("conditioner.embedders.1") for k in keys):
+        cls, kwargs = StableDiffusionXLPipeline, {}
+    else:
+        cls = StableDiffusionPipeline
+        kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        raise ModelError(f"{path.name} is not a Stable Diffusion checkpoint (no model.diffusion_model.* weights); "
+                         "a LoRA file goes under Preview, not as a base model")
+    return cls.from_single_file(str(path), **kwargs)
+
+
+def checkpoint_keys(path: Path) -> list[str]:
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                return list(f.keys())
+        except Exception as e:
+            raise ModelError(f"{path.name} is not a readable .safetensors file ({e}); re-download it") from None
+    return list(check_pickle_is_weights_only(path).keys())
+
+
+def check_pickle_is_weights_only(path: Path) -> dict:
+    """Pickle can run code on load: accept only files that torch's weights-only unpickler reads."""
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelError(f"{path.name} is a pickle file that does not load with weights_only=True, so it was "
+                         "refused (it could run code); convert it to .safetensors with a tool you trust") from e
+    if isinstance(sd, dict) and "state_dict" in sd:
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ModelError(f"{path.name} does not hold a state dict")
+    return sd
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

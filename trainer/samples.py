@@ -1,0 +1,42 @@
+"""Sample images during training: fixed prompts and seeds, so samples are comparable across steps."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+
+from .atomic import write_bytes
+
+
+@torch.no_grad()
+def render(family, unet, vae, text_encoders, tokenizers, scheduler_config: dict, prompts: list[str], *,
+           negative: str, seed: int, steps: int, guidance: float, size: int, clip_skip: int, autocast):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    pipe = family.pipeline(unet, vae, text_encoders, tokenizers, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    was_training = [m.training for m in (unet, *text_encoders)]
+    for m in (unet, *text_encoders):
+        m.eval()
+    images = []
+    try:
+        with autocast:
+            for i, prompt in enumerate(prompts):
+                kwargs = family.prompt_kwargs(text_encoders, tokenizers, [prompt], negative, clip_skip)
+                gen = torch.Generator("cpu").manual_seed(seed + i)
+                out = pipe(**kwargs, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                           generator=gen)
+                images.append(out.images[0])
+    finally:
+        for m, t in zip((unet, *text_encoders), was_training):
+            m.train(t)
+    return images
+
+
+def save_png(image, path: Path) -> Path:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    write_bytes(path, buf.getvalue())
+    return path

@@ -1,0 +1,154 @@
+"""Tiny SD1 / SDXL components built from config, for tests, benchmarks and the embedded model.
+
+The tokenizer is word-level: every word of the given vocabulary is one token, and words outside
+it fall back to single characters, so any prompt still encodes.
+"""
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+
+BASE_WORDS = (
+    "a an the of on in with and photo style small large big tiny red green blue yellow orange purple "
+    "white black gray pink circle square triangle star cross ring background gradient plain dotted "
+    "striped hatched figure object shape top bottom left right center"
+).split()
+
+
+def write_tokenizer(folder: str | Path, words=BASE_WORDS, max_length: int = 16) -> Path:
+    """Write a CLIP BPE tokenizer whose merges spell each word of `words` as one token."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab: dict[str, int] = {}
+
+    def add(tok: str) -> None:
+        vocab.setdefault(tok, len(vocab))
+
+    for c in string.ascii_lowercase + string.digits + ",.!?-'":
+        add(c)
+        add(c + "</w>")
+    merges: list[str] = []
+    for word in sorted(set(w.lower() for w in words)):
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            merged = parts[0] + parts[1]
+            line = f"{parts[0]} {parts[1]}"
+            if line not in merges:
+                merges.append(line)
+            add(merged)
+            parts = [merged] + parts[2:]
+    add("<|startoftext|>")
+    add("<|endoftext|>")
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": max_length, "bos_token": "<|startoftext|>",
+                    "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                    "pad_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"}),
+        encoding="utf-8")
+    return folder
+
+
+def load_tokenizer(folder: str | Path):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(folder))
+
+
+def text_encoder_config(tokenizer, hidden: int = 32, layers: int = 2, projection_dim: int = 32):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+        num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=projection_dim, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def vae(block_out=(32, 64), latent_channels: int = 4):
+    from diffusers import AutoencoderKL
+
+    n = len(block_out)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=list(block_out),
+        down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+        layers_per_block=1, norm_num_groups=16, sample_size=32,
+    )
+
+
+def sd1_unet(cross_dim: int = 32, blocks=(32, 64), sample_size: int = 16):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=list(blocks), cross_attention_dim=cross_dim, attention_head_dim=8,
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], norm_num_groups=16,
+    )
+
+
+def sdxl_unet(cross_dim: int = 64, blocks=(32, 64), sample_size: int = 16, pooled_dim: int = 32):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=list(blocks), cross_attention_dim=cross_dim, attention_head_dim=(2, 4),
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], norm_num_groups=16,
+        use_linear_projection=True, transformer_layers_per_block=[1, 1],
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=pooled_dim + 6 * 8,
+    )
+
+
+def build_pipeline(family: str, folder: str | Path, seed: int = 0):
+    """Build a randomly initialised tiny pipeline of `family` ('sd1', 'sd2' or 'sdxl') and save it
+    in the diffusers layout under `folder`. Returns the folder."""
+    from diffusers import (DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tok = load_tokenizer(write_tokenizer(folder / "_tok"))
+    sched_kwargs = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                        beta_schedule="scaled_linear", clip_sample=False,
+                        steps_offset=1)
+    if family == "sdxl":
+        te1 = CLIPTextModel(text_encoder_config(tok, hidden=32))
+        te2 = CLIPTextModelWithProjection(text_encoder_config(tok, hidden=32, projection_dim=32))
+        pipe = StableDiffusionXLPipeline(
+            vae=vae(), text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
+            unet=sdxl_unet(cross_dim=64, pooled_dim=32), scheduler=DDPMScheduler(**sched_kwargs),
+        )
+    else:
+        if family == "sd2":
+            sched_kwargs["prediction_type"] = "v_prediction"
+        te = CLIPTextModel(text_encoder_config(tok, hidden=32))
+        unet = sd1_unet(cross_dim=32)
+        if family == "sd2":
+            # SD2's UNet uses linear projections and per-level head dims; that is how it is told apart.
+            unet = _sd2_unet()
+        pipe = StableDiffusionPipeline(
+            vae=vae(), text_encoder=te, tokenizer=tok, unet=unet, scheduler=DDPMScheduler(**sched_kwargs),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    import shutil
+
+    shutil.rmtree(folder / "_tok")
+    return folder
+
+
+def _sd2_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64],
+        cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True,
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], norm_num_groups=16,
+    )
