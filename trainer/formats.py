@@ -149,9 +149,22 @@ def build_metadata(*, name: str, family, cfg, resolution: int, prediction_type: 
     return md
 
 
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes with a sorted header. The library writes its header from a hash map, so the
+    same tensors and metadata would otherwise give different files from run to run."""
+    blob = st_save(tensors)
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    header.pop("__metadata__", None)
+    header["__metadata__"] = dict(metadata)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + blob[8 + n:]
+
+
 def save_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """Write atomically, with kohya's tensor hashes added to the metadata."""
     md = dict(metadata)
     md["sshs_model_hash"], md["sshs_legacy_hash"] = tensor_hashes(tensors)
-    write_bytes(path, st_save(tensors, metadata=md))
+    write_bytes(path, safetensors_bytes(tensors, md))
     return Path(path)

@@ -53,6 +53,11 @@ def train(cfg: RunConfig, events: Events | None = None) -> Result:
     precision = Precision(cfg.train.mixed_precision, device)
     set_seed(cfg.train.seed)
 
+    try:  # the dataset is checked first: it is cheap, and a typo should not cost a model load
+        found = scan(cfg.data.dataset, cfg.data.caption_extension)
+    except DatasetError as e:
+        raise TrainingError(str(e)) from None
+
     # ---- model, family defaults, LoRA ----------------------------------------------------------
     base = load_base(cfg.model.source, cfg.model.family)
     fam = base.family
@@ -61,10 +66,10 @@ def train(cfg: RunConfig, events: Events | None = None) -> Result:
     unet, vae, tes = base.unet, base.vae, base.text_encoders
     for m in (unet, vae, *tes):
         m.requires_grad_(False)
-    unet.to(device, dtype=precision.weight_dtype)
-    vae.to(device, dtype=precision.vae_dtype(fam.name))
+    _place(unet, device, precision.weight_dtype)
+    _place(vae, device, precision.vae_dtype(fam.name))
     for te in tes:
-        te.to(device, dtype=precision.weight_dtype)
+        _place(te, device, precision.weight_dtype)
 
     if cfg.lora.train_unet:
         lora_mod.inject(unet, cfg.lora, lora_mod.unet_targets(cfg.lora), "UNet")
@@ -78,14 +83,10 @@ def train(cfg: RunConfig, events: Events | None = None) -> Result:
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         for te in tes if train_te else []:
-            te.gradient_checkpointing_enable()
+            (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
     unet.set_attn_processor(_sdpa_processor())
 
     # ---- data ------------------------------------------------------------------------------------
-    try:
-        found = scan(cfg.data.dataset, cfg.data.caption_extension)
-    except DatasetError as e:
-        raise TrainingError(str(e)) from None
     data = TrainingSet(found, cfg.data, cfg.data.resolution)
     for path, reason in data.problems.items():
         events.emit("warning", message=f"skipped {path}: {reason}")
@@ -125,6 +126,7 @@ def train(cfg: RunConfig, events: Events | None = None) -> Result:
     rng = random.Random(cfg.train.seed + accelerator.process_index)
     if main:
         write_config(cfg, run_dir)
+        events.clear_stop()  # a STOP left by an earlier, crashed run must not end this one
         accelerator.init_trackers("lora-studio")
     trainable = sum(p.numel() for g in groups for p in g["params"])
     events.emit("start", total=total, family=fam.name, resolution=cfg.data.resolution, trainable_params=trainable,
@@ -282,6 +284,14 @@ def make_optimizer(cfg: RunConfig, groups, device):
             raise TrainingError("optim.optimizer=prodigy needs prodigyopt: pip install prodigyopt") from None
         return Prodigy(groups, betas=tuple(o.betas), weight_decay=o.weight_decay)
     return torch.optim.AdamW(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def _place(model, device, dtype) -> None:
+    # Casting to the dtype a model already has makes diffusers warn for nothing; move only then.
+    if next(model.parameters()).dtype == dtype:
+        model.to(device)
+    else:
+        model.to(device, dtype=dtype)
 
 
 def _trackers():

@@ -132,6 +132,9 @@ def resolve_source(source: str) -> str:
 
 def load_base(source: str, family: str = "auto") -> Base:
     """Load a diffusers folder, a single-file checkpoint or a Hub id. Raises ModelError with one line."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # per-component bars are noise around our own progress
     source = resolve_source(source)
     path = Path(source).expanduser()
     try:

@@ -1,0 +1,61 @@
+import logging
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from trainer import tiny
+from trainer.config import RunConfig
+
+COLOURS = ["red", "blue", "green", "yellow"]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Randomly initialised tiny pipelines in the diffusers layout, built once per test session."""
+    root = tmp_path_factory.mktemp("models")
+    return {fam: tiny.build_pipeline(fam, root / fam, seed=0) for fam in ("sd1", "sd2", "sdxl")}
+
+
+def make_dataset(folder: Path, n: int = 4, size=(40, 48)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        c = COLOURS[i % len(COLOURS)]
+        w, h = size if i % 2 else size[::-1]
+        im = Image.new("RGB", (w, h), "white")
+        ImageDraw.Draw(im).ellipse((6, 6, w - 6, h - 6), fill=c)
+        im.save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a {c} circle", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return make_dataset(tmp_path / "dataset")
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_STUDIO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LORA_STUDIO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+
+
+def tiny_config(model: Path, dataset: Path, out: Path, **overrides) -> RunConfig:
+    """A fast CPU run on the tiny models: 32 px, few steps, few sampling steps."""
+    sets = {"train.max_steps": 4, "data.resolution": 32, "data.bucket_step": 8, "sample.steps": 2,
+            "optim.lr": 1e-3, "optim.warmup_steps": 0, "lora.rank": 4, "lora.alpha": 4.0}
+    sets.update(overrides)
+    items = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+             for k, v in sets.items()]
+    items = [i.replace("'", '"') for i in items]
+    return RunConfig.load({"model": {"source": str(model)}, "data": {"dataset": str(dataset)},
+                           "save": {"output_dir": str(out)}}, overrides=items)
+
+
+@pytest.fixture
+def peft_warnings(caplog):
+    """Warnings from diffusers/peft/transformers while loading LoRAs: missing or unexpected keys show up here."""
+    caplog.set_level(logging.WARNING)
+    return caplog
