@@ -66,7 +66,8 @@ def cmd_train(args) -> int:
                               "or --force to start over in it")
         (run_dir / EVENTS_FILE).unlink()
     result = train(cfg)
-    print(f"{'stopped' if result.stopped_early else 'done'} after {result.steps} steps: {result.lora_path}")
+    if result.is_main:
+        print(f"{'stopped' if result.stopped_early else 'done'} after {result.steps} steps: {result.lora_path}")
     return 0
 
 

@@ -33,6 +33,7 @@ class Result:
     lora_path: Path
     steps: int
     stopped_early: bool
+    is_main: bool = True
 
 
 NON_FINITE_PATIENCE = 3  # fp16 scalers skip a few overflowing steps by design; a streak is a real fault
@@ -46,7 +47,9 @@ def train(cfg: RunConfig, events: Events | None = None) -> Result:
     from diffusers.training_utils import cast_training_params, compute_snr
 
     run_dir = Path(cfg.save.output_dir)
-    accelerator = Accelerator(log_with=_trackers(), project_dir=str(run_dir / "logs"))
+    # Without a GPU, accelerate only forms a multi-process (gloo) group when told it is on CPU.
+    no_gpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    accelerator = Accelerator(cpu=no_gpu, log_with=_trackers(), project_dir=str(run_dir / "logs"))
     main = accelerator.is_main_process
     events = events or Events(run_dir, enabled=main)
     device = accelerator.device
@@ -235,12 +238,13 @@ def train(cfg: RunConfig, events: Events | None = None) -> Result:
         thumb = written[0] if written else None
     if main and step > 0:
         _save(final, step, epoch, events, thumbnail=thumb, **save_args)
-    accelerator.wait_for_everyone()
+    in_sync = _ranks_in_sync(accelerator, groups)
     accelerator.end_training()
     if main:
         events.clear_stop()
-        events.emit("done", step=step, total=total, stopped=stopped, path=str(final) if step else None)
-    return Result(final, step, stopped)
+        events.emit("done", step=step, total=total, stopped=stopped, path=str(final) if step else None,
+                    processes=world, ranks_in_sync=in_sync)
+    return Result(final, step, stopped, main)
 
 
 # ---- pieces the loop reads as one line each ------------------------------------------------------
@@ -320,6 +324,13 @@ def _no_sync(accelerator, models, enabled: bool):
             for m in models:
                 stack.enter_context(accelerator.no_sync(m))
         yield
+
+
+def _ranks_in_sync(accelerator, groups) -> bool:
+    """Every process must end with the same LoRA weights; compare a checksum across ranks."""
+    total = torch.stack([p.detach().double().sum() for g in groups for p in g["params"]]).sum().reshape(1)
+    sums = accelerator.gather(total.to(accelerator.device))
+    return bool(torch.allclose(sums, sums[0].expand_as(sums), rtol=0, atol=1e-9))
 
 
 def _stop_everywhere(accelerator, events: Events) -> bool:
