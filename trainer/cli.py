@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -34,6 +35,36 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting; repeatable (see the list below)")
     t.add_argument("--force", action="store_true", help="start over in a run folder that already holds a run")
+
+    d = sub.add_parser("dataset", help="import, check, caption and summarise datasets")
+    dsub = d.add_subparsers(dest="dataset_command", metavar="ACTION", required=True)
+    di = dsub.add_parser("import", help="copy images, folders or zips into a dataset folder (originals untouched)")
+    di.add_argument("sources", nargs="+", help="image files, folders or .zip archives")
+    di.add_argument("--to", required=True, help="the dataset folder to import into (created if missing)")
+    di.add_argument("--background", default="white", help="colour that transparent pixels are composited on")
+    di.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    dc = dsub.add_parser("check", help="validate every file and show the bucket table")
+    dc.add_argument("dataset")
+    dc.add_argument("--resolution", type=int, default=512, help="training resolution for the bucket table")
+    dc.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    dp = dsub.add_parser("caption", help="edit captions in bulk (atomic writes; images untouched)")
+    dp.add_argument("dataset")
+    g = dp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--add", metavar="TAG", help="add TAG to every caption that lacks it")
+    g.add_argument("--remove", metavar="TAG", help="remove TAG from every caption")
+    g.add_argument("--replace", nargs=2, metavar=("OLD", "NEW"), help="replace tag OLD with NEW")
+    g.add_argument("--find", metavar="TAG", help="list the images whose caption has TAG")
+    g.add_argument("--template", choices=["character", "style", "concept"],
+                   help="caption uncaptioned images from a template")
+    g.add_argument("--auto", metavar="MODEL", help="caption uncaptioned images with an image-to-text model "
+                                                   "(a local folder or Hub id, e.g. a BLIP model)")
+    dp.add_argument("--first", action="store_true", help="with --add: put the tag first")
+    dp.add_argument("--trigger", default="", help="trigger word for --template and --auto")
+    dp.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    ds = dsub.add_parser("stats", help="image count, tag frequency and buckets")
+    ds.add_argument("dataset")
+    ds.add_argument("--resolution", type=int, default=512)
+    ds.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
 
 
@@ -71,6 +102,71 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _emit(args, data: dict, text_lines: list[str]) -> None:
+    print(json.dumps(data, ensure_ascii=False) if args.json else "\n".join(text_lines))
+
+
+def cmd_dataset(args) -> int:
+    from PIL import ImageColor
+
+    from .data import caption_ops as ops
+    from .data.validate import report
+
+    if args.dataset_command == "import":
+        from .data.importer import import_files
+
+        try:
+            background = ImageColor.getrgb(args.background)
+        except ValueError:
+            raise ConfigError(f"--background {args.background!r} is not a colour; use a name or #rrggbb") from None
+        res = import_files(args.sources, args.to, background=background)
+        lines = [f"imported {len(res.imported)} file(s) into {args.to}, skipped {len(res.skipped)}"]
+        lines += [f"  skipped {s['source']}: {s['reason']}" for s in res.skipped]
+        _emit(args, {"imported": res.imported, "skipped": res.skipped}, lines)
+        return 0
+    if args.dataset_command == "check":
+        rep = report(args.dataset, resolution=args.resolution)
+        s = rep["summary"]
+        lines = [f"{rep['root']}: {s['ok']} ok, {s['warning']} with warnings, {s['excluded']} excluded"]
+        lines += [f"  {f['status']:8} {f['path']}: {'; '.join(f['reasons'])}" for f in rep["files"] if f["reasons"]]
+        lines += ["buckets:"] + [f"  {b}: {n}" for b, n in rep["buckets"].items()]
+        _emit(args, rep, lines)
+        return 0
+    if args.dataset_command == "stats":
+        rep = report(args.dataset, resolution=args.resolution)
+        freq = ops.tag_frequency(args.dataset)
+        data = {"images": rep["summary"]["ok"] + rep["summary"]["warning"], "excluded": rep["summary"]["excluded"],
+                "tags": freq, "buckets": rep["buckets"]}
+        lines = [f"{data['images']} usable image(s), {data['excluded']} excluded", "tags:"]
+        lines += [f"  {n:5d}  {t}" for t, n in freq.items()]
+        lines += ["buckets:"] + [f"  {b}: {n}" for b, n in rep["buckets"].items()]
+        _emit(args, data, lines)
+        return 0
+    # caption
+    if args.find:
+        found = [str(p) for p in ops.find_by_tag(args.dataset, args.find)]
+        _emit(args, {"images": found}, found)
+        return 0
+    if args.add:
+        n = ops.add_tag(args.dataset, args.add, first=args.first)
+    elif args.remove:
+        n = ops.remove_tag(args.dataset, args.remove)
+    elif args.replace:
+        n = ops.replace_tag(args.dataset, *args.replace)
+    elif args.template:
+        n = ops.caption_uncaptioned(args.dataset, args.template, args.trigger)
+    else:
+        from .data.captioner import TransformersCaptioner, caption_dataset
+
+        try:
+            captioner = TransformersCaptioner(args.auto)
+        except Exception as e:
+            raise ConfigError(f"could not load captioning model {args.auto}: {str(e).splitlines()[0]}") from None
+        n = caption_dataset(args.dataset, captioner, trigger=args.trigger)
+    _emit(args, {"changed": n}, [f"{n} caption file(s) written"])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -82,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     from .models import ModelError
 
     try:
-        return {"train": cmd_train}[args.command](args)
+        return {"train": cmd_train, "dataset": cmd_dataset}[args.command](args)
     except (ConfigError, ModelError, TrainingError, DatasetError, ValueError) as e:
         print(f"lora-studio: error: {e}", file=sys.stderr)
         return 2

@@ -14,11 +14,10 @@ def make_buckets(resolution: int, step: int = 64, min_side: int = 256, max_side:
     area = res * res
     buckets = {(res, res)}
     w = min_side
-    while w <= max_side:
-        h = min(max_side, max(min_side, area // w // step * step))
-        if h >= step:
-            buckets.add((w, h))
-            buckets.add((h, w))
+    while w <= max_side and w * min_side <= area:  # wider than this cannot keep the area at min height
+        h = min(max_side, area // w // step * step)
+        buckets.add((w, h))
+        buckets.add((h, w))
         w += step
     return sorted(buckets)
 

@@ -13,7 +13,9 @@ from PIL import Image, ImageOps
 from ..config import DataConfig
 from . import buckets as bk
 from .captions import augment, fill_template, with_trigger
+from .images import open_rgb
 from .scan import Scan
+from .validate import check_items
 
 
 @dataclass
@@ -26,23 +28,6 @@ class Entry:
     digest: str
 
 
-def open_rgb(path: Path, background=(255, 255, 255)) -> Image.Image:
-    """Open an image upright in RGB; transparency is composited on `background`."""
-    with Image.open(path) as im:
-        im.seek(0)  # first frame of animations
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
-            im = im.convert("RGBA")
-            canvas = Image.new("RGB", im.size, background)
-            canvas.paste(im, mask=im.getchannel("A"))
-            return canvas
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(im, dtype=np.float32)
-            arr = (arr / max(1.0, arr.max()) * 255.0).clip(0, 255).astype(np.uint8)
-            return Image.fromarray(arr).convert("RGB")
-        return im.convert("RGB")
-
-
 class TrainingSet:
     def __init__(self, scan: Scan, cfg: DataConfig, resolution: int):
         self.cfg = cfg
@@ -50,15 +35,13 @@ class TrainingSet:
         self.problems = dict(scan.problems)
         self.buckets = bk.make_buckets(resolution, cfg.bucket_step, cfg.min_bucket_side, cfg.max_bucket_side)
         self.entries: list[Entry] = []
-        for item in scan.items:
-            try:
-                with Image.open(item.image) as im:
-                    im = ImageOps.exif_transpose(im)
-                    size = im.size
-                digest = hashlib.sha256(item.image.read_bytes()).hexdigest()
-            except Exception as e:  # one bad file must never stop a run: it is reported and skipped
-                self.problems[str(item.image)] = f"unreadable image ({type(e).__name__}: {e})"
+        # One bad file must never stop a run: the same checks as `dataset check` exclude it with a reason.
+        reports = check_items(scan.items, min_side=min(64, resolution))
+        for item, rep in zip(scan.items, reports):
+            if rep.status == "excluded":
+                self.problems[str(item.image)] = "; ".join(rep.reasons)
                 continue
+            size, digest = (rep.width, rep.height), rep.sha256
             caption = item.caption or fill_template(cfg.default_caption, cfg.trigger)
             caption = with_trigger(caption, cfg.trigger)
             bucket = bk.choose_bucket(*size, self.buckets, cfg.no_upscale, cfg.bucket_step)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+MANIFEST = "dataset.toml"
+MASK_SUFFIX = ".mask.png"  # alpha kept from imported RGBA images, used as an optional loss mask
 REPEAT_DIR = re.compile(r"^(\d+)_(.+)$")
 
 
@@ -36,7 +38,10 @@ def read_caption(path: Path) -> tuple[str, str]:
     """Return (caption, problem). Non-UTF-8 captions are reported and read as cp1252/latin-1."""
     if not path.exists():
         return "", "no caption file"
-    raw = path.read_bytes()
+    return decode_caption(path.read_bytes())
+
+
+def decode_caption(raw: bytes) -> tuple[str, str]:
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
     try:
@@ -60,12 +65,14 @@ def scan(root: str | Path, caption_extension: str = ".txt", repeats: int = 1) ->
     result = Scan(root)
     for folder, folder_repeats in _folders(root, repeats):
         for path in sorted(folder.iterdir()):
-            if path.name.startswith("."):
+            if path.name.startswith(".") or not path.is_file() or path.name == MANIFEST \
+                    or path.suffix.lower() == caption_extension or path.name.endswith(MASK_SUFFIX):
                 continue
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                if path.stat().st_size == 0:
-                    result.problems[str(path)] = "zero-byte file"
-                    continue
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                result.problems[str(path)] = f"not an image type LoRA Studio reads ({path.suffix or 'no extension'})"
+            elif path.stat().st_size == 0:
+                result.problems[str(path)] = "zero-byte file"
+            else:
                 caption, problem = read_caption(path.with_suffix(caption_extension))
                 result.items.append(Item(path, caption, folder_repeats, problem))
     return result

@@ -1,0 +1,239 @@
+import hashlib
+import io
+import json
+import random
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from trainer.cli import main as cli_main
+from trainer.data import caption_ops as ops
+from trainer.data.buckets import choose_bucket, fit, make_buckets
+from trainer.data.captioner import caption_dataset
+from trainer.data.captions import augment, with_trigger
+from trainer.data.importer import Limits, import_files, sanitize_name
+from trainer.data.scan import scan
+from trainer.data.validate import report
+from trainer.events import read_events
+from trainer.loop import train
+
+from .bad_inputs import make_bad_dataset
+from .conftest import make_dataset, tiny_config
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_report_gives_each_bad_file_its_reason(tmp_path):
+    expect = make_bad_dataset(tmp_path / "bad")
+    rep = report(tmp_path / "bad", resolution=64)
+    by_name = {Path(f["path"]).name: f for f in rep["files"]}
+    assert set(by_name) == set(expect)
+    for name, phrase in expect.items():
+        f = by_name[name]
+        if phrase:
+            assert any(phrase in r for r in f["reasons"]), (name, f["reasons"])
+        else:
+            assert f["status"] != "excluded", (name, f["reasons"])
+    assert by_name["rotated.jpg"]["width"] == 72 and by_name["rotated.jpg"]["height"] == 96  # EXIF applied
+    assert by_name["latin1.png"]["caption"] == "café, crème"
+    assert rep["summary"]["excluded"] == sum(1 for n, p in expect.items()
+                                             if p and p not in ("near-duplicate", "no caption file", "not UTF-8",
+                                                                "empty caption"))
+    assert sum(rep["buckets"].values()) == rep["summary"]["ok"] + rep["summary"]["warning"]
+
+
+def test_check_cli_json_and_text(tmp_path, capsys):
+    make_bad_dataset(tmp_path / "bad")
+    assert cli_main(["dataset", "check", str(tmp_path / "bad"), "--resolution", "64", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["summary"]["excluded"] > 0 and data["buckets"]
+    assert cli_main(["dataset", "check", str(tmp_path / "bad"), "--resolution", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "excluded" in out and "decompression bomb" in out
+
+
+def test_import_normalises_and_never_touches_originals(tmp_path):
+    src = tmp_path / "src"
+    make_bad_dataset(src)
+    Image.new("RGB", (80, 80), "navy").save(src / "héllo wörld ünïcode.png")
+    long_name = "x" * 200 + ".png"
+    Image.new("RGB", (80, 80), "teal").save(src / long_name)
+    before = tree_hashes(src)
+    res = import_files([src], tmp_path / "ds")
+    assert tree_hashes(src) == before
+    imported = {Path(r["source"]).name: r["file"] for r in res.imported}
+    skipped = {Path(r["source"]).name: r["reason"] for r in res.skipped}
+    assert "corrupt.jpg" in skipped and "notes.png" in skipped and "bomb.png" in skipped and "empty.png" in skipped
+    assert "exact duplicate" in skipped["x_dup.png"]
+    ds = tmp_path / "ds"
+    for name in ("rotated.jpg", "rgba.png", "cmyk.jpg", "sixteen.png", "palette.png"):
+        with Image.open(ds / imported[name]) as im:
+            assert im.mode == "RGB", name
+    with Image.open(ds / imported["rotated.jpg"]) as im:
+        assert im.size == (72, 96)
+    assert (ds / (Path(imported["rgba.png"]).stem + ".mask.png")).exists()
+    assert (ds / imported["latin1.png"]).with_suffix(".txt").read_text(encoding="utf-8") == "café, crème"
+    assert all(len(Path(f).stem) <= 80 for f in imported.values())
+    assert "héllo_wörld_ünïcode.png" in imported.values() or any("héllo" in f for f in imported.values())
+    # Importing the same folder again adds nothing and overwrites nothing.
+    snapshot = tree_hashes(ds)
+    again = import_files([src], ds)
+    assert not again.imported and tree_hashes(ds) == snapshot
+
+
+def test_import_names_never_escape_or_overwrite(tmp_path):
+    assert sanitize_name("../../etc/passwd") == "passwd"
+    assert sanitize_name("..\\..\\boot.ini") == "boot_ini"
+    assert sanitize_name("CON.png") == "CON_"
+    zpath = tmp_path / "evil.zip"
+    buf = io.BytesIO()
+    Image.new("RGB", (80, 80), "red").save(buf, format="PNG")
+    with zipfile.ZipFile(zpath, "w") as z:
+        z.writestr("../../outside.png", buf.getvalue())
+        z.writestr("/abs/path.png", buf.getvalue() + b"\0")
+        z.writestr("sub/same.png", Image.new("RGB", (80, 80), "blue").tobytes()[:0] + _png((80, 80), "blue"))
+        z.writestr("other/same.png", _png((80, 80), "green"))
+        z.writestr("other/same.txt", "a green square")
+    ds = tmp_path / "ds"
+    res = import_files([zpath], ds)
+    assert not (tmp_path / "outside.png").exists()
+    files = sorted(p.name for p in ds.iterdir() if p.suffix == ".png")
+    assert files == ["outside.png", "path.png", "same-1.png", "same.png"]
+    assert (ds / "same-1.txt").read_text() == "a green square"
+    assert len(res.imported) == 4
+
+
+def _png(size, colour) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_zip_bomb_is_refused(tmp_path):
+    zpath = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(zpath, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("huge.png", b"\0" * (20 * 2**20))
+        z.writestr("ok.png", _png((80, 80), "red"))
+    res = import_files([zpath], tmp_path / "ds")
+    assert [r["file"] for r in res.imported] == ["ok.png"]
+    assert "zip bomb" in res.skipped[0]["reason"]
+    many = tmp_path / "many.zip"
+    with zipfile.ZipFile(many, "w") as z:
+        for i in range(30):
+            z.writestr(f"{i}.txt", "x")
+    res = import_files([many], tmp_path / "ds2", limits=Limits(max_files=10))
+    assert not res.imported and "members" in res.skipped[0]["reason"]
+
+
+@pytest.mark.parametrize("w, h", [(1, 4000), (4000, 1), (63, 63), (10000, 10000), (1, 1), (512, 513)])
+@pytest.mark.parametrize("no_upscale", [False, True])
+def test_buckets_are_always_valid(w, h, no_upscale):
+    for res, step in ((512, 64), (1024, 64), (32, 8)):
+        table = make_buckets(res, step, 256, 2048)
+        assert all(bw > 0 and bh > 0 and bw % step == 0 and bh % step == 0 for bw, bh in table)
+        assert all(bw * bh <= res * res for bw, bh in table)
+        bw, bh = choose_bucket(w, h, table, no_upscale=no_upscale, step=step)
+        assert bw > 0 and bh > 0 and bw % step == 0 and bh % step == 0
+        (sw, sh), (l, t, r, b) = fit(w, h, (bw, bh))
+        assert (r - l, b - t) == (bw, bh) and l >= 0 and t >= 0 and r <= sw and b <= sh
+
+
+def test_bucket_prefers_matching_aspect():
+    table = make_buckets(512, 64, 256, 1024)
+    bw, bh = choose_bucket(1600, 900, table)
+    assert bw > bh and abs(bw / bh - 16 / 9) < 0.25
+
+
+def test_caption_operations_round_trip(tmp_path):
+    ds = make_dataset(tmp_path / "ds")
+    (ds / "img0.txt").write_text("a red circle, shiny", encoding="utf-8")
+    images_before = {p.name: p.read_bytes() for p in ds.glob("*.png")}
+    assert ops.add_tag(ds, "sks", first=True) == 4
+    assert all(i.caption.startswith("sks, ") for i in scan(ds).items)
+    assert ops.add_tag(ds, "sks") == 0  # already there
+    assert ops.replace_tag(ds, "shiny", "matte") == 1
+    assert [p.name for p in ops.find_by_tag(ds, "matte")] == ["img0.png"]
+    assert ops.tag_frequency(ds)["sks"] == 4
+    assert ops.remove_tag(ds, "sks") == 4
+    assert scan(ds).items[0].caption == "a red circle, matte"
+    assert {p.name: p.read_bytes() for p in ds.glob("*.png")} == images_before
+    assert not [p for p in ds.iterdir() if p.name.endswith(".tmp")]
+    (ds / "img1.txt").unlink()
+    assert ops.caption_uncaptioned(ds, "character", "zorp") == 1
+    assert (ds / "img1.txt").read_text().strip() == "photo of zorp"
+    assert with_trigger("a cat", "zorp") == "zorp, a cat" and with_trigger("zorp, a cat", "zorp") == "zorp, a cat"
+
+
+def test_caption_cli(tmp_path, capsys):
+    ds = make_dataset(tmp_path / "ds")
+    assert cli_main(["dataset", "caption", str(ds), "--add", "sks", "--first", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"changed": 4}
+    assert cli_main(["dataset", "stats", str(ds), "--resolution", "32", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["tags"]["sks"] == 4 and stats["images"] == 4
+
+
+def test_shuffle_keep_tokens_and_dropout_statistics():
+    rng = random.Random(0)
+    caption = "trigger, a, b, c, d, e"
+    n = 4000
+    outs = [augment(caption, rng, True, 1, 0.0, 0.0) for _ in range(n)]
+    assert all(o.startswith("trigger, ") for o in outs)
+    assert len(set(outs)) > 60  # 5! = 120 orders of the tail
+    first_after = [o.split(", ")[1] for o in outs]
+    assert all(abs(first_after.count(t) / n - 0.2) < 0.03 for t in "abcde")
+    dropped = sum(augment(caption, rng, False, 1, 0.0, 0.25) == "" for _ in range(n)) / n
+    assert abs(dropped - 0.25) < 0.03
+    kept = [len(augment(caption, rng, False, 1, 0.3, 0.0).split(", ")) - 1 for _ in range(n)]
+    assert abs(sum(kept) / (5 * n) - 0.7) < 0.03
+
+
+class FakeCaptioner:
+    name = "fake"
+
+    def caption(self, images):
+        return [f"a picture {im.size[0]}x{im.size[1]}" for im in images]
+
+
+def test_auto_caption_interface(tmp_path):
+    ds = make_dataset(tmp_path / "ds")
+    (ds / "img2.txt").unlink()
+    assert caption_dataset(ds, FakeCaptioner(), trigger="zorp") == 1
+    assert (ds / "img2.txt").read_text().strip() == "zorp, a picture 48x40"
+    assert caption_dataset(ds, FakeCaptioner(), overwrite=True) == 4
+
+
+def test_training_skips_bad_files_and_keeps_going(tiny_models, tmp_path):
+    ds = make_dataset(tmp_path / "ds")
+    (ds / "broken.png").write_text("not really a png")
+    (ds / "broken.txt").write_text("a broken thing")
+    out = tmp_path / "run"
+    result = train(tiny_config(tiny_models["sd1"], ds, out, **{"train.max_steps": 2, "sample.at_end": False}))
+    assert result.steps == 2
+    warnings = [e["message"] for e in read_events(out) if e["type"] == "warning"]
+    assert any("broken.png" in w and "not an image" in w for w in warnings)
+
+
+def test_latent_cache_hits_misses_and_recovers(tiny_models, tmp_path):
+    ds = make_dataset(tmp_path / "ds")
+    model = tiny_models["sd1"]
+
+    def run(name):
+        out = tmp_path / name
+        train(tiny_config(model, ds, out, **{"train.max_steps": 1, "sample.at_end": False}))
+        return next(e for e in read_events(out) if e["type"] == "cache")
+
+    first = run("r1")
+    assert first["to_encode"] == 4 and first["cached"] == 0
+    second = run("r2")
+    assert second["to_encode"] == 0 and second["cached"] == 4
+    Image.new("RGB", (40, 48), "black").save(ds / "img0.png")  # an edited image is encoded again
+    assert run("r3")["to_encode"] == 1
+    for f in (tmp_path / "cache" / "latents").rglob("*.safetensors"):
+        f.write_bytes(f.read_bytes()[:20])  # truncated by a crash
+    assert run("r4")["to_encode"] == 4  # recomputed, not fatal

@@ -1,0 +1,230 @@
+"""Import user files (single files, folders, zip archives) into a managed dataset folder.
+
+Originals are only read. Names are sanitised and never overwrite; exact duplicates (by content hash)
+are skipped; images are turned upright RGB, with alpha composited on a background and kept as a
+`<name>.mask.png` loss mask. Zip archives are bounded in members, size and compression ratio.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import unicodedata
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..atomic import write_bytes, write_text
+from .scan import IMAGE_SUFFIXES, MASK_SUFFIX, decode_caption
+from .validate import MAX_PIXELS
+
+INDEX = ".import_index.json"  # source-content hashes already imported: duplicates are skipped
+MAX_NAME = 80
+RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
+@dataclass
+class Limits:
+    max_files: int = 5000
+    max_file_bytes: int = 200 * 2**20
+    max_total_bytes: int = 4 * 2**30
+    max_zip_ratio: float = 100.0  # uncompressed / compressed, per member
+
+
+@dataclass
+class ImportResult:
+    imported: list[dict] = field(default_factory=list)  # {"source", "file"}
+    skipped: list[dict] = field(default_factory=list)   # {"source", "reason"}
+
+
+class ImportProblem(ValueError):
+    pass
+
+
+def sanitize_name(name: str) -> str:
+    """A safe file stem from any user-given name: no folders, no traversal, no odd characters."""
+    name = name.split(":")[-1] if ".zip:" in name else name  # "archive.zip:member" labels
+    base = PureWindowsPath(PurePosixPath(name.replace("\x00", "")).name).name
+    stem = Path(base).stem if Path(base).suffix.lower() in IMAGE_SUFFIXES | {".txt"} else base
+    stem = unicodedata.normalize("NFC", stem)
+    stem = "".join(c if (c.isalnum() or c in "-_") else "_" for c in stem)
+    stem = re.sub(r"_+", "_", stem).strip("._-")[:MAX_NAME] or "image"
+    return f"{stem}_" if stem.lower() in RESERVED else stem
+
+
+KEEP_AS_IS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
+
+
+def normalise(data: bytes, background=(255, 255, 255)) -> tuple[Image.Image, Image.Image | None, str | None]:
+    """Decode to upright RGB. Returns (image, alpha mask or None, suffix to keep the original bytes
+    under, or None when the pixels had to change and the image is re-encoded as PNG)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            if im.size[0] * im.size[1] > MAX_PIXELS:
+                raise ImportProblem(f"decompression bomb: declares {im.size[0]}x{im.size[1]} pixels")
+            fmt = im.format
+            im.seek(0)
+            im.load()
+    except ImportProblem:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImportProblem(f"decompression bomb: {e}") from None
+    except UnidentifiedImageError:
+        raise ImportProblem("not an image") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImportProblem(f"corrupt or truncated image ({e})") from None
+    changed = fmt not in KEEP_AS_IS or getattr(im, "n_frames", 1) > 1 or im.getexif().get(0x0112, 1) != 1
+    im, mask = ImageOps.exif_transpose(im), None
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        mask = rgba.getchannel("A")
+        if mask.getextrema() == (255, 255):
+            mask = None  # fully opaque: no mask worth keeping
+        canvas = Image.new("RGB", rgba.size, background)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        im, changed = canvas, True
+    elif im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        import numpy as np
+
+        arr = np.asarray(im, dtype=np.float64)
+        arr = (arr - arr.min()) / max(1e-9, arr.max() - arr.min()) * 255.0
+        im, changed = Image.fromarray(arr.astype(np.uint8)).convert("RGB"), True
+    elif im.mode != "RGB":
+        im, changed = im.convert("RGB"), True  # CMYK, palette, grayscale
+    return im, mask, None if changed else KEEP_AS_IS[fmt]
+
+
+def import_files(sources: list[str | Path], dataset: str | Path, background=(255, 255, 255),
+                 limits: Limits | None = None) -> ImportResult:
+    limits = limits or Limits()
+    dataset = Path(dataset)
+    dataset.mkdir(parents=True, exist_ok=True)
+    index = _read_index(dataset)
+    result = ImportResult()
+    total = 0
+    for source, data, caption in _candidates(sources, limits, result):
+        if len(result.imported) >= limits.max_files:
+            result.skipped.append({"source": source, "reason": f"over the {limits.max_files}-file import limit"})
+            continue
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in index:
+            result.skipped.append({"source": source, "reason": f"exact duplicate of {index[digest]}"})
+            continue
+        total += len(data)
+        if total > limits.max_total_bytes:
+            result.skipped.append({"source": source, "reason": "over the total import size limit"})
+            continue
+        try:
+            im, mask, keep_suffix = normalise(data, background)
+        except ImportProblem as e:
+            result.skipped.append({"source": source, "reason": str(e)})
+            continue
+        suffix = keep_suffix or ".png"
+        stem = _free_stem(dataset, sanitize_name(source), suffix)
+        target = dataset / f"{stem}{suffix}"
+        write_bytes(target, data if keep_suffix else _png(im))
+        if mask is not None:
+            write_bytes(dataset / f"{stem}{MASK_SUFFIX}", _png(mask))
+        if caption is not None:
+            write_text(dataset / f"{stem}.txt", caption)
+        index[digest] = target.name
+        result.imported.append({"source": source, "file": target.name})
+    write_text(dataset / INDEX, json.dumps(index, indent=1, sort_keys=True))
+    return result
+
+
+def _png(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _free_stem(dataset: Path, stem: str, suffix: str) -> str:
+    taken = {p.stem.lower() for p in dataset.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    candidate, n = stem, 1
+    while candidate.lower() in taken or (dataset / f"{candidate}{suffix}").exists():
+        candidate, n = f"{stem}-{n}", n + 1
+    return candidate
+
+
+def _read_index(dataset: Path) -> dict:
+    try:
+        return json.loads((dataset / INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        index = {}
+        for p in dataset.iterdir():
+            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.endswith(MASK_SUFFIX):
+                index[hashlib.sha256(p.read_bytes()).hexdigest()] = p.name
+        return index
+
+
+def _caption_text(raw: bytes) -> str:
+    return decode_caption(raw)[0]
+
+
+def _candidates(sources, limits: Limits, result: ImportResult):
+    """Yield (source name, bytes, caption text or None) for every image among files, folders and zips."""
+    for src in map(Path, sources):
+        if src.is_dir():
+            for p in sorted(src.rglob("*")):
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.endswith(MASK_SUFFIX):
+                    yield from _from_file(p, limits, result)
+        elif src.suffix.lower() == ".zip":
+            yield from _from_zip(src, limits, result)
+        elif src.suffix.lower() in IMAGE_SUFFIXES:
+            yield from _from_file(src, limits, result)
+        elif src.suffix.lower() != ".txt":
+            result.skipped.append({"source": str(src), "reason": f"not an image or zip ({src.suffix or 'no extension'})"})
+
+
+def _from_file(p: Path, limits: Limits, result: ImportResult):
+    size = p.stat().st_size
+    if size == 0:
+        result.skipped.append({"source": str(p), "reason": "zero-byte file"})
+        return
+    if size > limits.max_file_bytes:
+        result.skipped.append({"source": str(p), "reason": f"larger than {limits.max_file_bytes // 2**20} MB"})
+        return
+    cap = p.with_suffix(".txt")
+    yield str(p), p.read_bytes(), _caption_text(cap.read_bytes()) if cap.exists() else None
+
+
+def _from_zip(src: Path, limits: Limits, result: ImportResult):
+    try:
+        zf = zipfile.ZipFile(src)
+    except (zipfile.BadZipFile, OSError) as e:
+        result.skipped.append({"source": str(src), "reason": f"not a readable zip ({e})"})
+        return
+    with zf:
+        members = [m for m in zf.infolist() if not m.is_dir()]
+        if len(members) > 2 * limits.max_files:
+            result.skipped.append({"source": str(src), "reason": f"zip has {len(members)} members "
+                                                                 f"(limit {2 * limits.max_files})"})
+            return
+        if sum(m.file_size for m in members) > limits.max_total_bytes:
+            result.skipped.append({"source": str(src), "reason": "zip would unpack past the total size limit"})
+            return
+        names = {m.filename.lower(): m for m in members}
+        for m in members:
+            label = f"{src.name}:{m.filename}"
+            if Path(m.filename).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            ratio = m.file_size / max(1, m.compress_size)
+            if m.file_size > limits.max_file_bytes or ratio > limits.max_zip_ratio:
+                result.skipped.append({"source": label, "reason": f"zip member too large or compressed {ratio:.0f}:1 "
+                                                                  "(zip bomb guard)"})
+                continue
+            with zf.open(m) as f:
+                data = f.read(limits.max_file_bytes + 1)  # the header's sizes can lie
+            if len(data) > limits.max_file_bytes:
+                result.skipped.append({"source": label, "reason": "zip member larger than declared"})
+                continue
+            cap = names.get(str(PurePosixPath(m.filename).with_suffix(".txt")).lower())
+            caption = _caption_text(zf.read(cap)) if cap is not None and cap.file_size < 1 << 20 else None
+            yield label, data, caption

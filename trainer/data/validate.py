@@ -1,0 +1,156 @@
+"""Per-file dataset validation, torch-free: every file is either used or reported with a reason.
+
+`check_image` looks at one file; `report` checks a whole dataset, adds duplicate and near-duplicate
+detection and the bucket table, and returns a structure the UI renders and the CLI prints.
+"""
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from . import buckets as bk
+from .scan import scan
+
+MAX_PIXELS = 100_000_000  # ~10k x 10k: above this Pillow's bomb guard is an error, not a warning
+MIN_SIDE = 64
+MAX_ASPECT = 4.0
+NEAR_DUPLICATE_BITS = 4  # dHash bits that may differ for two images to count as near-duplicates
+
+
+@dataclass
+class FileReport:
+    path: str
+    status: str = "ok"  # ok | warning | excluded
+    reasons: list[str] = field(default_factory=list)
+    width: int = 0
+    height: int = 0
+    caption: str = ""
+    bucket: str = ""
+    sha256: str = ""
+    dhash: str = ""
+
+    def exclude(self, reason: str) -> None:
+        self.status = "excluded"
+        self.reasons.append(reason)
+
+    def warn(self, reason: str) -> None:
+        if self.status == "ok":
+            self.status = "warning"
+        self.reasons.append(reason)
+
+
+def check_image(path: Path, min_side: int = MIN_SIDE, max_aspect: float = MAX_ASPECT) -> FileReport:
+    """Open, decode and measure one image. Never raises: problems become reasons."""
+    rep = FileReport(str(path))
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        rep.exclude(f"unreadable file ({e.strerror or e})")
+        return rep
+    if not data:
+        rep.exclude("zero-byte file")
+        return rep
+    rep.sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    rep.exclude(f"decompression bomb: declares {w}x{h} pixels (limit {MAX_PIXELS:,})")
+                    return rep
+                im.seek(0)
+                im = ImageOps.exif_transpose(im)
+                im.load()  # decode fully: truncated and corrupt files fail here, not mid-training
+                rep.width, rep.height = im.size
+                rep.dhash = dhash(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        rep.exclude(f"decompression bomb: {e}")
+        return rep
+    except UnidentifiedImageError:
+        rep.exclude("not an image (the content is not a format Pillow reads)")
+        return rep
+    except (OSError, SyntaxError, ValueError) as e:
+        rep.exclude(f"corrupt or truncated image ({e})")
+        return rep
+    short, long = sorted((rep.width, rep.height))
+    if short < min_side:
+        rep.exclude(f"too small: {rep.width}x{rep.height}, the short side must be at least {min_side} px")
+    elif long / short > max_aspect:
+        rep.exclude(f"extreme aspect ratio {long / short:.1f}:1 (limit {max_aspect:g}:1)")
+    return rep
+
+
+def check_items(items, min_side: int = MIN_SIDE) -> list[FileReport]:
+    """Check scanned items (in order), caption problems and exact/near duplicates included."""
+    reports = []
+    for item in items:
+        rep = check_image(item.image, min_side=min_side)
+        rep.caption = item.caption
+        if item.caption_problem:
+            rep.warn(item.caption_problem)
+        reports.append(rep)
+    _mark_duplicates(reports)
+    return reports
+
+
+def dhash(im: Image.Image, size: int = 8) -> str:
+    """Difference hash: 64 bits of left-right brightness gradients on a 9x8 thumbnail."""
+    import numpy as np
+
+    g = np.asarray(im.convert("L").resize((size + 1, size), Image.Resampling.LANCZOS), dtype=np.int16)
+    bits = 0
+    for b in (g[:, :-1] > g[:, 1:]).flatten():
+        bits = (bits << 1) | int(b)
+    return f"{bits:016x}"
+
+
+def hamming(a: str, b: str) -> int:
+    return bin(int(a, 16) ^ int(b, 16)).count("1")
+
+
+def report(root: str | Path, resolution: int = 512, caption_extension: str = ".txt", min_side: int = MIN_SIDE,
+           bucket_step: int = 64) -> dict:
+    """The whole dataset's report: per-file status and reasons, a summary and the bucket table."""
+    found = scan(root, caption_extension)
+    files: list[FileReport] = []
+    for path, reason in found.problems.items():
+        rep = FileReport(path)
+        rep.exclude(reason)
+        files.append(rep)
+    files += check_items(found.items, min_side=min(min_side, resolution))
+    table = bk.make_buckets(resolution, bucket_step, 256, 2048)
+    buckets: dict[str, int] = {}
+    for rep in files:
+        if rep.status != "excluded":
+            b = bk.choose_bucket(rep.width, rep.height, table, step=bucket_step)
+            rep.bucket = f"{b[0]}x{b[1]}"
+            buckets[rep.bucket] = buckets.get(rep.bucket, 0) + 1
+    files.sort(key=lambda r: r.path)
+    summary = {s: sum(r.status == s for r in files) for s in ("ok", "warning", "excluded")}
+    return {"root": str(root), "summary": summary, "buckets": dict(sorted(buckets.items())),
+            "files": [asdict(r) for r in files]}
+
+
+def _mark_duplicates(files: list[FileReport]) -> None:
+    seen_sha: dict[str, str] = {}
+    kept: list[FileReport] = []
+    for rep in sorted(files, key=lambda r: r.path):
+        if rep.status == "excluded" or not rep.sha256:
+            continue
+        if rep.sha256 in seen_sha:
+            rep.exclude(f"exact duplicate of {Path(seen_sha[rep.sha256]).name}")
+            continue
+        seen_sha[rep.sha256] = rep.path
+        twin = next((k for k in kept if hamming(k.dhash, rep.dhash) <= NEAR_DUPLICATE_BITS), None)
+        if twin is not None:
+            rep.warn(f"near-duplicate of {Path(twin.path).name}")
+        kept.append(rep)
+
+
+def excluded_paths(rep: dict) -> dict[str, str]:
+    return {f["path"]: "; ".join(f["reasons"]) for f in rep["files"] if f["status"] == "excluded"}
