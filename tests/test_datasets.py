@@ -6,6 +6,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from PIL import Image
 
 from trainer.cli import main as cli_main
@@ -237,3 +239,49 @@ def test_latent_cache_hits_misses_and_recovers(tiny_models, tmp_path):
     for f in (tmp_path / "cache" / "latents").rglob("*.safetensors"):
         f.write_bytes(f.read_bytes()[:20])  # truncated by a crash
     assert run("r4")["to_encode"] == 4  # recomputed, not fatal
+
+
+def test_text_cache_gives_the_same_lora_as_encoding_every_step(tiny_models, dataset, tmp_path):
+    files = []
+    for cached in (True, False):
+        out = tmp_path / ("cached" if cached else "live") / "run"
+        train(tiny_config(tiny_models["sdxl"], dataset, out, **{"train.max_steps": 3, "data.cache_text": cached,
+                                                                "data.caption_dropout": 0.3, "sample.at_end": False}))
+        assert any(e["type"] == "text_cache" for e in read_events(out)) == cached
+        files.append(load_file(str(out / "run.safetensors")))
+    for k in files[0]:
+        torch.testing.assert_close(files[0][k].float(), files[1][k].float(), atol=1e-3, rtol=1e-2)
+
+
+def test_regularization_images_are_balanced_and_weighted(tiny_models, tmp_path):
+    from trainer.config import DataConfig
+    from trainer.data.dataset import TrainingSet
+
+    ds = make_dataset(tmp_path / "ds", n=4)
+    reg = make_dataset(tmp_path / "reg", n=2)
+    data = TrainingSet(scan(ds), DataConfig(trigger="zorp", bucket_step=8), 32, scan(reg))
+    regs = [e for e in data.entries if e.is_reg]
+    assert len(regs) == 2 and sum(e.repeats for e in regs) == data.num_samples == 4
+    assert all(not e.caption.startswith("zorp") for e in regs)  # the class keeps its own captions
+    assert all(e.caption.startswith("zorp") for e in data.entries if not e.is_reg)
+    files = []
+    for w in (0.0, 1.0):
+        out = tmp_path / f"w{w}" / "run"
+        train(tiny_config(tiny_models["sd1"], ds, out, **{"train.max_steps": 8, "data.reg_dataset": str(reg),
+                                                          "data.prior_loss_weight": w, "sample.at_end": False}))
+        files.append(load_file(str(out / "run.safetensors")))
+    assert any(not torch.equal(files[0][k], files[1][k]) for k in files[0])
+
+
+def test_manifest_supplies_trigger_and_repeats(tiny_models, tmp_path):
+    from trainer.data.manifest import Manifest, read_manifest, write_manifest
+
+    ds = make_dataset(tmp_path / "ds")
+    write_manifest(ds, Manifest(name="shapes", trigger="zorp", repeats=3))
+    assert read_manifest(ds).trigger == "zorp"
+    out = tmp_path / "run"
+    train(tiny_config(tiny_models["sd1"], ds, out, **{"train.max_steps": 1, "sample.at_end": False}))
+    config = (out / "config.toml").read_text()
+    assert 'trigger = "zorp"' in config and "repeats = 3" in config
+    start = next(e for e in read_events(out) if e["type"] == "dataset")
+    assert start["samples"] == 12

@@ -75,6 +75,10 @@ class DataConfig:
     no_upscale: bool = opt(False, "Never upscale an image to reach its bucket")
     cache_latents: bool = opt(True, "Encode images with the VAE once and cache the latents on disk")
     cache_dir: Optional[str] = opt(None, "Latent cache folder; auto = $LORA_STUDIO_CACHE or ~/.cache/lora-studio")
+    cache_text: bool = opt(True, "Encode captions once when the text encoders are frozen and captions are static, "
+                                 "then move the text encoders off the GPU")
+    reg_dataset: str = opt("", "Regularization (class) images folder, e.g. generic photos of the class; empty = none")
+    prior_loss_weight: float = opt(1.0, "Loss weight of regularization images", min=0.0, max=10.0)
     num_workers: int = opt(0, "Data-loader worker processes", min=0, max=32)
 
 

@@ -16,6 +16,7 @@ from .config import RunConfig
 from .data.cache import LatentCache, default_cache_dir, vae_identity
 from .data.captions import split_tags
 from .data.dataset import TrainingSet
+from .data.manifest import read_manifest
 from .data.scan import DatasetError, scan
 from .events import Events
 from .formats import SAVE_DTYPES, build_metadata, kohya_state_dict, now_epoch, png_data_url, save_lora
@@ -58,6 +59,7 @@ def train(cfg: RunConfig, events: Events | None = None) -> Result:
 
     try:  # the dataset is checked first: it is cheap, and a typo should not cost a model load
         found = scan(cfg.data.dataset, cfg.data.caption_extension)
+        reg = scan(cfg.data.reg_dataset, cfg.data.caption_extension) if cfg.data.reg_dataset else None
     except DatasetError as e:
         raise TrainingError(str(e)) from None
 
@@ -90,7 +92,7 @@ def train(cfg: RunConfig, events: Events | None = None) -> Result:
     unet.set_attn_processor(_sdpa_processor())
 
     # ---- data ------------------------------------------------------------------------------------
-    data = TrainingSet(found, cfg.data, cfg.data.resolution)
+    data = TrainingSet(found, cfg.data, cfg.data.resolution, reg)
     for path, reason in data.problems.items():
         events.emit("warning", message=f"skipped {path}: {reason}")
     if not len(data):
@@ -101,6 +103,14 @@ def train(cfg: RunConfig, events: Events | None = None) -> Result:
     vae_id = vae_identity(vae) if use_cache else ""
     if use_cache:
         _fill_latent_cache(data, cache, vae, vae_id, main, accelerator, events)
+    static_captions = not (cfg.data.shuffle_tags or cfg.data.tag_dropout)
+    text_cache = None
+    if cfg.data.cache_text and not train_te and static_captions:
+        captions = sorted({e.caption for e in data.entries} | ({""} if cfg.data.caption_dropout else set()))
+        text_cache = _encode_captions(fam, tes, base.tokenizers, captions, cfg.model.clip_skip, precision)
+        for te in tes:
+            te.to("cpu")  # its outputs are cached: free the GPU memory it held
+        events.emit("text_cache", captions=len(captions))
 
     # ---- optimizer and schedule -----------------------------------------------------------------
     groups = [{"params": lora_mod.lora_parameters(unet), "lr": cfg.optim.lr}] if cfg.lora.train_unet else []
@@ -149,8 +159,13 @@ def train(cfg: RunConfig, events: Events | None = None) -> Result:
         noisy = noise_scheduler.add_noise(latents, noise, t)
         target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
             noise_scheduler.get_velocity(latents, noise, t)
-        with precision.autocast(), (contextlib.nullcontext() if train_te else torch.no_grad()):
-            hidden, pooled = fam.encode(tes_fwd, fam.tokenize(base.tokenizers, captions), cfg.model.clip_skip)
+        if text_cache is not None:
+            hidden = torch.stack([text_cache[c][0] for c in captions]).to(device)
+            pooled = torch.stack([text_cache[c][1] for c in captions]).to(device) \
+                if text_cache[captions[0]][1] is not None else None
+        else:
+            with precision.autocast(), (contextlib.nullcontext() if train_te else torch.no_grad()):
+                hidden, pooled = fam.encode(tes_fwd, fam.tokenize(base.tokenizers, captions), cfg.model.clip_skip)
         sizes = [(e.size[1], e.size[0]) for e in (data.entries[i] for i in batch_idx)]
         targets = [(data.entries[i].bucket[1], data.entries[i].bucket[0]) for i in batch_idx]
         added = fam.added_cond(pooled, sizes, crop_tl, targets) if pooled is not None else None
@@ -158,6 +173,8 @@ def train(cfg: RunConfig, events: Events | None = None) -> Result:
             pred = unet_fwd(noisy.to(precision.weight_dtype), t, hidden.to(precision.weight_dtype),
                             added_cond_kwargs=added).sample
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        loss = loss * torch.tensor([cfg.data.prior_loss_weight if data.entries[i].is_reg else 1.0
+                                    for i in batch_idx], device=device)
         if cfg.train.min_snr_gamma:
             snr = compute_snr(noise_scheduler, t)
             clipped = torch.clamp(snr, max=cfg.train.min_snr_gamma)
@@ -262,6 +279,11 @@ def resolve_auto(cfg: RunConfig, fam, model_prediction_type: str) -> None:
         cfg.optim.text_encoder_lr = cfg.optim.lr / 2
     if cfg.data.cache_dir is None:
         cfg.data.cache_dir = str(default_cache_dir())
+    manifest = read_manifest(cfg.data.dataset)  # the dataset's own defaults, below any explicit setting
+    if not cfg.data.trigger:
+        cfg.data.trigger = manifest.trigger
+    if cfg.data.repeats == 1:
+        cfg.data.repeats = max(1, manifest.repeats)
 
 
 def write_config(cfg: RunConfig, run_dir: Path) -> None:
@@ -357,6 +379,17 @@ def _latents(data, batch_idx, crops, flips, cache, vae, vae_id, gen):
         out.append(latent)
         crop_tl.append(data.crop_top_left(i, crop))
     return torch.stack(out), crop_tl
+
+
+@torch.no_grad()
+def _encode_captions(fam, tes, tokenizers, captions, clip_skip, precision) -> dict:
+    """caption -> (hidden states, pooled or None), on CPU, for frozen text encoders."""
+    out = {}
+    with precision.autocast():
+        for c in captions:
+            hidden, pooled = fam.encode(tes, fam.tokenize(tokenizers, [c]), clip_skip)
+            out[c] = (hidden[0].cpu(), None if pooled is None else pooled[0].cpu())
+    return out
 
 
 def _encode(vae, pixels: torch.Tensor, gen) -> torch.Tensor:

@@ -26,33 +26,41 @@ class Entry:
     size: tuple[int, int]  # original (width, height) after EXIF rotation
     bucket: tuple[int, int]
     digest: str
+    is_reg: bool = False
 
 
 class TrainingSet:
-    def __init__(self, scan: Scan, cfg: DataConfig, resolution: int):
+    def __init__(self, scan: Scan, cfg: DataConfig, resolution: int, reg_scan: Scan | None = None):
         self.cfg = cfg
         self.resolution = resolution
-        self.problems = dict(scan.problems)
+        self.problems: dict[str, str] = {}
         self.buckets = bk.make_buckets(resolution, cfg.bucket_step, cfg.min_bucket_side, cfg.max_bucket_side)
         self.entries: list[Entry] = []
+        self._add(scan, cfg.trigger, lambda item: item.repeats * cfg.repeats, is_reg=False)
+        if reg_scan is not None:
+            # kohya's rule: regularization images fill as many samples per epoch as the training images.
+            per_reg = max(1, round(self.num_samples / max(1, len(reg_scan.items))))
+            self._add(reg_scan, "", lambda item: per_reg, is_reg=True)
+
+    def _add(self, scan: Scan, trigger: str, repeats, is_reg: bool) -> None:
+        self.problems.update(scan.problems)
         # One bad file must never stop a run: the same checks as `dataset check` exclude it with a reason.
-        reports = check_items(scan.items, min_side=min(64, resolution))
+        reports = check_items(scan.items, min_side=min(64, self.resolution))
         for item, rep in zip(scan.items, reports):
             if rep.status == "excluded":
                 self.problems[str(item.image)] = "; ".join(rep.reasons)
                 continue
-            size, digest = (rep.width, rep.height), rep.sha256
-            caption = item.caption or fill_template(cfg.default_caption, cfg.trigger)
-            caption = with_trigger(caption, cfg.trigger)
-            bucket = bk.choose_bucket(*size, self.buckets, cfg.no_upscale, cfg.bucket_step)
-            self.entries.append(Entry(item.image, caption, item.repeats * cfg.repeats, size, bucket, digest))
+            size = (rep.width, rep.height)
+            caption = with_trigger(item.caption or fill_template(self.cfg.default_caption, trigger), trigger)
+            bucket = bk.choose_bucket(*size, self.buckets, self.cfg.no_upscale, self.cfg.bucket_step)
+            self.entries.append(Entry(item.image, caption, repeats(item), size, bucket, rep.sha256, is_reg))
 
     def __len__(self) -> int:
         return len(self.entries)
 
     @property
     def num_samples(self) -> int:
-        return sum(e.repeats for e in self.entries)
+        return sum(e.repeats for e in self.entries if not e.is_reg)
 
     def bucket_table(self) -> dict[str, int]:
         table: dict[str, int] = {}
