@@ -285,3 +285,35 @@ def test_manifest_supplies_trigger_and_repeats(tiny_models, tmp_path):
     assert 'trigger = "zorp"' in config and "repeats = 3" in config
     start = next(e for e in read_events(out) if e["type"] == "dataset")
     assert start["samples"] == 12
+
+
+def test_masked_loss_uses_the_imported_alpha(tiny_models, tmp_path):
+    from trainer.config import DataConfig
+    from trainer.data.dataset import TrainingSet
+
+    src = tmp_path / "src"
+    src.mkdir()
+    im = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    im.paste((255, 0, 0, 255), (0, 0, 32, 64))  # left half opaque
+    im.save(src / "half.png")
+    (src / "half.txt").write_text("a red half")
+    ds = tmp_path / "ds"
+    import_files([src], ds)
+    assert (ds / "half.mask.png").exists()
+    data = TrainingSet(scan(ds), DataConfig(bucket_step=8, min_bucket_side=32), 64)
+    m = data.mask(0, (0.5, 0.5), False, 8)
+    assert m.shape == (1, 8, 8)
+    assert m[0, :, :4].mean() > 0.95 and m[0, :, 4:].mean() < 0.05
+    assert data.mask(0, (0.5, 0.5), True, 8)[0, :, 4:].mean() > 0.95  # flipped with the image
+    out = tmp_path / "run"
+    result = train(tiny_config(tiny_models["sd1"], ds, out, **{"train.max_steps": 2, "data.resolution": 64,
+                                                               "data.masked_loss": True, "sample.at_end": False}))
+    assert result.steps == 2
+    assert all(e["loss"] is not None for e in read_events(out) if e["type"] == "step")
+
+
+def test_data_benchmark_prints_json_last(capsys):
+    assert cli_main(["bench", "data", "--images", "12"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["second_cache_hit_rate"] == 1.0 and last["second_cache_encoded"] == 0
+    assert last["first_cache_encoded"] == 12

@@ -339,3 +339,21 @@ def test_v_prediction_and_min_snr_train(tiny_models, dataset, tmp_path):
 def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "trainer", "train", "--help"], capture_output=True, text=True, check=True)
     assert "lora.rank" in out.stdout and "train.mixed_precision" in out.stdout
+
+
+def test_rslora_and_dora_export(tiny_models, dataset, tmp_path):
+    out = tmp_path / "rs"
+    train(tiny_config(tiny_models["sd1"], dataset, out, **{"train.max_steps": 1, "lora.use_rslora": True,
+                                                           "lora.rank": 4, "lora.alpha": 4.0, "sample.at_end": False}))
+    sd = load_file(str(out / "rs.safetensors"))
+    # kohya scales by alpha/rank; rsLoRA by alpha/sqrt(rank): the file's alpha must carry the difference.
+    assert {v.item() for k, v in sd.items() if k.endswith(".alpha")} == {8.0}
+    out = tmp_path / "dora"
+    train(tiny_config(tiny_models["sd1"], dataset, out, **{"train.max_steps": 1, "lora.use_dora": True,
+                                                           "sample.at_end": False}))
+    sd = load_file(str(out / "dora.safetensors"))
+    downs = [k for k in sd if k.endswith(".lora_down.weight")]
+    assert len([k for k in sd if k.endswith(".dora_scale")]) == len(downs)
+    for k in downs:
+        up = sd[k.replace("lora_down.weight", "lora_up.weight")]
+        assert sd[k.replace("lora_down.weight", "dora_scale")].shape == (up.shape[0], 1)  # per output row, as peft

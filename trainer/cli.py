@@ -65,7 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("dataset")
     ds.add_argument("--resolution", type=int, default=512)
     ds.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    b = sub.add_parser("bench", help="benchmarks that print figures; the last line is one JSON object")
+    bsub = b.add_subparsers(dest="bench_command", metavar="NAME", required=True)
+    bd = bsub.add_parser("data", help="scan/validate and latent-cache generated images")
+    bd.add_argument("--images", type=int, default=1000, help="how many images to generate")
     return p
+
+
+def cmd_bench(args) -> int:
+    if args.bench_command == "data":
+        from .bench.data import main as bench_data
+
+        bench_data(args.images)
+    return 0
 
 
 def resolve_train_config(args) -> RunConfig:
@@ -178,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     from .models import ModelError
 
     try:
-        return {"train": cmd_train, "dataset": cmd_dataset}[args.command](args)
+        return {"train": cmd_train, "dataset": cmd_dataset, "bench": cmd_bench}[args.command](args)
     except (ConfigError, ModelError, TrainingError, DatasetError, ValueError) as e:
         print(f"lora-studio: error: {e}", file=sys.stderr)
         return 2

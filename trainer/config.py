@@ -77,6 +77,7 @@ class DataConfig:
     cache_dir: Optional[str] = opt(None, "Latent cache folder; auto = $LORA_STUDIO_CACHE or ~/.cache/lora-studio")
     cache_text: bool = opt(True, "Encode captions once when the text encoders are frozen and captions are static, "
                                  "then move the text encoders off the GPU")
+    masked_loss: bool = opt(False, "Weight the loss by each image's <name>.mask.png (kept from transparent imports)")
     reg_dataset: str = opt("", "Regularization (class) images folder, e.g. generic photos of the class; empty = none")
     prior_loss_weight: float = opt(1.0, "Loss weight of regularization images", min=0.0, max=10.0)
     num_workers: int = opt(0, "Data-loader worker processes", min=0, max=32)

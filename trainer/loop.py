@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from . import lora as lora_mod
 from .config import RunConfig
-from .data.cache import LatentCache, default_cache_dir, vae_identity
+from .data.cache import LatentCache, default_cache_dir, encode_latent, fill_latent_cache, vae_identity
 from .data.captions import split_tags
 from .data.dataset import TrainingSet
 from .data.manifest import read_manifest
@@ -134,6 +134,7 @@ def train(cfg: RunConfig, events: Events | None = None) -> Result:
     if cfg.train.compile and device.type == "cuda":
         unet_fwd = torch.compile(unet_fwd)
 
+    latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     noise_scheduler = DDPMScheduler.from_config(base.scheduler_config, prediction_type=cfg.model.prediction_type)
     gen = torch.Generator("cpu").manual_seed(cfg.train.seed + accelerator.process_index)
     rng = random.Random(cfg.train.seed + accelerator.process_index)
@@ -172,7 +173,11 @@ def train(cfg: RunConfig, events: Events | None = None) -> Result:
         with precision.autocast():
             pred = unet_fwd(noisy.to(precision.weight_dtype), t, hidden.to(precision.weight_dtype),
                             added_cond_kwargs=added).sample
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+        if cfg.data.masked_loss:
+            masks = torch.stack([data.mask(i, c, f, latent_factor) for i, c, f in zip(batch_idx, crops, flips)])
+            loss = loss * masks.to(device) / masks.mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-3).to(device)
+        loss = loss.mean(dim=(1, 2, 3))
         loss = loss * torch.tensor([cfg.data.prior_loss_weight if data.entries[i].is_reg else 1.0
                                     for i in batch_idx], device=device)
         if cfg.train.min_snr_gamma:
@@ -373,7 +378,7 @@ def _latents(data, batch_idx, crops, flips, cache, vae, vae_id, gen):
         latent = cache.get(key) if cache else None
         if latent is None:
             pixels, _ = data.pixels(i, crop, flip)
-            latent = _encode(vae, pixels, gen)
+            latent = encode_latent(vae, pixels, gen)
             if cache:
                 cache.put(key, latent)
         out.append(latent)
@@ -392,27 +397,12 @@ def _encode_captions(fam, tes, tokenizers, captions, clip_skip, precision) -> di
     return out
 
 
-def _encode(vae, pixels: torch.Tensor, gen) -> torch.Tensor:
-    dist = vae.encode(pixels.unsqueeze(0).to(vae.device, vae.dtype)).latent_dist
-    latent = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(dist.mean.device, dist.mean.dtype)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return ((latent.float() - shift) * vae.config.scaling_factor)[0].cpu()
-
-
 def _fill_latent_cache(data, cache, vae, vae_id, main, accelerator, events) -> None:
     """Encode every image once on the main process; the other ranks then read the cache."""
-    from tqdm.auto import tqdm
-
-    gen = torch.Generator("cpu").manual_seed(0)
     if main:
-        todo = [i for i in range(len(data)) if cache.get(data.cache_key(i, (0.5, 0.5), vae_id)) is None]
-        events.emit("cache", cached=len(data) - len(todo), to_encode=len(todo))
-        with torch.no_grad():
-            for i in tqdm(todo, desc="cache latents", disable=not todo):
-                pixels, _ = data.pixels(i, (0.5, 0.5), False)
-                cache.put(data.cache_key(i, (0.5, 0.5), vae_id), _encode(vae, pixels, gen))
+        cached, encoded = fill_latent_cache(data, cache, vae, vae_id)
+        events.emit("cache", cached=cached, to_encode=encoded)
     accelerator.wait_for_everyone()
-    cache.hits = cache.misses = 0
 
 
 def _sample(cfg, base, unet, tes, data, precision, run_dir, step, events) -> list[Path]:

@@ -51,3 +51,28 @@ class LatentCache:
     def put(self, key: str, latent: torch.Tensor) -> None:
         with atomic_path(self._path(key)) as tmp:
             save_file({"latent": latent.detach().to("cpu").contiguous()}, str(tmp))
+
+
+CENTRE = (0.5, 0.5)
+
+
+def encode_latent(vae, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One image (CHW in [-1, 1]) to a scaled latent, sampled with `gen` for reproducibility."""
+    dist = vae.encode(pixels.unsqueeze(0).to(vae.device, vae.dtype)).latent_dist
+    latent = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(dist.mean.device, dist.mean.dtype)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((latent.float() - shift) * vae.config.scaling_factor)[0].cpu()
+
+
+@torch.no_grad()
+def fill_latent_cache(data, cache: LatentCache, vae, vae_id: str, progress: bool = True) -> tuple[int, int]:
+    """Encode every centre-cropped image of `data` that the cache lacks. Returns (already cached, encoded)."""
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator("cpu").manual_seed(0)
+    todo = [i for i in range(len(data)) if cache.get(data.cache_key(i, CENTRE, vae_id)) is None]
+    for i in tqdm(todo, desc="cache latents", disable=not (todo and progress)):
+        pixels, _ = data.pixels(i, CENTRE, False)
+        cache.put(data.cache_key(i, CENTRE, vae_id), encode_latent(vae, pixels, gen))
+    cache.hits = cache.misses = 0
+    return len(data) - len(todo), len(todo)

@@ -14,7 +14,7 @@ from ..config import DataConfig
 from . import buckets as bk
 from .captions import augment, fill_template, with_trigger
 from .images import open_rgb
-from .scan import Scan
+from .scan import MASK_SUFFIX, Scan
 from .validate import check_items
 
 
@@ -102,6 +102,22 @@ class TrainingSet:
             im = ImageOps.mirror(im)
         arr = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
         return arr / 127.5 - 1.0, (box[1], box[0])
+
+    def mask(self, i: int, crop: tuple[float, float], flip: bool, factor: int) -> torch.Tensor:
+        """Image i's loss mask at latent size (1, h/factor, w/factor) in [0, 1]; all ones without a mask file."""
+        e = self.entries[i]
+        bw, bh = e.bucket
+        path = e.path.with_name(e.path.stem + MASK_SUFFIX)
+        if not path.exists():
+            return torch.ones(1, bh // factor, bw // factor)
+        with Image.open(path) as m:
+            m = ImageOps.exif_transpose(m).convert("L")
+            scaled, box = bk.fit(*m.size, e.bucket, *crop)
+            m = m.resize(scaled, Image.Resampling.BILINEAR).crop(box)
+        if flip:
+            m = ImageOps.mirror(m)
+        m = m.resize((bw // factor, bh // factor), Image.Resampling.BOX)
+        return torch.from_numpy(np.asarray(m, dtype=np.float32).copy())[None] / 255.0
 
     def caption(self, i: int, rng: random.Random) -> str:
         c = self.cfg
