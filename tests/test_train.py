@@ -45,6 +45,9 @@ def pipeline_parts(pipe):
 
 def assert_every_key_consumed(pipe, path, caplog, adapter="t"):
     """Load with diffusers and check, module by module, that every tensor in the file landed."""
+    from trainer.models import detect_family
+
+    namer = detect_family(pipe.unet.config, {}).unet_namer(pipe.unet.config)
     file_sd = load_file(str(path))
     file_modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in file_sd}
     caplog.clear()
@@ -56,7 +59,7 @@ def assert_every_key_consumed(pipe, path, caplog, adapter="t"):
     for prefix, model in pipeline_parts(pipe).items():
         for name, mod in model.named_modules():
             if hasattr(mod, "lora_A") and adapter in mod.lora_A:
-                loaded[kohya_name(prefix, name)] = mod
+                loaded[kohya_name(prefix, name, namer)] = mod
     assert set(loaded) == file_modules
     for key, mod in loaded.items():
         down, up = file_sd[f"{key}.lora_down.weight"].float(), file_sd[f"{key}.lora_up.weight"].float()
@@ -94,6 +97,13 @@ def test_run_writes_a_lora_that_diffusers_loads_fully(family, tiny_models, datas
     assert prefixes == expected
     assert any(k.startswith(("lora_te_text_model_encoder_layers_0_self_attn_q_proj",
                              "lora_te1_text_model_encoder_layers_0_self_attn_q_proj")) for k in keys)
+    unet_keys = [k for k in keys if k.startswith("lora_unet_")]
+    if family == "sdxl":  # the layout kohya, A1111 and ComfyUI all read
+        assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
+                   for k in unet_keys)
+    else:
+        assert all(k.startswith(("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_"))
+                   for k in unet_keys)
     assert meta["ss_network_alpha"] == "2.0" and meta["ss_network_dim"] == "4"
 
     base_pipe = load_pipe(tiny_models[family])

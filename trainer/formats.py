@@ -24,9 +24,11 @@ from .lora import ADAPTER
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def kohya_name(prefix: str, module_path: str) -> str:
+def kohya_name(prefix: str, module_path: str, unet_namer=None) -> str:
     if prefix.startswith("lora_te") and not module_path.startswith("text_model."):
         module_path = "text_model." + module_path
+    if prefix == "lora_unet" and unet_namer is not None:
+        module_path = unet_namer(module_path)
     return f"{prefix}_{module_path.replace('.', '_')}"
 
 
@@ -41,12 +43,14 @@ def lora_layers(model: torch.nn.Module):
             yield name, mod
 
 
-def kohya_state_dict(models: dict[str, torch.nn.Module], dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """`models` maps key prefix ('lora_unet', 'lora_te', 'lora_te1', 'lora_te2') to a peft-injected model."""
+def kohya_state_dict(models: dict[str, torch.nn.Module], dtype: torch.dtype = torch.float16,
+                     unet_namer=None) -> dict[str, torch.Tensor]:
+    """`models` maps key prefix ('lora_unet', 'lora_te', 'lora_te1', 'lora_te2') to a peft-injected model;
+    `unet_namer` is the family's UNet naming (SGM names for SDXL)."""
     out: dict[str, torch.Tensor] = {}
     for prefix, model in models.items():
         for path, mod in lora_layers(model):
-            key = kohya_name(prefix, path)
+            key = kohya_name(prefix, path, unet_namer)
             down = mod.lora_A[ADAPTER].weight
             up = mod.lora_B[ADAPTER].weight
             rank = down.shape[0]

@@ -421,7 +421,7 @@ def _sample(cfg, base, unet, tes, data, precision, run_dir, step, events) -> lis
 
 def _save(path: Path, step: int, epoch: int, events: Events, *, cfg, base, data, models, started,
           thumbnail: Path | None = None) -> None:
-    tensors = kohya_state_dict(models, SAVE_DTYPES[cfg.save.dtype])
+    tensors = kohya_state_dict(models, SAVE_DTYPES[cfg.save.dtype], base.family.unet_namer(base.unet.config))
     tags = Counter(t for e in data.entries for t in split_tags(e.caption) for _ in range(e.repeats))
     metadata = build_metadata(
         name=path.stem, family=base.family, cfg=cfg, resolution=cfg.data.resolution,

@@ -44,6 +44,10 @@ class Family:
     def added_cond(self, pooled, original_sizes, crops, target_sizes):
         return None
 
+    def unet_namer(self, unet_config):
+        """Maps diffusers UNet module paths to the names written in LoRA files."""
+        return lambda path: path
+
     def prompt_kwargs(self, text_encoders, tokenizers, prompts: list[str], negative: str, clip_skip: int = 1) -> dict:
         """Pipeline arguments for `prompts`, encoded exactly as in training (clip skip included)."""
         hidden, pooled = self.encode(text_encoders, self.tokenize(tokenizers, prompts), clip_skip)
@@ -73,6 +77,11 @@ class SDXLFamily(Family):
             if hasattr(out, "text_embeds"):
                 pooled = out.text_embeds
         return torch.cat(hidden, dim=-1), pooled
+
+    def unet_namer(self, unet_config):
+        from .sgm_names import unet_namer
+
+        return unet_namer(dict(unet_config))
 
     def added_cond(self, pooled, original_sizes, crops, target_sizes):
         time_ids = torch.tensor([list(o) + list(c) + list(t) for o, c, t in zip(original_sizes, crops, target_sizes)],
