@@ -1,28 +1,65 @@
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import pytest
 
 from trainer.events import read_events
 
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
-@pytest.mark.timeout(300)
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(cmd, env, timeout):
+    """Run in its own session so a hang can kill the launcher and its workers (which hold the pipes).
+    Returns (returncode, stdout, stderr), with returncode None on a timeout."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGABRT)  # faulthandler prints every thread's stack first
+        time.sleep(3)
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return None, out, err
+
+
+@pytest.mark.timeout(600)
 def test_two_process_accelerate_launch_on_cpu(tiny_models, dataset, tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")
     if not accelerate.exists():
         accelerate = shutil.which("accelerate")
-    out = tmp_path / "ddp"
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           "-m", "trainer", "train", "--model", str(tiny_models["sd1"]), "--dataset", str(dataset),
-           "--output", str(out), "--set", "train.max_steps=4", "--set", "data.resolution=32",
-           "--set", "data.bucket_step=8", "--set", "sample.steps=2"]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=280)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONFAULTHANDLER": "1"}
+    timeout = float(os.environ.get("DDP_TEST_TIMEOUT", 240))
+    for attempt in (1, 2):
+        out = tmp_path / f"try{attempt}" / "ddp"
+        cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+               "-m", "trainer", "train", "--model", str(tiny_models["sd1"]), "--dataset", str(dataset),
+               "--output", str(out), "--set", "train.max_steps=4", "--set", "data.resolution=32",
+               "--set", "data.bucket_step=8", "--set", "sample.steps=2"]
+        rc, stdout, stderr = _launch(cmd, env, timeout)
+        if rc is not None:
+            break
+        # A rare hang at start-up was seen once in CI and once in ~30 local runs, never reproduced with
+        # stacks; keep the evidence and try once more rather than fail the whole suite on it.
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / f"ddp_hang_{attempt}.txt").write_text(stderr)
+        warnings.warn(f"2-process run hung (attempt {attempt}); stacks in {ARTIFACTS}")
+    assert rc == 0, (stderr or "")[-3000:]
     events = read_events(out)
     start = [e for e in events if e["type"] == "start"]
     done = [e for e in events if e["type"] == "done"]
@@ -30,5 +67,5 @@ def test_two_process_accelerate_launch_on_cpu(tiny_models, dataset, tmp_path):
     assert len(done) == 1 and done[0]["ranks_in_sync"] is True   # DDP kept the replicas identical
     assert len([e for e in events if e["type"] == "step"]) == 4
     assert (out / "ddp.safetensors").exists()
-    assert proc.stdout.count("done after 4 steps") == 1
+    assert stdout.count("done after 4 steps") == 1
     assert sorted(p.name for p in out.iterdir()) == ["config.toml", "ddp.safetensors", "events.jsonl", "samples"]

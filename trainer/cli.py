@@ -66,11 +66,90 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--resolution", type=int, default=512)
     ds.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
+    lo = sub.add_parser("lora", help="inspect, merge, bake, resize, analyze LoRA files and write model cards")
+    lsub = lo.add_subparsers(dest="lora_command", metavar="TOOL", required=True)
+    li = lsub.add_parser("inspect", help="family, ranks, alpha, trigger words, hash and metadata")
+    li.add_argument("file")
+    li.add_argument("--json", action="store_true", help="print one JSON object")
+    lm = lsub.add_parser("merge", help="merge LoRAs at weights: exact (rank concatenation) or SVD to --rank")
+    lm.add_argument("files", nargs="+", help="FILE[:WEIGHT] ..., weight 1 when omitted")
+    lm.add_argument("--out", required=True, help="output .safetensors")
+    lm.add_argument("--rank", type=int, help="compress to this rank by SVD (reports the energy lost)")
+    lr = lsub.add_parser("resize", help="change a LoRA's rank by SVD")
+    lr.add_argument("file")
+    lr.add_argument("--out", required=True, help="output .safetensors")
+    how = lr.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rank", type=int, help="fixed new rank")
+    how.add_argument("--sv-ratio", type=float, help="per module, keep singular values >= largest / RATIO")
+    how.add_argument("--sv-fro", type=float, help="per module, keep this fraction of the energy (e.g. 0.95)")
+    la = lsub.add_parser("analyze", help="singular-value spectrum and the rank this LoRA needs")
+    la.add_argument("file")
+    la.add_argument("--json", action="store_true", help="print one JSON object")
+    lb = lsub.add_parser("bake", help="fuse LoRAs at weights into a copy of a base model")
+    lb.add_argument("files", nargs="+", help="FILE[:WEIGHT] ...")
+    lb.add_argument("--model", required=True, help="base model: folder, .safetensors or Hub id")
+    lb.add_argument("--out", required=True, help="output folder (diffusers layout, .safetensors weights)")
+    lc = lsub.add_parser("card", help="write <name>.README.md beside the LoRA")
+    lc.add_argument("file")
+    for tool in (lm, lr, lb, lc):
+        tool.add_argument("--force", action="store_true", help="overwrite an existing output")
+    for tool in (lm, lr):
+        tool.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="saved tensor dtype")
+
     b = sub.add_parser("bench", help="benchmarks that print figures; the last line is one JSON object")
     bsub = b.add_subparsers(dest="bench_command", metavar="NAME", required=True)
     bd = bsub.add_parser("data", help="scan/validate and latent-cache generated images")
     bd.add_argument("--images", type=int, default=1000, help="how many images to generate")
     return p
+
+
+def _weighted(items: list[str]) -> tuple[list[str], list[float]]:
+    files, weights = [], []
+    for item in items:
+        path, _, w = item.rpartition(":") if item.rpartition(":")[2].replace(".", "", 1).lstrip("-").isdigit() \
+            else (item, "", "1")
+        try:
+            weights.append(float(w))
+        except ValueError:
+            raise ConfigError(f"bad weight in {item!r}; use FILE:WEIGHT such as style.safetensors:0.6") from None
+        files.append(path)
+    return files, weights
+
+
+def cmd_lora(args) -> int:
+    from . import tools
+
+    c = args.lora_command
+    if c == "inspect":
+        info = tools.inspect(args.file)
+        lines = [f"{info['file']}: {info['family'] or 'unknown family'} ({info['family_source']}), {info['kind']}, "
+                 f"{info['layout']} layout", f"  rank {info['rank']} (all: {info['ranks']}), alpha {info['alpha']:g}, "
+                 f"{info['modules']} modules", f"  trigger words: {', '.join(info['trigger_words']) or '(none)'}",
+                 f"  hash: {info['hash']}"]
+        lines += [f"  {k} = {v}" for k, v in sorted(info["metadata"].items()) if k != "lora_studio.config"]
+        _emit(args, info, lines)
+    elif c == "merge":
+        files, weights = _weighted(args.files)
+        r = tools.merge(files, weights, args.out, rank=args.rank, dtype=args.dtype, force=args.force)
+        print(f"wrote {r['file']}: {r['modules']} modules, rank {r['rank']}, "
+              + ("exact" if r["exact"] else f"{r['energy_lost']:.2%} of the energy lost (mean per module)"))
+    elif c == "resize":
+        r = tools.resize(args.file, args.out, rank=args.rank, sv_ratio=args.sv_ratio, sv_fro=args.sv_fro,
+                         dtype=args.dtype, force=args.force)
+        print(f"wrote {r['file']}: ranks {r['ranks']}, energy lost mean {r['energy_lost_mean']:.2%}, "
+              f"max {r['energy_lost_max']:.2%}")
+    elif c == "analyze":
+        a = tools.analyze(args.file)
+        lines = [f"rank for 90/95/99% of the energy: {a['rank_for_90']}/{a['rank_for_95']}/{a['rank_for_99']}",
+                 a["suggestion"]]
+        _emit(args, a, lines)
+    elif c == "bake":
+        files, weights = _weighted(args.files)
+        r = tools.bake(args.model, files, weights, args.out, force=args.force)
+        print(f"wrote {r['folder']}: {r['modules_changed']} layers changed")
+    elif c == "card":
+        print(f"wrote {tools.card(args.file, force=args.force)}")
+    return 0
 
 
 def cmd_bench(args) -> int:
@@ -187,12 +266,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from .data.scan import DatasetError
+    from .lora_file import LoraError
     from .loop import TrainingError
     from .models import ModelError
 
     try:
-        return {"train": cmd_train, "dataset": cmd_dataset, "bench": cmd_bench}[args.command](args)
-    except (ConfigError, ModelError, TrainingError, DatasetError, ValueError) as e:
+        return {"train": cmd_train, "dataset": cmd_dataset, "lora": cmd_lora, "bench": cmd_bench}[args.command](args)
+    except (ConfigError, ModelError, TrainingError, DatasetError, LoraError, ValueError) as e:
         print(f"lora-studio: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

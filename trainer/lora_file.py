@@ -1,0 +1,213 @@
+"""Read any common LoRA file into one shape: kohya-style module names -> (down, up, alpha[, dora]).
+
+Reads kohya/A1111 files (with or without `.alpha`, LoCon conv keys, SDXL in either UNet naming) and
+diffusers/peft files. Detects the base family from metadata, else from key names and shapes.
+LoHa, LoKr, OFT and other kinds are refused by name instead of half-loaded.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+UNSUPPORTED = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "oft_blocks": "OFT", "oft_diag": "OFT", ".a1.weight": "GLoRA",
+               "diff_b": "full-difference", "on_input": "IA3", ".diff": "full-difference"}
+
+
+class LoraError(ValueError):
+    """A LoRA file that cannot be used, with the reason and what to do."""
+
+
+@dataclass
+class Module:
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+    dora_scale: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def is_conv(self) -> bool:
+        return self.down.ndim == 4
+
+    def delta(self) -> torch.Tensor:
+        """ΔW = up · down · alpha/rank, shaped like the target layer's weight."""
+        d, u = self.down.float(), self.up.float()
+        w = (u.flatten(1) @ d.flatten(1)) * self.scale
+        return w.reshape(u.shape[0], *d.shape[1:]) if d.ndim == 4 else w
+
+
+@dataclass
+class LoraFile:
+    path: Path
+    family: str | None
+    family_source: str  # "metadata", "keys" or "unknown"
+    layout: str         # "kohya" or "peft"
+    modules: dict[str, Module]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        kinds = ["LoRA"]
+        if any(m.is_conv for m in self.modules.values()):
+            kinds.append("LoCon")
+        if any(m.dora_scale is not None for m in self.modules.values()):
+            kinds.append("DoRA")
+        return "+".join(kinds)
+
+    def ranks(self) -> Counter:
+        return Counter(m.rank for m in self.modules.values())
+
+
+def read_lora(path: str | Path) -> LoraFile:
+    path = Path(path)
+    if not path.exists():
+        raise LoraError(f"{path} does not exist")
+    if path.suffix.lower() != ".safetensors":
+        raise LoraError(f"{path.name}: LoRAs are read from .safetensors only (pickle files can run code)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise LoraError(f"{path.name} is not a readable .safetensors file (truncated or corrupt: {e}); "
+                        "download or export it again") from None
+    if not tensors:
+        raise LoraError(f"{path.name} holds no tensors")
+    for marker, kind in UNSUPPORTED.items():
+        if any(marker in k for k in tensors):
+            raise LoraError(f"{path.name} is a {kind} file; LoRA Studio reads LoRA, LoCon and DoRA only")
+    if any(k.endswith(".lora_down.weight") for k in tensors):
+        modules, layout = _kohya_modules(tensors), "kohya"
+    elif any(".lora_A." in k or ".lora.down." in k for k in tensors):
+        modules, layout = _peft_modules(tensors, metadata), "peft"
+    else:
+        raise LoraError(f"{path.name} has no LoRA weights (no lora_down/lora_up or lora_A/lora_B keys); "
+                        "is it a base model or an embedding?")
+    family, source = detect_family(modules, metadata)
+    return LoraFile(path, family, source, layout, modules, metadata)
+
+
+def _kohya_modules(t: dict) -> dict[str, Module]:
+    out = {}
+    for key in t:
+        if key.endswith(".lora_down.weight"):
+            name = key[: -len(".lora_down.weight")]
+            up = t.get(f"{name}.lora_up.weight")
+            if up is None:
+                raise LoraError(f"{name} has lora_down but no lora_up: the file is incomplete")
+            down = t[key]
+            alpha = t.get(f"{name}.alpha")
+            out[name] = Module(down, up, float(alpha) if alpha is not None else float(down.shape[0]),
+                               t.get(f"{name}.dora_scale"))
+    return out
+
+
+PEFT_PREFIXES = {"unet.": "lora_unet", "text_encoder.": "lora_te", "text_encoder_2.": "lora_te2"}
+
+
+def _peft_modules(t: dict, metadata: dict) -> dict[str, Module]:
+    two_encoders = any(k.startswith("text_encoder_2.") for k in t)
+    alphas = _peft_alphas(metadata)
+    out = {}
+    for key in t:
+        m = re.match(r"(.+?)\.(lora_A|lora\.down)(\.[^.]+)?\.weight$", key)
+        if not m:
+            continue
+        path, kind = m.group(1), m.group(2)
+        up_key = key.replace(".lora_A", ".lora_B") if kind == "lora_A" else key.replace(".lora.down.", ".lora.up.")
+        prefix = next((p for p in PEFT_PREFIXES if path.startswith(p)), "unet.")
+        module_path = path[len(prefix):] if path.startswith(prefix) else path
+        module_path = module_path.replace(".processor.", ".").replace("_lora", "")
+        kohya_prefix = PEFT_PREFIXES[prefix]
+        if kohya_prefix == "lora_te" and two_encoders:
+            kohya_prefix = "lora_te1"
+        if kohya_prefix.startswith("lora_te") and not module_path.startswith("text_model."):
+            module_path = "text_model." + module_path
+        down = t[key]
+        alpha = alphas.get(prefix.rstrip("."), {}).get("lora_alpha")
+        rank = alphas.get(prefix.rstrip("."), {}).get("r")
+        scale = float(alpha) / float(rank) if alpha and rank else 1.0
+        name = f"{kohya_prefix}_{module_path.replace('.', '_')}"
+        magnitude = t.get(key.replace(".lora_A.weight", ".lora_magnitude_vector"))
+        out[name] = Module(down, t[up_key], scale * down.shape[0],
+                           None if magnitude is None else magnitude.reshape(-1, 1))
+    return out
+
+
+def _peft_alphas(metadata: dict) -> dict:
+    """diffusers stores each component's peft LoraConfig as JSON under `lora_adapter_metadata`."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return {}
+    return {k.split("_lora_adapter_metadata")[0].rstrip("."): v for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def detect_family(modules: dict[str, Module], metadata: dict) -> tuple[str | None, str]:
+    version = (metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")).lower()
+    if "xl" in version:
+        return "sdxl", "metadata"
+    if "v2" in version or "sd_2" in version:
+        return "sd2", "metadata"
+    if "v1" in version or "sd_1" in version:
+        return "sd1", "metadata"
+    names = list(modules)
+    if any(n.startswith(("lora_te1_", "lora_te2_")) for n in names) or \
+            any(re.match(r"lora_unet_(input_blocks|output_blocks|middle_block)_", n) for n in names):
+        return "sdxl", "keys"
+    cross = [m.down.shape[1] for n, m in modules.items() if n.endswith("attn2_to_k") and m.down.ndim == 2]
+    if cross:
+        if cross[0] == 2048:
+            return "sdxl", "keys"
+        if cross[0] == 1024:
+            return "sd2", "keys"
+        if cross[0] == 768:
+            return "sd1", "keys"
+    te = [m.down.shape[1] for n, m in modules.items() if n.startswith("lora_te_") and n.endswith("q_proj")]
+    if te:
+        return ("sd2" if te[0] == 1024 else "sd1"), "keys"
+    return None, "unknown"
+
+
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+
+def check_family(lora: LoraFile, base_family: str) -> None:
+    if lora.family and lora.family != base_family:
+        raise LoraError(f"{lora.path.name} is a {FAMILY_NAMES[lora.family]} LoRA but the base model is "
+                        f"{FAMILY_NAMES.get(base_family, base_family)}; pick a {FAMILY_NAMES[lora.family]} base "
+                        "or a LoRA made for this one")
+
+
+def module_index(models: dict[str, torch.nn.Module], unet_namer=None) -> dict[str, torch.nn.Module]:
+    """Every Linear/Conv2d a LoRA may target, under each name a LoRA file may use for it."""
+    from .formats import kohya_name
+
+    index = {}
+    for prefix, model in models.items():
+        for path, mod in model.named_modules():
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+                index[kohya_name(prefix, path)] = mod
+                if unet_namer is not None and prefix == "lora_unet":
+                    index[kohya_name(prefix, path, unet_namer)] = mod
+    if "lora_te1" in models:  # some SDXL files call the first encoder lora_te_
+        for name in list(index):
+            if name.startswith("lora_te1_"):
+                index["lora_te_" + name[len("lora_te1_"):]] = index[name]
+    return index

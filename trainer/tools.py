@@ -1,0 +1,297 @@
+"""LoRA tools: inspect, merge, resize, analyze, bake and card. Each writes new files atomically and
+never overwrites one without `force`."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .atomic import write_text
+from .formats import SAVE_DTYPES, save_lora
+from .lora_file import FAMILY_NAMES, LoraError, LoraFile, Module, read_lora
+
+
+def _refuse_overwrite(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise LoraError(f"{path} already exists; choose another output or pass --force")
+
+
+def trigger_words(lora: LoraFile, top: int = 5) -> list[str]:
+    md = lora.metadata
+    if md.get("modelspec.trigger_phrase"):
+        return [t.strip() for t in md["modelspec.trigger_phrase"].split(",") if t.strip()]
+    try:
+        freq = json.loads(md.get("ss_tag_frequency", "{}"))
+    except ValueError:
+        return []
+    counts = Counter()
+    for tags in freq.values():
+        counts.update(tags)
+    return [t for t, _ in counts.most_common(top)]
+
+
+def inspect(path: str | Path) -> dict:
+    lora = read_lora(path)
+    ranks = lora.ranks()
+    alphas = Counter(m.alpha for m in lora.modules.values())
+    md = {k: (v[:80] + "…" if k == "modelspec.thumbnail" else v) for k, v in lora.metadata.items()}
+    return {
+        "file": str(lora.path), "family": lora.family, "family_source": lora.family_source, "layout": lora.layout,
+        "kind": lora.kind, "rank": ranks.most_common(1)[0][0], "ranks": dict(ranks),
+        "alpha": alphas.most_common(1)[0][0], "modules": len(lora.modules),
+        "module_ranks": {n: m.rank for n, m in sorted(lora.modules.items())},
+        "trigger_words": trigger_words(lora), "hash": lora.metadata.get("sshs_model_hash") or _hash(lora),
+        "metadata": md,
+    }
+
+
+def _hash(lora: LoraFile) -> str:
+    from safetensors.torch import load_file
+
+    from .formats import tensor_hashes
+
+    return tensor_hashes(load_file(str(lora.path)))[0]
+
+
+def to_tensors(modules: dict[str, Module], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, m in sorted(modules.items()):
+        out[f"{name}.lora_down.weight"] = m.down.to(dtype).contiguous()
+        out[f"{name}.lora_up.weight"] = m.up.to(dtype).contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(m.alpha), dtype=dtype)
+        if m.dora_scale is not None:
+            out[f"{name}.dora_scale"] = m.dora_scale.to(dtype).contiguous()
+    return out
+
+
+def factorize(delta: torch.Tensor, rank: int) -> tuple[Module, float]:
+    """Best rank-`rank` LoRA for ΔW by SVD; returns it and the fraction of energy (Σσ²) lost."""
+    flat = delta.flatten(1).float()
+    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    rank = max(1, min(rank, s.numel()))
+    root = s[:rank].sqrt()
+    up = (u[:, :rank] * root).reshape(delta.shape[0], rank, *([1, 1] if delta.ndim == 4 else []))
+    down = (root[:, None] * vh[:rank]).reshape(rank, *delta.shape[1:])
+    total = float((s ** 2).sum())
+    lost = float((s[rank:] ** 2).sum()) / total if total > 0 else 0.0
+    return Module(down, up, float(rank)), lost
+
+
+def energy_rank(s: torch.Tensor, keep: float) -> int:
+    """Smallest rank keeping a `keep` fraction of Σσ² (the squared Frobenius norm)."""
+    e = (s.float() ** 2).cumsum(0)
+    if e[-1] <= 0:
+        return 1
+    return int((e / e[-1] < keep - 1e-12).sum().item()) + 1
+
+
+def _same_family(loras: list[LoraFile]) -> str | None:
+    fams = {l.family for l in loras if l.family}
+    if len(fams) > 1:
+        raise LoraError("cannot merge LoRAs of different families: " + ", ".join(FAMILY_NAMES[f] for f in sorted(fams)))
+    if any(m.dora_scale is not None for l in loras for m in l.modules.values()):
+        raise LoraError("DoRA LoRAs cannot be merged by adding updates (their magnitude is not additive)")
+    return fams.pop() if fams else None
+
+
+def merge(paths: list, weights: list[float], out: str | Path, rank: int | None = None, dtype: str = "fp16",
+          force: bool = False) -> dict:
+    """Merge LoRAs at weights. Without `rank`: exact, by concatenating ranks. With it: SVD to that rank,
+    reporting the energy lost."""
+    out = Path(out)
+    _refuse_overwrite(out, force)
+    if len(paths) != len(weights):
+        raise LoraError(f"{len(paths)} LoRAs but {len(weights)} weights; give one weight per LoRA")
+    loras = [read_lora(p) for p in paths]
+    family = _same_family(loras)
+    names = sorted(set().union(*(l.modules for l in loras)))
+    merged, losses = {}, {}
+    for name in names:
+        parts = [(l.modules[name], w) for l, w in zip(loras, weights) if name in l.modules]
+        if rank is None:
+            # Fold each scale·weight into its up matrix; the merged alpha equals its rank (scale 1).
+            down = torch.cat([m.down.float() for m, _ in parts])
+            up = torch.cat([m.up.float() * (m.scale * w) for m, w in parts], dim=1)
+            merged[name] = Module(down, up, float(down.shape[0]))
+        else:
+            delta = sum(m.delta() * w for m, w in parts)
+            merged[name], losses[name] = factorize(delta, rank)
+    md = _merged_metadata(loras, weights, family, rank)
+    save_lora(out, to_tensors(merged, SAVE_DTYPES[dtype]), md)
+    lost = sum(losses.values()) / len(losses) if losses else 0.0
+    return {"file": str(out), "modules": len(merged), "exact": rank is None, "energy_lost": lost,
+            "rank": rank or max(m.rank for m in merged.values())}
+
+
+def _merged_metadata(loras, weights, family, rank) -> dict[str, str]:
+    base = dict(loras[0].metadata)
+    md = {k: v for k, v in base.items() if k.startswith(("ss_base_model_version", "ss_sd_model_name",
+                                                          "modelspec.architecture", "modelspec.resolution",
+                                                          "modelspec.prediction_type", "ss_resolution"))}
+    triggers = [t for l in loras for t in trigger_words(l, top=2)]
+    md.update({
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank or "mixed"),
+        "ss_network_alpha": str(rank or "mixed"),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.trigger_phrase": ", ".join(dict.fromkeys(triggers)),
+        "lora_studio.merged_from": json.dumps([{"file": l.path.name, "weight": w} for l, w in zip(loras, weights)]),
+    })
+    if family and "modelspec.architecture" not in md:
+        from .models import FAMILIES
+
+        md["modelspec.architecture"] = f"{FAMILIES[family].modelspec_architecture}/lora"
+    return md
+
+
+def resize(path, out, rank: int | None = None, sv_ratio: float | None = None, sv_fro: float | None = None,
+           dtype: str = "fp16", force: bool = False) -> dict:
+    """New rank by SVD: fixed (`rank`), or per module keeping σ ≥ σ_max/sv_ratio, or a `sv_fro` energy fraction."""
+    out = Path(out)
+    _refuse_overwrite(out, force)
+    if sum(x is not None for x in (rank, sv_ratio, sv_fro)) != 1:
+        raise LoraError("give exactly one of --rank, --sv-ratio or --sv-fro")
+    lora = read_lora(path)
+    if any(m.dora_scale is not None for m in lora.modules.values()):
+        raise LoraError("DoRA LoRAs cannot be resized by SVD without changing what they do")
+    modules, losses = {}, []
+    for name, m in sorted(lora.modules.items()):
+        delta = m.delta()
+        s = torch.linalg.svdvals(delta.flatten(1))
+        if rank is not None:
+            k = rank
+        elif sv_ratio is not None:
+            k = int((s >= s[0] / sv_ratio).sum().item())
+        else:
+            k = energy_rank(s, sv_fro)
+        modules[name], lost = factorize(delta, min(k, m.rank))
+        losses.append(lost)
+    md = dict(lora.metadata)
+    new_ranks = Counter(x.rank for x in modules.values())
+    md["ss_network_dim"] = str(new_ranks.most_common(1)[0][0]) if len(new_ranks) == 1 else "dynamic"
+    md["ss_network_alpha"] = md["ss_network_dim"]
+    md["lora_studio.resized_from"] = json.dumps({"file": lora.path.name, "ranks": dict(lora.ranks())})
+    save_lora(out, to_tensors(modules, SAVE_DTYPES[dtype]), md)
+    return {"file": str(out), "ranks": dict(new_ranks), "energy_lost_mean": sum(losses) / len(losses),
+            "energy_lost_max": max(losses)}
+
+
+def analyze(path) -> dict:
+    """Per-module singular values and the ranks that keep 90/95/99% of the energy, with a suggestion."""
+    lora = read_lora(path)
+    per_module, need = {}, {0.90: [], 0.95: [], 0.99: []}
+    for name, m in sorted(lora.modules.items()):
+        s = torch.linalg.svdvals(m.delta().flatten(1))[: m.rank]
+        per_module[name] = {"rank": m.rank, "singular_values": [round(float(x), 6) for x in s],
+                            **{f"rank_{int(k * 100)}": energy_rank(s, k) for k in need}}
+        for k in need:
+            need[k].append(energy_rank(s, k))
+    trained = lora.ranks().most_common(1)[0][0]
+    summary = {f"rank_for_{int(k * 100)}": max(v) for k, v in need.items()}
+    suggest = _power_of_two(summary["rank_for_95"])
+    kept = _mean_energy_kept(lora, suggest)
+    if suggest < trained:
+        line = (f"rank {suggest} keeps {kept:.0%} of this LoRA; rank {trained} was more than needed "
+                f"(resize with: lora-studio lora resize FILE --rank {suggest})")
+    else:
+        line = f"rank {trained} is used fully (rank {suggest} is needed for 95%); a higher rank may help"
+    return {"file": str(lora.path), "trained_rank": trained, **summary, "suggested_rank": suggest,
+            "energy_kept_at_suggested": kept, "suggestion": line, "modules": per_module}
+
+
+def _power_of_two(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def _mean_energy_kept(lora: LoraFile, rank: int) -> float:
+    kept = []
+    for m in lora.modules.values():
+        s = torch.linalg.svdvals(m.delta().flatten(1)).float() ** 2
+        kept.append(float(s[:rank].sum() / s.sum()) if s.sum() > 0 else 1.0)
+    return sum(kept) / len(kept)
+
+
+def card(path, force: bool = False) -> Path:
+    """Write README.md beside the LoRA: triggers, base, settings, samples, and how to use it."""
+    lora = read_lora(path)
+    info = inspect(path)
+    out = lora.path.with_name(lora.path.stem + ".README.md")
+    _refuse_overwrite(out, force)
+    md = lora.metadata
+    name = md.get("ss_output_name") or lora.path.stem
+    trig = ", ".join(info["trigger_words"]) or "(none)"
+    fam = FAMILY_NAMES.get(lora.family or "", "unknown")
+    samples = sorted((lora.path.parent / "samples").glob("*.png"))[-4:] if (lora.path.parent / "samples").is_dir() else []
+    settings = [("base model", md.get("ss_sd_model_name", "unknown")), ("family", fam),
+                ("kind", lora.kind), ("rank / alpha", f"{info['rank']} / {info['alpha']:g}"),
+                ("resolution", md.get("modelspec.resolution", "?")), ("steps", md.get("ss_steps", "?")),
+                ("learning rate", md.get("ss_learning_rate", "?")), ("images", md.get("ss_num_train_images", "?")),
+                ("seed", md.get("ss_seed", "?")), ("hash (sshs)", info["hash"][:12])]
+    lines = [f"# {name}", "", f"A {fam} {lora.kind} made with LoRA Studio." if "lora_studio.config" in md
+             else f"A {fam} {lora.kind}.", "", f"**Trigger words:** {trig}", "", "| setting | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in settings]
+    if samples:
+        lines += ["", "## Samples", ""] + [f"![sample]({s.relative_to(lora.path.parent)})" for s in samples]
+    lines += ["", "## Use it", "",
+              f"- **AUTOMATIC1111 / Forge**: copy `{lora.path.name}` to `models/Lora/` and add "
+              f"`<lora:{lora.path.stem}:0.8>` to the prompt{' with ' + trig if info['trigger_words'] else ''}.",
+              "- **ComfyUI**: copy it to `models/loras/` and use a *Load LoRA* node (strength 0.8).",
+              "- **diffusers**:", "", "```python",
+              f'pipe.load_lora_weights("{lora.path.name}", adapter_name="{lora.path.stem}")',
+              f'pipe.set_adapters(["{lora.path.stem}"], [0.8])', "```", ""]
+    write_text(out, "\n".join(lines))
+    return out
+
+
+def bake(base: str, loras: list, weights: list[float], out: str | Path, force: bool = False) -> dict:
+    """Fuse LoRAs at weights into a copy of the base model, saved as a diffusers folder of .safetensors."""
+    import shutil
+    import tempfile
+
+    from .lora_file import check_family, module_index
+    from .models import load_base
+
+    out = Path(out)
+    _refuse_overwrite(out, force)
+    b = load_base(base)
+    models = {"lora_unet": b.unet, **dict(zip(b.family.te_prefixes, b.text_encoders))}
+    index = module_index(models, b.family.unet_namer(b.unet.config))
+    applied = 0
+    for path, w in zip(loras, weights):
+        lora = read_lora(path)
+        check_family(lora, b.family.name)
+        missing = [n for n in lora.modules if n not in index]
+        if missing:
+            raise LoraError(f"{lora.path.name}: {len(missing)} module(s) not in this base model, e.g. {missing[0]}")
+        with torch.no_grad():
+            for name, m in lora.modules.items():
+                weight = index[name].weight
+                weight += (m.delta() * w).to(weight.dtype).reshape(weight.shape)
+                applied += 1
+    pipe = b.family.pipeline(b.unet, b.vae, b.text_encoders, b.tokenizers, _scheduler(b.scheduler_config))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if out.exists():  # only with force; the old folder goes only once the new one is whole
+            old = out.with_name(f".{out.name}.old")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return {"folder": str(out), "modules_changed": applied}
+
+
+def _scheduler(config: dict):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(config)
