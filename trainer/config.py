@@ -130,6 +130,9 @@ class SaveConfig:
     every_n_steps: int = opt(0, "Save a checkpoint LoRA every N steps (0 = off)", min=0)
     every_n_epochs: int = opt(0, "Save a checkpoint LoRA every N epochs (0 = off)", min=0)
     dtype: str = opt("fp16", "Tensor dtype of saved LoRA files", choices=["fp16", "bf16", "fp32"])
+    layout: str = opt("kohya", "Key layout of saved LoRAs: kohya (A1111, ComfyUI, kohya, diffusers) or peft "
+                               "(diffusers/peft; keeps DoRA magnitudes that diffusers drops from kohya files)",
+                      choices=["kohya", "peft"])
     state_every_n_steps: int = opt(0, "Save the full training state for resume every N steps (0 = only on stop)", min=0)
     keep_states: int = opt(2, "Training states kept (older ones are removed)", min=1, max=100)
 

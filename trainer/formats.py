@@ -65,6 +65,28 @@ def kohya_state_dict(models: dict[str, torch.nn.Module], dtype: torch.dtype = to
     return out
 
 
+PEFT_COMPONENTS = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
+                   "lora_te2": "text_encoder_2"}
+
+
+def peft_state_dict(models: dict[str, torch.nn.Module], dtype: torch.dtype = torch.float16) -> tuple[dict, dict]:
+    """The diffusers/peft layout (`unet.<path>.lora_A.weight`, ...) and its `lora_adapter_metadata`,
+    which is how diffusers learns each component's alpha, rsLoRA and DoRA settings."""
+    from peft.utils import get_peft_model_state_dict
+
+    tensors, config = {}, {}
+    for prefix, model in models.items():
+        component = PEFT_COMPONENTS[prefix]
+        for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER).items():
+            for wrapper in ("module.", "_orig_mod."):
+                k = k[len(wrapper):] if k.startswith(wrapper) else k
+            tensors[f"{component}.{k}"] = v.detach().to("cpu", dtype).contiguous()
+        peft_cfg = model.peft_config[ADAPTER].to_dict()
+        for k, v in peft_cfg.items():
+            config[f"{component}.{k}"] = sorted(v) if isinstance(v, set) else v
+    return tensors, {"lora_adapter_metadata": json.dumps(config, sort_keys=True, default=str), "format": "pt"}
+
+
 def tensor_hashes(tensors: dict[str, torch.Tensor]) -> tuple[str, str]:
     """kohya's `sshs_model_hash` (sha256 of the tensor bytes, header excluded) and A1111's legacy hash."""
     blob = st_save(tensors)

@@ -19,7 +19,8 @@ from .data.dataset import TrainingSet
 from .data.manifest import read_manifest
 from .data.scan import DatasetError, scan
 from .events import Events
-from .formats import SAVE_DTYPES, build_metadata, kohya_state_dict, now_epoch, png_data_url, save_lora
+from .formats import (SAVE_DTYPES, build_metadata, kohya_state_dict, now_epoch, peft_state_dict, png_data_url,
+                      save_lora)
 from .models import load_base
 from .precision import Precision
 from .samples import render, save_png
@@ -35,6 +36,7 @@ class Result:
     steps: int
     stopped_early: bool
     is_main: bool = True
+    models: dict | None = None  # the trained peft modules by key prefix, for callers that keep going in-process
 
 
 NON_FINITE_PATIENCE = 3  # fp16 scalers skip a few overflowing steps by design; a streak is a real fault
@@ -266,7 +268,7 @@ def train(cfg: RunConfig, events: Events | None = None) -> Result:
         events.clear_stop()
         events.emit("done", step=step, total=total, stopped=stopped, path=str(final) if step else None,
                     processes=world, ranks_in_sync=in_sync)
-    return Result(final, step, stopped, main)
+    return Result(final, step, stopped, main, save_args["models"])
 
 
 # ---- pieces the loop reads as one line each ------------------------------------------------------
@@ -421,7 +423,11 @@ def _sample(cfg, base, unet, tes, data, precision, run_dir, step, events) -> lis
 
 def _save(path: Path, step: int, epoch: int, events: Events, *, cfg, base, data, models, started,
           thumbnail: Path | None = None) -> None:
-    tensors = kohya_state_dict(models, SAVE_DTYPES[cfg.save.dtype], base.family.unet_namer(base.unet.config))
+    extra = {}
+    if cfg.save.layout == "peft":
+        tensors, extra = peft_state_dict(models, SAVE_DTYPES[cfg.save.dtype])
+    else:
+        tensors = kohya_state_dict(models, SAVE_DTYPES[cfg.save.dtype], base.family.unet_namer(base.unet.config))
     tags = Counter(t for e in data.entries for t in split_tags(e.caption) for _ in range(e.repeats))
     metadata = build_metadata(
         name=path.stem, family=base.family, cfg=cfg, resolution=cfg.data.resolution,
@@ -430,5 +436,5 @@ def _save(path: Path, step: int, epoch: int, events: Events, *, cfg, base, data,
         epoch=epoch + 1, started=started, finished=now_epoch(), base_name=base.name, base_hash=base.file_hash,
         thumbnail=png_data_url(thumbnail) if thumbnail else None,
     )
-    save_lora(path, tensors, metadata)
+    save_lora(path, tensors, {**metadata, **extra})
     events.emit("saved", step=step, path=str(path))

@@ -7,6 +7,7 @@ LoHa, LoKr, OFT and other kinds are refused by name instead of half-loaded.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -137,9 +138,11 @@ def _peft_modules(t: dict, metadata: dict) -> dict[str, Module]:
         if kohya_prefix.startswith("lora_te") and not module_path.startswith("text_model."):
             module_path = "text_model." + module_path
         down = t[key]
-        alpha = alphas.get(prefix.rstrip("."), {}).get("lora_alpha")
-        rank = alphas.get(prefix.rstrip("."), {}).get("r")
-        scale = float(alpha) / float(rank) if alpha and rank else 1.0
+        cfg = alphas.get(prefix.rstrip("."), {})
+        alpha, rank = cfg.get("lora_alpha"), cfg.get("r")
+        scale = 1.0  # diffusers' own default without metadata
+        if alpha and rank:
+            scale = float(alpha) / (math.sqrt(float(rank)) if cfg.get("use_rslora") else float(rank))
         name = f"{kohya_prefix}_{module_path.replace('.', '_')}"
         magnitude = t.get(key.replace(".lora_A.weight", ".lora_magnitude_vector"))
         out[name] = Module(down, t[up_key], scale * down.shape[0],
@@ -156,7 +159,13 @@ def _peft_alphas(metadata: dict) -> dict:
         data = json.loads(raw)
     except ValueError:
         return {}
-    return {k.split("_lora_adapter_metadata")[0].rstrip("."): v for k, v in data.items()} if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    out: dict[str, dict] = {}
+    for key, value in data.items():  # flat: {"unet.r": 4, "unet.lora_alpha": 2, "text_encoder.r": ...}
+        component, _, field_name = key.partition(".")
+        out.setdefault(component, {})[field_name] = value
+    return out
 
 
 def detect_family(modules: dict[str, Module], metadata: dict) -> tuple[str | None, str]:
