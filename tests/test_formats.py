@@ -131,7 +131,7 @@ def _foreign_files(trained, tmp_path):
     class Cfg:
         layers_per_block = 1
     diff_names = _maybe_map_sgm_blocks_to_diffusers(dict(sdxl), Cfg())
-    files["sdxl_diffusers_names"] = {k.replace("_resnets_", "_resnets_").replace("in_layers_2", "conv1")
+    files["sdxl_diffusers_names"] = {k.replace("in_layers_2", "conv1")
                                      .replace("out_layers_3", "conv2").replace("emb_layers_1", "time_emb_proj")
                                      .replace("skip_connection", "conv_shortcut").replace("input_blocks", "down_blocks")
                                      .replace("output_blocks", "up_blocks").replace("middle_block", "mid_block")
