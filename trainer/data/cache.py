@@ -27,15 +27,21 @@ def vae_identity(vae: torch.nn.Module) -> str:
 
 
 class LatentCache:
+    """Disk cache with an in-memory layer, so a training step never re-reads a latent it has seen."""
+
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.hits = 0
         self.misses = 0
+        self._memory: dict[str, torch.Tensor] = {}
 
     def _path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.safetensors"
 
     def get(self, key: str) -> torch.Tensor | None:
+        if key in self._memory:
+            self.hits += 1
+            return self._memory[key]
         path = self._path(key)
         if not path.exists():
             self.misses += 1
@@ -46,11 +52,14 @@ class LatentCache:
             self.misses += 1
             return None
         self.hits += 1
+        self._memory[key] = latent
         return latent
 
     def put(self, key: str, latent: torch.Tensor) -> None:
+        latent = latent.detach().to("cpu").contiguous()
         with atomic_path(self._path(key)) as tmp:
-            save_file({"latent": latent.detach().to("cpu").contiguous()}, str(tmp))
+            save_file({"latent": latent}, str(tmp))
+        self._memory[key] = latent
 
 
 CENTRE = (0.5, 0.5)

@@ -106,6 +106,7 @@ def import_files(sources: list[str | Path], dataset: str | Path, background=(255
     dataset = Path(dataset)
     dataset.mkdir(parents=True, exist_ok=True)
     index = _read_index(dataset)
+    taken = {p.name.lower() for p in dataset.iterdir()}  # listed once, kept current below
     result = ImportResult()
     total = 0
     for source, data, caption in _candidates(sources, limits, result):
@@ -126,8 +127,9 @@ def import_files(sources: list[str | Path], dataset: str | Path, background=(255
             result.skipped.append({"source": source, "reason": str(e)})
             continue
         suffix = keep_suffix or ".png"
-        stem = _free_stem(dataset, sanitize_name(source), suffix)
+        stem = _free_stem(taken, sanitize_name(source), suffix)
         target = dataset / f"{stem}{suffix}"
+        taken.update({f"{stem}{suffix}".lower(), f"{stem}.txt".lower(), f"{stem}{MASK_SUFFIX}".lower()})
         write_bytes(target, data if keep_suffix else _png(im))
         if mask is not None:
             write_bytes(dataset / f"{stem}{MASK_SUFFIX}", _png(mask))
@@ -145,10 +147,11 @@ def _png(im: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _free_stem(dataset: Path, stem: str, suffix: str) -> str:
-    taken = {p.stem.lower() for p in dataset.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+def _free_stem(taken: set[str], stem: str, suffix: str) -> str:
+    """A stem that clashes with no existing image of any type (captions pair with images by stem)."""
+    stems = {Path(name).stem for name in taken if Path(name).suffix in IMAGE_SUFFIXES}
     candidate, n = stem, 1
-    while candidate.lower() in taken or (dataset / f"{candidate}{suffix}").exists():
+    while candidate.lower() in stems or f"{candidate}{suffix}".lower() in taken:
         candidate, n = f"{stem}-{n}", n + 1
     return candidate
 

@@ -6,6 +6,7 @@ detection and the bucket table, and returns a structure the UI renders and the C
 from __future__ import annotations
 
 import hashlib
+import io
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,7 +59,7 @@ def check_image(path: Path, min_side: int = MIN_SIDE, max_aspect: float = MAX_AS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(data)) as im:  # the bytes already read for the hash
                 w, h = im.size
                 if w * h > MAX_PIXELS:
                     rep.exclude(f"decompression bomb: declares {w}x{h} pixels (limit {MAX_PIXELS:,})")
