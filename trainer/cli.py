@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(sets model.source)")
     t.add_argument("--dataset", help="folder of images with .txt captions (sets data.dataset)")
     t.add_argument("--preset", help="preset name (character, style, concept) or a preset .toml file")
+    t.add_argument("--vram", type=int, metavar="GB", help="GPU memory tier (6, 8, 12, 16 or 24): batch, "
+                   "checkpointing, caching, 8-bit optimizer and text-encoder training that fit it")
     t.add_argument("--output", help="run folder for config.toml, events.jsonl, samples and the LoRA "
                                     "(sets save.output_dir)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -98,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks that print figures; the last line is one JSON object")
     bsub = b.add_subparsers(dest="bench_command", metavar="NAME", required=True)
+    bl = bsub.add_parser("learn", help="train each preset on its sample dataset with the embedded model; "
+                                       "print base score, LoRA score, drift, steps and seconds")
+    bl.add_argument("--kind", action="append", choices=["character", "style", "concept"],
+                    help="only these presets (repeatable); default all three")
+    bl.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a training setting for every preset")
     bd = bsub.add_parser("data", help="scan/validate and latent-cache generated images")
     bd.add_argument("--images", type=int, default=1000, help="how many images to generate")
     return p
@@ -157,18 +165,45 @@ def cmd_bench(args) -> int:
         from .bench.data import main as bench_data
 
         bench_data(args.images)
+    elif args.bench_command == "learn":
+        from .bench.learn import main as bench_learn
+
+        bench_learn(tuple(args.kind or ("character", "style", "concept")), args.overrides)
     return 0
 
 
 def resolve_train_config(args) -> RunConfig:
-    from .presets import preset_path
+    """defaults <- preset (for this model family, VRAM tier and dataset size) <- --config <- --set."""
+    from . import presets
 
     overrides = list(args.overrides)
     for flag, key in ((args.model, "model.source"), (args.dataset, "data.dataset"), (args.output, "save.output_dir")):
         if flag is not None:
             overrides.append(f"{key}={_quote(flag)}")
-    preset = preset_path(args.preset) if args.preset else None
+    preset = None
+    if args.preset:
+        # The preset depends on what the rest of the layers chose: model, family and dataset.
+        probe = RunConfig.load(args.config, overrides=overrides)
+        preset = presets.resolve(args.preset, family=_peek_family(probe), vram=args.vram,
+                                 n_images=_count_images(probe.data.dataset))
+    elif args.vram:
+        preset = presets.vram_layer(args.vram, _peek_family(RunConfig.load(args.config, overrides=overrides)))
     return RunConfig.load(preset, args.config, overrides=overrides)
+
+
+def _peek_family(cfg: RunConfig) -> str | None:
+    from .models import peek_family
+
+    return peek_family(cfg.model.source, cfg.model.family)
+
+
+def _count_images(folder: str) -> int | None:
+    from .data.scan import DatasetError, scan
+
+    try:
+        return len(scan(folder).items) if folder else None
+    except DatasetError:
+        return None  # reported properly once training starts
 
 
 def _quote(value: str) -> str:

@@ -130,6 +130,22 @@ def detect_family(unet_config, scheduler_config: dict) -> Family:
     return FAMILIES["sd1"]
 
 
+def peek_family(source: str, family: str = "auto") -> str | None:
+    """The family name presets use, from config files only (no weights): 'tiny' for the embedded
+    model, sd1/sd2/sdxl for a diffusers folder, None when it cannot be told without loading."""
+    if family != "auto":
+        return family
+    path = Path(source).expanduser() if source not in ("", "tiny") else EMBEDDED_DIR
+    if path.resolve() == EMBEDDED_DIR.resolve():
+        return "tiny"
+    try:
+        unet = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8"))
+        sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return detect_family(unet, sched).name
+
+
 def resolve_source(source: str) -> str:
     if source in ("", "tiny"):
         if not (EMBEDDED_DIR / "model_index.json").exists():

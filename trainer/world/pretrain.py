@@ -1,0 +1,240 @@
+"""Pretrain the embedded tiny text-to-image model on the synthetic shape world.
+
+    python -m trainer.world.pretrain --out trainer/assets/tiny-sd        # the shipped recipe
+    python -m trainer.world.pretrain --out /tmp/x --profile              # seconds per step only
+
+Seeded and CPU-only by design (2 cores, well under 90 minutes). Three phases:
+1. VAE (f=4, 4 latent channels) on freshly rendered scenes, including the sample datasets' extras
+   (hatching, stars, the figure) so a LoRA can later reach them through the decoder.
+2. UNet and text encoder together on cached latents of base-world scenes only, with EMA weights.
+   The noise schedule is DDPM's linear one: its last step leaves almost no signal, so colours must
+   come from the prompt rather than from the noise's mean (the failure of scaled_linear here).
+3. Check: generate from held-out prompts and count shape+colour hits with `checker`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import shapes
+from .checker import follows
+
+WORDS = sorted(set(
+    "a an the of on in at with and photo style small large big tiny red green blue yellow orange purple "
+    "white black gray pink circle square triangle star cross ring heart background gradient plain dotted "
+    "striped hatched figure object shape top bottom left right center zorb sks ohwx".split()))
+MAX_TOKENS = 24
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                 prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                 timestep_spacing="trailing")
+RECIPE = dict(seed=1234, vae_steps=1200, vae_batch=24, vae_lr=1e-3, scenes=24000, unet_steps=4000, unet_batch=64,
+              unet_lr=1e-3, warmup=200, ema=0.999, drop_caption=0.1, eval_prompts=100, eval_steps=20, cfg=4.0)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def to_tensor(images) -> torch.Tensor:
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def vae_scene(rng: random.Random) -> shapes.Scene:
+    u = rng.random()
+    if u < 0.1:
+        return shapes.random_scene(rng, shape="zorb", size=rng.choice(list(shapes.SIZES)))
+    if u < 0.2:
+        return shapes.random_scene(rng, shape="star")
+    if u < 0.35:
+        return shapes.random_scene(rng, hatched=True)
+    return shapes.random_scene(rng)
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[16, 32, 64],
+                         down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+                         layers_per_block=1, norm_num_groups=16, sample_size=shapes.SIZE,
+                         mid_block_add_attention=False)
+
+
+def build_unet(cross_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=shapes.SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=[32, 64, 128], cross_attention_dim=cross_dim, attention_head_dim=8,
+        # Cross-attention at 8x8 and 4x4 only: at 16x16 it doubles the step time on CPU, and
+        # shape and colour are decided at the coarse levels.
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], norm_num_groups=16,
+    )
+
+
+def build_text_encoder(tokenizer):
+    from transformers import CLIPTextModel
+
+    from ..tiny import text_encoder_config
+
+    return CLIPTextModel(text_encoder_config(tokenizer, hidden=64, layers=2, projection_dim=64))
+
+
+def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_vae(r: dict, steps: int, rng: random.Random):
+    vae = build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=r["vae_lr"], weight_decay=0.0)
+    t0 = time.time()
+    for step in range(steps):
+        x = to_tensor([shapes.render(vae_scene(rng)) for _ in range(r["vae_batch"])])
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        # L1 keeps flat colours and edges sharp; the tiny KL only keeps latents bounded.
+        loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, 50, r["vae_lr"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vae step {step}/{steps} loss {loss.item():.4f} ({(time.time() - t0) / (step + 1):.2f} s/step)")
+    vae.eval()
+    return vae
+
+
+@torch.no_grad()
+def encode_world(vae, r: dict, rng: random.Random):
+    """Latent mean/std and captions for `scenes` base-world scenes."""
+    means, stds, captions, batch = [], [], [], []
+    for i in range(r["scenes"]):
+        scene = shapes.random_scene(rng)
+        captions.append(scene.caption())
+        batch.append(shapes.render(scene))
+        if len(batch) == 256 or i == r["scenes"] - 1:
+            dist = vae.encode(to_tensor(batch)).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+            batch = []
+    return torch.cat(means), torch.cat(stds), captions
+
+
+def train_unet(r: dict, steps: int, vae, tokenizer, rng: random.Random):
+    from diffusers import DDPMScheduler
+
+    mean, std, captions = encode_world(vae, r, rng)
+    scale = 1.0 / mean.std().item()
+    vae.register_to_config(scaling_factor=scale)
+    log(f"encoded {len(captions)} scenes; latent scaling factor {scale:.4f}")
+    ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                    return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
+    te = build_text_encoder(tokenizer)
+    unet = build_unet(te.config.hidden_size)
+    ema = [p.detach().clone() for p in unet.parameters()]
+    sched = DDPMScheduler(**{k: v for k, v in SCHEDULER.items() if k not in ("set_alpha_to_one", "steps_offset")})
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=r["unet_lr"], weight_decay=0.01)
+    gen = torch.Generator().manual_seed(r["seed"])
+    t0 = time.time()
+    for step in range(steps):
+        idx = torch.randint(0, len(captions), (r["unet_batch"],), generator=gen)
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+        tok = ids[idx].clone()
+        tok[torch.rand(len(idx), generator=gen) < r["drop_caption"]] = empty[0]
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, 1000, (len(idx),), generator=gen)
+        pred = unet(sched.add_noise(z, noise, t), t, te(tok).last_hidden_state).sample
+        loss = F.mse_loss(pred, noise)
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, r["warmup"], r["unet_lr"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(r["ema"], (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in unet.parameters()], 1 - decay)
+        if step % 100 == 0 or step == steps - 1:
+            log(f"unet step {step}/{steps} loss {loss.item():.4f} ({(time.time() - t0) / (step + 1):.2f} s/step)")
+    with torch.no_grad():
+        for p, e in zip(unet.parameters(), ema):
+            p.copy_(e)
+    return unet.eval(), te.eval()
+
+
+def eval_prompts(n: int, seed: int) -> list[shapes.Scene]:
+    rng = random.Random(seed)
+    return [shapes.random_scene(rng) for _ in range(n)]
+
+
+@torch.no_grad()
+def prompt_accuracy(pipe, n: int, seed: int, steps: int, cfg: float) -> dict:
+    scenes = eval_prompts(n, seed)
+    hits = 0
+    for i, scene in enumerate(scenes):
+        image = pipe(scene.caption(), num_inference_steps=steps, guidance_scale=cfg,
+                     generator=torch.Generator().manual_seed(seed + i)).images[0]
+        hits += follows(image, scene.shape, scene.colour)
+    return {"prompts": n, "hits": hits, "accuracy": hits / n}
+
+
+def save(out: Path, vae, te, tokenizer, unet):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return pipe
+
+
+def main(argv=None) -> int:
+    from ..tiny import load_tokenizer, write_tokenizer
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--profile", action="store_true", help="time a few steps of each phase and stop")
+    p.add_argument("--set", nargs="*", default=[], help="recipe overrides, key=value")
+    args = p.parse_args(argv)
+    r = dict(RECIPE)
+    for kv in args.set:
+        k, v = kv.split("=", 1)
+        r[k] = type(RECIPE[k])(v)
+    torch.manual_seed(r["seed"])
+    rng = random.Random(r["seed"])
+    t0 = time.time()
+    tokenizer = load_tokenizer(write_tokenizer(args.out / "tokenizer", WORDS, MAX_TOKENS))
+    if args.profile:
+        r.update(scenes=512)
+        vae = train_vae(r, 6, rng)
+        train_unet(r, 6, vae, tokenizer, rng)
+        return 0
+    vae = train_vae(r, r["vae_steps"], rng)
+    unet, te = train_unet(r, r["unet_steps"], vae, tokenizer, rng)
+    pipe = save(args.out, vae, te, tokenizer, unet)
+    train_s = time.time() - t0
+    pipe.set_progress_bar_config(disable=True)
+    acc = prompt_accuracy(pipe, r["eval_prompts"], 99, r["eval_steps"], r["cfg"])
+    report = {"recipe": r, "train_seconds": round(train_s), "torch_threads": torch.get_num_threads(), **acc}
+    (args.out / "pretrain_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    log(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
