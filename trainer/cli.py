@@ -192,7 +192,7 @@ def resolve_train_config(args) -> RunConfig:
 
 
 def _peek_family(cfg: RunConfig) -> str | None:
-    from .models import peek_family
+    from .model_info import peek_family
 
     return peek_family(cfg.model.source, cfg.model.family)
 
@@ -223,7 +223,14 @@ def cmd_train(args) -> int:
             raise ConfigError(f"run folder {run_dir} already holds a run; pass --output NEW_FOLDER, "
                               "or --force to start over in it")
         (run_dir / EVENTS_FILE).unlink()
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except Exception as e:
+        # The app reads the run folder, not our stderr: leave the reason where it looks.
+        from .events import Events
+
+        Events(run_dir).emit("error", message=str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise
     if result.is_main:
         print(f"{'stopped' if result.stopped_early else 'done'} after {result.steps} steps: {result.lora_path}")
     return 0

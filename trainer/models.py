@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from .model_info import EMBEDDED_DIR, family_name
+
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "tiny-sd"
 
 
 class ModelError(RuntimeError):
@@ -123,27 +124,7 @@ class Base:
 
 
 def detect_family(unet_config, scheduler_config: dict) -> Family:
-    if unet_config.get("addition_embed_type") == "text_time":
-        return FAMILIES["sdxl"]
-    if unet_config.get("cross_attention_dim") == 1024 or unet_config.get("use_linear_projection"):
-        return FAMILIES["sd2"]
-    return FAMILIES["sd1"]
-
-
-def peek_family(source: str, family: str = "auto") -> str | None:
-    """The family name presets use, from config files only (no weights): 'tiny' for the embedded
-    model, sd1/sd2/sdxl for a diffusers folder, None when it cannot be told without loading."""
-    if family != "auto":
-        return family
-    path = Path(source).expanduser() if source not in ("", "tiny") else EMBEDDED_DIR
-    if path.resolve() == EMBEDDED_DIR.resolve():
-        return "tiny"
-    try:
-        unet = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8"))
-        sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return detect_family(unet, sched).name
+    return FAMILIES[family_name(dict(unet_config))]
 
 
 def resolve_source(source: str) -> str:

@@ -1,0 +1,172 @@
+"""What the Datasets tab does, as plain functions over a workspace (unit-tested without a browser)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from trainer.data import caption_ops
+from trainer.data.importer import Limits, import_files, sanitize_name
+from trainer.data.manifest import Manifest, read_manifest, write_manifest
+from trainer.data.scan import MASK_SUFFIX, read_caption, scan
+from trainer.data.validate import report
+
+from .workspace import Workspace, WorkspaceError, check_name
+
+UPLOAD_LIMITS = Limits(max_files=2000, max_file_bytes=50 * 2**20, max_total_bytes=2 * 2**30)
+TRASH_INDEX = "trash.json"
+
+
+def create_dataset(ws: Workspace, name: str) -> str:
+    name = check_name(sanitize_name(name) if name else "", "dataset")
+    ws.dataset(name).mkdir(parents=True, exist_ok=True)
+    return name
+
+
+def import_uploads(ws: Workspace, dataset: str, paths: list[str]) -> list[list[str]]:
+    """Import uploaded files or zips by the dataset rules; one report row per file."""
+    result = import_files([Path(p) for p in paths], ws.dataset(dataset), limits=UPLOAD_LIMITS)
+    rows = [[Path(r["source"]).name, "imported", r["file"]] for r in result.imported]
+    rows += [[Path(r["source"]).name, "skipped", r["reason"]] for r in result.skipped]
+    return rows
+
+
+def images(ws: Workspace, dataset: str) -> list[tuple[str, str]]:
+    """(image path, caption) for every image in the dataset, in name order."""
+    folder = ws.dataset(dataset)
+    if not folder.is_dir():
+        return []
+    return [(str(i.image), i.caption) for i in scan(folder).items]
+
+
+def image_path(ws: Workspace, dataset: str, name: str) -> Path:
+    path = ws.dataset(dataset) / Path(name).name  # a bare file name: no way out of the dataset
+    if not path.is_file():
+        raise WorkspaceError(f"{name} is not in dataset {dataset}")
+    return path
+
+
+def caption(ws: Workspace, dataset: str, name: str) -> str:
+    return read_caption(image_path(ws, dataset, name).with_suffix(".txt"))[0]
+
+
+def save_caption(ws: Workspace, dataset: str, name: str, text: str) -> Path:
+    return caption_ops.set_caption(image_path(ws, dataset, name), text)
+
+
+def bulk_edit(ws: Workspace, dataset: str, action: str, tag: str, new: str = "") -> str:
+    folder = ws.dataset(dataset)
+    tag = tag.strip()
+    if not tag:
+        raise WorkspaceError("type a tag first")
+    if action == "add":
+        n = caption_ops.add_tag(folder, tag)
+    elif action == "add first":
+        n = caption_ops.add_tag(folder, tag, first=True)
+    elif action == "remove":
+        n = caption_ops.remove_tag(folder, tag)
+    elif action == "replace":
+        if not new.strip():
+            raise WorkspaceError("type the replacement tag")
+        n = caption_ops.replace_tag(folder, tag, new.strip())
+    else:
+        raise WorkspaceError(f"unknown tag action {action!r}")
+    return f"{action} {tag!r}: {n} caption(s) changed"
+
+
+def tag_table(ws: Workspace, dataset: str) -> list[list]:
+    folder = ws.dataset(dataset)
+    return [[t, n] for t, n in caption_ops.tag_frequency(folder).items()] if folder.is_dir() else []
+
+
+def settings(ws: Workspace, dataset: str) -> Manifest:
+    return read_manifest(ws.dataset(dataset))
+
+
+def save_settings(ws: Workspace, dataset: str, trigger: str, repeats: int, kind: str = "") -> Manifest:
+    m = read_manifest(ws.dataset(dataset))
+    m.trigger, m.repeats = trigger.strip(), max(1, int(repeats))
+    if kind:
+        m.kind = kind
+    m.name = m.name or dataset
+    write_manifest(ws.dataset(dataset), m)
+    return m
+
+
+def remove_image(ws: Workspace, dataset: str, name: str) -> str:
+    """Move an image with its caption and mask to the trash; nothing is deleted."""
+    image = image_path(ws, dataset, name)
+    bin_dir = ws.trash / dataset / time.strftime("%Y%m%d-%H%M%S") / image.stem
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for companion in (image, image.with_suffix(".txt"), image.parent / f"{image.stem}{MASK_SUFFIX}"):
+        if companion.exists():
+            shutil.move(str(companion), bin_dir / companion.name)
+            moved.append(companion.name)
+    index = _trash_index(ws)
+    index.append({"dataset": dataset, "image": image.name, "files": moved, "folder": str(bin_dir)})
+    _write_trash_index(ws, index)
+    return f"moved {image.name} to the trash"
+
+
+def trashed(ws: Workspace, dataset: str) -> list[str]:
+    return [e["image"] for e in _trash_index(ws) if e["dataset"] == dataset]
+
+
+def restore_image(ws: Workspace, dataset: str, name: str) -> str:
+    index = _trash_index(ws)
+    for entry in reversed(index):
+        if entry["dataset"] == dataset and entry["image"] == name:
+            target = ws.dataset(dataset)
+            clash = [f for f in entry["files"] if (target / f).exists()]
+            if clash:
+                raise WorkspaceError(f"cannot restore {name}: {', '.join(clash)} exists again in {dataset}")
+            for f in entry["files"]:
+                shutil.move(str(Path(entry["folder"]) / f), target / f)
+            index.remove(entry)
+            _write_trash_index(ws, index)
+            return f"restored {name}"
+    raise WorkspaceError(f"{name} is not in the trash of {dataset}")
+
+
+def _trash_index(ws: Workspace) -> list[dict]:
+    path = ws.trash / TRASH_INDEX
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
+
+
+def _write_trash_index(ws: Workspace, index: list[dict]) -> None:
+    from trainer.atomic import write_text
+
+    write_text(ws.trash / TRASH_INDEX, json.dumps(index, indent=1))
+
+
+def validation(ws: Workspace, dataset: str, resolution: int = 512) -> tuple[list[list], list[list], str]:
+    """(per-file rows, bucket rows, one-line summary)."""
+    rep = report(ws.dataset(dataset), resolution=resolution)
+    rows = [[Path(f["path"]).name, f["status"], "; ".join(f["reasons"]), f"{f['width']}x{f['height']}",
+             f["bucket"]] for f in rep["files"]]
+    buckets = [[b, n] for b, n in rep["buckets"].items()]
+    s = rep["summary"]
+    return rows, buckets, f"{s['ok']} ok, {s['warning']} with warnings, {s['excluded']} excluded"
+
+
+def caption_command(ws: Workspace, dataset: str, *, template: str = "", model: str = "", trigger: str = "") -> list[str]:
+    cmd = [sys.executable, "-m", "trainer", "dataset", "caption", str(ws.dataset(dataset)), "--json"]
+    cmd += ["--auto", model] if model else ["--template", template]
+    return cmd + (["--trigger", trigger] if trigger else [])
+
+
+def auto_caption(ws: Workspace, dataset: str, *, template: str = "", model: str = "", trigger: str = "") -> str:
+    """Caption uncaptioned images: with an image-to-text model when one is named, else a template.
+    Runs the trainer CLI in a subprocess, so the UI process never loads torch."""
+    if not (template or model):
+        raise WorkspaceError("pick a caption template or name a captioning model")
+    proc = subprocess.run(caption_command(ws, dataset, template=template, model=model, trigger=trigger),
+                          capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise WorkspaceError(lines[-1] if lines else f"captioning failed (exit {proc.returncode})")
+    return proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "done"

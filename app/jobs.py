@@ -1,0 +1,252 @@
+"""Training runs as subprocesses, one at a time, tracked through their run folders.
+
+Each run folder holds `config.toml` (in), `events.jsonl`, samples and LoRAs (out, written by the
+trainer) and `job.json` (ours: queued/running, the pid, the command). A run's state is always
+derived from those files, so a page reload or an app restart shows the same thing, and a run whose
+process died is reported failed instead of running forever.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.atomic import write_text
+from trainer.events import EVENTS_FILE, STOP_FILE, read_events
+
+JOB_FILE = "job.json"
+LOG_FILE = "trainer.log"
+ACTIVE = ("queued", "running", "stopping")
+
+
+@dataclass
+class RunView:
+    name: str
+    state: str  # queued, running, stopping, finished, stopped, failed, cancelled
+    message: str = ""
+    step: int = 0
+    total: int = 0
+    eta_s: float | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    samples: list[str] = field(default_factory=list)
+    lora: str | None = None
+    log_tail: str = ""
+    command: str = ""
+    queue_position: int = 0
+
+
+def train_command(run_dir: Path, resume: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "trainer", "train", "--config", str(run_dir / "config.toml"),
+           "--output", str(run_dir)]
+    return cmd + (["--resume", str(run_dir)] if resume else ["--force"])
+
+
+def cli_equivalent(run_dir: Path, resume: bool = False) -> str:
+    """The command a user types to do the same from a terminal."""
+    cmd = ["lora-studio", "train", "--config", str(run_dir / "config.toml"), "--output", str(run_dir)]
+    return shlex.join(cmd + (["--resume", str(run_dir)] if resume else []))
+
+
+def read_job(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / JOB_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def write_job(run_dir: Path, job: dict) -> None:
+    write_text(run_dir / JOB_FILE, json.dumps(job, indent=1))
+
+
+def pid_alive(pid: int | None, run_dir: Path) -> bool:
+    """True when `pid` is still our trainer for `run_dir` (a recycled pid does not count)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    except OSError:
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():
+        try:
+            return str(run_dir) in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return False
+    return True
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 16384))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    # tqdm redraws with carriage returns; only the last redraw of each line matters.
+    return "\n".join(line.split("\r")[-1] for line in text.splitlines()[-lines:])
+
+
+def view(run_dir: Path, alive=pid_alive) -> RunView:
+    """Everything the Train tab shows about one run, from its folder."""
+    job, events = read_job(run_dir), read_events(run_dir)
+    v = RunView(run_dir.name, job.get("state", "unknown"), command=cli_equivalent(run_dir, job.get("resume", False)))
+    since = job.get("queued_at", 0)  # a resumed run's folder also holds the previous attempt's end
+    for e in events:
+        if e.get("type") in ("done", "error") and e.get("time", since) < since:
+            continue
+        t = e.get("type")
+        if t == "start":
+            v.total = e.get("total", 0)
+        elif t == "step":
+            v.step, v.total, v.eta_s = e["step"], e.get("total", v.total), e.get("eta_s")
+            if e.get("loss") is not None:
+                v.losses.append((e["step"], e["loss"]))
+        elif t == "sample" and e.get("path"):
+            v.samples.append(e["path"])
+        elif t == "done":
+            v.state, v.lora = ("stopped" if e.get("stopped") else "finished"), e.get("path")
+            v.message = f"{v.state} after {e.get('step', v.step)} steps"
+        elif t == "error":
+            v.state, v.message = "failed", e.get("message", "")
+    v.log_tail = tail(run_dir / LOG_FILE)
+    if v.state in ("running", "stopping") and not alive(job.get("pid"), run_dir):
+        v.state = "failed"
+    if v.state == "failed" and not v.message:
+        last = [line for line in v.log_tail.splitlines() if line.strip()]
+        code = f" (exit code {job['returncode']})" if job.get("returncode") is not None else ""
+        v.message = f"the trainer process ended without finishing{code}" + (f": {last[-1]}" if last else "")
+    return v
+
+
+class JobRunner:
+    """Starts queued runs one at a time. `tick()` does one round; `start()` runs it on a thread."""
+
+    def __init__(self, runs_dir: Path, python: str = sys.executable, poll_s: float = 1.0, cwd: Path | None = None):
+        self.runs_dir = Path(runs_dir)
+        self.python, self.poll_s, self.cwd = python, poll_s, cwd
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # ---- public ------------------------------------------------------------------------------
+    def submit(self, name: str, config_text: str, resume: bool = False) -> RunView:
+        run_dir = self.runs_dir / name
+        with self.lock:
+            if resume:
+                if self.is_active(run_dir):
+                    raise RuntimeError(f"run {name} is already {read_job(run_dir).get('state')}")
+            else:
+                if run_dir.exists() and any(run_dir.iterdir()):
+                    raise FileExistsError(f"run {name} already exists; pick another name")
+                run_dir.mkdir(parents=True, exist_ok=True)
+                write_text(run_dir / "config.toml", config_text)
+            (run_dir / STOP_FILE).unlink(missing_ok=True)
+            write_job(run_dir, {"state": "queued", "queued_at": time.time(), "resume": resume,
+                                "command": cli_equivalent(run_dir, resume)})
+        self.tick()
+        return self.view(name)
+
+    def stop(self, name: str) -> str:
+        """Ask a run to save and stop (idempotent: a second press changes nothing); cancel it if queued."""
+        run_dir = self.runs_dir / name
+        with self.lock:
+            job = read_job(run_dir)
+            state = view(run_dir).state
+            if state == "queued":
+                job["state"] = "cancelled"
+                write_job(run_dir, job)
+                return f"{name}: cancelled before it started"
+            if state in ("running", "stopping"):
+                (run_dir / STOP_FILE).touch()
+                job["state"] = "stopping"
+                write_job(run_dir, job)
+                return f"{name}: stopping; the LoRA is saved at the next step"
+            return f"{name} is {state}; nothing to stop"
+
+    def view(self, name: str) -> RunView:
+        v = view(self.runs_dir / name, self._alive)
+        if v.state == "queued":
+            queue = self.queued()
+            v.queue_position = queue.index(name) + 1 if name in queue else 0
+            running = self.running()
+            v.message = f"queued (#{v.queue_position}), waiting for {running}" if running else "queued"
+        return v
+
+    def queued(self) -> list[str]:
+        runs = [(read_job(d).get("queued_at", 0), d.name) for d in self._run_dirs() if read_job(d).get("state") == "queued"]
+        return [n for _, n in sorted(runs)]
+
+    def running(self) -> str | None:
+        for d in self._run_dirs():
+            if read_job(d).get("state") in ("running", "stopping") and view(d, self._alive).state in ("running", "stopping"):
+                return d.name
+        return None
+
+    def is_active(self, run_dir: Path) -> bool:
+        return view(run_dir, self._alive).state in ACTIVE
+
+    def start(self) -> "JobRunner":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="lora-studio-jobs", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+
+    # ---- the one round ------------------------------------------------------------------------
+    def tick(self) -> None:
+        with self.lock:
+            for name, proc in list(self.procs.items()):
+                if proc.poll() is not None:
+                    self._finish(name, proc.returncode)
+            if self.running() is None:
+                queue = self.queued()
+                if queue:
+                    self._launch(queue[0])
+
+    def _launch(self, name: str) -> None:
+        run_dir = self.runs_dir / name
+        job = read_job(run_dir)
+        cmd = train_command(run_dir, job.get("resume", False))
+        cmd[0] = self.python
+        with open(run_dir / LOG_FILE, "ab") as log:
+            # A new session: a crash or Ctrl-C in the UI does not take the training down with it.
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=self.cwd, start_new_session=True)
+        self.procs[name] = proc
+        job.update(state="running", pid=proc.pid, started_at=time.time())
+        write_job(run_dir, job)
+
+    def _finish(self, name: str, returncode: int) -> None:
+        run_dir = self.runs_dir / name
+        self.procs.pop(name, None)
+        job = read_job(run_dir)
+        v = view(run_dir, lambda pid, d: False)
+        job.update(state=v.state if v.state not in ACTIVE else "failed", returncode=returncode, ended_at=time.time())
+        write_job(run_dir, job)
+
+    def _alive(self, pid, run_dir: Path) -> bool:
+        proc = self.procs.get(run_dir.name)
+        if proc is not None and proc.pid == pid:
+            return proc.poll() is None
+        return pid_alive(pid, run_dir)
+
+    def _run_dirs(self) -> list[Path]:
+        return sorted(d for d in self.runs_dir.iterdir() if d.is_dir()) if self.runs_dir.is_dir() else []
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.tick()
+            except Exception as e:  # the runner must outlive any one broken run folder
+                print(f"lora-studio: job runner: {e}", file=sys.stderr)

@@ -1,0 +1,40 @@
+"""Build the Gradio app and serve it."""
+from __future__ import annotations
+
+import gradio as gr
+
+from .context import Ctx
+from .jobs import JobRunner
+from .tabs import datasets, train
+from .workspace import Workspace
+
+CSS = "#run-state p {font-size: 1.05em} footer {display: none !important}"
+
+
+def build_app(ctx: Ctx) -> gr.Blocks:
+    with gr.Blocks(title="LoRA Studio") as demo:
+        gr.Markdown(f"## LoRA Studio\nWorkspace: `{ctx.ws.root}`")
+        with gr.Tabs():
+            ds = datasets.build(ctx)
+            tr = train.build(ctx)
+
+        def lists():
+            names = ctx.ws.dataset_names()
+            return gr.Dropdown(choices=names), gr.Dropdown(choices=["(none)", *names])
+
+        # A dataset created on the Datasets tab shows up on the Train tab.
+        ds["dataset"].change(lists, None, list(tr["refresh_datasets"]))
+        settings, inputs, outputs = tr["settings"]
+        demo.load(settings, inputs, outputs)
+    return demo
+
+
+def serve(ws: Workspace, *, host: str = "127.0.0.1", port: int = 7860, auth=None, open_browser: bool = True,
+          block: bool = True):
+    ws.ensure()
+    runner = JobRunner(ws.runs, cwd=ws.root).start()
+    demo = build_app(Ctx(ws, runner))
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(server_name=host, server_port=port, auth=auth, inbrowser=open_browser, prevent_thread_lock=not block,
+                allowed_paths=[str(ws.root)], css=CSS, quiet=False, show_error=True, footer_links=[])
+    return demo, runner

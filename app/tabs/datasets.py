@@ -1,0 +1,169 @@
+"""Datasets tab: create/select, drop images or zips in, edit captions, tags, trigger, trash, checks."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from .. import dataset_ops as ops
+from ..context import Ctx, guard
+
+KINDS = ["", "character", "style", "concept"]
+
+
+def build(ctx: Ctx) -> dict:
+    ws = ctx.ws
+    names = ws.dataset_names()
+    with gr.Tab("Datasets", id="datasets"):
+        with gr.Row():
+            ds = gr.Dropdown(names, value=names[0] if names else None, label="Dataset", scale=3, elem_id="dataset-pick")
+            new_name = gr.Textbox(label="New dataset", placeholder="name", scale=2, elem_id="new-dataset")
+            create = gr.Button("Create", scale=1, elem_id="create-dataset")
+        message = gr.Markdown(elem_id="dataset-message")
+        with gr.Row():
+            upload = gr.File(file_count="multiple", file_types=["image", ".zip"], type="filepath",
+                             label="Drop images or .zip files here", elem_id="upload")
+            with gr.Column(scale=0, min_width=160):
+                import_btn = gr.Button("Import", variant="primary", elem_id="import")
+        import_report = gr.Dataframe(headers=["file", "result", "detail"], interactive=False, label="Import report",
+                                     elem_id="import-report")
+        names_state = gr.State([])
+        with gr.Row():
+            gallery = gr.Gallery(label="Images: click one to edit its caption", columns=6, height=380,
+                                 allow_preview=False, elem_id="gallery", scale=3)
+            with gr.Column(scale=2):
+                image_name = gr.Textbox(label="Image", interactive=False, elem_id="image-name")
+                caption = gr.Textbox(label="Caption", lines=3, elem_id="caption")
+                with gr.Row():
+                    save = gr.Button("Save caption", variant="primary", elem_id="save-caption")
+                    remove = gr.Button("Move to trash", variant="stop", elem_id="remove-image")
+        with gr.Accordion("Trigger word and repeats", open=True):
+            with gr.Row():
+                trigger = gr.Textbox(label="Trigger word (prepended to captions that lack it)", elem_id="trigger")
+                repeats = gr.Number(1, precision=0, minimum=1, label="Repeats per epoch")
+                kind = gr.Dropdown(KINDS, value="", label="Kind (picks the caption template)")
+                save_settings = gr.Button("Save")
+        with gr.Accordion("Tags", open=False):
+            with gr.Row():
+                action = gr.Radio(["add", "add first", "remove", "replace"], value="add", label="Bulk action")
+                tag = gr.Textbox(label="Tag")
+                new_tag = gr.Textbox(label="Replace with")
+                apply = gr.Button("Apply to all captions")
+            tags = gr.Dataframe(headers=["tag", "images"], interactive=False, label="Tag frequency")
+        with gr.Accordion("Trash", open=False):
+            with gr.Row():
+                trashed = gr.Dropdown([], label="Removed images", allow_custom_value=False)
+                restore = gr.Button("Restore")
+        with gr.Accordion("Validation and buckets", open=False):
+            with gr.Row():
+                resolution = gr.Number(512, precision=0, minimum=64, label="Training resolution")
+                check = gr.Button("Check every file")
+            check_summary = gr.Markdown()
+            files = gr.Dataframe(headers=["file", "status", "why", "size", "bucket"], interactive=False)
+            buckets = gr.Dataframe(headers=["bucket", "images"], interactive=False)
+        with gr.Accordion("Caption uncaptioned images", open=False):
+            with gr.Row():
+                template = gr.Dropdown(["character", "style", "concept"], value="character", label="Template")
+                model = gr.Textbox(label="Or a captioning model (local folder or Hub id, e.g. a BLIP model)")
+                caption_btn = gr.Button("Caption")
+
+    # ---- handlers ------------------------------------------------------------------------------
+    def gallery_value(name):
+        items = ops.images(ws, name) if name else []
+        return [(p, Path(p).name) for p, _ in items], [Path(p).name for p, _ in items]
+
+    @guard
+    def load(name):
+        if not name:
+            return [], [], "", "", [], "", 1, "", gr.Dropdown(choices=[], value=None)
+        g, n = gallery_value(name)
+        m = ops.settings(ws, name)
+        trash = ops.trashed(ws, name)
+        return (g, n, "", "", ops.tag_table(ws, name), m.trigger, m.repeats, m.kind,
+                gr.Dropdown(choices=trash, value=trash[-1] if trash else None))
+
+    load_outputs = [gallery, names_state, image_name, caption, tags, trigger, repeats, kind, trashed]
+    ds.change(load, ds, load_outputs)
+
+    @guard
+    def do_create(name):
+        created = ops.create_dataset(ws, name)
+        return gr.Dropdown(choices=ws.dataset_names(), value=created), f"created dataset **{created}**", ""
+
+    create.click(do_create, new_name, [ds, message, new_name])
+
+    @guard
+    def do_import(name, paths):
+        if not name:
+            raise ValueError("create or pick a dataset first")
+        if not paths:
+            raise ValueError("drop some images or zip files first")
+        rows = ops.import_uploads(ws, name, paths)
+        done = sum(r[1] == "imported" for r in rows)
+        g, n = gallery_value(name)
+        return rows, g, n, ops.tag_table(ws, name), f"imported {done} of {len(rows)} file(s)", None
+
+    import_btn.click(do_import, [ds, upload], [import_report, gallery, names_state, tags, message, upload])
+
+    @guard
+    def select(name, names, evt: gr.SelectData):
+        image = names[evt.index]
+        return image, ops.caption(ws, name, image)
+
+    gallery.select(select, [ds, names_state], [image_name, caption])
+
+    @guard
+    def do_save(name, image, text):
+        if not image:
+            raise ValueError("click an image first")
+        path = ops.save_caption(ws, name, image, text)
+        return f"saved {path.name}", ops.tag_table(ws, name)
+
+    save.click(do_save, [ds, image_name, caption], [message, tags])
+
+    @guard
+    def do_remove(name, image):
+        if not image:
+            raise ValueError("click an image first")
+        msg = ops.remove_image(ws, name, image)
+        return (msg, *load(name))
+
+    remove.click(do_remove, [ds, image_name], [message, *load_outputs])
+
+    @guard
+    def do_restore(name, image):
+        if not image:
+            raise ValueError("pick a removed image")
+        msg = ops.restore_image(ws, name, image)
+        return (msg, *load(name))
+
+    restore.click(do_restore, [ds, trashed], [message, *load_outputs])
+
+    @guard
+    def do_settings(name, trig, reps, k):
+        m = ops.save_settings(ws, name, trig, int(reps or 1), k or "")
+        return f"saved: trigger {m.trigger or '(none)'}, {m.repeats} repeat(s)"
+
+    save_settings.click(do_settings, [ds, trigger, repeats, kind], message)
+
+    @guard
+    def do_apply(name, act, t, new):
+        msg = ops.bulk_edit(ws, name, act, t, new)
+        return msg, ops.tag_table(ws, name)
+
+    apply.click(do_apply, [ds, action, tag, new_tag], [message, tags])
+
+    @guard
+    def do_check(name, res):
+        rows, table, text = ops.validation(ws, name, int(res or 512))
+        return rows, table, text
+
+    check.click(do_check, [ds, resolution], [files, buckets, check_summary])
+
+    @guard
+    def do_caption(name, tmpl, mdl, trig):
+        msg = ops.auto_caption(ws, name, template=tmpl, model=mdl.strip(), trigger=trig)
+        return msg, *load(name)
+
+    caption_btn.click(do_caption, [ds, template, model, trigger], [message, *load_outputs])
+    return {"dataset": ds, "load": (load, load_outputs)}

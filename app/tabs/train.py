@@ -1,0 +1,143 @@
+"""Train tab: model, dataset, preset and VRAM tier -> effective settings -> Start; then live progress,
+loss, samples and log of any run, read from its run folder."""
+from __future__ import annotations
+
+import html
+import time
+
+import gradio as gr
+
+from trainer import presets
+from trainer.estimate import estimate
+
+from .. import train_form as form
+from ..context import Ctx, guard
+from ..workspace import check_name, unique_name
+
+TIERS = [form.NO_TIER, "6", "8", "12", "16", "24"]
+NO_REG = "(none)"
+
+
+def _eta(seconds) -> str:
+    if seconds is None:
+        return ""
+    m, s = divmod(int(seconds), 60)
+    return f"ETA {m}:{s:02d}"
+
+
+def progress_html(v) -> str:
+    pct = 100.0 * v.step / v.total if v.total else (100.0 if v.state == "finished" else 0.0)
+    return (f'<div style="border:1px solid #8884;border-radius:6px;height:14px;overflow:hidden">'
+            f'<div style="width:{pct:.1f}%;height:100%;background:#3b82f6"></div></div>'
+            f'<div>{v.step} / {v.total or "?"} steps {html.escape(_eta(v.eta_s) if v.state == "running" else "")}</div>')
+
+
+def build(ctx: Ctx) -> dict:
+    ws, runner = ctx.ws, ctx.runner
+    names = ws.dataset_names()
+    with gr.Tab("Train", id="train"):
+        with gr.Row():
+            model = gr.Dropdown([form.EMBEDDED], value=form.EMBEDDED, allow_custom_value=True, scale=3,
+                                label="Base model: the embedded tiny model, a local file or folder, or a Hub id")
+            dataset = gr.Dropdown(names, value=names[0] if names else None, label="Dataset", elem_id="train-dataset")
+            reg = gr.Dropdown([NO_REG, *names], value=NO_REG, label="Regularization images")
+        with gr.Row():
+            preset = gr.Dropdown(sorted(presets.available()), value="character", label="Preset", elem_id="preset")
+            vram = gr.Dropdown(TIERS, value=form.NO_TIER, label="VRAM tier (GB)")
+            run_name = gr.Textbox(unique_name(ws.runs, "run"), label="Run name", elem_id="run-name")
+        with gr.Row():
+            steps = gr.Number(0, precision=0, minimum=0, label="Steps (0 = the preset's)", elem_id="steps")
+            rank = gr.Number(0, precision=0, minimum=0, label="Rank (0 = suggested)")
+            lr = gr.Number(0, minimum=0, label="UNet learning rate (0 = the preset's)")
+        with gr.Row():
+            summary = gr.Dataframe(headers=["group", "setting", "value"], interactive=False, label="Effective settings",
+                                   scale=3)
+            estimate_md = gr.Markdown(elem_id="estimate")
+        with gr.Accordion("Advanced: every setting (edit freely; checked on Start)", open=False):
+            advanced = gr.Code(language=None, lines=24, interactive=True, elem_id="advanced")
+        with gr.Row():
+            start = gr.Button("Start", variant="primary", elem_id="start")
+        start_msg = gr.Markdown(elem_id="start-message")
+
+        gr.Markdown("### Runs")
+        runs = ws.run_names()
+        with gr.Row():
+            run_pick = gr.Dropdown(runs, value=runs[0] if runs else None, label="Run", elem_id="run-pick", scale=3)
+            stop = gr.Button("Stop", variant="stop", elem_id="stop")
+            resume = gr.Button("Resume", elem_id="resume")
+        state_md = gr.Markdown(elem_id="run-state")
+        progress = gr.HTML(elem_id="progress")
+        with gr.Row():
+            loss = gr.LinePlot(x="step", y="loss", title="Loss", height=260, elem_id="loss-plot")
+            samples = gr.Gallery(label="Samples", columns=4, height=260, elem_id="samples")
+        log = gr.Textbox(label="Log tail", lines=8, max_lines=8, elem_id="log", autoscroll=True)
+        command = gr.Textbox(label="The same run from a terminal", buttons=["copy"], elem_id="cli-command")
+        seen = gr.State(None)
+        timer = gr.Timer(1.5)
+
+    # ---- settings ------------------------------------------------------------------------------
+    form_inputs = [model, dataset, reg, preset, vram, steps, rank, lr, run_name]
+
+    def choice(m, d, r, p, v, s, k, l):
+        return form.Choice(model=m or form.EMBEDDED, dataset=d or "", reg_dataset="" if r in (None, NO_REG) else r,
+                           preset=p or "", vram=v or form.NO_TIER, steps=int(s or 0), rank=int(k or 0), lr=float(l or 0))
+
+    @guard
+    def settings(m, d, r, p, v, s, k, l, name):
+        cfg = form.effective_config(ws, choice(m, d, r, p, v, s, k, l), check_name(name, "run"))
+        n = None
+        if d:
+            from trainer.data.scan import scan
+
+            n = len(scan(ws.dataset(d)).items)
+        return form.summary(cfg), f"**Estimate:** {estimate(cfg, n).text()}", cfg.to_toml()
+
+    for comp in form_inputs:
+        comp.change(settings, form_inputs, [summary, estimate_md, advanced])
+
+    @guard
+    def do_start(text, name):
+        name = check_name(name, "run")
+        cfg = form.parse_edited(text)
+        cfg.save.output_dir, cfg.save.name = str(ws.run(name)), name  # the run folder is the run name
+        v = runner.submit(name, cfg.to_toml())
+        msg = f"started **{name}**" if v.state == "running" else f"**{name}** is {v.message or v.state}"
+        return msg, gr.Dropdown(choices=ws.run_names(), value=name), unique_name(ws.runs, "run")
+
+    start.click(do_start, [advanced, run_name], [start_msg, run_pick, run_name])
+
+    # ---- live view -----------------------------------------------------------------------------
+    def refresh(name, last):
+        if not name:
+            return "", "", None, [], "", "", last
+        v = runner.view(name)
+        signature = (name, v.step, len(v.samples), v.state)
+        state = f"**{v.state}**" + (f": {html.escape(v.message)}" if v.message else "")
+        if signature == last:  # nothing new: leave the plot and gallery alone (no flicker, no traffic)
+            return state, progress_html(v), gr.skip(), gr.skip(), v.log_tail, v.command, last
+        import pandas as pd
+
+        df = pd.DataFrame(v.losses, columns=["step", "loss"])
+        return state, progress_html(v), df, list(v.samples), v.log_tail, v.command, signature
+
+    live = [state_md, progress, loss, samples, log, command, seen]
+    timer.tick(refresh, [run_pick, seen], live)
+    run_pick.change(refresh, [run_pick, gr.State(None)], live)
+
+    @guard
+    def do_stop(name):
+        if not name:
+            raise ValueError("pick a run")
+        return runner.stop(name)
+
+    stop.click(do_stop, run_pick, start_msg)
+
+    @guard
+    def do_resume(name):
+        if not name:
+            raise ValueError("pick a run")
+        v = runner.submit(name, "", resume=True)
+        return f"resuming **{name}**: {v.message or v.state}"
+
+    resume.click(do_resume, run_pick, start_msg)
+    return {"refresh_datasets": (dataset, reg), "settings": (settings, form_inputs, [summary, estimate_md, advanced])}

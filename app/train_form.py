@@ -1,0 +1,85 @@
+"""The Train tab's settings: preset + dataset + model + VRAM tier resolved into the effective config
+(the same layering as `lora-studio train`), shown as TOML the user can edit, and checked on Start."""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+
+from trainer import presets
+from trainer.config import ConfigError, RunConfig
+from trainer.data.scan import DatasetError, scan
+from trainer.model_info import peek_family
+
+from .workspace import Workspace
+
+EMBEDDED = "tiny (embedded)"
+NO_TIER = "no GPU / not set"
+
+
+@dataclass
+class Choice:
+    model: str = EMBEDDED
+    dataset: str = ""
+    reg_dataset: str = ""
+    preset: str = "character"
+    vram: str = NO_TIER
+    steps: int = 0  # 0 = what the preset says
+    rank: int = 0
+    lr: float = 0.0
+
+
+def model_source(model: str) -> str:
+    return "tiny" if model in ("", EMBEDDED) else model.strip()
+
+
+def effective_config(ws: Workspace, c: Choice, run_name: str) -> RunConfig:
+    source = model_source(c.model)
+    family = peek_family(source)
+    dataset = ws.dataset(c.dataset) if c.dataset else None
+    try:
+        n_images = len(scan(dataset).items) if dataset else None
+    except DatasetError:
+        n_images = None
+    vram = None if c.vram in ("", NO_TIER) else int(c.vram)
+    layer = presets.resolve(c.preset, family=family, vram=vram, n_images=n_images) if c.preset else \
+        presets.vram_layer(vram, family)
+    overrides = {"model": {"source": source},
+                 "data": {"dataset": str(dataset) if dataset else ""},
+                 "save": {"output_dir": str(ws.run(run_name)), "name": run_name}}
+    if c.reg_dataset:
+        overrides["data"]["reg_dataset"] = str(ws.dataset(c.reg_dataset))
+    if c.steps:
+        overrides["train"] = {"max_steps": int(c.steps)}
+    if c.rank:
+        overrides["lora"] = {"rank": int(c.rank), "alpha": float(c.rank) / 2}
+    if c.lr:
+        overrides.setdefault("optim", {})["lr"] = float(c.lr)
+    return RunConfig.load(layer, overrides)
+
+
+def parse_edited(text: str) -> RunConfig:
+    """The Advanced box's TOML, checked exactly as the trainer will check it."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"the settings are not valid TOML: {e}") from None
+    cfg = RunConfig.load(data)
+    if not cfg.data.dataset:
+        raise ConfigError("pick a dataset first")
+    return cfg
+
+
+def summary(cfg: RunConfig) -> list[list]:
+    """The settings users look at first, grouped; everything else is in the Advanced box."""
+    te = cfg.lora.train_text_encoder
+    return [
+        ["model", "base model", cfg.model.source],
+        ["lora", "rank / alpha", f"{cfg.lora.rank} / {cfg.lora.alpha:g}"],
+        ["lora", "text encoder", "auto" if te is None else ("trained" if te else "frozen")],
+        ["optim", "learning rate (UNet / TE)", f"{cfg.optim.lr:g} / {'auto' if cfg.optim.text_encoder_lr is None else f'{cfg.optim.text_encoder_lr:g}'}"],
+        ["train", "steps", cfg.train.max_steps or f"{cfg.train.epochs} epochs"],
+        ["train", "batch / precision", f"{cfg.train.batch_size} / {cfg.train.mixed_precision}"],
+        ["train", "gradient checkpointing", cfg.train.gradient_checkpointing],
+        ["data", "repeats / resolution", f"{cfg.data.repeats} / {cfg.data.resolution or 'auto'}"],
+        ["data", "trigger", cfg.data.trigger or "(from the dataset)"],
+    ]

@@ -1,0 +1,177 @@
+"""The app's handlers and job runner, without a browser. A fake trainer stands in for the real one
+so the queue, crash and restart logic is tested in seconds."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from app import dataset_ops as ops
+from app import jobs
+from app.train_form import Choice, effective_config, parse_edited
+from app.workspace import Workspace, WorkspaceError
+from tests.conftest import make_dataset
+
+FAKE_TRAINER = textwrap.dedent('''\
+    #!{python}
+    # Stands in for `python -m trainer train --config C --output DIR ...`: writes events like the trainer.
+    import json, sys, time, pathlib, tomllib
+    out = pathlib.Path(sys.argv[sys.argv.index("--output") + 1])
+    cfg = tomllib.loads((out / "config.toml").read_text())
+    mode = cfg["data"].get("default_caption", "")
+    def emit(**e):
+        with open(out / "events.jsonl", "a") as f:
+            f.write(json.dumps({{"time": time.time(), **e}}) + "\\n")
+    if mode == "crash":
+        print("Traceback: boom", flush=True); sys.exit(3)
+    if mode == "vanish":
+        import os; os.kill(os.getpid(), 9)
+    emit(type="start", total=4)
+    for step in range(1, 5):
+        if (out / "STOP").exists():
+            emit(type="done", step=step - 1, stopped=True, path=str(out / "x.safetensors")); sys.exit(0)
+        time.sleep(float(cfg["train"].get("noise_offset", 0)) * 10)
+        emit(type="step", step=step, total=4, loss=1.0 / step, eta_s=1.0)
+    emit(type="sample", step=4, path=str(out / "s.png"))
+    emit(type="done", step=4, stopped=False, path=str(out / "x.safetensors"))
+''')
+
+
+@pytest.fixture
+def ws(tmp_path):
+    return Workspace(tmp_path / "ws").ensure(with_samples=False)
+
+
+@pytest.fixture
+def fake_python(tmp_path):
+    path = tmp_path / "fake_trainer.py"
+    path.write_text(FAKE_TRAINER.format(python=sys.executable))
+    path.chmod(0o755)
+    return str(path)
+
+
+def config_text(ws, name, mode="", delay=0.0):
+    make_dataset(ws.datasets / "d", n=2)
+    cfg = effective_config(ws, Choice(dataset="d"), name)
+    cfg.data.default_caption, cfg.train.noise_offset = mode, delay
+    return cfg.to_toml()
+
+
+def wait(runner, name, states, timeout=30):
+    end = time.time() + timeout
+    while time.time() < end:
+        runner.tick()
+        v = runner.view(name)
+        if v.state in states:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"{name} stayed {runner.view(name).state}")
+
+
+def test_queue_runs_one_at_a_time_and_reports_progress(ws, fake_python):
+    runner = jobs.JobRunner(ws.runs, python=fake_python)
+    first = runner.submit("a", config_text(ws, "a", delay=0.05))
+    second = runner.submit("b", config_text(ws, "b"))
+    assert first.state == "running"
+    assert second.state == "queued" and "waiting for a" in second.message and second.queue_position == 1
+    done = wait(runner, "a", {"finished"})
+    assert done.step == done.total == 4 and [s for s, _ in done.losses] == [1, 2, 3, 4]
+    assert done.samples and done.lora.endswith("x.safetensors")
+    assert wait(runner, "b", {"finished"}).state == "finished"
+    assert "lora-studio train --config" in done.command
+
+
+def test_crash_is_reported_with_the_last_log_line(ws, fake_python):
+    runner = jobs.JobRunner(ws.runs, python=fake_python)
+    runner.submit("c", config_text(ws, "c", mode="crash"))
+    v = wait(runner, "c", {"failed"})
+    assert "boom" in v.message
+    assert jobs.read_job(ws.runs / "c")["returncode"] == 3
+
+
+def test_dead_process_after_restart_is_failed_not_running(ws, fake_python):
+    runner = jobs.JobRunner(ws.runs, python=fake_python)
+    runner.submit("v", config_text(ws, "v", mode="vanish"))
+    time.sleep(1.0)
+    # A new runner (an app restart) never saw the process: it must not say "running" forever.
+    fresh = jobs.JobRunner(ws.runs, python=fake_python)
+    assert fresh.view("v").state == "failed"
+    assert fresh.running() is None
+
+
+def test_finished_runs_survive_a_restart(ws, fake_python):
+    runner = jobs.JobRunner(ws.runs, python=fake_python)
+    runner.submit("r", config_text(ws, "r"))
+    wait(runner, "r", {"finished"})
+    assert jobs.JobRunner(ws.runs).view("r").state == "finished"
+
+
+def test_stop_twice_and_cancel_queued(ws, fake_python):
+    runner = jobs.JobRunner(ws.runs, python=fake_python)
+    runner.submit("s", config_text(ws, "s", delay=0.1))
+    runner.submit("q", config_text(ws, "q"))
+    assert "cancelled" in runner.stop("q")
+    assert "stopping" in runner.stop("s")
+    assert "stopping" in runner.stop("s")  # a second press is harmless
+    v = wait(runner, "s", {"stopped"})
+    assert v.step < 4
+    assert runner.view("q").state == "cancelled"
+    with pytest.raises(FileExistsError):
+        runner.submit("s", config_text(ws, "s"))
+
+
+def test_effective_config_layers_preset_model_and_edits(ws):
+    make_dataset(ws.datasets / "d", n=12)
+    cfg = effective_config(ws, Choice(dataset="d", preset="character", steps=7, rank=4), "run1")
+    assert cfg.model.source == "tiny" and cfg.data.resolution == 64  # the tiny overlay
+    assert cfg.train.max_steps == 7 and cfg.lora.rank == 4 and cfg.data.repeats == 13  # ceil(150 / 12)
+    assert Path(cfg.save.output_dir) == ws.runs / "run1"
+    edited = parse_edited(cfg.to_toml().replace("max_steps = 7", "max_steps = 9"))
+    assert edited.train.max_steps == 9
+    with pytest.raises(Exception, match="lora.rank"):
+        parse_edited(cfg.to_toml().replace("rank = 4", "rank = -1"))
+    with pytest.raises(Exception, match="train2"):
+        parse_edited(cfg.to_toml() + "\n[train2]\nnosuch = 1\n")
+
+
+def test_dataset_handlers(ws, tmp_path):
+    src = make_dataset(tmp_path / "src", n=3, size=(96, 80))
+    name = ops.create_dataset(ws, "my set")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    rows = ops.import_uploads(ws, name, [str(p) for p in sorted(src.glob("*.png"))] + [str(tmp_path / "broken.jpg")])
+    assert [r[1] for r in rows].count("imported") == 3
+    assert rows[-1][:2] == ["broken.jpg", "skipped"] and rows[-1][2]
+    images = [Path(p).name for p, _ in ops.images(ws, name)]
+    ops.save_caption(ws, name, images[0], "zorb,  a red   circle")
+    assert (ws.dataset(name) / images[0]).with_suffix(".txt").read_text() == "zorb, a red circle\n"
+    assert ops.bulk_edit(ws, name, "add first", "zorb").startswith("add first")
+    assert dict((t, n) for t, n in ops.tag_table(ws, name))["zorb"] == 3
+    ops.save_settings(ws, name, "zorb", 5, "character")
+    assert ops.settings(ws, name).repeats == 5
+    ops.remove_image(ws, name, images[1])
+    assert len(ops.images(ws, name)) == 2 and ops.trashed(ws, name) == [images[1]]
+    ops.restore_image(ws, name, images[1])
+    assert len(ops.images(ws, name)) == 3 and ops.trashed(ws, name) == []
+    rows, buckets, summary = ops.validation(ws, name, 64)
+    assert len(rows) == 3 and summary.startswith("3 ok")
+    with pytest.raises(WorkspaceError):
+        ops.image_path(ws, name, "../../etc/passwd")
+    with pytest.raises(WorkspaceError):
+        ops.create_dataset(ws, "..")
+
+
+def test_app_never_imports_torch():
+    code = "import sys, app.main, app.cli, app.jobs; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_listen_without_auth_is_refused(capsys):
+    from app.cli import main
+
+    assert main(["--listen", "--no-browser"]) == 2
+    assert "--auth" in capsys.readouterr().err

@@ -1,0 +1,100 @@
+"""Rough peak-VRAM and run-time estimate for a config, before anything is loaded (torch-free).
+
+Peak memory = frozen weights on the device + LoRA weights, gradients and optimizer state
++ activations of one micro-batch. Activation figures scale with latent pixels and batch, and drop
+to about a fifth with gradient checkpointing. The constants are per family; `lora-studio bench
+speed` measures the real figures they should match.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .model_info import EMBEDDED_DIR, peek_family
+
+GB = 1024 ** 3
+# Parameters (millions) of the published architectures.
+PARAMS_M = {
+    "sd1": {"unet": 859.5, "text_encoders": 123.1, "vae": 83.7},
+    "sd2": {"unet": 865.9, "text_encoders": 340.4, "vae": 83.7},
+    "sdxl": {"unet": 2567.5, "text_encoders": 817.8, "vae": 83.7},
+}
+# LoRA parameters per unit of rank with attention targets (sum of in+out over q, k, v, out).
+LORA_PER_RANK_M = {"sd1": (0.199, 0.074), "sd2": (0.215, 0.197), "sdxl": (1.45, 0.40)}  # (unet, text encoders)
+# Activation GB for one image at the family's native resolution, fp16, no checkpointing (uncalibrated
+# until bench speed measures them on a GPU).
+ACTIVATION_GB = {"sd1": 1.6, "sd2": 3.5, "sdxl": 7.0}  # with SDPA attention
+NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "tiny": 64}
+CHECKPOINTED = 0.2
+# Seconds per step at batch 1, native resolution, fp16 on a mid-range consumer GPU (RTX 3060 class).
+STEP_S = {"sd1": 0.45, "sd2": 0.9, "sdxl": 1.6}
+TINY_STEP_S_PER_IMAGE = 0.045  # the embedded model on a 2-core CPU, measured with bench learn
+
+
+@dataclass
+class Estimate:
+    peak_gb: float
+    weights_gb: float
+    lora_gb: float
+    activations_gb: float
+    steps: int
+    seconds: float
+
+    def text(self) -> str:
+        return (f"~{self.peak_gb:.1f} GB peak (weights {self.weights_gb:.1f}, LoRA+optimizer {self.lora_gb:.2f}, "
+                f"activations {self.activations_gb:.1f}); {self.steps} steps, ~{_duration(self.seconds)}")
+
+
+def _duration(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min" if s >= 90 else f"{s:.0f} s"
+
+
+def safetensors_params(folder: Path) -> int:
+    """Parameter count from safetensors headers only: no weights are read."""
+    total = 0
+    for f in folder.rglob("*.safetensors"):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for k, v in header.items():
+            if k != "__metadata__":
+                count = 1
+                for d in v["shape"]:
+                    count *= d
+                total += count
+    return total
+
+
+def estimate(cfg, n_samples: int | None = None) -> Estimate:
+    family = peek_family(cfg.model.source, cfg.model.family) or "sd1"
+    half = cfg.train.mixed_precision in ("fp16", "bf16")
+    wbytes = 2 if half else 4
+    steps = cfg.train.max_steps or max(1, (n_samples or 1) * cfg.data.repeats * cfg.train.epochs //
+                                       max(1, cfg.train.batch_size * cfg.train.gradient_accumulation))
+    if family == "tiny":
+        params = safetensors_params(EMBEDDED_DIR) if EMBEDDED_DIR.exists() else 5_000_000
+        weights = params * wbytes / GB
+        lora = cfg.lora.rank * 20_000 * 16 / GB
+        res = cfg.data.resolution or NATIVE["tiny"]
+        act = 0.02 * cfg.train.batch_size * (res / NATIVE["tiny"]) ** 2
+        secs = steps * TINY_STEP_S_PER_IMAGE * cfg.train.batch_size * (res / NATIVE["tiny"]) ** 2
+        return Estimate(round(weights + lora + act, 2), weights, lora, act, steps, secs)
+    p = PARAMS_M[family]
+    train_te = cfg.lora.train_text_encoder if cfg.lora.train_text_encoder is not None else family != "sdxl"
+    on_device = p["unet"]
+    if train_te or not (cfg.data.cache_text and cfg.data.cache_latents):
+        on_device += p["text_encoders"]  # frozen encoders leave the device only once outputs are cached
+    if not cfg.data.cache_latents:
+        on_device += p["vae"]
+    weights = on_device * 1e6 * wbytes / GB
+    per_rank = LORA_PER_RANK_M[family][0] * cfg.lora.train_unet + LORA_PER_RANK_M[family][1] * bool(train_te)
+    state = 2 if cfg.optim.optimizer == "adamw8bit" else 8
+    lora = per_rank * cfg.lora.rank * 1e6 * (4 + 4 + state) / GB
+    res = cfg.data.resolution or NATIVE[family]
+    scale = (res / NATIVE[family]) ** 2 * cfg.train.batch_size * (1 if half else 2)
+    act = ACTIVATION_GB[family] * scale * (CHECKPOINTED if cfg.train.gradient_checkpointing else 1.0)
+    secs = steps * STEP_S[family] * (res / NATIVE[family]) ** 2 * cfg.train.batch_size * \
+        (1.3 if cfg.train.gradient_checkpointing else 1.0) * (1 if half else 2.5)
+    return Estimate(round(weights + lora + act, 2), weights, lora, act, steps, secs)

@@ -1,0 +1,39 @@
+"""What can be told about a base model from its config files alone, without torch or weights:
+where the embedded model lives and which family a diffusers folder is. The app uses this."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "tiny-sd"
+
+
+def family_name(unet_config: dict) -> str:
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    if unet_config.get("cross_attention_dim") == 1024 or unet_config.get("use_linear_projection"):
+        return "sd2"
+    return "sd1"
+
+
+def is_embedded(source: str) -> bool:
+    if source in ("", "tiny"):
+        return True
+    try:
+        return Path(source).expanduser().resolve() == EMBEDDED_DIR.resolve()
+    except OSError:
+        return False
+
+
+def peek_family(source: str, family: str = "auto") -> str | None:
+    """The family name presets use: 'tiny' for the embedded model, sd1/sd2/sdxl for a diffusers
+    folder, None when it cannot be told without loading (single files, Hub ids)."""
+    if family != "auto":
+        return family
+    if is_embedded(source):
+        return "tiny"
+    try:
+        unet = json.loads((Path(source).expanduser() / "unet" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return family_name(unet)
