@@ -157,7 +157,8 @@ def test_dataset_handlers(ws, tmp_path):
     ops.restore_image(ws, name, images[1])
     assert len(ops.images(ws, name)) == 3 and ops.trashed(ws, name) == []
     rows, buckets, summary = ops.validation(ws, name, 64)
-    assert len(rows) == 3 and summary.startswith("3 ok")
+    assert len(rows) == 3 and summary == "1 ok, 2 with warnings, 0 excluded"  # same circle, other colours
+    assert "near-duplicate" in rows[1][2] and buckets == [["64x64", 3]]
     with pytest.raises(WorkspaceError):
         ops.image_path(ws, name, "../../etc/passwd")
     with pytest.raises(WorkspaceError):
