@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass
+from pathlib import Path
 
 from trainer import presets
 from trainer.config import ConfigError, RunConfig
@@ -74,6 +75,7 @@ def summary(cfg: RunConfig) -> list[list]:
     te = cfg.lora.train_text_encoder
     return [
         ["model", "base model", cfg.model.source],
+        ["data", "dataset", Path(cfg.data.dataset).name if cfg.data.dataset else "(none)"],
         ["lora", "rank / alpha", f"{cfg.lora.rank} / {cfg.lora.alpha:g}"],
         ["lora", "text encoder", "auto" if te is None else ("trained" if te else "frozen")],
         ["optim", "learning rate (UNet / TE)", f"{cfg.optim.lr:g} / {'auto' if cfg.optim.text_encoder_lr is None else f'{cfg.optim.text_encoder_lr:g}'}"],

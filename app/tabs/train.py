@@ -37,7 +37,7 @@ def build(ctx: Ctx) -> dict:
     names = ws.dataset_names()
     with gr.Tab("Train", id="train"):
         with gr.Row():
-            model = gr.Dropdown([form.EMBEDDED], value=form.EMBEDDED, allow_custom_value=True, scale=3,
+            model = gr.Dropdown([form.EMBEDDED], value=form.EMBEDDED, allow_custom_value=True, scale=3, elem_id="model",
                                 label="Base model: the embedded tiny model, a local file or folder, or a Hub id")
             dataset = gr.Dropdown(names, value=names[0] if names else None, label="Dataset", elem_id="train-dataset")
             reg = gr.Dropdown([NO_REG, *names], value=NO_REG, label="Regularization images")
@@ -51,7 +51,7 @@ def build(ctx: Ctx) -> dict:
             lr = gr.Number(0, minimum=0, label="UNet learning rate (0 = the preset's)")
         with gr.Row():
             summary = gr.Dataframe(headers=["group", "setting", "value"], interactive=False, label="Effective settings",
-                                   scale=3)
+                                   scale=3, elem_id="summary")
             estimate_md = gr.Markdown(elem_id="estimate")
         with gr.Accordion("Advanced: every setting (edit freely; checked on Start)", open=False):
             advanced = gr.Code(language=None, lines=24, interactive=True, elem_id="advanced")

@@ -1,0 +1,169 @@
+"""The whole Datasets -> Train flow in real headless Chromium against a real `lora-studio` process:
+upload sample images through the page, edit a caption (checked on disk), train on the embedded
+model, wait for the finished state and a sample image. Screenshots go to test-artifacts/ui/."""
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from trainer.model_info import EMBEDDED_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "test-artifacts" / "ui"
+CHROMIUM = os.environ.get("LORA_STUDIO_CHROMIUM", "/usr/bin/chromium")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+
+
+def _need_browser():
+    missing = []
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("playwright (pip install playwright)")
+    if not Path(CHROMIUM).exists():
+        missing.append(f"chromium at {CHROMIUM} (apt-get install -y chromium)")
+    if missing:
+        if os.environ.get("LORA_STUDIO_REQUIRE_BROWSER"):
+            pytest.fail("browser tests need " + " and ".join(missing))
+        pytest.skip("browser tests need " + " and ".join(missing))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def app_server(tmp_path):
+    _need_browser()
+    port, ws = free_port(), tmp_path / "workspace"
+    env = {**os.environ, "LORA_STUDIO_HOME": str(tmp_path / "home")}
+    log = open(tmp_path / "app.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--no-browser", "--port", str(port), "--workspace", str(ws)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise AssertionError((tmp_path / "app.log").read_text())
+                time.sleep(0.5)
+        yield url, ws
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def shot(page, name):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def text_of(page, selector) -> str:
+    return page.locator(selector).first.inner_text()
+
+
+def wait_text(page, selector, needle, timeout_s=60):
+    end = time.time() + timeout_s
+    while time.time() < end:
+        if needle in text_of(page, selector):
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"{selector} never showed {needle!r}: {text_of(page, selector)[:500]!r}")
+
+
+def wait_until(predicate, what, timeout_s=60):
+    end = time.time() + timeout_s
+    while time.time() < end:
+        if predicate():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def field(page, elem_id):
+    return page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+
+
+def pick(page, elem_id, value):
+    box = field(page, elem_id)
+    box.click()
+    box.fill(value)
+    page.get_by_role("option", name=value, exact=True).first.click()
+
+
+def run_flow(page, url, ws: Path, model: str | None = None, steps: int = 12):
+    page.goto(url)
+    page.get_by_role("tab", name="Datasets").click()
+    field(page, "new-dataset").fill("mychar")
+    page.locator("#create-dataset").click()
+    wait_text(page, "#dataset-message", "created dataset")
+
+    images = sorted((ROOT / "sample_datasets" / "character").glob("*.png"))[:6]
+    page.locator("#upload input[type=file]").set_input_files([str(p) for p in images])
+    time.sleep(1.0)
+    page.locator("#import").click()
+    wait_text(page, "#dataset-message", "imported 6 of 6")
+    shot(page, "1-imported")
+
+    page.locator("#gallery img").first.click()
+    wait_until(lambda: field(page, "image-name").input_value(), "the clicked image's name")
+    name = field(page, "image-name").input_value()
+    assert name.endswith(".png")
+    field(page, "caption").fill("zorb, a large figure on a blue background")
+    page.locator("#save-caption").click()
+    wait_text(page, "#dataset-message", "saved")
+    caption = (ws / "datasets" / "mychar" / name).with_suffix(".txt")
+    assert caption.read_text() == "zorb, a large figure on a blue background\n"
+    shot(page, "2-caption-saved")
+
+    page.get_by_role("tab", name="Train").click()
+    if model:
+        field(page, "model").fill(model)  # a custom value: a path typed into the model box
+        field(page, "model").press("Enter")
+    pick(page, "train-dataset", "mychar")
+    steps_box = field(page, "steps")
+    steps_box.fill(str(steps))
+    steps_box.press("Tab")
+    wait_text(page, "#summary", "mychar")
+    # The summary and the Advanced box (the config Start submits) are updated together.
+    wait_until(lambda: re.search(rf"\bsteps\s+{steps}\b", text_of(page, "#summary")), "steps in the summary")
+    shot(page, "3-settings")
+    page.locator("#start").click()
+    wait_text(page, "#start-message", "run", timeout_s=30)
+    wait_text(page, "#run-state", "finished", timeout_s=420)
+    wait_until(lambda: page.locator("#samples img").count() >= 1, "a sample image")
+    assert "lora-studio train --config" in field(page, "cli-command").input_value()
+    shot(page, "4-finished")
+    runs = list((ws / "runs").iterdir())
+    assert len(runs) == 1 and list(runs[0].glob("*.safetensors"))
+    return runs[0]
+
+
+@pytest.mark.skipif(not (EMBEDDED_DIR / "model_index.json").exists(), reason="the embedded model is not built")
+def test_import_caption_train_in_the_browser(app_server):
+    from playwright.sync_api import sync_playwright
+
+    url, ws = app_server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            run_dir = run_flow(page, url, ws)
+            losses = [line for line in (run_dir / "events.jsonl").read_text().splitlines() if '"step"' in line]
+            assert len(losses) >= 10
+        finally:
+            browser.close()
