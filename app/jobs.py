@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.atomic import write_text
-from trainer.events import EVENTS_FILE, STOP_FILE, read_events
+from trainer.events import STOP_FILE, read_events
 
 JOB_FILE = "job.json"
 LOG_FILE = "trainer.log"

@@ -1,7 +1,5 @@
 """The app's handlers and job runner, without a browser. A fake trainer stands in for the real one
 so the queue, crash and restart logic is tested in seconds."""
-import json
-import os
 import subprocess
 import sys
 import textwrap

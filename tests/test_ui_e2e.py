@@ -1,9 +1,9 @@
 """The whole Datasets -> Train flow in real headless Chromium against a real `lora-studio` process:
 upload sample images through the page, edit a caption (checked on disk), train on the embedded
 model, wait for the finished state and a sample image. Screenshots go to test-artifacts/ui/."""
+import importlib.util
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,9 +24,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--dis
 
 def _need_browser():
     missing = []
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("playwright") is None:
         missing.append("playwright (pip install playwright)")
     if not Path(CHROMIUM).exists():
         missing.append(f"chromium at {CHROMIUM} (apt-get install -y chromium)")

@@ -3,7 +3,6 @@ loss, samples and log of any run, read from its run folder."""
 from __future__ import annotations
 
 import html
-import time
 
 import gradio as gr
 
