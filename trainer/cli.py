@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting; repeatable (see the list below)")
     t.add_argument("--force", action="store_true", help="start over in a run folder that already holds a run")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or crashed run from its latest saved state "
+                   "(its config.toml unless --config is given); the result equals an uninterrupted run")
 
     d = sub.add_parser("dataset", help="import, check, caption and summarise datasets")
     dsub = d.add_subparsers(dest="dataset_command", metavar="ACTION", required=True)
@@ -211,20 +213,30 @@ def _quote(value: str) -> str:
 
 
 def cmd_train(args) -> int:
+    import shutil
+
     from .events import EVENTS_FILE
     from .loop import train
+    from .state import STATE_DIR
 
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.toml").exists() and not args.config:
+            raise ConfigError(f"nothing to resume: {run_dir} has no config.toml; pass the run folder of an earlier run")
+        args.config = args.config or str(run_dir / "config.toml")
+        args.output = str(run_dir)
     cfg = resolve_train_config(args)
     if not cfg.data.dataset:
         raise ConfigError("no dataset: pass --dataset FOLDER or set data.dataset")
     run_dir = Path(cfg.save.output_dir)
-    if (run_dir / EVENTS_FILE).exists():
+    if not args.resume and (run_dir / EVENTS_FILE).exists():
         if not args.force:
             raise ConfigError(f"run folder {run_dir} already holds a run; pass --output NEW_FOLDER, "
                               "or --force to start over in it")
         (run_dir / EVENTS_FILE).unlink()
+        shutil.rmtree(run_dir / STATE_DIR, ignore_errors=True)  # the old run's states must not be resumed
     try:
-        result = train(cfg)
+        result = train(cfg, resume=bool(args.resume))
     except Exception as e:
         # The app reads the run folder, not our stderr: leave the reason where it looks.
         from .events import Events

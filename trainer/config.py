@@ -133,7 +133,8 @@ class SaveConfig:
     layout: str = opt("kohya", "Key layout of saved LoRAs: kohya (A1111, ComfyUI, kohya, diffusers) or peft "
                                "(diffusers/peft; keeps DoRA magnitudes that diffusers drops from kohya files)",
                       choices=["kohya", "peft"])
-    state_every_n_steps: int = opt(0, "Save the full training state for resume every N steps (0 = only on stop)", min=0)
+    state_every_n_steps: int = opt(200, "Save the full training state (for --resume) every N steps; 0 = only on Stop",
+                                   min=0)
     keep_states: int = opt(2, "Training states kept (older ones are removed)", min=1, max=100)
 
 

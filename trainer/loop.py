@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import lora as lora_mod
+from . import state as state_mod
 from .config import RunConfig
 from .data.cache import LatentCache, default_cache_dir, encode_latent, fill_latent_cache, vae_identity
 from .data.captions import split_tags
@@ -42,7 +43,7 @@ class Result:
 NON_FINITE_PATIENCE = 3  # fp16 scalers skip a few overflowing steps by design; a streak is a real fault
 
 
-def train(cfg: RunConfig, events: Events | None = None) -> Result:
+def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) -> Result:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
@@ -201,16 +202,39 @@ def train(cfg: RunConfig, events: Events | None = None) -> Result:
     from tqdm.auto import tqdm
 
     stream = batch_stream()
-    step, epoch, smooth, bad_streak, stopped = 0, 0, None, 0, False
+    step, epoch, consumed, smooth, bad_streak, stopped = 0, 0, 0, None, 0, False
     name = cfg.save.name or run_dir.name
     started = now_epoch()
-    bar = tqdm(total=total, disable=not main, desc="train", dynamic_ncols=True)
     save_args = dict(cfg=cfg, base=base, data=data, models=_prefixed(fam, unet if cfg.lora.train_unet else None,
                      tes if train_te else []), started=started)
+    params = state_mod.trainable(save_args["models"])
+
+    def save_state():
+        state_mod.write_rank_rng(state_mod.temp_folder(run_dir, step), accelerator.process_index, rng, gen)
+        accelerator.wait_for_everyone()
+        if main:
+            folder = state_mod.commit(run_dir, step, params, optimizer, lr_scheduler, precision.scaler,
+                                      {"step": step, "epoch": epoch, "consumed": consumed}, cfg.save.keep_states)
+            events.emit("state", step=step, path=str(folder))
+        accelerator.wait_for_everyone()
+
+    if resume:
+        folder = state_mod.latest(run_dir)
+        if folder is None:
+            raise TrainingError(f"nothing to resume: {run_dir / state_mod.STATE_DIR} holds no complete training "
+                                "state; start a new run instead")
+        counters = state_mod.load(folder, params, optimizer, lr_scheduler, precision.scaler, rng, gen,
+                                  accelerator.process_index)
+        step, epoch, consumed = counters["step"], counters["epoch"], counters["consumed"]
+        for _ in range(consumed):  # the same shuffled order, continued where the state left it
+            next(stream)
+        events.emit("resumed", step=step, state=folder.name)
+    bar = tqdm(total=total, initial=step, disable=not main, desc="train", dynamic_ncols=True)
     try:
         while step < total:
             for micro in range(cfg.train.gradient_accumulation):
                 epoch, batch = next(stream)
+                consumed += 1
                 last = micro == cfg.train.gradient_accumulation - 1
                 with _no_sync(accelerator, prepared, enabled=not last):
                     loss = loss_on(batch)
@@ -240,6 +264,8 @@ def train(cfg: RunConfig, events: Events | None = None) -> Result:
                 _sample(cfg, base, unet, tes, data, precision, run_dir, step, events)
             if cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0 and step < total and main:
                 _save(run_dir / "checkpoints" / f"{name}-step{step:06d}.safetensors", step, epoch, events, **save_args)
+            if cfg.save.state_every_n_steps and step % cfg.save.state_every_n_steps == 0 and step < total:
+                save_state()
             if _stop_everywhere(accelerator, events):
                 stopped = True
                 events.emit("stopping", step=step, message="STOP file found: saving and stopping")
@@ -255,6 +281,8 @@ def train(cfg: RunConfig, events: Events | None = None) -> Result:
         bar.close()
 
     accelerator.wait_for_everyone()
+    if stopped and step > 0 and step < total:
+        save_state()  # Stop or Ctrl-C: Resume continues exactly from here
     final = run_dir / f"{name}.safetensors"
     thumb = None
     if main and cfg.sample.at_end and step > 0:

@@ -1,0 +1,116 @@
+"""Full training state for exact resume: LoRA weights, optimizer, LR schedule, grad scaler, every RNG,
+and the counters that place the run in its shuffled data order.
+
+A state is written into a hidden temp folder and renamed to `state/step-NNNNNN` only when complete
+(a `COMPLETE` marker is its last file), so a kill mid-save leaves the previous state as the latest.
+Tensors go to safetensors; optimizer/scheduler/scaler dicts go through torch.save and come back only
+through `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .atomic import write_text
+
+STATE_DIR = "state"
+COMPLETE = "COMPLETE"
+
+
+def trainable(models: dict) -> dict[str, torch.nn.Parameter]:
+    """Every trained parameter by a stable name: the LoRA weights of each model."""
+    return {f"{prefix}.{name}": p for prefix, model in models.items()
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+def folders(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / STATE_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / COMPLETE).exists())
+
+
+def latest(run_dir: Path) -> Path | None:
+    found = folders(run_dir)
+    return found[-1] if found else None
+
+
+def _rng_state(rng: random.Random, gen: torch.Generator) -> tuple[dict, dict]:
+    np_state = np.random.get_state()
+    plain = {"python": _listify(random.getstate()), "run": _listify(rng.getstate()),
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    tensors = {"torch": torch.get_rng_state(), "generator": gen.get_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return plain, tensors
+
+
+def _listify(x):
+    return [_listify(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
+
+
+def write_rank_rng(tmp: Path, rank: int, rng: random.Random, gen: torch.Generator) -> None:
+    plain, tensors = _rng_state(rng, gen)
+    tmp.mkdir(parents=True, exist_ok=True)
+    write_text(tmp / f"rng-{rank}.json", json.dumps(plain))
+    save_file(tensors, str(tmp / f"rng-{rank}.safetensors"))
+
+
+def temp_folder(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / STATE_DIR / f".tmp-step-{step:06d}"
+
+
+def commit(run_dir: Path, step: int, params: dict, optimizer, lr_scheduler, scaler, counters: dict, keep: int) -> Path:
+    """Write the shared part of the state, mark it complete, rename it into place, drop old states."""
+    tmp = temp_folder(run_dir, step)
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: p.detach().float().cpu().contiguous() for k, p in params.items()}, str(tmp / "lora.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                "scaler": scaler.state_dict()}, tmp / "optim.pt")
+    write_text(tmp / "counters.json", json.dumps(counters))
+    write_text(tmp / COMPLETE, f"step {step}\n")
+    final = Path(run_dir) / STATE_DIR / f"step-{step:06d}"
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in folders(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load(folder: Path, params: dict, optimizer, lr_scheduler, scaler, rng: random.Random, gen: torch.Generator,
+         rank: int) -> dict:
+    """Restore everything saved in `folder` into the live objects; returns the counters."""
+    weights = load_file(str(folder / "lora.safetensors"))
+    missing = sorted(set(params) ^ set(weights))
+    if missing:
+        raise ValueError(f"the saved state in {folder} does not match this run's LoRA "
+                         f"(e.g. {missing[0]}); was the config changed? Start a new run instead")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(weights[k].to(p.device, p.dtype))
+    blob = torch.load(folder / "optim.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    lr_scheduler.load_state_dict(blob["lr_scheduler"])
+    scaler.load_state_dict(blob["scaler"])
+    plain = json.loads((folder / f"rng-{rank}.json").read_text(encoding="utf-8"))
+    tensors = load_file(str(folder / f"rng-{rank}.safetensors"))
+    random.setstate(_tuplify(plain["python"]))
+    rng.setstate(_tuplify(plain["run"]))
+    kind, keys, *rest = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(tensors["torch"])
+    gen.set_state(tensors["generator"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors])
+    return json.loads((folder / "counters.json").read_text(encoding="utf-8"))
