@@ -93,3 +93,46 @@ def test_stop_saves_a_state_that_resumes_exactly(tiny_models, tmp_path):
     assert first.stopped_early and first.steps == 3 and state.latest(run).name == "step-000003"
     second = train(RunConfig.load(run / "config.toml"), resume=True)
     assert second.steps == 10 and second.lora_path.read_bytes() == ref
+
+
+def test_out_of_memory_gives_tier_advice(tiny_models, tmp_path, monkeypatch):
+    import torch
+
+    data = make_dataset(tmp_path / "data", n=2)
+    cfg = tiny_config(tiny_models["sd1"], data, tmp_path / "run")
+    calls = {"n": 0}
+    real = torch.nn.functional.mse_loss
+
+    def oom_on_second_step(*a, **k):  # what the CUDA allocator raises when a step does not fit
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*a, **k)
+
+    monkeypatch.setattr("trainer.loop.F.mse_loss", oom_on_second_step)
+    with pytest.raises(TrainingError, match=r"out of GPU memory at step 1 .*VRAM tier"):
+        train(cfg)
+
+
+def test_disk_full_during_save_keeps_the_previous_file(tiny_models, tmp_path, monkeypatch):
+    import errno
+
+    data = make_dataset(tmp_path / "data", n=2)
+    run = tmp_path / "run"
+    first = train(tiny_config(tiny_models["sd1"], data, run, **{"sample.at_end": False}))
+    before = first.lora_path.read_bytes()
+
+    real_write = Path.write_bytes
+
+    def disk_fills_halfway(self, data):  # the temp file gets half the bytes, then the disk is full
+        if self.name.startswith(".run.safetensors."):
+            with open(self, "wb") as f:
+                f.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", disk_fills_halfway)
+    with pytest.raises(TrainingError, match="No space left on device.*intact"):
+        train(tiny_config(tiny_models["sd1"], data, run, **{"sample.at_end": False, "train.max_steps": 2}))
+    assert first.lora_path.read_bytes() == before
+    assert not list(run.glob(".run.safetensors.*"))  # no half-written temp file left behind

@@ -277,6 +277,8 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
     except KeyboardInterrupt:
         stopped = True
         events.emit("stopping", step=step, message="interrupted: saving the LoRA before exiting")
+    except torch.OutOfMemoryError:
+        raise TrainingError(_oom_message(step, cfg)) from None
     finally:
         bar.close()
 
@@ -401,6 +403,14 @@ def _non_finite_message(step: int, mixed_precision: str) -> str:
     return f"loss became NaN/inf at step {step} ({hint}); the last saved LoRA is kept"
 
 
+def _oom_message(step: int, cfg: RunConfig) -> str:
+    t = cfg.train
+    return (f"out of GPU memory at step {step} (batch {t.batch_size}, {cfg.data.resolution} px, checkpointing "
+            f"{'on' if t.gradient_checkpointing else 'off'}, {t.mixed_precision}): pick the next smaller VRAM "
+            "tier (--vram), or set train.batch_size=1, train.gradient_checkpointing=true, "
+            "train.mixed_precision=fp16, optim.optimizer=adamw8bit, lora.train_text_encoder=false")
+
+
 def _latents(data, batch_idx, crops, flips, cache, vae, vae_id, gen):
     out, crop_tl = [], []
     for i, crop, flip in zip(batch_idx, crops, flips):
@@ -464,5 +474,9 @@ def _save(path: Path, step: int, epoch: int, events: Events, *, cfg, base, data,
         epoch=epoch + 1, started=started, finished=now_epoch(), base_name=base.name, base_hash=base.file_hash,
         thumbnail=png_data_url(thumbnail) if thumbnail else None,
     )
-    save_lora(path, tensors, {**metadata, **extra})
+    try:
+        save_lora(path, tensors, {**metadata, **extra})
+    except OSError as e:  # written to a temp file first: the previous file at `path` is untouched
+        raise TrainingError(f"could not save {path.name}: {e.strerror or e} (free disk space or pick another "
+                            f"save.output_dir; any earlier {path.name} is intact)") from None
     events.emit("saved", step=step, path=str(path))
