@@ -8,9 +8,12 @@ from pathlib import Path
 
 
 def main(kinds=("character", "style", "concept"), overrides: list[str] = ()) -> dict:
-    from ..world.learn import as_dict, learn, load_pipeline
+    from ..world.learn import as_dict, generation_seconds, learn, load_pipeline, prompt_following
 
     pipe = load_pipeline()
+    follow = prompt_following(pipe, 48, seed=7)
+    print(f"base model: shape+colour right in {follow['hits']}/{follow['prompts']} prompts "
+          f"({follow['accuracy']:.0%}); one 64 px generation {generation_seconds(pipe):.2f} s", flush=True)
     results = {}
     with tempfile.TemporaryDirectory(prefix="lora-studio-learn-") as tmp:
         for kind in kinds:

@@ -43,6 +43,27 @@ def generate(pipe, prompts: list[str], seed: int, steps: int, guidance: float) -
                  generator=torch.Generator().manual_seed(seed + i)).images[0] for i, p in enumerate(prompts)]
 
 
+def prompt_following(pipe, n: int, seed: int, steps: int = 20, guidance: float = 4.0) -> dict:
+    """Generate `n` base-world prompts and count images whose shape and colour the checker confirms."""
+    from .checker import follows
+
+    rng = random.Random(seed)
+    scenes = [shapes.random_scene(rng) for _ in range(n)]
+    images = generate(pipe, [s.caption() for s in scenes], seed, steps, guidance)
+    hits = sum(follows(im, s.shape, s.colour) for im, s in zip(images, scenes))
+    return {"prompts": n, "hits": hits, "accuracy": hits / n}
+
+
+def generation_seconds(pipe, repeats: int = 3) -> float:
+    """Median wall time of one full generation at the model's native size (20 steps with CFG)."""
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        generate(pipe, ["a large red circle on a blue background"], i, EVAL["steps"], EVAL["guidance"])
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2]  # the first call warms caches up
+
+
 def load_pipeline(source: str = "tiny"):
     from diffusers import StableDiffusionPipeline
 

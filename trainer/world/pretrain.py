@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import shapes
-from .checker import follows
+from .learn import prompt_following
 
 WORDS = sorted(set(
     "a an the of on in at with and photo style small large big tiny red green blue yellow orange purple "
@@ -177,22 +177,6 @@ def train_unet(r: dict, steps: int, vae, tokenizer, rng: random.Random):
     return unet.eval(), te.eval()
 
 
-def eval_prompts(n: int, seed: int) -> list[shapes.Scene]:
-    rng = random.Random(seed)
-    return [shapes.random_scene(rng) for _ in range(n)]
-
-
-@torch.no_grad()
-def prompt_accuracy(pipe, n: int, seed: int, steps: int, cfg: float) -> dict:
-    scenes = eval_prompts(n, seed)
-    hits = 0
-    for i, scene in enumerate(scenes):
-        image = pipe(scene.caption(), num_inference_steps=steps, guidance_scale=cfg,
-                     generator=torch.Generator().manual_seed(seed + i)).images[0]
-        hits += follows(image, scene.shape, scene.colour)
-    return {"prompts": n, "hits": hits, "accuracy": hits / n}
-
-
 def save(out: Path, vae, te, tokenizer, unet):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -229,7 +213,7 @@ def main(argv=None) -> int:
     pipe = save(args.out, vae, te, tokenizer, unet)
     train_s = time.time() - t0
     pipe.set_progress_bar_config(disable=True)
-    acc = prompt_accuracy(pipe, r["eval_prompts"], 99, r["eval_steps"], r["cfg"])
+    acc = prompt_following(pipe, r["eval_prompts"], 99, r["eval_steps"], r["cfg"])
     report = {"recipe": r, "train_seconds": round(train_s), "torch_threads": torch.get_num_threads(), **acc}
     (args.out / "pretrain_report.json").write_text(json.dumps(report, indent=1) + "\n")
     log(json.dumps(report))
