@@ -8,15 +8,18 @@ from trainer.config import ConfigError
 from trainer.data.scan import DatasetError
 
 from .jobs import JobRunner
+from .preview_client import PreviewClient, PreviewError
 from .workspace import Workspace, WorkspaceError
 
-USER_ERRORS = (WorkspaceError, ConfigError, DatasetError, FileExistsError, ValueError, RuntimeError, OSError)
+USER_ERRORS = (WorkspaceError, ConfigError, DatasetError, PreviewError, FileExistsError, ValueError, RuntimeError,
+               OSError)
 
 
 @dataclass
 class Ctx:
     ws: Workspace
     runner: JobRunner
+    preview: PreviewClient | None = None
 
 
 def guard(fn):

@@ -5,7 +5,8 @@ import gradio as gr
 
 from .context import Ctx
 from .jobs import JobRunner
-from .tabs import datasets, train
+from .preview_client import PreviewClient
+from .tabs import datasets, library, preview, train
 from .workspace import Workspace
 
 CSS = "#run-state p {font-size: 1.05em} footer {display: none !important}"
@@ -17,6 +18,8 @@ def build_app(ctx: Ctx) -> gr.Blocks:
         with gr.Tabs():
             ds = datasets.build(ctx)
             tr = train.build(ctx)
+            pv = preview.build(ctx)
+            lib = library.build(ctx)
 
         def lists():
             names = ctx.ws.dataset_names()
@@ -26,6 +29,10 @@ def build_app(ctx: Ctx) -> gr.Blocks:
         ds["dataset"].change(lists, None, list(tr["refresh_datasets"]))
         settings, inputs, outputs = tr["settings"]
         demo.load(settings, inputs, outputs)
+        listing, l_in, l_out = lib["listing"]
+        demo.load(listing, l_in, l_out)
+        refresh, r_out = pv["refresh"]
+        demo.load(refresh, None, r_out)  # LoRAs finished since the page was built
     return demo
 
 
@@ -33,7 +40,7 @@ def serve(ws: Workspace, *, host: str = "127.0.0.1", port: int = 7860, auth=None
           block: bool = True):
     ws.ensure()
     runner = JobRunner(ws.runs, cwd=ws.root).start()
-    demo = build_app(Ctx(ws, runner))
+    demo = build_app(Ctx(ws, runner, PreviewClient(ws.root / "preview")))
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=host, server_port=port, auth=auth, inbrowser=open_browser, prevent_thread_lock=not block,
                 allowed_paths=[str(ws.root)], css=CSS, quiet=False, show_error=True, footer_links=[])

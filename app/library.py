@@ -1,0 +1,217 @@
+"""The LoRA library: every .safetensors in loras/ and every finished run, read from file headers only
+(no torch). Rename rewrites the header into a new file; delete moves to the trash; tools run the
+trainer CLI in a subprocess and always write new files."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.atomic import write_bytes
+from trainer.data.importer import sanitize_name
+
+from .workspace import Workspace, WorkspaceError
+
+MAX_HEADER = 100 * 2**20
+
+
+@dataclass
+class Entry:
+    name: str
+    path: Path
+    family: str
+    rank: str
+    trigger: str
+    size_mb: float
+    sha256: str
+    source: str  # "library" or "run <name>"
+    metadata: dict
+
+    def row(self) -> list:
+        return [self.name, self.family, self.rank, self.trigger, round(self.size_mb, 2), self.sha256[:12], self.source]
+
+
+HEADERS = ["name", "family", "rank", "trigger", "MB", "sha256", "from"]
+FAMILIES = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl"}
+_hash_cache: dict[tuple[str, float], str] = {}
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """(safetensors header, its length); a broken file raises WorkspaceError with the reason."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise WorkspaceError(f"{path.name} is not a safetensors file (too short)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER or n > path.stat().st_size - 8:
+                raise WorkspaceError(f"{path.name} is truncated or not a safetensors file")
+            return json.loads(f.read(n)), n
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise WorkspaceError(f"{path.name} cannot be read as safetensors: {e}") from None
+
+
+def sha256(path: Path) -> str:
+    key = (str(path), path.stat().st_mtime)
+    if key not in _hash_cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _hash_cache[key] = h.hexdigest()
+    return _hash_cache[key]
+
+
+def entry(path: Path, source: str) -> Entry:
+    header, _ = read_header(path)
+    md = header.get("__metadata__", {}) or {}
+    ranks = sorted({v["shape"][0] for k, v in header.items() if k.endswith(("lora_down.weight", "lora_A.weight"))})
+    rank = md.get("ss_network_dim") or (str(ranks[0]) if len(ranks) == 1 else "/".join(map(str, ranks[:3])))
+    family = FAMILIES.get(md.get("ss_base_model_version", ""), "") or md.get("modelspec.architecture", "?").split("/")[0]
+    return Entry(md.get("ss_output_name") or path.stem, path, family, str(rank), md.get("modelspec.trigger_phrase", ""),
+                 path.stat().st_size / 2**20, sha256(path), source, md)
+
+
+def entries(ws: Workspace) -> list[Entry]:
+    found = []
+    for p in sorted(ws.loras.glob("*.safetensors")):
+        found.append(_safe_entry(p, "library"))
+    for run in sorted(p for p in ws.runs.iterdir() if p.is_dir()) if ws.runs.is_dir() else []:
+        for p in sorted(run.glob("*.safetensors")):
+            found.append(_safe_entry(p, f"run {run.name}"))
+    return [e for e in found if e is not None]
+
+
+def _safe_entry(path: Path, source: str) -> Entry | None:
+    try:
+        return entry(path, source)
+    except WorkspaceError:
+        return None  # broken files are refused at import; one that broke later is simply not listed
+
+
+def search(items: list[Entry], text: str = "", family: str = "") -> list[Entry]:
+    text = text.strip().lower()
+    return [e for e in items if (not family or e.family == family)
+            and (not text or text in e.name.lower() or text in e.trigger.lower())]
+
+
+def cover(ws: Workspace, e: Entry) -> str | None:
+    """The file's thumbnail (modelspec.thumbnail data URL) as a PNG path, or None."""
+    url = e.metadata.get("modelspec.thumbnail", "")
+    if not url.startswith("data:image/"):
+        return None
+    out = ws.root / ".covers" / f"{e.sha256[:16]}.png"
+    if not out.exists():
+        try:
+            write_bytes(out, base64.b64decode(url.split(",", 1)[1]))
+        except (ValueError, IndexError):
+            return None
+    return str(out)
+
+
+def details(e: Entry) -> dict:
+    md = e.metadata
+    keys = ("ss_network_dim", "ss_network_alpha", "ss_learning_rate", "ss_unet_lr", "ss_text_encoder_lr",
+            "ss_max_train_steps", "ss_num_train_images", "ss_resolution", "ss_seed", "ss_sd_model_name")
+    info = {k: md[k] for k in keys if k in md}
+    try:
+        info["datasets"] = {name: len(tags) for name, tags in json.loads(md.get("ss_tag_frequency", "{}")).items()}
+    except ValueError:
+        pass
+    return {"file": str(e.path), "sha256": e.sha256, **info}
+
+
+def rewrite_name(src: Path, dst: Path, new_name: str) -> None:
+    """A copy of `src` at `dst` whose ss_output_name (and ModelSpec title) say `new_name`."""
+    header, n = read_header(src)
+    md = header.setdefault("__metadata__", {})
+    md["ss_output_name"] = new_name
+    if "modelspec.title" in md:
+        md["modelspec.title"] = new_name
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
+    with open(src, "rb") as f:
+        f.seek(8 + n)
+        data = f.read()
+    write_bytes(dst, struct.pack("<Q", len(raw)) + raw + data)
+
+
+def rename(ws: Workspace, e: Entry, new_name: str) -> Path:
+    new_name = sanitize_name(new_name)
+    dst = ws.loras / f"{new_name}.safetensors"
+    if dst.exists():
+        raise WorkspaceError(f"{dst.name} already exists in the library; pick another name")
+    rewrite_name(e.path, dst, new_name)
+    if e.source == "library":
+        trash(ws, e)  # the old name goes away, but into the trash, not oblivion
+    return dst
+
+
+def trash(ws: Workspace, e: Entry) -> Path:
+    target = ws.trash / "loras" / time.strftime("%Y%m%d-%H%M%S")
+    target.mkdir(parents=True, exist_ok=True)
+    dst = target / e.path.name
+    shutil.move(str(e.path), dst)
+    return dst
+
+
+def cli(*args: str, timeout: int = 1800) -> str:
+    proc = subprocess.run([sys.executable, "-m", "trainer", *args], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise WorkspaceError(lines[-1].removeprefix("lora-studio: error: ") if lines else f"failed ({proc.returncode})")
+    return proc.stdout.strip()
+
+
+def import_file(ws: Workspace, path: str) -> Path:
+    """Validate an uploaded LoRA with the trainer's reader, then copy it into the library."""
+    src = Path(path)
+    if src.suffix.lower() != ".safetensors":
+        raise WorkspaceError(f"{src.name}: only .safetensors LoRA files are imported (no pickles)")
+    read_header(src)
+    cli("lora", "inspect", str(src), "--json")  # refuses truncated files, unknown kinds and layouts
+    dst = ws.loras / f"{sanitize_name(src.stem)}.safetensors"
+    n = 2
+    while dst.exists():
+        dst, n = ws.loras / f"{sanitize_name(src.stem)}-{n}.safetensors", n + 1
+    shutil.copyfile(src, dst)
+    return dst
+
+
+def export(ws: Workspace, e: Entry) -> list[str]:
+    """The .safetensors and its model card, for download."""
+    card = e.path.with_name(e.path.stem + ".README.md")
+    if not card.exists():
+        cli("lora", "card", str(e.path))
+    return [str(e.path), str(card)]
+
+
+def new_path(ws: Workspace, stem: str) -> Path:
+    path, n = ws.loras / f"{stem}.safetensors", 2
+    while path.exists():
+        path, n = ws.loras / f"{stem}-{n}.safetensors", n + 1
+    return path
+
+
+def merge(ws: Workspace, items: list[tuple[Entry, float]], rank: int = 0) -> Path:
+    out = new_path(ws, "merged-" + "-".join(sanitize_name(e.name)[:16] for e, _ in items))
+    args = ["lora", "merge", *[f"{e.path}:{w:g}" for e, w in items], "--out", str(out)]
+    cli(*args, *(["--rank", str(rank)] if rank else []))
+    return out
+
+
+def resize(ws: Workspace, e: Entry, rank: int) -> Path:
+    out = new_path(ws, f"{sanitize_name(e.name)}-r{rank}")
+    cli("lora", "resize", str(e.path), "--out", str(out), "--rank", str(rank))
+    return out
+
+
+def analyze(e: Entry) -> str:
+    return cli("lora", "analyze", str(e.path))

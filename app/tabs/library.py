@@ -1,0 +1,116 @@
+"""Library tab: every LoRA in the workspace with cover, family, rank, triggers, settings, size and
+hash; search, rename, trash, export with its model card, import, and merge/resize/analyze."""
+from __future__ import annotations
+
+import json
+
+import gradio as gr
+
+from .. import library
+from ..context import Ctx, guard
+from ..workspace import WorkspaceError
+
+
+def build(ctx: Ctx) -> dict:
+    ws = ctx.ws
+    with gr.Tab("Library", id="library"):
+        with gr.Row():
+            query = gr.Textbox(label="Search name or trigger", scale=3)
+            family = gr.Dropdown(["", "sd1", "sd2", "sdxl"], value="", label="Family")
+            refresh = gr.Button("Refresh", elem_id="library-refresh")
+        table = gr.Dataframe(headers=library.HEADERS, interactive=False, elem_id="library-table")
+        paths = gr.State([])
+        with gr.Row():
+            cover = gr.Image(label="Cover", type="filepath", height=200, elem_id="library-cover")
+            info = gr.Code(label="Details", language="json", elem_id="library-details")
+        chosen = gr.Textbox(label="Selected file", interactive=False, elem_id="library-selected")
+        with gr.Row():
+            new_name = gr.Textbox(label="New name")
+            rename = gr.Button("Rename")
+            delete = gr.Button("Move to trash", variant="stop")
+            export = gr.Button("Export with model card")
+        download = gr.File(label="Download", file_count="multiple")
+        with gr.Row():
+            upload = gr.File(file_types=[".safetensors"], type="filepath", label="Import a LoRA (.safetensors)")
+        with gr.Row():
+            merge_with = gr.Textbox(label="Merge: other names with weights, e.g. style:0.6", scale=2)
+            merge_rank = gr.Number(0, precision=0, label="Merge to rank (0 = exact)")
+            merge = gr.Button("Merge")
+            resize_rank = gr.Number(8, precision=0, label="Resize to rank")
+            resize = gr.Button("Resize")
+            analyze = gr.Button("Analyze")
+        message = gr.Markdown(elem_id="library-message")
+
+    def listing(q, fam):
+        items = library.search(library.entries(ws), q or "", fam or "")
+        return [e.row() for e in items], [str(e.path) for e in items]
+
+    def find(path: str) -> library.Entry:
+        for e in library.entries(ws):
+            if str(e.path) == path:
+                return e
+        raise WorkspaceError("pick a LoRA in the table first")
+
+    for trigger_event in (refresh.click, query.submit, family.change):
+        trigger_event(listing, [query, family], [table, paths])
+
+    @guard
+    def select(ps, evt: gr.SelectData):
+        e = find(ps[evt.index[0]])
+        return str(e.path), library.cover(ws, e), json.dumps(library.details(e), indent=1), e.name
+
+    table.select(select, paths, [chosen, cover, info, new_name])
+
+    @guard
+    def do_rename(path, name, q, fam):
+        out = library.rename(ws, find(path), name)
+        return f"renamed to {out.name}", *listing(q, fam)
+
+    rename.click(do_rename, [chosen, new_name, query, family], [message, table, paths])
+
+    @guard
+    def do_delete(path, q, fam):
+        out = library.trash(ws, find(path))
+        return f"moved to {out.parent}", *listing(q, fam)
+
+    delete.click(do_delete, [chosen, query, family], [message, table, paths])
+
+    @guard
+    def do_export(path):
+        return library.export(ws, find(path))
+
+    export.click(do_export, chosen, download)
+
+    @guard
+    def do_import(path, q, fam):
+        if not path:
+            return gr.skip(), gr.skip(), gr.skip()
+        out = library.import_file(ws, path)
+        return f"imported {out.name}", *listing(q, fam)
+
+    upload.upload(do_import, [upload, query, family], [message, table, paths])
+
+    @guard
+    def do_merge(path, others, rank, q, fam):
+        items = [(find(path), 1.0)]
+        by_name = {e.name: e for e in library.entries(ws)}
+        for part in [p for p in others.split() if p]:
+            name, _, w = part.partition(":")
+            if name not in by_name:
+                raise WorkspaceError(f"no LoRA named {name!r}")
+            items.append((by_name[name], float(w or 1)))
+        if len(items) < 2:
+            raise WorkspaceError("name at least one other LoRA to merge with")
+        out = library.merge(ws, items, int(rank or 0))
+        return f"wrote {out.name}", *listing(q, fam)
+
+    merge.click(do_merge, [chosen, merge_with, merge_rank, query, family], [message, table, paths])
+
+    @guard
+    def do_resize(path, rank, q, fam):
+        out = library.resize(ws, find(path), int(rank))
+        return f"wrote {out.name}", *listing(q, fam)
+
+    resize.click(do_resize, [chosen, resize_rank, query, family], [message, table, paths])
+    analyze.click(guard(lambda path: f"```\n{library.analyze(find(path))}\n```"), chosen, message)
+    return {"listing": (listing, [query, family], [table, paths])}

@@ -1,0 +1,172 @@
+"""Preview tab: mix up to three LoRAs at chosen weights over a base model, generate and compare.
+Rendering happens in the preview worker, which keeps the pipeline and loaded LoRAs warm."""
+from __future__ import annotations
+
+import json
+
+import gradio as gr
+
+from .. import library, prompt_tags
+from .. import train_form as form
+from ..context import Ctx, guard
+from ..workspace import WorkspaceError
+
+SLOTS = 3
+SAMPLERS = ["ddim", "euler", "euler_a", "dpm++"]
+
+
+def lora_choices(ws) -> list[tuple[str, str]]:
+    return [(f"{e.name} ({e.source})", str(e.path)) for e in library.entries(ws)]
+
+
+def parse_weights(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.replace(";", ",").split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"weights {text!r} must be numbers separated by commas, e.g. 0, 0.5, 1") from None
+    if not values or len(values) > 6:
+        raise ValueError("give 1 to 6 weights, e.g. 0, 0.5, 1")
+    return values
+
+
+def build(ctx: Ctx) -> dict:
+    ws = ctx.ws
+    with gr.Tab("Preview", id="preview"):
+        with gr.Row():
+            base = gr.Dropdown([form.EMBEDDED], value=form.EMBEDDED, allow_custom_value=True, scale=3,
+                               label="Base model", elem_id="preview-base")
+            drop = gr.File(file_types=[".safetensors"], type="filepath", label="Drop a LoRA file (added to the library)",
+                           elem_id="preview-drop", scale=2)
+        slots = []
+        for i in range(SLOTS):
+            with gr.Row(elem_id=f"slot{i}"):
+                f = gr.Dropdown(lora_choices(ws), value=None, label=f"LoRA {i + 1}", scale=3, elem_id=f"slot{i}-file")
+                w = gr.Slider(-2, 2, value=1.0, step=0.05, label="weight", scale=2, elem_id=f"slot{i}-weight")
+                sep = gr.Checkbox(False, label="separate UNet / text encoder", elem_id=f"slot{i}-sep")
+                wu = gr.Slider(-2, 2, value=1.0, step=0.05, label="UNet", elem_id=f"slot{i}-unet")
+                wt = gr.Slider(-2, 2, value=1.0, step=0.05, label="text encoder", elem_id=f"slot{i}-te")
+                on = gr.Checkbox(True, label="on", elem_id=f"slot{i}-on")
+            slots.append((f, w, sep, wu, wt, on))
+        with gr.Row():
+            prompt = gr.Textbox(label="Prompt (A1111 <lora:name:0.8> tags work too)", lines=2, scale=4,
+                                elem_id="preview-prompt")
+            with gr.Column(scale=1):
+                trigger = gr.Dropdown([], label="Trigger words of the chosen LoRAs", elem_id="triggers")
+                insert = gr.Button("Insert trigger")
+        negative = gr.Textbox(label="Negative prompt")
+        with gr.Row():
+            seed = gr.Number(0, precision=0, label="Seed")
+            steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
+            cfg = gr.Slider(0, 20, value=4.0, step=0.5, label="CFG")
+            size = gr.Number(0, precision=0, label="Size (0 = native)")
+            sampler = gr.Dropdown(SAMPLERS, value="ddim", label="Sampler")
+        with gr.Row():
+            generate = gr.Button("Generate", variant="primary", elem_id="generate")
+            mode = gr.Radio(["base / each / mix", "X/Y over LoRA 1 and 2 weights"], value="base / each / mix",
+                            label="Compare")
+            xs = gr.Textbox("0, 0.5, 1", label="LoRA 1 weights (X)")
+            ys = gr.Textbox("0, 0.5, 1", label="LoRA 2 weights (Y)")
+            compare = gr.Button("Compare", elem_id="compare")
+            drift_btn = gr.Button("Drift (embedded model)", elem_id="drift")
+        with gr.Row():
+            image = gr.Image(label="Image", type="filepath", elem_id="preview-image", height=320)
+            grid = gr.Image(label="Compare grid", type="filepath", elem_id="compare-grid", height=320)
+        settings = gr.Code(label="Exact settings used", language="json", elem_id="preview-settings")
+
+    slot_inputs = [c for s in slots for c in s]
+
+    def request(b, pr, neg, sd, st, cf, sz, smp, *slot_values):
+        loras = []
+        for i in range(SLOTS):
+            f, w, sep, wu, wt, on = slot_values[i * 6:(i + 1) * 6]
+            if f:
+                loras.append({"path": f, "weight": float(w), "unet": float(wu) if sep else None,
+                              "text_encoder": float(wt) if sep else None, "enabled": bool(on)})
+        return {"base": form.model_source(b), "loras": loras, "prompt": pr, "negative": neg, "seed": int(sd or 0),
+                "steps": int(st), "guidance": float(cf), "size": int(sz) or None, "sampler": smp}
+
+    def apply_tags(pr, slot_values):
+        """Move `<lora:name:w>` tags into the slots; returns the clean prompt and the new slot values."""
+        clean, tags = prompt_tags.split(pr)
+        values = list(slot_values)
+        if not tags:
+            return pr, values
+        by_name = {}
+        for e in library.entries(ws):
+            by_name.setdefault(e.name, str(e.path))
+            by_name.setdefault(e.path.stem, str(e.path))
+        for name, weight, te in tags:
+            if name not in by_name:
+                raise WorkspaceError(f"no LoRA named {name!r} in the library (prompt tag <lora:{name}:...>)")
+            path = by_name[name]
+            files = [values[i * 6] for i in range(SLOTS)]
+            i = files.index(path) if path in files else next((k for k, f in enumerate(files) if not f), None)
+            if i is None:
+                raise WorkspaceError(f"all {SLOTS} LoRA slots are in use; clear one for {name}")
+            values[i * 6:(i + 1) * 6] = [path, weight, te is not None, weight, te if te is not None else weight, True]
+        return clean, values
+
+    common = [base, prompt, negative, seed, steps, cfg, size, sampler]
+
+    @guard
+    def do_generate(b, pr, neg, sd, st, cf, sz, smp, *slot_values):
+        pr, values = apply_tags(pr, slot_values)
+        reply = ctx.preview.call("generate", request=request(b, pr, neg, sd, st, cf, sz, smp, *values))
+        return (reply["image"], json.dumps(reply["settings"], indent=1), pr, *values)
+
+    generate.click(do_generate, common + slot_inputs, [image, settings, prompt, *slot_inputs])
+
+    @guard
+    def do_compare(m, x, y, b, pr, neg, sd, st, cf, sz, smp, *slot_values):
+        pr, values = apply_tags(pr, slot_values)
+        req = request(b, pr, neg, sd, st, cf, sz, smp, *values)
+        if m.startswith("X/Y"):
+            reply = ctx.preview.call("xy", request=req, xs=parse_weights(x), ys=parse_weights(y))
+        else:
+            reply = ctx.preview.call("compare", request=req)
+        return (reply["image"], pr, *values)
+
+    compare.click(do_compare, [mode, xs, ys, *common, *slot_inputs], [grid, prompt, *slot_inputs])
+
+    @guard
+    def do_drift(b, *slot_values):
+        out = {}
+        for i in range(SLOTS):
+            f = slot_values[i * 6]
+            if f:
+                out[f] = ctx.preview.call("drift", request={"base": form.model_source(b)}, lora=f)["drift"]
+        if not out:
+            raise ValueError("choose a LoRA first")
+        return json.dumps({"drift (mean pixel change on trigger-free prompts, 0..1)": out}, indent=1)
+
+    drift_btn.click(do_drift, [base, *slot_inputs], settings)
+
+    def triggers(*slot_values):
+        words = []
+        paths = {slot_values[i * 6] for i in range(SLOTS) if slot_values[i * 6]}
+        for e in library.entries(ws):
+            if str(e.path) in paths and e.trigger:
+                words += [t.strip() for t in e.trigger.split(",") if t.strip()]
+        return gr.Dropdown(choices=sorted(set(words)), value=words[0] if words else None)
+
+    for f, *_ in slots:
+        f.change(triggers, slot_inputs, trigger)
+    insert.click(lambda t, p: (f"{t}, {p}" if p else t) if t else p, [trigger, prompt], prompt)
+
+    @guard
+    def do_drop(path, *slot_values):
+        if not path:
+            return (gr.skip(),) * len(slots)
+        added = library.import_file(ws, path)
+        choices = lora_choices(ws)
+        files = [slot_values[i * 6] for i in range(SLOTS)]
+        free = next((i for i, f in enumerate(files) if not f), 0)
+        return tuple(gr.Dropdown(choices=choices, value=str(added) if i == free else files[i]) for i in range(SLOTS))
+
+    drop.upload(do_drop, [drop, *slot_inputs], [s[0] for s in slots])
+
+    def refresh():
+        choices = lora_choices(ws)
+        return tuple(gr.Dropdown(choices=choices) for _ in range(SLOTS))
+
+    return {"refresh": (refresh, [s[0] for s in slots])}

@@ -1,0 +1,164 @@
+"""Preview: one warm pipeline per base model, LoRAs mixed as diffusers adapters at chosen weights.
+
+Files are loaded once (per path and modification time) and stay loaded; changing a weight is only a
+`set_adapters` call. Family mismatches are refused before loading. Grids render at one seed.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from .lora_file import LoraError, check_family, read_lora
+from .models import load_base
+
+SAMPLERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
+            "dpm++": "DPMSolverMultistepScheduler"}
+
+
+@dataclass
+class Slot:
+    path: str
+    weight: float = 1.0
+    unet: float | None = None  # separate UNet / text-encoder weights; None = `weight`
+    text_encoder: float | None = None
+    enabled: bool = True
+
+
+@dataclass
+class Request:
+    base: str = "tiny"
+    loras: list[Slot] = field(default_factory=list)
+    prompt: str = ""
+    negative: str = ""
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 4.0
+    size: int | None = None  # None = the model's native size
+    sampler: str = "ddim"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Request":
+        d = dict(d)
+        d["loras"] = [Slot(**s) for s in d.get("loras", [])]
+        return cls(**d)
+
+
+class Previewer:
+    def __init__(self):
+        self.base_source: str | None = None
+        self.base = None
+        self.pipe = None
+        self.adapters: dict[str, tuple[str, float]] = {}  # path -> (adapter name, mtime)
+        self.loads = 0  # LoRA files read from disk, for the "changing a weight never reloads" test
+
+    # ---- pipeline and adapters ---------------------------------------------------------------------
+    def pipeline(self, source: str):
+        if source != self.base_source:
+            self.base = load_base(source)
+            b = self.base
+            from diffusers import DDIMScheduler
+
+            self.pipe = b.family.pipeline(b.unet, b.vae, b.text_encoders, b.tokenizers,
+                                          DDIMScheduler.from_config(b.scheduler_config))
+            self.pipe.set_progress_bar_config(disable=True)
+            self.base_source, self.adapters = source, {}
+        return self.pipe
+
+    def adapter(self, path: str) -> str:
+        p = Path(path)
+        if not p.is_file():
+            raise LoraError(f"LoRA file {path} does not exist")
+        mtime = os.stat(p).st_mtime
+        known = self.adapters.get(str(p))
+        if known and known[1] == mtime:
+            return known[0]
+        lora = read_lora(p)  # refuses broken files and unsupported kinds by name
+        check_family(lora, self.base.family.name)
+        name = f"lora{len(self.adapters) + self.loads}"
+        if known:
+            self.pipe.delete_adapters([known[0]])
+        self.pipe.load_lora_weights(str(p), adapter_name=name)
+        self.loads += 1
+        self.adapters[str(p)] = (name, mtime)
+        return name
+
+    def apply(self, slots: list[Slot]) -> None:
+        active = [s for s in slots if s.enabled]
+        if not self.adapters and not active:
+            return
+        if not active:
+            self.pipe.disable_lora()
+            return
+        names = [self.adapter(s.path) for s in active]
+        parts = self.pipe.get_list_adapters()
+        weights = []
+        for name, s in zip(names, active):
+            w = {}
+            for component in parts:
+                if name in parts[component]:
+                    own = s.unet if component == "unet" else s.text_encoder
+                    w[component] = s.weight if own is None else own
+            weights.append(w)
+        self.pipe.enable_lora()
+        self.pipe.set_adapters(names, adapter_weights=weights)
+
+    def scheduler(self, sampler: str):
+        import diffusers
+
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+        return getattr(diffusers, SAMPLERS[sampler]).from_config(self.base.scheduler_config)
+
+    # ---- rendering ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, req: Request) -> tuple[Image.Image, dict]:
+        pipe = self.pipeline(req.base)
+        self.apply(req.loras)
+        pipe.scheduler = self.scheduler(req.sampler)
+        size = req.size or pipe.unet.config.sample_size * pipe.vae_scale_factor  # the model's native size
+        image = pipe(req.prompt, negative_prompt=req.negative or None, num_inference_steps=req.steps,
+                     guidance_scale=req.guidance, height=size, width=size,
+                     generator=torch.Generator("cpu").manual_seed(req.seed)).images[0]
+        settings = {**asdict(req), "size": size, "family": self.base.family.name}
+        return image, settings
+
+    def compare(self, req: Request) -> tuple[Image.Image, list[str]]:
+        """Base, each LoRA alone, and the mix, at one seed, side by side."""
+        cells = [("base", [])]
+        enabled = [s for s in req.loras if s.enabled]
+        cells += [(f"{Path(s.path).stem} @ {s.weight:g}", [s]) for s in enabled]
+        if len(enabled) > 1:
+            cells.append(("mix", enabled))
+        images = [self.generate(Request(**{**asdict(req), "loras": slots}))[0] for _, slots in cells]
+        return grid(images, [c[0] for c in cells], columns=len(images)), [c[0] for c in cells]
+
+    def xy(self, req: Request, xs: list[float], ys: list[float]) -> Image.Image:
+        """An X/Y grid over the first two LoRAs' weights."""
+        if len([s for s in req.loras if s.enabled]) < 2:
+            raise ValueError("an X/Y grid needs two enabled LoRAs")
+        a, b = [s for s in req.loras if s.enabled][:2]
+        images, labels = [], []
+        for y in ys:
+            for x in xs:
+                slots = [Slot(a.path, x), Slot(b.path, y)]
+                images.append(self.generate(Request(**{**asdict(req), "loras": slots}))[0])
+                labels.append(f"{x:g} / {y:g}")
+        return grid(images, labels, columns=len(xs))
+
+
+def grid(images: list[Image.Image], labels: list[str], columns: int) -> Image.Image:
+    w, h = images[0].size
+    scale = max(1, 192 // w)  # tiny 64 px images are enlarged so the grid is readable
+    cw, ch, band = w * scale, h * scale, 16
+    rows = (len(images) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * cw, rows * (ch + band)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (im, label) in enumerate(zip(images, labels)):
+        x, y = (i % columns) * cw, (i // columns) * (ch + band)
+        sheet.paste(im.resize((cw, ch), Image.NEAREST), (x, y + band))
+        draw.text((x + 3, y + 2), label[:40], fill="black")
+    return sheet
