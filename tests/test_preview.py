@@ -1,0 +1,107 @@
+"""Preview mixing on tiny models: weight 0 is the base, two LoRAs at (a, b) equal both fused at those
+scales, UNet/text-encoder weights act on their own parts, weight changes never reload files, and the
+library reads, renames and refuses files without torch."""
+import numpy as np
+import pytest
+from safetensors.torch import load_file, save_file
+
+from app import library, prompt_tags
+from app.workspace import Workspace, WorkspaceError
+from tests.conftest import make_dataset, tiny_config
+from trainer.lora_file import LoraError
+from trainer.loop import train
+from trainer.preview import Previewer, Request, Slot
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("loras")
+    data = make_dataset(root / "data", n=4)
+    out = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        cfg = tiny_config(tiny_models["sd1"], data, root / name, **{
+            "train.seed": seed, "train.max_steps": 6, "optim.lr": 2e-2, "lora.train_text_encoder": True,
+            "sample.at_end": False})
+        out[name] = str(train(cfg).lora_path)
+    cfg = tiny_config(tiny_models["sdxl"], data, root / "xl", **{"train.max_steps": 1, "sample.at_end": False})
+    out["xl"] = str(train(cfg).lora_path)
+    return out
+
+
+def image(previewer, model, slots, prompt="a red circle"):
+    req = Request(base=str(model), loras=slots, prompt=prompt, seed=3, steps=4, guidance=3.0)
+    return np.asarray(previewer.generate(req)[0], dtype=np.int16)
+
+
+def test_weights_mix_like_fused_adapters(tiny_models, loras):
+    model = tiny_models["sd1"]
+    p = Previewer()
+    base = image(p, model, [])
+    assert np.array_equal(image(p, model, [Slot(loras["a"], 0.0)]), base)  # weight 0 is the base, exactly
+    mixed = image(p, model, [Slot(loras["a"], 0.8), Slot(loras["b"], -0.6)])
+    assert np.abs(mixed - base).max() > 10
+
+    ref = Previewer()  # a fresh pipeline with both adapters fused into its weights at (0.8, -0.6)
+    ref.pipeline(str(model))
+    names = [ref.adapter(loras["a"]), ref.adapter(loras["b"])]
+    ref.pipe.set_adapters(names, [0.8, -0.6])
+    ref.pipe.fuse_lora(adapter_names=names)
+    ref.pipe.unload_lora_weights()
+    ref.adapters = {}
+    fused = image(ref, model, [])
+    assert np.abs(mixed - fused).max() <= 3  # fusing rounds differently; a few levels of 255 at most
+    assert p.loads == 2
+    image(p, model, [Slot(loras["a"], 0.3), Slot(loras["b"], 1.2)])
+    assert p.loads == 2  # changing weights reuses the loaded adapters
+
+
+def test_unet_and_text_encoder_weights_act_on_their_parts(tiny_models, loras, tmp_path):
+    model = tiny_models["sd1"]
+    p = Previewer()
+    base = image(p, model, [])
+    te_only = image(p, model, [Slot(loras["a"], 1.0, unet=0.0, text_encoder=1.0)])
+    unet_only = image(p, model, [Slot(loras["a"], 1.0, unet=1.0, text_encoder=0.0)])
+    assert np.abs(te_only - base).max() > 0 and np.abs(unet_only - base).max() > 0
+    assert np.array_equal(image(p, model, [Slot(loras["a"], 1.0, unet=0.0, text_encoder=0.0)]), base)
+    # The text-encoder weight alone equals a file that only holds the text-encoder part.
+    tensors = load_file(loras["a"])
+    part = tmp_path / "te_part.safetensors"
+    save_file({k: v for k, v in tensors.items() if k.startswith("lora_te")}, str(part))
+    q = Previewer()
+    assert np.abs(image(q, model, [Slot(str(part), 1.0)]) - te_only).max() <= 1
+
+
+def test_other_family_and_broken_files_are_refused(tiny_models, loras, tmp_path):
+    p = Previewer()
+    with pytest.raises(LoraError, match="SDXL"):
+        image(p, tiny_models["sd1"], [Slot(loras["xl"], 1.0)])
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(open(loras["a"], "rb").read()[:500])
+    with pytest.raises(LoraError):
+        image(p, tiny_models["sd1"], [Slot(str(broken), 1.0)])
+
+
+def test_a1111_tags():
+    clean, tags = prompt_tags.split("zorb, <lora:char:0.8> on blue <lora:style:0.6:0.3>, <lora:x>")
+    assert clean == "zorb, on blue"
+    assert tags == [("char", 0.8, None), ("style", 0.6, 0.3), ("x", 1.0, None)]
+
+
+def test_library_lists_renames_and_refuses(loras, tmp_path):
+    ws = Workspace(tmp_path / "ws").ensure(with_samples=False)
+    imported = library.import_file(ws, loras["a"])
+    (e,) = library.entries(ws)
+    assert e.family == "sd1" and e.rank == "4" and e.sha256 and e.path == imported
+    renamed = library.rename(ws, e, "my char")
+    (e2,) = library.entries(ws)
+    assert e2.name == renamed.stem and e2.metadata["ss_output_name"] == renamed.stem
+    # Only the header changed: the tensors are byte-identical.
+    a, b = load_file(loras["a"]), load_file(str(renamed))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert list((ws.trash / "loras").rglob("*.safetensors"))  # the old name went to the trash
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(open(loras["a"], "rb").read()[:-100])
+    with pytest.raises(WorkspaceError):
+        library.import_file(ws, str(truncated))
+    with pytest.raises(WorkspaceError, match="pickle"):
+        library.import_file(ws, str(tmp_path / "model.ckpt"))
