@@ -165,3 +165,77 @@ def test_import_caption_train_in_the_browser(app_server):
             assert len(losses) >= 10
         finally:
             browser.close()
+
+
+def train_sample_lora(kind: str, out: Path, steps: int = 30) -> Path:
+    from trainer import presets
+    from trainer.config import RunConfig
+    from trainer.loop import train
+
+    dataset = ROOT / "sample_datasets" / kind
+    layer = presets.resolve(kind, family="tiny", n_images=len(list(dataset.glob("*.png"))))
+    cfg = RunConfig.load(layer, {"data": {"dataset": str(dataset)}, "save": {"output_dir": str(out / kind), "name": kind},
+                                 "train": {"max_steps": steps}})
+    return train(cfg).lora_path
+
+
+def set_slider(page, elem_id, value):
+    box = page.locator(f"#{elem_id} input[type=number]").first
+    box.fill(str(value))
+    box.press("Enter")
+
+
+@pytest.mark.skipif(not (EMBEDDED_DIR / "model_index.json").exists(), reason="the embedded model is not built")
+def test_preview_mixes_two_loras_in_the_browser(tmp_path_factory):
+    _need_browser()
+    from playwright.sync_api import sync_playwright
+
+    work = tmp_path_factory.mktemp("preview")
+    ws = work / "workspace"
+    (ws / "loras").mkdir(parents=True)
+    for kind in ("character", "style"):
+        src = train_sample_lora(kind, work / "runs")
+        (ws / "loras" / src.name).write_bytes(src.read_bytes())
+    port = free_port()
+    log = open(work / "app.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--no-browser", "--port", str(port), "--workspace", str(ws)],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                            env={**os.environ, "LORA_STUDIO_HOME": str(work / "home")})
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_until(lambda: _up(url), "the app to serve", timeout_s=90)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(url)
+            page.get_by_role("tab", name="Library").click()
+            wait_text(page, "#library-table", "character")
+            wait_text(page, "#library-table", "style")
+            shot(page, "5-library")
+            page.get_by_role("tab", name="Preview").click()
+            pick(page, "slot0-file", "character (library)")
+            pick(page, "slot1-file", "style (library)")
+            set_slider(page, "slot0-weight", 0.8)
+            set_slider(page, "slot1-weight", 0.6)
+            field(page, "preview-prompt").fill("zorb, hatched, a large figure on a blue background")
+            page.locator("#generate").click()
+            wait_until(lambda: '"weight": 0.6' in text_of(page, "#preview-settings"), "the settings used", 180)
+            settings = text_of(page, "#preview-settings")
+            assert '"weight": 0.8' in settings and "character.safetensors" in settings
+            assert page.locator("#preview-image img").count() == 1
+            page.locator("#compare").click()
+            wait_until(lambda: page.locator("#compare-grid img").count() == 1, "the compare grid", 240)
+            shot(page, "6-preview-compare")
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def _up(url) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2)
+        return True
+    except OSError:
+        return False
