@@ -1,0 +1,31 @@
+"""The shipped tiny model follows prompts, and each preset teaches it its sample dataset: the score
+on trigger prompts rises clearly above the base model's, while trigger-free prompts barely move.
+Full figures: `lora-studio bench learn` (thresholds here keep a margin below what it measures)."""
+import pytest
+
+from trainer.model_info import EMBEDDED_DIR
+from trainer.world.learn import learn, load_pipeline, prompt_following
+
+pytestmark = pytest.mark.skipif(not (EMBEDDED_DIR / "model_index.json").exists(),
+                                reason="the embedded model is not built")
+# kind: (minimum gain of the score over the base model, maximum drift)
+THRESHOLDS = {"character": (0.15, 0.08), "style": (0.15, 0.08), "concept": (0.10, 0.08)}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline()
+
+
+def test_shipped_model_follows_prompts(pipe):
+    result = prompt_following(pipe, 30, seed=11)
+    assert result["accuracy"] >= 0.7, result  # pretraining measured on 100 prompts: see pretrain_report.json
+
+
+@pytest.mark.parametrize("kind", sorted(THRESHOLDS))
+def test_preset_learns_its_sample_dataset(kind, pipe, tmp_path):
+    gain, max_drift = THRESHOLDS[kind]
+    r = learn(kind, tmp_path, pipe=pipe)
+    assert r.score_lora >= r.score_base + gain, r
+    assert r.drift <= max_drift, r
+    assert (tmp_path / kind / "config.toml").exists()
