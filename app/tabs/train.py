@@ -7,7 +7,7 @@ import html
 import gradio as gr
 
 from trainer import presets
-from trainer.estimate import estimate
+from trainer.estimate import estimate, fit_advice
 
 from .. import train_form as form
 from ..context import Ctx, guard
@@ -89,7 +89,11 @@ def build(ctx: Ctx) -> dict:
             from trainer.data.scan import scan
 
             n = len(scan(ws.dataset(d)).items)
-        return form.summary(cfg), f"**Estimate:** {estimate(cfg, n).text()}", cfg.to_toml()
+        text = f"**Estimate:** {estimate(cfg, n).text()}"
+        if v and v != form.NO_TIER:
+            advice = fit_advice(cfg, float(v), n)
+            text += f"\n\n**{advice}**" if advice else f"\n\nfits {v} GB"
+        return form.summary(cfg), text, cfg.to_toml()
 
     for comp in form_inputs:
         comp.change(settings, form_inputs, [summary, estimate_md, advanced])
