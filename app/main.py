@@ -43,5 +43,6 @@ def serve(ws: Workspace, *, host: str = "127.0.0.1", port: int = 7860, auth=None
     demo = build_app(Ctx(ws, runner, PreviewClient(ws.root / "preview")))
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=host, server_port=port, auth=auth, inbrowser=open_browser, prevent_thread_lock=not block,
-                allowed_paths=[str(ws.root)], css=CSS, quiet=False, show_error=True, footer_links=[])
+                allowed_paths=[str(ws.root)], css=CSS, quiet=False, show_error=True, footer_links=[],
+                max_file_size="200mb")  # per upload; the importer adds count and total limits
     return demo, runner
