@@ -2,6 +2,8 @@
 
     python -m trainer.world.pretrain --out trainer/assets/tiny-sd        # the shipped recipe
     python -m trainer.world.pretrain --out /tmp/x --profile              # seconds per step only
+    python -m trainer.world.pretrain --out /tmp/x --device cuda --set vae_steps=3000   # recipe search
+
 
 Seeded and CPU-only by design (2 cores, well under 90 minutes). Three phases:
 1. VAE (f=4, 4 latent channels) on freshly rendered scenes, including the sample datasets' extras
@@ -35,7 +37,7 @@ MAX_TOKENS = 24
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                  prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                  timestep_spacing="trailing")
-RECIPE = dict(seed=1234, vae_steps=1200, vae_batch=24, vae_lr=1e-3, scenes=24000, unet_steps=4000, unet_batch=64,
+RECIPE = dict(seed=1234, vae_width=16, vae_steps=3000, vae_batch=24, vae_lr=2e-3, scenes=24000, unet_steps=4000, unet_batch=64,
               unet_lr=1e-3, warmup=200, ema=0.999, drop_caption=0.1, eval_prompts=100, eval_steps=20, cfg=4.0)
 
 
@@ -59,10 +61,10 @@ def vae_scene(rng: random.Random) -> shapes.Scene:
     return shapes.random_scene(rng)
 
 
-def build_vae():
+def build_vae(width: int = 16):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[16, 32, 64],
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[width, 2 * width, 4 * width],
                          down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
                          layers_per_block=1, norm_num_groups=16, sample_size=shapes.SIZE,
                          mid_block_add_attention=False)
@@ -95,12 +97,12 @@ def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_vae(r: dict, steps: int, rng: random.Random):
-    vae = build_vae()
+def train_vae(r: dict, steps: int, rng: random.Random, dev: torch.device):
+    vae = build_vae(r["vae_width"]).to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=r["vae_lr"], weight_decay=0.0)
     t0 = time.time()
     for step in range(steps):
-        x = to_tensor([shapes.render(vae_scene(rng)) for _ in range(r["vae_batch"])])
+        x = to_tensor([shapes.render(vae_scene(rng)) for _ in range(r["vae_batch"])]).to(dev)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         # L1 keeps flat colours and edges sharp; the tiny KL only keeps latents bounded.
@@ -120,13 +122,14 @@ def train_vae(r: dict, steps: int, rng: random.Random):
 @torch.no_grad()
 def encode_world(vae, r: dict, rng: random.Random):
     """Latent mean/std and captions for `scenes` base-world scenes."""
+    dev = vae.device
     means, stds, captions, batch = [], [], [], []
     for i in range(r["scenes"]):
         scene = shapes.random_scene(rng)
         captions.append(scene.caption())
         batch.append(shapes.render(scene))
         if len(batch) == 256 or i == r["scenes"] - 1:
-            dist = vae.encode(to_tensor(batch)).latent_dist
+            dist = vae.encode(to_tensor(batch).to(dev)).latent_dist
             means.append(dist.mean)
             stds.append(dist.std)
             batch = []
@@ -143,8 +146,10 @@ def train_unet(r: dict, steps: int, vae, tokenizer, rng: random.Random):
     ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
                     return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
-    te = build_text_encoder(tokenizer)
-    unet = build_unet(te.config.hidden_size)
+    dev = vae.device
+    ids, empty = ids.to(dev), empty.to(dev)
+    te = build_text_encoder(tokenizer).to(dev)
+    unet = build_unet(te.config.hidden_size).to(dev)
     ema = [p.detach().clone() for p in unet.parameters()]
     sched = DDPMScheduler(**{k: v for k, v in SCHEDULER.items() if k not in ("set_alpha_to_one", "steps_offset")})
     params = list(unet.parameters()) + list(te.parameters())
@@ -152,12 +157,13 @@ def train_unet(r: dict, steps: int, vae, tokenizer, rng: random.Random):
     gen = torch.Generator().manual_seed(r["seed"])
     t0 = time.time()
     for step in range(steps):
-        idx = torch.randint(0, len(captions), (r["unet_batch"],), generator=gen)
-        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+        # Every random draw comes from one CPU generator, so a run is the same sequence on any device.
+        idx = torch.randint(0, len(captions), (r["unet_batch"],), generator=gen).to(dev)
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen).to(dev)) * scale
         tok = ids[idx].clone()
-        tok[torch.rand(len(idx), generator=gen) < r["drop_caption"]] = empty[0]
-        noise = torch.randn(z.shape, generator=gen)
-        t = torch.randint(0, 1000, (len(idx),), generator=gen)
+        tok[(torch.rand(len(idx), generator=gen) < r["drop_caption"]).to(dev)] = empty[0]
+        noise = torch.randn(z.shape, generator=gen).to(dev)
+        t = torch.randint(0, 1000, (len(idx),), generator=gen).to(dev)
         pred = unet(sched.add_noise(z, noise, t), t, te(tok).last_hidden_state).sample
         loss = F.mse_loss(pred, noise)
         for g in opt.param_groups:
@@ -177,6 +183,20 @@ def train_unet(r: dict, steps: int, vae, tokenizer, rng: random.Random):
     return unet.eval(), te.eval()
 
 
+@torch.no_grad()
+def reconstruction_accuracy(vae, n: int = 100) -> float:
+    """Share of base-world scenes the checker still reads correctly after an encode/decode round trip:
+    the ceiling for the whole model's prompt following."""
+    from .checker import follows
+
+    rng = random.Random("vae-check")
+    scenes = [shapes.random_scene(rng) for _ in range(n)]
+    x = to_tensor([shapes.render(s) for s in scenes]).to(vae.device)
+    rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+    rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return sum(follows(im, s.shape, s.colour) for im, s in zip(rec, scenes)) / n
+
+
 def save(out: Path, vae, te, tokenizer, unet):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -187,6 +207,19 @@ def save(out: Path, vae, te, tokenizer, unet):
     return pipe
 
 
+def evaluate_only(out: Path, r: dict, dev: torch.device) -> int:
+    from .learn import load_pipeline
+
+    report_path = out / "pretrain_report.json"
+    report = json.loads(report_path.read_text())
+    acc = prompt_following(load_pipeline(str(out)).to(dev), r["eval_prompts"], 99, r["eval_steps"], r["cfg"])
+    checks = report.setdefault("checks", [])
+    checks.append({"eval_steps": r["eval_steps"], "cfg": r["cfg"], **acc})
+    report_path.write_text(json.dumps(report, indent=1) + "\n")
+    log(json.dumps(checks[-1]))
+    return 0
+
+
 def main(argv=None) -> int:
     from ..tiny import load_tokenizer, write_tokenizer
 
@@ -194,6 +227,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--profile", action="store_true", help="time a few steps of each phase and stop")
     p.add_argument("--set", nargs="*", default=[], help="recipe overrides, key=value")
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="re-check the model in --out with the eval_* and cfg settings, and update its report")
+    p.add_argument("--device", default="cpu",
+                   help="for recipe search only; the shipped weights come from the seeded CPU run")
     args = p.parse_args(argv)
     r = dict(RECIPE)
     for kv in args.set:
@@ -201,20 +238,26 @@ def main(argv=None) -> int:
         r[k] = type(RECIPE[k])(v)
     torch.manual_seed(r["seed"])
     rng = random.Random(r["seed"])
+    dev = torch.device(args.device)
     t0 = time.time()
+    if args.evaluate_only:
+        return evaluate_only(args.out, r, dev)
     tokenizer = load_tokenizer(write_tokenizer(args.out / "tokenizer", WORDS, MAX_TOKENS))
     if args.profile:
         r.update(scenes=512)
-        vae = train_vae(r, 6, rng)
+        vae = train_vae(r, 6, rng, dev)
         train_unet(r, 6, vae, tokenizer, rng)
         return 0
-    vae = train_vae(r, r["vae_steps"], rng)
+    vae = train_vae(r, r["vae_steps"], rng, dev)
+    vae_acc = reconstruction_accuracy(vae)
+    log(f"vae reconstruction accuracy {vae_acc:.2f}")
     unet, te = train_unet(r, r["unet_steps"], vae, tokenizer, rng)
-    pipe = save(args.out, vae, te, tokenizer, unet)
+    pipe = save(args.out, vae.cpu(), te.cpu(), tokenizer, unet.cpu())
     train_s = time.time() - t0
     pipe.set_progress_bar_config(disable=True)
-    acc = prompt_following(pipe, r["eval_prompts"], 99, r["eval_steps"], r["cfg"])
-    report = {"recipe": r, "train_seconds": round(train_s), "torch_threads": torch.get_num_threads(), **acc}
+    acc = prompt_following(pipe.to(dev), r["eval_prompts"], 99, r["eval_steps"], r["cfg"])
+    report = {"recipe": r, "train_seconds": round(train_s), "device": args.device,
+              "torch_threads": torch.get_num_threads(), "vae_reconstruction_accuracy": vae_acc, **acc}
     (args.out / "pretrain_report.json").write_text(json.dumps(report, indent=1) + "\n")
     log(json.dumps(report))
     return 0
