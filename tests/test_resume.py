@@ -136,3 +136,26 @@ def test_disk_full_during_save_keeps_the_previous_file(tiny_models, tmp_path, mo
         train(tiny_config(tiny_models["sd1"], data, run, **{"sample.at_end": False, "train.max_steps": 2}))
     assert first.lora_path.read_bytes() == before
     assert not list(run.glob(".run.safetensors.*"))  # no half-written temp file left behind
+
+
+def test_non_finite_loss_stops_with_advice_and_keeps_the_last_good_lora(tiny_models, tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    data = make_dataset(tmp_path / "data", n=2)
+    cfg = tiny_config(tiny_models["sd1"], data, tmp_path / "run", **{
+        "train.max_steps": 12, "save.every_n_steps": 2, "train.mixed_precision": "bf16"})
+    calls = {"n": 0}
+    real = torch.nn.functional.mse_loss
+
+    def overflow_from_step_5(*a, **k):  # what an fp16 overflow looks like to the loop
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] >= 5 else out
+
+    monkeypatch.setattr("trainer.loop.F.mse_loss", overflow_from_step_5)
+    with pytest.raises(TrainingError, match=r"NaN/inf at step 7 .*lower optim.lr.*last saved LoRA is kept"):
+        train(cfg)
+    kept = sorted((tmp_path / "run" / "checkpoints").glob("*.safetensors"))
+    assert [p.name[-23:] for p in kept] == ["-step000002.safetensors", "-step000004.safetensors", "-step000006.safetensors"]
+    assert all(torch.isfinite(t).all() for t in load_file(kept[-1]).values())

@@ -242,13 +242,14 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
             precision.scaler.unscale_(optimizer)
             if cfg.optim.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.optim.max_grad_norm)
-            precision.scaler.step(optimizer)
+            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+            if math.isfinite(loss_value):  # a non-finite step is skipped, as GradScaler does, so the LoRA stays good
+                precision.scaler.step(optimizer)
             precision.scaler.update()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
             bad_streak = 0 if math.isfinite(loss_value) else bad_streak + 1
             if bad_streak >= NON_FINITE_PATIENCE:
                 raise TrainingError(_non_finite_message(step, cfg.train.mixed_precision))
