@@ -212,6 +212,19 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _check_writable(run_dir: Path) -> None:
+    """Fail before any model loads when the run folder cannot be written (a file in the path, read-only)."""
+    import tempfile
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot write to the output folder {run_dir}: {e.strerror or e}; "
+                          "pick another --output (save.output_dir)") from None
+
+
 def cmd_train(args) -> int:
     import shutil
 
@@ -229,6 +242,7 @@ def cmd_train(args) -> int:
     if not cfg.data.dataset:
         raise ConfigError("no dataset: pass --dataset FOLDER or set data.dataset")
     run_dir = Path(cfg.save.output_dir)
+    _check_writable(run_dir)
     if not args.resume and (run_dir / EVENTS_FILE).exists():
         if not args.force:
             raise ConfigError(f"run folder {run_dir} already holds a run; pass --output NEW_FOLDER, "
