@@ -11,7 +11,6 @@ import pickle
 import zipfile
 from pathlib import Path
 
-import pytest
 import torch
 from PIL import Image
 
