@@ -54,6 +54,11 @@ def _absurd_names(user: Path) -> Path:
     return folder
 
 
+def _bad_dataset(user: Path) -> Path:
+    make_bad_dataset(user / "bad")
+    return user / "bad"
+
+
 def _all_bad(user: Path) -> Path:
     folder = user / "allbad"
     folder.mkdir()
@@ -68,7 +73,7 @@ def _all_bad(user: Path) -> Path:
 # name, how to build the argv from (user folder, models, workspace), expected exit code, phrase in the
 # one error line (exit 2) or in the output (exit 0)
 CASES = [
-    ("bad images, captions and names (check)", lambda u, m, w: ["dataset", "check", str(make_bad_dataset(u / "bad") and u / "bad"), "--resolution", "64"], 0, "excluded"),
+    ("bad images, captions and names (check)", lambda u, m, w: ["dataset", "check", str(_bad_dataset(u)), "--resolution", "64"], 0, "excluded"),
     ("bad images, captions and names (import)", lambda u, m, w: ["dataset", "import", str(u / "bad"), "--to", str(w / "ds1")], 0, "skipped"),
     ("path-traversal and absurd file names", lambda u, m, w: ["dataset", "import", str(_absurd_names(u)), "--to", str(w / "ds2")], 0, "imported"),
     ("zip bomb", lambda u, m, w: ["dataset", "import", str(_zip_bomb(u)), "--to", str(w / "ds3")], 0, "zip"),

@@ -100,32 +100,31 @@ def estimate(cfg, n_samples: int | None = None) -> Estimate:
     return Estimate(round(weights + lora + act, 2), weights, lora, act, steps, secs)
 
 
-# Switches that lower memory, in the order users lose least by flipping them.
+# Switches that lower memory, in the order users lose least by flipping them, as config overrides.
 SWITCHES = [
-    ("train.gradient_checkpointing=true", lambda c: setattr(c.train, "gradient_checkpointing", True)),
-    ("train.mixed_precision=fp16", lambda c: setattr(c.train, "mixed_precision", "fp16")),
-    ("data.cache_latents=true and data.cache_text=true",
-     lambda c: (setattr(c.data, "cache_latents", True), setattr(c.data, "cache_text", True))),
-    ("optim.optimizer=adamw8bit", lambda c: setattr(c.optim, "optimizer", "adamw8bit")),
-    ("lora.train_text_encoder=false", lambda c: setattr(c.lora, "train_text_encoder", False)),
-    ("train.batch_size=1", lambda c: setattr(c.train, "batch_size", 1)),
+    ["train.gradient_checkpointing=true"],
+    ["train.mixed_precision=fp16"],
+    ["data.cache_latents=true", "data.cache_text=true"],
+    ["optim.optimizer=adamw8bit"],
+    ["lora.train_text_encoder=false"],
+    ["train.batch_size=1"],
 ]
 CUDA_CONTEXT_GB = 0.6  # the driver's own share of the card, outside what the estimate counts
 
 
 def fit_advice(cfg, vram_gb: float, n_samples: int | None = None) -> str:
     """'' when the run fits `vram_gb`, else the smallest set of switches (in order) that makes it fit."""
-    import copy
-
     budget = vram_gb - CUDA_CONTEXT_GB
-    if estimate(cfg, n_samples).peak_gb <= budget:
+    peak = estimate(cfg, n_samples).peak_gb
+    if peak <= budget:
         return ""
-    trial, applied = copy.deepcopy(cfg), []
-    for text, flip in SWITCHES:
-        before = estimate(trial, n_samples).peak_gb
-        flip(trial)
-        if estimate(trial, n_samples).peak_gb < before:
-            applied.append(text)
-        if estimate(trial, n_samples).peak_gb <= budget:
+    trial, applied = cfg, []
+    for overrides in SWITCHES:
+        trial = type(cfg).load(trial.to_dict(), overrides=overrides)
+        new_peak = estimate(trial, n_samples).peak_gb
+        if new_peak < peak:
+            applied.append(" and ".join(overrides))
+        peak = new_peak
+        if peak <= budget:
             return f"does not fit {vram_gb:g} GB; set " + ", ".join(applied)
     return f"does not fit {vram_gb:g} GB even with every memory switch; lower data.resolution or use a larger GPU"

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import write_text
 from . import shapes
 from .learn import prompt_following
 
@@ -157,7 +158,7 @@ def train_unet(r: dict, steps: int, vae, tokenizer, rng: random.Random):
     gen = torch.Generator().manual_seed(r["seed"])
     t0 = time.time()
     for step in range(steps):
-        # Every random draw comes from one CPU generator, so a run is the same sequence on any device.
+        # The UNet phase draws from one CPU generator, so its random choices do not depend on the device.
         idx = torch.randint(0, len(captions), (r["unet_batch"],), generator=gen).to(dev)
         z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen).to(dev)) * scale
         tok = ids[idx].clone()
@@ -207,15 +208,21 @@ def save(out: Path, vae, te, tokenizer, unet):
     return pipe
 
 
+REPORT = "pretrain_report.json"
+EVAL_SEED = 99  # the report's fixed prompt set
+
+
+def check(pipe, r: dict) -> dict:
+    return prompt_following(pipe, r["eval_prompts"], EVAL_SEED, r["eval_steps"], r["cfg"])
+
+
 def evaluate_only(out: Path, r: dict, dev: torch.device) -> int:
     from .learn import load_pipeline
 
-    report_path = out / "pretrain_report.json"
-    report = json.loads(report_path.read_text())
-    acc = prompt_following(load_pipeline(str(out)).to(dev), r["eval_prompts"], 99, r["eval_steps"], r["cfg"])
+    report = json.loads((out / REPORT).read_text())
     checks = report.setdefault("checks", [])
-    checks.append({"eval_steps": r["eval_steps"], "cfg": r["cfg"], **acc})
-    report_path.write_text(json.dumps(report, indent=1) + "\n")
+    checks.append({"eval_steps": r["eval_steps"], "cfg": r["cfg"], **check(load_pipeline(str(out)).to(dev), r)})
+    write_text(out / REPORT, json.dumps(report, indent=1) + "\n")
     log(json.dumps(checks[-1]))
     return 0
 
@@ -255,10 +262,10 @@ def main(argv=None) -> int:
     pipe = save(args.out, vae.cpu(), te.cpu(), tokenizer, unet.cpu())
     train_s = time.time() - t0
     pipe.set_progress_bar_config(disable=True)
-    acc = prompt_following(pipe.to(dev), r["eval_prompts"], 99, r["eval_steps"], r["cfg"])
+    acc = check(pipe.to(dev), r)
     report = {"recipe": r, "train_seconds": round(train_s), "device": args.device,
               "torch_threads": torch.get_num_threads(), "vae_reconstruction_accuracy": vae_acc, **acc}
-    (args.out / "pretrain_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_text(args.out / REPORT, json.dumps(report, indent=1) + "\n")
     log(json.dumps(report))
     return 0
 
