@@ -108,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only these presets (repeatable); default all three")
     bl.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a training setting for every preset")
+    bs = bsub.add_parser("speed", help="time and measure the training step on full-size SD1.5 / SDXL architectures "
+                                       "(random weights) against a bare UNet floor; writes bench/results.md")
+    bs.add_argument("--quick", action="store_true", help="only the target settings (a few minutes on a CPU)")
+    bs.add_argument("--out", type=Path, default=Path("bench/results.md"), help="the results table to write")
+    bs.add_argument("--measurements", type=Path, default=Path("bench/speed-measurements.json"),
+                    help="where the raw measurements are saved")
+    bs.add_argument("--from", dest="replay", type=Path, metavar="JSON",
+                    help="measure nothing: rebuild the table from saved measurements with the current estimator")
     bd = bsub.add_parser("data", help="scan/validate and latent-cache generated images")
     bd.add_argument("--images", type=int, default=1000, help="how many images to generate")
     return p
@@ -171,6 +179,10 @@ def cmd_bench(args) -> int:
         from .bench.learn import main as bench_learn
 
         bench_learn(tuple(args.kind or ("character", "style", "concept")), args.overrides)
+    elif args.bench_command == "speed":
+        from .bench.speed import main as bench_speed
+
+        bench_speed(args.quick, args.out, args.measurements, args.replay)
     return 0
 
 

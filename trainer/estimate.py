@@ -28,6 +28,9 @@ LORA_PER_RANK_M = {"sd1": (0.199, 0.074), "sd2": (0.215, 0.197), "sdxl": (1.45, 
 ACTIVATION_GB = {"sd1": 1.6, "sd2": 3.5, "sdxl": 7.0}  # with SDPA attention
 NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "tiny": 64}
 CHECKPOINTED = 0.2
+TE_ACTIVATION_GB = {"sd1": 0.05, "sd2": 0.1, "sdxl": 0.3}  # one 77-token caption through the encoders, trained
+VAE_ENCODE_GB = 1.0  # a no-grad VAE encoder pass of one 512 px image, half precision
+RUNTIME_GB = 0.5  # python, torch, diffusers and transformers in a training process (host estimate only)
 # Seconds per step at batch 1, native resolution, fp16 on a mid-range consumer GPU (RTX 3060 class).
 STEP_S = {"sd1": 0.45, "sd2": 0.9, "sdxl": 1.6}
 TINY_STEP_S_PER_IMAGE = 0.045  # the embedded model on a 2-core CPU, measured with bench learn
@@ -67,7 +70,9 @@ def safetensors_params(folder: Path) -> int:
     return total
 
 
-def estimate(cfg, n_samples: int | None = None) -> Estimate:
+def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
+    """Peak GPU memory of a run; with `host`, the peak RSS of a training process that runs on the CPU
+    (what `bench speed` measures here): nothing can be offloaded there, and the runtime counts."""
     family = peek_family(cfg.model.source, cfg.model.family) or "sd1"
     half = cfg.train.mixed_precision in ("fp16", "bf16")
     wbytes = 2 if half else 4
@@ -80,24 +85,31 @@ def estimate(cfg, n_samples: int | None = None) -> Estimate:
         res = cfg.data.resolution or NATIVE["tiny"]
         act = 0.02 * cfg.train.batch_size * (res / NATIVE["tiny"]) ** 2
         secs = steps * TINY_STEP_S_PER_IMAGE * cfg.train.batch_size * (res / NATIVE["tiny"]) ** 2
-        return Estimate(round(weights + lora + act, 2), weights, lora, act, steps, secs)
+        return Estimate(round(weights + lora + act + (RUNTIME_GB if host else 0), 2), weights, lora, act, steps, secs)
     p = PARAMS_M[family]
     train_te = cfg.lora.train_text_encoder if cfg.lora.train_text_encoder is not None else family != "sdxl"
+    cached_text = cfg.data.cache_text and not train_te
     on_device = p["unet"]
-    if train_te or not (cfg.data.cache_text and cfg.data.cache_latents):
-        on_device += p["text_encoders"]  # frozen encoders leave the device only once outputs are cached
-    if not cfg.data.cache_latents:
-        on_device += p["vae"]
-    weights = on_device * 1e6 * wbytes / GB
+    if host or not cached_text:
+        on_device += p["text_encoders"]  # frozen encoders leave the GPU once their outputs are cached
+    vae_bytes = 4 if (family == "sdxl" and cfg.train.mixed_precision == "fp16") or not half else 2
+    vae_on_device = host or not cfg.data.cache_latents
+    weights = (on_device * wbytes + (p["vae"] * vae_bytes if vae_on_device else 0)) * 1e6 / GB
     per_rank = LORA_PER_RANK_M[family][0] * cfg.lora.train_unet + LORA_PER_RANK_M[family][1] * bool(train_te)
     state = 2 if cfg.optim.optimizer == "adamw8bit" else 8
-    lora = per_rank * cfg.lora.rank * 1e6 * (4 + 4 + state) / GB
+    lora = per_rank * cfg.lora.rank * 1e6 * (4 + 4 + state) / GB  # fp32 weights + grads + optimizer state
     res = cfg.data.resolution or NATIVE[family]
-    scale = (res / NATIVE[family]) ** 2 * cfg.train.batch_size * (1 if half else 2)
-    act = ACTIVATION_GB[family] * scale * (CHECKPOINTED if cfg.train.gradient_checkpointing else 1.0)
-    secs = steps * STEP_S[family] * (res / NATIVE[family]) ** 2 * cfg.train.batch_size * \
-        (1.3 if cfg.train.gradient_checkpointing else 1.0) * (1 if half else 2.5)
-    return Estimate(round(weights + lora + act, 2), weights, lora, act, steps, secs)
+    pixels = (res / NATIVE[family]) ** 2 * cfg.train.batch_size
+    unet_act = ACTIVATION_GB[family] * pixels * (1 if half else 2) * \
+        (CHECKPOINTED if cfg.train.gradient_checkpointing else 1.0)
+    te_act = TE_ACTIVATION_GB[family] * cfg.train.batch_size * (1 if half else 2) if train_te else 0.0
+    # Encoding a latent on the fly is a no-grad VAE pass before the UNet's; only the larger one counts.
+    vae_act = VAE_ENCODE_GB * (res / 512) ** 2 * cfg.train.batch_size * (vae_bytes / 2) \
+        if not cfg.data.cache_latents else 0.0
+    act = max(unet_act + te_act, vae_act)
+    secs = steps * STEP_S[family] * pixels * (1.3 if cfg.train.gradient_checkpointing else 1.0) * (1 if half else 2.5)
+    peak = weights + lora + act + (RUNTIME_GB if host else 0.0)
+    return Estimate(round(peak, 2), weights, lora, act, steps, secs)
 
 
 # Switches that lower memory, in the order users lose least by flipping them, as config overrides.

@@ -67,9 +67,9 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
         raise TrainingError(str(e)) from None
 
     # ---- model, family defaults, LoRA ----------------------------------------------------------
-    base = load_base(cfg.model.source, cfg.model.family)
+    base = load_base(cfg.model.source, cfg.model.family, dtype=precision.weight_dtype)
     fam = base.family
-    resolve_auto(cfg, fam, base.prediction_type)
+    resolve_auto(cfg, fam, base.prediction_type, native_resolution(base))
     train_te = cfg.lora.train_text_encoder
     unet, vae, tes = base.unet, base.vae, base.text_encoders
     for m in (unet, vae, *tes):
@@ -106,6 +106,7 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
     vae_id = vae_identity(vae) if use_cache else ""
     if use_cache:
         _fill_latent_cache(data, cache, vae, vae_id, main, accelerator, events)
+        vae.to("cpu")  # every latent is cached now: the VAE comes back only to decode samples
     static_captions = not (cfg.data.shuffle_tags or cfg.data.tag_dropout)
     text_cache = None
     if cfg.data.cache_text and not train_te and static_captions:
@@ -297,20 +298,30 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
     accelerator.end_training()
     if main:
         events.clear_stop()
+        peak = {"cuda_peak_gb": round(torch.cuda.max_memory_allocated() / 1024 ** 3, 3)} if device.type == "cuda" else {}
         events.emit("done", step=step, total=total, stopped=stopped, path=str(final) if step else None,
-                    processes=world, ranks_in_sync=in_sync)
+                    processes=world, ranks_in_sync=in_sync, **peak)
     return Result(final, step, stopped, main, save_args["models"])
 
 
 # ---- pieces the loop reads as one line each ------------------------------------------------------
 
-def resolve_auto(cfg: RunConfig, fam, model_prediction_type: str) -> None:
+def native_resolution(base) -> int:
+    """The size the model was trained at: its latent size times the VAE's downscale (SD1.5 512, SD2-768
+    768, SDXL 1024, the embedded model 64); the family default when the config does not say."""
+    latent = base.unet.config.get("sample_size")
+    if not isinstance(latent, int):
+        return base.family.default_resolution
+    return latent * 2 ** (len(base.vae.config.block_out_channels) - 1)
+
+
+def resolve_auto(cfg: RunConfig, fam, model_prediction_type: str, resolution: int) -> None:
     """Fill every 'auto' value from the model, so the written config.toml is explicit."""
     cfg.model.family = fam.name
     if cfg.model.prediction_type is None:
         cfg.model.prediction_type = model_prediction_type
     if cfg.data.resolution is None:
-        cfg.data.resolution = fam.default_resolution
+        cfg.data.resolution = resolution
     if cfg.lora.train_text_encoder is None:
         cfg.lora.train_text_encoder = fam.name != "sdxl"  # SDXL's two encoders rarely need it and cost memory
     if cfg.optim.text_encoder_lr is None:
@@ -448,16 +459,31 @@ def _fill_latent_cache(data, cache, vae, vae_id, main, accelerator, events) -> N
 
 def _sample(cfg, base, unet, tes, data, precision, run_dir, step, events) -> list[Path]:
     prompts = cfg.sample.prompts or [data.entries[i].caption for i in range(min(2, len(data)))]
-    images = render(base.family, unet, base.vae, tes, base.tokenizers, base.scheduler_config, prompts,
-                    negative=cfg.sample.negative_prompt, seed=cfg.sample.seed, steps=cfg.sample.steps,
-                    guidance=cfg.sample.guidance_scale, size=cfg.data.resolution, clip_skip=cfg.model.clip_skip,
-                    autocast=precision.autocast())
+    with _borrowed([base.vae, *tes], precision.device):
+        images = render(base.family, unet, base.vae, tes, base.tokenizers, base.scheduler_config, prompts,
+                        negative=cfg.sample.negative_prompt, seed=cfg.sample.seed, steps=cfg.sample.steps,
+                        guidance=cfg.sample.guidance_scale, size=cfg.data.resolution,
+                        clip_skip=cfg.model.clip_skip, autocast=precision.autocast())
     written = []
     for i, (prompt, im) in enumerate(zip(prompts, images)):
         path = save_png(im, run_dir / "samples" / f"step{step:06d}_{i:02d}.png")
         events.emit("sample", step=step, path=str(path), prompt=prompt, seed=cfg.sample.seed + i)
         written.append(path)
     return written
+
+
+@contextlib.contextmanager
+def _borrowed(modules, device):
+    """Modules offloaded to the CPU once their outputs were cached come back to the device for
+    sampling, and leave again after."""
+    homes = [next(m.parameters()).device for m in modules]
+    for m in modules:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m, home in zip(modules, homes):
+            m.to(home)
 
 
 def _save(path: Path, step: int, epoch: int, events: Events, *, cfg, base, data, models, started,

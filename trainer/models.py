@@ -136,8 +136,11 @@ def resolve_source(source: str) -> str:
     return source
 
 
-def load_base(source: str, family: str = "auto") -> Base:
-    """Load a diffusers folder, a single-file checkpoint or a Hub id. Raises ModelError with one line."""
+def load_base(source: str, family: str = "auto", dtype: torch.dtype | None = None) -> Base:
+    """Load a diffusers folder, a single-file checkpoint or a Hub id. Raises ModelError with one line.
+
+    `dtype` loads the weights straight into that precision: a half-precision run then never holds an
+    fp32 copy of the UNet, which for SDXL would be 10 GB on the way in."""
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()  # per-component bars are noise around our own progress
@@ -148,15 +151,15 @@ def load_base(source: str, family: str = "auto") -> Base:
             if not (path / "model_index.json").exists():
                 raise ModelError(f"{path} is a folder but not a diffusers model (no model_index.json); "
                                  "pass a diffusers folder, a .safetensors checkpoint or a Hub id")
-            pipe = _from_pretrained(str(path), local_only=True)
+            pipe = _from_pretrained(str(path), local_only=True, dtype=dtype)
             file_hash = ""
         elif path.exists():
-            pipe = _from_single_file(path)
+            pipe = _from_single_file(path, dtype)
             file_hash = sha256_file(path)
         elif _looks_like_path(source):
             raise ModelError(f"model {source} does not exist; check the path")
         else:
-            pipe = _from_hub(source)
+            pipe = _from_hub(source, dtype)
             file_hash = ""
     except ModelError:
         raise
@@ -188,7 +191,7 @@ def _pipeline_class_for(model_index: dict):
     return StableDiffusionPipeline, {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
 
-def _from_pretrained(source: str, local_only: bool):
+def _from_pretrained(source: str, local_only: bool, dtype=None):
     from diffusers import DiffusionPipeline
 
     if Path(source).is_dir():
@@ -196,22 +199,24 @@ def _from_pretrained(source: str, local_only: bool):
     else:
         index = DiffusionPipeline.load_config(source, local_files_only=local_only)
     cls, kwargs = _pipeline_class_for(index)
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
     return cls.from_pretrained(source, local_files_only=local_only, **kwargs)
 
 
-def _from_hub(source: str):
+def _from_hub(source: str, dtype=None):
     try:
-        return _from_pretrained(source, local_only=True)
+        return _from_pretrained(source, local_only=True, dtype=dtype)
     except Exception:
         pass
     try:
-        return _from_pretrained(source, local_only=False)
+        return _from_pretrained(source, local_only=False, dtype=dtype)
     except Exception as e:
         raise ModelError(f"could not load Hub model {source}: not in the local cache and not downloadable "
                          f"({type(e).__name__}); download it first or pass a local folder") from e
 
 
-def _from_single_file(path: Path):
+def _from_single_file(path: Path, dtype=None):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     suffix = path.suffix.lower()
@@ -228,6 +233,8 @@ def _from_single_file(path: Path):
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         raise ModelError(f"{path.name} is not a Stable Diffusion checkpoint (no model.diffusion_model.* weights); "
                          "a LoRA file goes under Preview, not as a base model")
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
     return cls.from_single_file(str(path), **kwargs)
 
 

@@ -56,9 +56,10 @@ def build(ctx: Ctx) -> dict:
                 restore = gr.Button("Restore")
         with gr.Accordion("Validation and buckets", open=False):
             with gr.Row():
-                resolution = gr.Number(512, precision=0, minimum=64, label="Training resolution")
-                check = gr.Button("Check every file")
-            check_summary = gr.Markdown()
+                resolution = gr.Number(512, precision=0, minimum=64, label="Training resolution",
+                                       elem_id="check-resolution")
+                check = gr.Button("Check every file", elem_id="check-dataset")
+            check_summary = gr.Markdown(elem_id="check-summary")
             files = gr.Dataframe(headers=["file", "status", "why", "size", "bucket"], interactive=False)
             buckets = gr.Dataframe(headers=["bucket", "images"], interactive=False)
         with gr.Accordion("Caption uncaptioned images", open=False):
@@ -158,7 +159,7 @@ def build(ctx: Ctx) -> dict:
         rows, table, text = ops.validation(ws, name, int(res or 512))
         return rows, table, text
 
-    check.click(do_check, [ds, resolution], [files, buckets, check_summary])
+    check.click(do_check, [ds, resolution], [files, buckets, check_summary], api_name="check_dataset")
 
     @guard
     def do_caption(name, tmpl, mdl, trig):

@@ -125,7 +125,8 @@ def build(ctx: Ctx) -> dict:
 
     live = [state_md, progress, loss, samples, log, command, seen]
     timer.tick(refresh, [run_pick, seen], live)
-    run_pick.change(refresh, [run_pick, gr.State(None)], live)
+    # Named, so scripts (and the load test) can read a run's state: /run_state(run name).
+    run_pick.change(refresh, [run_pick, gr.State(None)], live, api_name="run_state")
 
     @guard
     def do_stop(name):

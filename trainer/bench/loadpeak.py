@@ -1,0 +1,27 @@
+"""Peak memory of loading a base model for training, two ways, each in its own process:
+`direct` loads the weights straight into the training precision (what the loop does);
+`fp32-then-cast` loads fp32 first and casts, which briefly holds an fp32 copy of everything.
+The bench reads the process's peak RSS."""
+from __future__ import annotations
+
+import argparse
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--precision", default="bf16", choices=["fp16", "bf16"])
+    p.add_argument("--how", default="direct", choices=["direct", "fp32-then-cast"])
+    a = p.parse_args(argv)
+    from ..models import load_base
+    from ..precision import DTYPES
+
+    dtype = DTYPES[a.precision]
+    base = load_base(a.model, dtype=dtype if a.how == "direct" else None)
+    for m in (base.unet, base.vae, *base.text_encoders):
+        m.to(dtype)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
