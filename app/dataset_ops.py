@@ -9,10 +9,9 @@ import time
 from pathlib import Path
 
 from trainer.data import caption_ops
-from trainer.data.importer import Limits, import_files, sanitize_name
+from trainer.data.importer import Limits, sanitize_name
 from trainer.data.manifest import Manifest, read_manifest, write_manifest
 from trainer.data.scan import MASK_SUFFIX, read_caption, scan
-from trainer.data.validate import report
 
 from .workspace import Workspace, WorkspaceError, check_name
 
@@ -26,11 +25,26 @@ def create_dataset(ws: Workspace, name: str) -> str:
     return name
 
 
+def trainer_json(args: list[str], timeout: float = 3600) -> dict:
+    """Run a `lora-studio` data command in a subprocess and return its JSON. Decoding and hashing
+    thousands of images in the server process would hold its interpreter lock, and every other
+    request (other tabs, live progress) would wait behind it."""
+    proc = subprocess.run([sys.executable, "-m", "trainer", *args], capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise WorkspaceError(lines[-1].removeprefix("lora-studio: error: ") if lines else f"exit {proc.returncode}")
+    return json.loads(proc.stdout)
+
+
 def import_uploads(ws: Workspace, dataset: str, paths: list[str]) -> list[list[str]]:
     """Import uploaded files or zips by the dataset rules; one report row per file."""
-    result = import_files([Path(p) for p in paths], ws.dataset(dataset), limits=UPLOAD_LIMITS)
-    rows = [[Path(r["source"]).name, "imported", r["file"]] for r in result.imported]
-    rows += [[Path(r["source"]).name, "skipped", r["reason"]] for r in result.skipped]
+    lim = UPLOAD_LIMITS
+    result = trainer_json(["dataset", "import", "--json", "--to", str(ws.dataset(dataset)),
+                           "--max-files", str(lim.max_files), "--max-file-mb", str(lim.max_file_bytes // 2**20),
+                           "--max-total-mb", str(lim.max_total_bytes // 2**20), "--", *map(str, paths)])
+    rows = [[Path(r["source"]).name, "imported", r["file"]] for r in result["imported"]]
+    rows += [[Path(r["source"]).name, "skipped", r["reason"]] for r in result["skipped"]]
     return rows
 
 
@@ -145,7 +159,8 @@ def _write_trash_index(ws: Workspace, index: list[dict]) -> None:
 
 def validation(ws: Workspace, dataset: str, resolution: int = 512) -> tuple[list[list], list[list], str]:
     """(per-file rows, bucket rows, one-line summary)."""
-    rep = report(ws.dataset(dataset), resolution=resolution)
+    rep = trainer_json(["dataset", "check", "--json", "--resolution", str(int(resolution)), "--",
+                        str(ws.dataset(dataset))])
     rows = [[Path(f["path"]).name, f["status"], "; ".join(f["reasons"]), f"{f['width']}x{f['height']}",
              f["bucket"]] for f in rep["files"]]
     buckets = [[b, n] for b, n in rep["buckets"].items()]

@@ -27,6 +27,15 @@ def build_app(ctx: Ctx) -> gr.Blocks:
 
         # A dataset created on the Datasets tab shows up on the Train tab.
         ds["dataset"].change(lists, None, list(tr["refresh_datasets"]))
+
+        def on_page_load():
+            """The lists as they are now, not as they were when the server started: a reload or a
+            second tab sees datasets and runs made since."""
+            names, runs = ctx.ws.dataset_names(), ctx.ws.run_names()
+            latest = runs[0] if runs else None
+            return (gr.Dropdown(choices=names), *lists(), gr.Dropdown(choices=runs, value=latest), runs)
+
+        demo.load(on_page_load, None, [ds["dataset"], *tr["refresh_datasets"], *tr["runs"]])
         settings, inputs, outputs = tr["settings"]
         demo.load(settings, inputs, outputs)
         listing, l_in, l_out = lib["listing"]

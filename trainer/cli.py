@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("sources", nargs="+", help="image files, folders or .zip archives")
     di.add_argument("--to", required=True, help="the dataset folder to import into (created if missing)")
     di.add_argument("--background", default="white", help="colour that transparent pixels are composited on")
+    di.add_argument("--max-files", type=int, default=5000, help="refuse an import of more files than this")
+    di.add_argument("--max-file-mb", type=int, default=200, help="skip any file larger than this")
+    di.add_argument("--max-total-mb", type=int, default=4096, help="stop importing past this many MB in all")
     di.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     dc = dsub.add_parser("check", help="validate every file and show the bucket table")
     dc.add_argument("dataset")
@@ -285,13 +288,15 @@ def cmd_dataset(args) -> int:
     from .data.validate import report
 
     if args.dataset_command == "import":
-        from .data.importer import import_files
+        from .data.importer import Limits, import_files
 
         try:
             background = ImageColor.getrgb(args.background)
         except ValueError:
             raise ConfigError(f"--background {args.background!r} is not a colour; use a name or #rrggbb") from None
-        res = import_files(args.sources, args.to, background=background)
+        limits = Limits(max_files=args.max_files, max_file_bytes=args.max_file_mb * 2**20,
+                        max_total_bytes=args.max_total_mb * 2**20)
+        res = import_files(args.sources, args.to, background=background, limits=limits)
         lines = [f"imported {len(res.imported)} file(s) into {args.to}, skipped {len(res.skipped)}"]
         lines += [f"  skipped {s['source']}: {s['reason']}" for s in res.skipped]
         _emit(args, {"imported": res.imported, "skipped": res.skipped}, lines)
@@ -345,14 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from .data.scan import DatasetError
-    from .lora_file import LoraError
-    from .loop import TrainingError
-    from .models import ModelError
+    from .errors import ModelError, TrainingError
 
     try:
         return {"train": cmd_train, "dataset": cmd_dataset, "lora": cmd_lora, "bench": cmd_bench}[args.command](args)
-    except (ConfigError, ModelError, TrainingError, DatasetError, LoraError, ValueError) as e:
+    except (ModelError, TrainingError, ValueError) as e:  # ConfigError, DatasetError, LoraError are ValueErrors
         print(f"lora-studio: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

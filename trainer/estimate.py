@@ -23,14 +23,16 @@ PARAMS_M = {
 }
 # LoRA parameters per unit of rank with attention targets (sum of in+out over q, k, v, out).
 LORA_PER_RANK_M = {"sd1": (0.199, 0.074), "sd2": (0.215, 0.197), "sdxl": (1.45, 0.40)}  # (unet, text encoders)
-# Activation GB for one image at the family's native resolution, fp16, no checkpointing (uncalibrated
-# until bench speed measures them on a GPU).
-ACTIVATION_GB = {"sd1": 1.6, "sd2": 3.5, "sdxl": 7.0}  # with SDPA attention
+# Calibrated against `lora-studio bench speed` (bench/results.md): peak RSS of the real training process
+# on full-size SD1.5 (512 px, 8 settings) and SDXL (1024 px) architectures, bf16 on a CPU. The same
+# tensors are alive on a GPU, so the device estimate reuses them without the host-only terms.
+# Activation GB of one image at the family's native resolution, half precision, SDPA, no checkpointing.
+ACTIVATION_GB = {"sd1": 1.41, "sd2": 3.5, "sdxl": 6.9}  # sd2 is scaled from sd1 by pixels, not measured
 NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "tiny": 64}
-CHECKPOINTED = 0.2
-TE_ACTIVATION_GB = {"sd1": 0.05, "sd2": 0.1, "sdxl": 0.3}  # one 77-token caption through the encoders, trained
-VAE_ENCODE_GB = 1.0  # a no-grad VAE encoder pass of one 512 px image, half precision
-RUNTIME_GB = 0.5  # python, torch, diffusers and transformers in a training process (host estimate only)
+CHECKPOINTED = 0.42  # share of those activations still alive at the peak with gradient checkpointing
+TE_ACTIVATION_GB = {"sd1": 0.05, "sd2": 0.1, "sdxl": 0.3}  # one 77-token caption through trained encoders
+VAE_ENCODE_GB = 0.15  # what encoding a 512 px image on the fly adds to the peak, half precision
+RUNTIME_GB = 0.4  # python, torch, diffusers, transformers and peft loaded (host estimate only)
 # Seconds per step at batch 1, native resolution, fp16 on a mid-range consumer GPU (RTX 3060 class).
 STEP_S = {"sd1": 0.45, "sd2": 0.9, "sdxl": 1.6}
 TINY_STEP_S_PER_IMAGE = 0.045  # the embedded model on a 2-core CPU, measured with bench learn
@@ -103,10 +105,11 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
     unet_act = ACTIVATION_GB[family] * pixels * (1 if half else 2) * \
         (CHECKPOINTED if cfg.train.gradient_checkpointing else 1.0)
     te_act = TE_ACTIVATION_GB[family] * cfg.train.batch_size * (1 if half else 2) if train_te else 0.0
-    # Encoding a latent on the fly is a no-grad VAE pass before the UNet's; only the larger one counts.
+    # Encoding latents on the fly frees its buffers before the UNet runs, but the allocator keeps part
+    # of them: measured, it adds to the peak rather than overlapping.
     vae_act = VAE_ENCODE_GB * (res / 512) ** 2 * cfg.train.batch_size * (vae_bytes / 2) \
         if not cfg.data.cache_latents else 0.0
-    act = max(unet_act + te_act, vae_act)
+    act = unet_act + te_act + vae_act
     secs = steps * STEP_S[family] * pixels * (1.3 if cfg.train.gradient_checkpointing else 1.0) * (1 if half else 2.5)
     peak = weights + lora + act + (RUNTIME_GB if host else 0.0)
     return Estimate(round(peak, 2), weights, lora, act, steps, secs)

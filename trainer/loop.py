@@ -19,16 +19,13 @@ from .data.captions import split_tags
 from .data.dataset import TrainingSet
 from .data.manifest import read_manifest
 from .data.scan import DatasetError, scan
+from .errors import TrainingError
 from .events import Events
 from .formats import (SAVE_DTYPES, build_metadata, kohya_state_dict, now_epoch, peft_state_dict, png_data_url,
                       save_lora)
 from .models import load_base
 from .precision import Precision
 from .samples import render, save_png
-
-
-class TrainingError(RuntimeError):
-    """A run cannot go on; the message says why and what to try."""
 
 
 @dataclass

@@ -12,13 +12,10 @@ from pathlib import Path
 
 import torch
 
+from .errors import ModelError
 from .model_info import EMBEDDED_DIR, family_name
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-
-
-class ModelError(RuntimeError):
-    """The base model is missing, unreadable or of the wrong kind. The message says what to do."""
 
 
 @dataclass(frozen=True)

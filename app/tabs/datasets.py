@@ -11,12 +11,16 @@ from ..context import Ctx, guard
 KINDS = ["", "character", "style", "concept"]
 
 
+GALLERY_MAX = 120
+
+
 def build(ctx: Ctx) -> dict:
     ws = ctx.ws
     names = ws.dataset_names()
     with gr.Tab("Datasets", id="datasets"):
         with gr.Row():
-            ds = gr.Dropdown(names, value=names[0] if names else None, label="Dataset", scale=3, elem_id="dataset-pick")
+            ds = gr.Dropdown(names, value=names[0] if names else None, label="Dataset", scale=3, elem_id="dataset-pick",
+                             allow_custom_value=True)  # datasets made since start-up; handlers check the name
             new_name = gr.Textbox(label="New dataset", placeholder="name", scale=2, elem_id="new-dataset")
             create = gr.Button("Create", scale=1, elem_id="create-dataset")
         message = gr.Markdown(elem_id="dataset-message")
@@ -70,8 +74,13 @@ def build(ctx: Ctx) -> dict:
 
     # ---- handlers ------------------------------------------------------------------------------
     def gallery_value(name):
+        # The first GALLERY_MAX only: Gradio copies and hashes every gallery file in the server process,
+        # and 1,000 thumbnails would stall every other request for seconds. Checks cover all files.
         items = ops.images(ws, name) if name else []
-        return [(p, Path(p).name) for p, _ in items], [Path(p).name for p, _ in items]
+        shown = items[:GALLERY_MAX]
+        label = f"Images ({len(items)}): click one to edit its caption" + \
+            (f"; showing the first {GALLERY_MAX}" if len(items) > GALLERY_MAX else "")
+        return gr.Gallery(value=[(p, Path(p).name) for p, _ in shown], label=label), [Path(p).name for p, _ in shown]
 
     @guard
     def load(name):

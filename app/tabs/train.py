@@ -61,7 +61,10 @@ def build(ctx: Ctx) -> dict:
         gr.Markdown("### Runs")
         runs = ws.run_names()
         with gr.Row():
-            run_pick = gr.Dropdown(runs, value=runs[0] if runs else None, label="Run", elem_id="run-pick", scale=3)
+            # Custom values: a script (or a tab opened before the run existed) may name a run the
+            # build-time list lacks; every handler checks the name against the runs folder.
+            run_pick = gr.Dropdown(runs, value=runs[0] if runs else None, label="Run", elem_id="run-pick", scale=3,
+                                   allow_custom_value=True)
             stop = gr.Button("Stop", variant="stop", elem_id="stop")
             resume = gr.Button("Resume", elem_id="resume")
         state_md = gr.Markdown(elem_id="run-state")
@@ -72,6 +75,7 @@ def build(ctx: Ctx) -> dict:
         log = gr.Textbox(label="Log tail", lines=8, max_lines=8, elem_id="log", autoscroll=True)
         command = gr.Textbox(label="The same run from a terminal", buttons=["copy"], elem_id="cli-command")
         seen = gr.State(None)
+        known_runs = gr.State(runs)
         timer = gr.Timer(1.5)
 
     # ---- settings ------------------------------------------------------------------------------
@@ -113,6 +117,8 @@ def build(ctx: Ctx) -> dict:
     def refresh(name, last):
         if not name:
             return "", "", None, [], "", "", last
+        if name not in ws.run_names():
+            return f"no run named {html.escape(name)}", "", None, [], "", "", last
         v = runner.view(name)
         signature = (name, v.step, len(v.samples), v.state)
         state = f"**{v.state}**" + (f": {html.escape(v.message)}" if v.message else "")
@@ -125,12 +131,21 @@ def build(ctx: Ctx) -> dict:
 
     live = [state_md, progress, loss, samples, log, command, seen]
     timer.tick(refresh, [run_pick, seen], live)
+
+    def sync_runs(current, known):
+        """Runs started from another tab or the CLI appear here too; the picked one stays picked."""
+        names = ws.run_names()
+        if names == known:
+            return gr.skip(), known
+        return gr.Dropdown(choices=names, value=current if current in names else (names[0] if names else None)), names
+
+    timer.tick(sync_runs, [run_pick, known_runs], [run_pick, known_runs])
     # Named, so scripts (and the load test) can read a run's state: /run_state(run name).
     run_pick.change(refresh, [run_pick, gr.State(None)], live, api_name="run_state")
 
     @guard
     def do_stop(name):
-        if not name:
+        if name not in ws.run_names():
             raise ValueError("pick a run")
         return runner.stop(name)
 
@@ -138,10 +153,11 @@ def build(ctx: Ctx) -> dict:
 
     @guard
     def do_resume(name):
-        if not name:
+        if name not in ws.run_names():
             raise ValueError("pick a run")
         v = runner.submit(name, "", resume=True)
         return f"resuming **{name}**: {v.message or v.state}"
 
     resume.click(do_resume, run_pick, start_msg)
-    return {"refresh_datasets": (dataset, reg), "settings": (settings, form_inputs, [summary, estimate_md, advanced])}
+    return {"refresh_datasets": (dataset, reg), "settings": (settings, form_inputs, [summary, estimate_md, advanced]),
+            "runs": (run_pick, known_runs)}

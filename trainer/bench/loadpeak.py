@@ -18,8 +18,15 @@ def main(argv=None) -> int:
 
     dtype = DTYPES[a.precision]
     base = load_base(a.model, dtype=dtype if a.how == "direct" else None)
-    for m in (base.unet, base.vae, *base.text_encoders):
-        m.to(dtype)
+    import torch
+
+    total = 0.0
+    with torch.no_grad():
+        for m in (base.unet, base.vae, *base.text_encoders):
+            m.to(dtype)
+            # Read every weight once: a file-backed tensor counts in RSS only when touched, as in training.
+            total += sum(float(p.float().sum()) for p in m.parameters())
+    print(f"loaded; checksum {total:.3e}")
     return 0
 
 
