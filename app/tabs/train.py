@@ -11,7 +11,7 @@ from trainer.estimate import estimate, fit_advice
 
 from .. import train_form as form
 from ..context import Ctx, guard
-from ..workspace import check_name, unique_name
+from ..workspace import WorkspaceError, check_name, unique_name
 
 TIERS = [form.NO_TIER, "6", "8", "12", "16", "24"]
 NO_REG = "(none)"
@@ -114,10 +114,17 @@ def build(ctx: Ctx) -> dict:
     start.click(do_start, [advanced, run_name], [start_msg, run_pick, run_name])
 
     # ---- live view -----------------------------------------------------------------------------
+    def has_run(name) -> bool:
+        # One stat per timer tick, not a sorted listing of every run; a bad name is simply no run.
+        try:
+            return bool(name) and ws.run(name).is_dir()
+        except WorkspaceError:
+            return False
+
     def refresh(name, last):
         if not name:
             return "", "", None, [], "", "", last
-        if name not in ws.run_names():
+        if not has_run(name):
             return f"no run named {html.escape(name)}", "", None, [], "", "", last
         v = runner.view(name)
         signature = (name, v.step, len(v.samples), v.state)
@@ -145,7 +152,7 @@ def build(ctx: Ctx) -> dict:
 
     @guard
     def do_stop(name):
-        if name not in ws.run_names():
+        if not has_run(name):
             raise ValueError("pick a run")
         return runner.stop(name)
 
@@ -153,7 +160,7 @@ def build(ctx: Ctx) -> dict:
 
     @guard
     def do_resume(name):
-        if name not in ws.run_names():
+        if not has_run(name):
             raise ValueError("pick a run")
         v = runner.submit(name, "", resume=True)
         return f"resuming **{name}**: {v.message or v.state}"

@@ -12,6 +12,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 
 def measure(model: str, resolution: int, precision: str, checkpointing: bool, rank: int, steps: int,
@@ -27,7 +28,7 @@ def measure(model: str, resolution: int, precision: str, checkpointing: bool, ra
     from ..precision import Precision
 
     prec = Precision(precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=prec.weight_dtype)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", dtype=prec.weight_dtype)
     unet.requires_grad_(False)
     unet.to(prec.device)
     lora = LoraConfig(rank=rank, alpha=rank)
@@ -43,7 +44,8 @@ def measure(model: str, resolution: int, precision: str, checkpointing: bool, ra
         unet.set_attn_processor(AttnProcessor())
     cfg = unet.config
     gen = torch.Generator().manual_seed(0)
-    side = resolution // 8
+    vae = json.loads((Path(model) / "vae" / "config.json").read_text(encoding="utf-8"))
+    side = resolution // 2 ** (len(vae["block_out_channels"]) - 1)  # the latent size the loop trains on
     latents = torch.randn((1, cfg.in_channels, side, side), generator=gen).to(prec.device)
     hidden = torch.randn((1, 77, cfg.cross_attention_dim), generator=gen).to(prec.device, prec.weight_dtype)
     added = None
