@@ -5,7 +5,7 @@
     python -m trainer.world.pretrain --out /tmp/x --device cuda --set vae_steps=3000   # recipe search
 
 
-Seeded and CPU-only by design (2 cores, well under 90 minutes). Three phases:
+Seeded and CPU-only by design (2 cores, under 90 minutes: 84 for the shipped weights). Phases:
 1. VAE (f=4, 4 latent channels) on freshly rendered scenes, including the sample datasets' extras
    (hatching, stars, the figure) so a LoRA can later reach them through the decoder.
 2. UNet and text encoder together on cached latents of base-world scenes only, with EMA weights.
