@@ -273,38 +273,26 @@ def reconstruction_accuracy(vae, n: int = 100) -> float:
     return sum(follows(im, s.shape, s.colour) for im, s in zip(rec, scenes)) / n
 
 
-def save(out: Path, vae, te, tokenizer, unet):
+def save(out: Path, vae, te, tokenizer, unet) -> None:
+    """The whole pipeline. The UNet and VAE are cast to float16 in place first: it halves the package
+    (the 25 MB budget), and diffusers casts them back to the dtype a model is built in on loading."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet,
+    pipe = StableDiffusionPipeline(vae=vae.half(), text_encoder=te, tokenizer=tokenizer, unet=unet.half(),
                                    scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
-    for name in HALF_COMPONENTS:  # a model loaded from a folder would record that folder's path
+
+
+def save_trained(out: Path, vae, te, unet) -> None:
+    """Phases 2b-3 over a model already in `out`: only the components they train (the tokenizer,
+    scheduler and index stay byte for byte), with the same float16 storage as `save`."""
+    for name, model in (("vae", vae.half()), ("unet", unet.half()), ("text_encoder", te)):
+        model.save_pretrained(out / name, safe_serialization=True)
+    for name in ("vae", "unet"):  # loaded from a folder, they would record its path
         config = out / name / "config.json"
         write_text(config, json.dumps({k: v for k, v in json.loads(config.read_text()).items()
                                        if k != "_name_or_path"}, indent=2, sort_keys=True) + "\n")
-    store_half(out)
-
-
-HALF_COMPONENTS = ("unet", "vae")
-
-
-def store_half(out: Path) -> None:
-    """Rewrite the UNet and VAE weights in float16: it halves the package (the 25 MB budget), and
-    diffusers casts them back to the dtype the model is built in when it loads them."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    for name in HALF_COMPONENTS:
-        path = out / name / "diffusion_pytorch_model.safetensors"
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
 
 
 REPORT = "pretrain_report.json"
@@ -345,8 +333,8 @@ def finish_only(out: Path, r: dict, dev: torch.device) -> int:
     recipe = {**report["recipe"], **{k: r[k] for k in PHASE_2B_3}}
     torch.manual_seed(recipe["seed"])
     t0 = time.time()
-    vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).to(dev)
-    unet = UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32).to(dev)
+    vae = AutoencoderKL.from_pretrained(out / "vae", dtype=torch.float32).to(dev)
+    unet = UNet2DConditionModel.from_pretrained(out / "unet", dtype=torch.float32).to(dev)
     te = CLIPTextModel.from_pretrained(out / "text_encoder", dtype=torch.float32).to(dev)
     tokenizer = load_tokenizer(out / "tokenizer")
     unet, te = continue_unet(recipe, vae, unet, te, tokenizer)
@@ -354,10 +342,7 @@ def finish_only(out: Path, r: dict, dev: torch.device) -> int:
     sharpen_decoder(vae, recipe)
     after = reconstruction_accuracy(vae)
     log(f"vae reconstruction accuracy {before:.2f} -> {after:.2f}")
-    tokenizer_files = {f: f.read_bytes() for f in (out / "tokenizer").iterdir()}
-    save(out, vae.cpu(), te.cpu(), tokenizer, unet.cpu())
-    for f, data in tokenizer_files.items():  # unchanged; a re-save would only add default keys
-        f.write_bytes(data)
+    save_trained(out, vae.cpu(), te.cpu(), unet.cpu())
     seconds = round(time.time() - t0)
     acc = check(load_pipeline(str(out)).to(dev), recipe)
     report.update(recipe=recipe, train_seconds=report["train_seconds"] + seconds,
