@@ -173,6 +173,9 @@ class JobRunner:
             return f"{name} is {state}; nothing to stop"
 
     def view(self, name: str) -> RunView:
+        with self.lock:
+            # A process can end between two ticks; record its exit code before anyone reads the run.
+            self._reap()
         v = view(self.runs_dir / name, self._alive)
         if v.state == "queued":
             queue = self.queued()
@@ -206,13 +209,16 @@ class JobRunner:
     # ---- the one round ------------------------------------------------------------------------
     def tick(self) -> None:
         with self.lock:
-            for name, proc in list(self.procs.items()):
-                if proc.poll() is not None:
-                    self._finish(name, proc.returncode)
+            self._reap()
             if self.running() is None:
                 queue = self.queued()
                 if queue:
                     self._launch(queue[0])
+
+    def _reap(self) -> None:
+        for name, proc in list(self.procs.items()):
+            if proc.poll() is not None:
+                self._finish(name, proc.returncode)
 
     def _launch(self, name: str) -> None:
         run_dir = self.runs_dir / name
