@@ -244,7 +244,8 @@ class JobRunner:
     def _alive(self, pid, run_dir: Path) -> bool:
         proc = self.procs.get(run_dir.name)
         if proc is not None and proc.pid == pid:
-            return proc.poll() is None
+            # Our own child counts as running until it is reaped, so its end always comes with its exit code.
+            return True
         return pid_alive(pid, run_dir)
 
     def _run_dirs(self) -> list[Path]:
