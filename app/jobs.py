@@ -141,6 +141,7 @@ class JobRunner:
     def submit(self, name: str, config_text: str, resume: bool = False) -> RunView:
         run_dir = self.runs_dir / name
         with self.lock:
+            self._reap()
             if resume:
                 if self.is_active(run_dir):
                     raise RuntimeError(f"run {name} is already {read_job(run_dir).get('state')}")
@@ -159,6 +160,7 @@ class JobRunner:
         """Ask a run to save and stop (idempotent: a second press changes nothing); cancel it if queued."""
         run_dir = self.runs_dir / name
         with self.lock:
+            self._reap()
             job = read_job(run_dir)
             state = view(run_dir).state
             if state == "queued":
