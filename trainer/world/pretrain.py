@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..atomic import write_text
 from . import shapes
-from .learn import prompt_following
+from .learn import load_pipeline, prompt_following
 
 WORDS = sorted(set(
     "a an the of on in at with and photo style small large big tiny red green blue yellow orange purple "
@@ -227,8 +227,8 @@ def outline_band(x: torch.Tensor, width: int = 5) -> torch.Tensor:
     return (F.max_pool2d(fg, width, 1, pad) + F.max_pool2d(-fg, width, 1, pad)).clamp(0, 1)
 
 
-def sharpen_decoder(vae, r: dict) -> float:
-    """Phase 3; returns its seconds. A plain pixel loss hardly sees corners (a few pixels per shape),
+def sharpen_decoder(vae, r: dict) -> None:
+    """Phase 3. A plain pixel loss hardly sees corners (a few pixels per shape),
     so phase 1 leaves squares and small triangles rounded enough for the checker to read circles."""
     vae.requires_grad_(False)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
@@ -258,7 +258,6 @@ def sharpen_decoder(vae, r: dict) -> float:
             log(f"decoder step {step}/{steps} loss {loss.item():.4f} ({(time.time() - t0) / (step + 1):.2f} s/step)")
     vae.requires_grad_(False)
     vae.eval()
-    return time.time() - t0
 
 
 @torch.no_grad()
@@ -308,8 +307,6 @@ def check(pipe, r: dict) -> dict:
 
 
 def evaluate_only(out: Path, r: dict, dev: torch.device) -> int:
-    from .learn import load_pipeline
-
     report = json.loads((out / REPORT).read_text())
     checks = report.setdefault("checks", [])
     result = check(load_pipeline(str(out)).to(dev), r)
@@ -329,7 +326,6 @@ def finish_only(out: Path, r: dict, dev: torch.device) -> int:
     from transformers import CLIPTextModel
 
     from ..tiny import load_tokenizer
-    from .learn import load_pipeline
 
     report = json.loads((out / REPORT).read_text())
     recipe = {**report["recipe"], **{k: r[k] for k in PHASE_2B_3}}
@@ -384,9 +380,11 @@ def main(argv=None) -> int:
         return finish_only(args.out, r, dev)
     tokenizer = load_tokenizer(write_tokenizer(args.out / "tokenizer", WORDS, MAX_TOKENS))
     if args.profile:
-        r.update(scenes=512)
+        r.update(scenes=512, continue_scenes=512, continue_steps=6, decoder_steps=6)
         vae = train_vae(r, 6, rng, dev)
-        train_unet(r, 6, vae, tokenizer, rng)
+        unet, te = train_unet(r, 6, vae, tokenizer, rng)
+        continue_unet(r, vae, unet, te, tokenizer)
+        sharpen_decoder(vae, r)
         return 0
     vae = train_vae(r, r["vae_steps"], rng, dev)
     vae_acc = reconstruction_accuracy(vae)
@@ -398,8 +396,6 @@ def main(argv=None) -> int:
     log(f"vae reconstruction accuracy after sharpening {sharp_acc:.2f}")
     save(args.out, vae.cpu(), te.cpu(), tokenizer, unet.cpu())
     train_s = time.time() - t0
-    from .learn import load_pipeline
-
     acc = check(load_pipeline(str(args.out)).to(dev), r)  # the weights as shipped, float16 storage included
     report = {"recipe": r, "train_seconds": round(train_s), "device": args.device,
               "torch_threads": torch.get_num_threads(), "vae_reconstruction_accuracy": vae_acc,
