@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,6 +11,7 @@ from trainer.data.importer import Limits, sanitize_name
 from trainer.data.manifest import Manifest, read_manifest, write_manifest
 from trainer.data.scan import MASK_SUFFIX, read_caption, scan
 
+from . import trainer_cli
 from .workspace import Workspace, WorkspaceError, check_name
 
 UPLOAD_LIMITS = Limits(max_files=2000, max_file_bytes=50 * 2**20, max_total_bytes=2 * 2**30)
@@ -25,24 +24,14 @@ def create_dataset(ws: Workspace, name: str) -> str:
     return name
 
 
-def trainer_json(args: list[str], timeout: float = 3600) -> dict:
-    """Run a `lora-studio` data command in a subprocess and return its JSON. Decoding and hashing
-    thousands of images in the server process would hold its interpreter lock, and every other
-    request (other tabs, live progress) would wait behind it."""
-    proc = subprocess.run([sys.executable, "-m", "trainer", *args], capture_output=True, text=True,
-                          timeout=timeout)
-    if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        raise WorkspaceError(lines[-1].removeprefix("lora-studio: error: ") if lines else f"exit {proc.returncode}")
-    return json.loads(proc.stdout)
-
-
 def import_uploads(ws: Workspace, dataset: str, paths: list[str]) -> list[list[str]]:
     """Import uploaded files or zips by the dataset rules; one report row per file."""
     lim = UPLOAD_LIMITS
-    result = trainer_json(["dataset", "import", "--json", "--to", str(ws.dataset(dataset)),
-                           "--max-files", str(lim.max_files), "--max-file-mb", str(lim.max_file_bytes // 2**20),
-                           "--max-total-mb", str(lim.max_total_bytes // 2**20), "--", *map(str, paths)])
+    # In a child process: decoding and hashing thousands of images here would hold the server's
+    # interpreter lock, and every other request (other tabs, live progress) would wait behind it.
+    result = trainer_cli.run_json("dataset", "import", "--json", "--to", str(ws.dataset(dataset)),
+                                  "--max-files", str(lim.max_files), "--max-file-mb", str(lim.max_file_bytes // 2**20),
+                                  "--max-total-mb", str(lim.max_total_bytes // 2**20), "--", *map(str, paths))
     rows = [[Path(r["source"]).name, "imported", r["file"]] for r in result["imported"]]
     rows += [[Path(r["source"]).name, "skipped", r["reason"]] for r in result["skipped"]]
     return rows
@@ -159,8 +148,8 @@ def _write_trash_index(ws: Workspace, index: list[dict]) -> None:
 
 def validation(ws: Workspace, dataset: str, resolution: int = 512) -> tuple[list[list], list[list], str]:
     """(per-file rows, bucket rows, one-line summary)."""
-    rep = trainer_json(["dataset", "check", "--json", "--resolution", str(int(resolution)), "--",
-                        str(ws.dataset(dataset))])
+    rep = trainer_cli.run_json("dataset", "check", "--json", "--resolution", str(int(resolution)), "--",
+                               str(ws.dataset(dataset)))
     rows = [[Path(f["path"]).name, f["status"], "; ".join(f["reasons"]), f"{f['width']}x{f['height']}",
              f["bucket"]] for f in rep["files"]]
     buckets = [[b, n] for b, n in rep["buckets"].items()]
@@ -168,10 +157,10 @@ def validation(ws: Workspace, dataset: str, resolution: int = 512) -> tuple[list
     return rows, buckets, f"{s['ok']} ok, {s['warning']} with warnings, {s['excluded']} excluded"
 
 
-def caption_command(ws: Workspace, dataset: str, *, template: str = "", model: str = "", trigger: str = "") -> list[str]:
-    cmd = [sys.executable, "-m", "trainer", "dataset", "caption", str(ws.dataset(dataset)), "--json"]
-    cmd += ["--auto", model] if model else ["--template", template]
-    return cmd + (["--trigger", trigger] if trigger else [])
+def caption_args(ws: Workspace, dataset: str, *, template: str = "", model: str = "", trigger: str = "") -> list[str]:
+    args = ["dataset", "caption", str(ws.dataset(dataset)), "--json"]
+    args += ["--auto", model] if model else ["--template", template]
+    return args + (["--trigger", trigger] if trigger else [])
 
 
 def auto_caption(ws: Workspace, dataset: str, *, template: str = "", model: str = "", trigger: str = "") -> str:
@@ -179,9 +168,5 @@ def auto_caption(ws: Workspace, dataset: str, *, template: str = "", model: str 
     Runs the trainer CLI in a subprocess, so the UI process never loads torch."""
     if not (template or model):
         raise WorkspaceError("pick a caption template or name a captioning model")
-    proc = subprocess.run(caption_command(ws, dataset, template=template, model=model, trigger=trigger),
-                          capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        raise WorkspaceError(lines[-1] if lines else f"captioning failed (exit {proc.returncode})")
-    return proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "done"
+    out = trainer_cli.run(*caption_args(ws, dataset, template=template, model=model, trigger=trigger))
+    return out.splitlines()[-1] if out else "done"

@@ -20,6 +20,8 @@ from pathlib import Path
 from trainer.atomic import write_text
 from trainer.events import STOP_FILE, read_events
 
+from .trainer_cli import lower_priority
+
 JOB_FILE = "job.json"
 LOG_FILE = "trainer.log"
 ACTIVE = ("queued", "running", "stopping")
@@ -231,6 +233,7 @@ class JobRunner:
             # A new session: a crash or Ctrl-C in the UI does not take the training down with it.
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=self.cwd, start_new_session=True)
+        lower_priority(proc.pid)  # a CPU run must not starve the page that watches it
         self.procs[name] = proc
         job.update(state="running", pid=proc.pid, started_at=time.time())
         write_job(run_dir, job)

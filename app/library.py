@@ -8,8 +8,6 @@ import hashlib
 import json
 import shutil
 import struct
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 from trainer.atomic import write_bytes
 from trainer.data.importer import sanitize_name
 
+from . import trainer_cli
 from .workspace import Workspace, WorkspaceError
 
 MAX_HEADER = 100 * 2**20
@@ -162,21 +161,13 @@ def trash(ws: Workspace, e: Entry) -> Path:
     return dst
 
 
-def cli(*args: str, timeout: int = 1800) -> str:
-    proc = subprocess.run([sys.executable, "-m", "trainer", *args], capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        raise WorkspaceError(lines[-1].removeprefix("lora-studio: error: ") if lines else f"failed ({proc.returncode})")
-    return proc.stdout.strip()
-
-
 def import_file(ws: Workspace, path: str) -> Path:
     """Validate an uploaded LoRA with the trainer's reader, then copy it into the library."""
     src = Path(path)
     if src.suffix.lower() != ".safetensors":
         raise WorkspaceError(f"{src.name}: only .safetensors LoRA files are imported (no pickles)")
     read_header(src)
-    cli("lora", "inspect", str(src), "--json")  # refuses truncated files, unknown kinds and layouts
+    trainer_cli.run("lora", "inspect", str(src), "--json")  # refuses truncated files, unknown kinds and layouts
     dst = ws.loras / f"{sanitize_name(src.stem)}.safetensors"
     n = 2
     while dst.exists():
@@ -189,7 +180,7 @@ def export(ws: Workspace, e: Entry) -> list[str]:
     """The .safetensors and its model card, for download."""
     card = e.path.with_name(e.path.stem + ".README.md")
     if not card.exists():
-        cli("lora", "card", str(e.path))
+        trainer_cli.run("lora", "card", str(e.path))
     return [str(e.path), str(card)]
 
 
@@ -203,15 +194,15 @@ def new_path(ws: Workspace, stem: str) -> Path:
 def merge(ws: Workspace, items: list[tuple[Entry, float]], rank: int = 0) -> Path:
     out = new_path(ws, "merged-" + "-".join(sanitize_name(e.name)[:16] for e, _ in items))
     args = ["lora", "merge", *[f"{e.path}:{w:g}" for e, w in items], "--out", str(out)]
-    cli(*args, *(["--rank", str(rank)] if rank else []))
+    trainer_cli.run(*args, *(["--rank", str(rank)] if rank else []))
     return out
 
 
 def resize(ws: Workspace, e: Entry, rank: int) -> Path:
     out = new_path(ws, f"{sanitize_name(e.name)}-r{rank}")
-    cli("lora", "resize", str(e.path), "--out", str(out), "--rank", str(rank))
+    trainer_cli.run("lora", "resize", str(e.path), "--out", str(out), "--rank", str(rank))
     return out
 
 
 def analyze(e: Entry) -> str:
-    return cli("lora", "analyze", str(e.path))
+    return trainer_cli.run("lora", "analyze", str(e.path))

@@ -1,5 +1,6 @@
 """The app's handlers and job runner, without a browser. A fake trainer stands in for the real one
 so the queue, crash and restart logic is tested in seconds."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -75,6 +76,8 @@ def test_queue_runs_one_at_a_time_and_reports_progress(ws, fake_python):
     first = runner.submit("a", config_text(ws, "a", delay=0.05))
     second = runner.submit("b", config_text(ws, "b"))
     assert first.state == "running"
+    # Below the UI's priority, so a CPU run does not starve the page watching it.
+    assert os.getpriority(os.PRIO_PROCESS, runner.procs["a"].pid) == max(os.getpriority(os.PRIO_PROCESS, 0), 10)
     assert second.state == "queued" and "waiting for a" in second.message and second.queue_position == 1
     done = wait(runner, "a", {"finished"})
     assert done.step == done.total == 4 and [s for s, _ in done.losses] == [1, 2, 3, 4]

@@ -1,0 +1,51 @@
+"""Runs `lora-studio` trainer commands for the UI, in child processes below the UI's CPU priority.
+
+Importing, validating and captioning thousands of images, or training on the CPU, would otherwise
+compete with the server and the browser for the same cores, and every page request would wait.
+A lower priority costs the background work nothing when the cores are free.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from .workspace import WorkspaceError
+
+BACKGROUND_NICENESS = 10
+
+
+def lower_priority(pid: int) -> None:
+    """Niceness at least BACKGROUND_NICENESS; never raises a priority (the app itself may run niced)."""
+    if hasattr(os, "setpriority"):  # POSIX only; elsewhere the child keeps the default priority
+        try:
+            os.setpriority(os.PRIO_PROCESS, pid, max(os.getpriority(os.PRIO_PROCESS, pid), BACKGROUND_NICENESS))
+        except OSError:  # it already ended, or the system refuses: run at the default priority
+            pass
+
+
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "trainer", *args]
+
+
+def run(*args: str, timeout: float = 3600) -> str:
+    """stdout of `lora-studio ARGS`; its last error line, as a WorkspaceError, when it fails."""
+    with subprocess.Popen(command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                          text=True) as proc:
+        lower_priority(proc.pid)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise WorkspaceError(f"`lora-studio {args[0]} {args[1] if len(args) > 1 else ''}` took over "
+                                 f"{timeout:.0f} s and was stopped") from None
+    if proc.returncode != 0:
+        lines = (err or out).strip().splitlines()
+        raise WorkspaceError(lines[-1].removeprefix("lora-studio: error: ") if lines else f"exit {proc.returncode}")
+    return out.strip()
+
+
+def run_json(*args: str, timeout: float = 3600) -> dict:
+    return json.loads(run(*args, timeout=timeout))
