@@ -39,8 +39,8 @@ def run(*args: str, timeout: float = 3600) -> str:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
-            raise WorkspaceError(f"`lora-studio {args[0]} {args[1] if len(args) > 1 else ''}` took over "
-                                 f"{timeout:.0f} s and was stopped") from None
+            raise WorkspaceError(f"`lora-studio {' '.join(args[:2])}` was stopped after {timeout:.0f} s; "
+                                 "run it from a terminal to follow its progress") from None
     if proc.returncode != 0:
         lines = (err or out).strip().splitlines()
         raise WorkspaceError(lines[-1].removeprefix("lora-studio: error: ") if lines else f"exit {proc.returncode}")
