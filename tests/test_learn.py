@@ -10,9 +10,9 @@ pytestmark = pytest.mark.skipif(not (EMBEDDED_DIR / "model_index.json").exists()
                                 reason="the embedded model is not built")
 # kind: (minimum gain of the score over the base model, maximum drift). Measured with bench learn on
 # a 2-core CPU (2026-11-23, the model after phases 2b-3): character 0.334 -> 0.456, drift 0.065;
-# style 0.182 -> 0.213, drift 0.055; concept 0.484 -> 0.556, drift 0.056. The gains asserted are
-# about 60% of those.
-THRESHOLDS = {"character": (0.07, 0.10), "style": (0.018, 0.08), "concept": (0.043, 0.09)}
+# style (16 px hatching, diagonal stripe score) 0.006 -> 0.023, drift 0.076; concept 0.484 -> 0.556,
+# drift 0.056. The gains asserted are about 60% of those.
+THRESHOLDS = {"character": (0.07, 0.10), "style": (0.010, 0.09), "concept": (0.043, 0.09)}
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 
 from trainer import presets
 from trainer.config import ConfigError
-from trainer.world import checker, datasets, shapes
+from trainer.world import checker, datasets, score, shapes
 from trainer.world.learn import SAMPLE_DATASETS
 from trainer.world.pretrain import RECIPE, build_vae, outline_band, sharpen_decoder, to_tensor
 
@@ -34,6 +34,31 @@ def test_checker_reads_clean_scenes_and_refuses_wrong_prompts():
     other_colour = sum(checker.follows(im, s.shape, next(c for c in shapes.COLOURS if c != s.colour))
                        for im, s in zip(images, scenes))
     assert other_shape <= 3 and other_colour == 0
+
+
+def test_stripe_score_sees_the_style_hatching_only():
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+
+    rng = random.Random("stripes")
+    hatched = [shapes.random_scene(rng, hatched=True, size="large", colour="red") for _ in range(6)]
+    flat = [dataclasses.replace(s, hatched=False) for s in hatched]
+    assert score.stripes([shapes.render(s) for s in hatched]) > 0.3
+    assert score.stripes([shapes.render(s) for s in flat]) < 0.02
+    noisy = []
+    for i, s in enumerate(flat):  # texture with no period, in the shape's colours
+        arr = np.asarray(shapes.render(s)).astype(np.int16)
+        arr = arr + np.random.default_rng(i).integers(-60, 60, arr.shape)
+        noisy.append(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)))
+    assert score.stripes(noisy) < 0.03
+    # Stripes of the style's period but along the other axes are not its hatching.
+    y, x = np.mgrid[0:shapes.SIZE, 0:shapes.SIZE]
+    for bands in (y % shapes.HATCH_PERIOD < shapes.HATCH_PERIOD // 2, x % shapes.HATCH_PERIOD < shapes.HATCH_PERIOD // 2):
+        img = np.full((shapes.SIZE, shapes.SIZE, 3), 240, np.uint8)
+        img[12:52, 12:52] = np.where(bands[12:52, 12:52, None], (220, 40, 40), (55, 10, 10))
+        assert score.stripe_strength(Image.fromarray(img)) < 0.05
 
 
 def test_outline_band_covers_edges_only():

@@ -5,7 +5,8 @@ changed everything else.
   colour histogram (palette bins) and box-normalised shape-mask IoU, averaged. Used for the
   character (its colours and silhouette).
 - `silhouette`: the same with the shape mask only, for the concept (a star in any colour).
-- `stripes`: how strongly the foreground alternates at the hatching period. Flat fills score ~0.
+- `stripes`: how strongly the foreground alternates across the hatching's diagonal stripes, at
+  their period. Flat fills, noise and shading score ~0.
 - `drift`: mean absolute pixel difference (0..1) between base and LoRA images at the same prompts
   and seeds, for prompts without the trigger: negative transfer.
 All are deterministic functions of the pixels.
@@ -16,11 +17,10 @@ import numpy as np
 from PIL import Image
 
 from . import checker
-from .shapes import COLOURS
+from .shapes import COLOURS, HATCH_PERIOD
 
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 MASK_GRID = 16
-HATCH_HALF_PERIOD = 3  # shapes.hatch_pattern(6): stripes flip every 3 pixels along a row
 
 
 def colour_histogram(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -69,14 +69,21 @@ def silhouette(images, references) -> float:
 
 
 def stripe_strength(image) -> float:
+    """How much more the foreground changes across the hatching (half a period along a row) than
+    along it (the same distance down the stripes' diagonal). Diagonal stripes of the style's period
+    score high; flat fills, noise, shading and bands in other directions score ~0."""
     img = checker.as_array(image)
     mask, _ = checker.foreground(img)
-    k = HATCH_HALF_PERIOD
-    both = mask[:, :-k] & mask[:, k:]
-    if both.sum() < 8:
+    h = HATCH_PERIOD // 2
+    across = _change(img[:, :-h], img[:, h:], mask[:, :-h] & mask[:, h:])
+    along = _change(img[h:, :-h], img[:-h, h:], mask[h:, :-h] & mask[:-h, h:])
+    if across is None or along is None:
         return 0.0
-    diff = np.abs(img[:, :-k] - img[:, k:]).mean(-1)[both]
-    return float(min(1.0, diff.mean() / 128.0))
+    return float(np.clip((across - along) / 128.0, 0.0, 1.0))
+
+
+def _change(a: np.ndarray, b: np.ndarray, both: np.ndarray) -> float | None:
+    return float(np.abs(a - b).mean(-1)[both].mean()) if both.sum() >= 8 else None
 
 
 def stripes(images, references=None) -> float:
