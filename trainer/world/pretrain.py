@@ -7,7 +7,8 @@
 
 Seeded and CPU-only by design (2 cores, under 90 minutes: 84 for the shipped weights). Phases:
 1. VAE (f=4, 4 latent channels) on freshly rendered scenes, including the sample datasets' extras
-   (hatching, stars, the figure) so a LoRA can later reach them through the decoder.
+   (stars, the figure, and hatching at the style's first 6 px period: see `vae_scene`) so a LoRA
+   can later reach them through the decoder.
 2. UNet and text encoder together on cached latents of base-world scenes only, with EMA weights.
    The noise schedule is DDPM's linear one: its last step leaves almost no signal, so colours must
    come from the prompt rather than from the noise's mean (the failure of scaled_linear here).
