@@ -1,10 +1,14 @@
 """The synthetic world behind the embedded model: the sample datasets regenerate byte for byte, the
-checker reads clean scenes and refuses wrong ones, phase 3 of pretraining touches the decoder only,
-and the presets follow their rules (rank from data size, tiers, user presets never shadow built-ins)."""
+checker reads clean scenes and refuses wrong ones, the stripe score sees only the style's hatching,
+phase 3 of pretraining touches the decoder only, and the presets follow their rules (rank from data
+size, tiers, user presets never shadow built-ins)."""
+import dataclasses
 import random
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from trainer import presets
 from trainer.config import ConfigError
@@ -37,11 +41,6 @@ def test_checker_reads_clean_scenes_and_refuses_wrong_prompts():
 
 
 def test_stripe_score_sees_the_style_hatching_only():
-    import dataclasses
-
-    import numpy as np
-    from PIL import Image
-
     rng = random.Random("stripes")
     hatched = [shapes.random_scene(rng, hatched=True, size="large", colour="red") for _ in range(6)]
     flat = [dataclasses.replace(s, hatched=False) for s in hatched]
