@@ -27,8 +27,6 @@ def create_dataset(ws: Workspace, name: str) -> str:
 def import_uploads(ws: Workspace, dataset: str, paths: list[str]) -> list[list[str]]:
     """Import uploaded files or zips by the dataset rules; one report row per file."""
     lim = UPLOAD_LIMITS
-    # In a child process: decoding and hashing thousands of images here would hold the server's
-    # interpreter lock, and every other request (other tabs, live progress) would wait behind it.
     result = trainer_cli.run_json("dataset", "import", "--json", "--to", str(ws.dataset(dataset)),
                                   "--max-files", str(lim.max_files), "--max-file-mb", str(lim.max_file_bytes // 2**20),
                                   "--max-total-mb", str(lim.max_total_bytes // 2**20), "--", *map(str, paths))

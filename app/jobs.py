@@ -20,7 +20,7 @@ from pathlib import Path
 from trainer.atomic import write_text
 from trainer.events import STOP_FILE, read_events
 
-from .trainer_cli import lower_priority
+from .trainer_cli import command, lower_priority
 
 JOB_FILE = "job.json"
 LOG_FILE = "trainer.log"
@@ -44,8 +44,7 @@ class RunView:
 
 
 def train_command(run_dir: Path, resume: bool = False) -> list[str]:
-    cmd = [sys.executable, "-m", "trainer", "train", "--config", str(run_dir / "config.toml"),
-           "--output", str(run_dir)]
+    cmd = command("train", "--config", str(run_dir / "config.toml"), "--output", str(run_dir))
     return cmd + (["--resume", str(run_dir)] if resume else ["--force"])
 
 
@@ -164,7 +163,7 @@ class JobRunner:
         with self.lock:
             self._reap()
             job = read_job(run_dir)
-            state = view(run_dir).state
+            state = view(run_dir, self._alive).state
             if state == "queued":
                 job["state"] = "cancelled"
                 write_job(run_dir, job)

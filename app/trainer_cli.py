@@ -1,8 +1,10 @@
 """Runs `lora-studio` trainer commands for the UI, in child processes below the UI's CPU priority.
 
-Importing, validating and captioning thousands of images, or training on the CPU, would otherwise
-compete with the server and the browser for the same cores, and every page request would wait.
-A lower priority costs the background work nothing when the cores are free.
+Child processes, because decoding and hashing thousands of images in the server would hold its
+interpreter lock and every other request (other tabs, live progress) would wait behind it; and the
+UI process never imports torch. A lower priority, because importing, validating and captioning, or
+training on the CPU, would otherwise take the cores the server and the browser need. It costs the
+background work nothing when the cores are free.
 """
 from __future__ import annotations
 
