@@ -7,7 +7,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-SAMPLE_DATASETS = Path(__file__).resolve().parent.parent / "sample_datasets"
+from trainer.resources import SAMPLE_DATASETS
+
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,79}")
 
 

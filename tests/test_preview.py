@@ -3,12 +3,14 @@ scales, UNet/text-encoder weights act on their own parts, weight changes never r
 library reads, renames and refuses files without torch."""
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from app import library, prompt_tags
 from app.workspace import Workspace, WorkspaceError
 from tests.conftest import make_dataset, tiny_config
-from trainer.lora_file import LoraError
+from trainer import adapters
+from trainer.lora_file import LoraError, module_index, read_lora
 from trainer.loop import train
 from trainer.preview import Previewer, Request, Slot
 
@@ -33,26 +35,55 @@ def image(previewer, model, slots, prompt="a red circle"):
     return np.asarray(previewer.generate(req)[0], dtype=np.int16)
 
 
-def test_weights_mix_like_fused_adapters(tiny_models, loras):
+def fused(previewer, model, weights: dict[str, float]) -> None:
+    """Add w·ΔW (up·down·alpha/rank, straight from each file) into the base weights: the reference that a
+    peft adapter at weight w must equal, computed without peft."""
+    previewer.pipeline(str(model))
+    index = module_index(previewer.models)
+    with torch.no_grad():
+        for path, w in weights.items():
+            for name, m in read_lora(path).modules.items():
+                weight = index[name].weight
+                weight += (m.delta() * w).to(weight.dtype).reshape(weight.shape)
+
+
+def test_weights_mix_like_fused_weights(tiny_models, loras):
     model = tiny_models["sd1"]
     p = Previewer()
     base = image(p, model, [])
     assert np.array_equal(image(p, model, [Slot(loras["a"], 0.0)]), base)  # weight 0 is the base, exactly
     mixed = image(p, model, [Slot(loras["a"], 0.8), Slot(loras["b"], -0.6)])
     assert np.abs(mixed - base).max() > 10
+    held = adapters.adapters_on(p.models)  # both files, each with its UNet and text-encoder half
+    assert held.keys() == {"lora_unet", "lora_te"} and len(held["lora_unet"]) == 2 and held["lora_te"] == held["lora_unet"]
 
-    ref = Previewer()  # a fresh pipeline with both adapters fused into its weights at (0.8, -0.6)
-    ref.pipeline(str(model))
-    names = [ref.adapter(loras["a"]), ref.adapter(loras["b"])]
-    ref.pipe.set_adapters(names, [0.8, -0.6])
-    ref.pipe.fuse_lora(adapter_names=names)
-    ref.pipe.unload_lora_weights()
-    ref.adapters = {}
-    fused = image(ref, model, [])
-    assert np.abs(mixed - fused).max() <= 3  # fusing rounds differently; a few levels of 255 at most
+    ref = Previewer()  # a fresh pipeline with both LoRAs added into its weights at (0.8, -0.6)
+    fused(ref, model, {loras["a"]: 0.8, loras["b"]: -0.6})
+    assert np.abs(mixed - image(ref, model, [])).max() <= 3  # fusing rounds differently; a few levels of 255
     assert p.loads == 2
     image(p, model, [Slot(loras["a"], 0.3), Slot(loras["b"], 1.2)])
     assert p.loads == 2  # changing weights reuses the loaded adapters
+
+
+def test_text_encoder_half_is_applied(tiny_models, loras):
+    """The text-encoder half of a file changes the prompt embedding by exactly its ΔW, and weight 0 is the base."""
+    model = tiny_models["sd1"]
+    p = Previewer()
+    pipe = p.pipeline(str(model))
+
+    def embedding(slots):
+        p.apply(slots)
+        return pipe.encode_prompt("a red circle", "cpu", 1, False)[0]
+
+    base = embedding([])
+    te_on = embedding([Slot(loras["a"], 1.0, unet=0.0, text_encoder=1.0)])
+    assert torch.equal(embedding([Slot(loras["a"], 1.0, unet=0.0, text_encoder=0.0)]), base)
+    assert (te_on - base).abs().max() > 1e-3
+    ref = Previewer()
+    fused(ref, model, {loras["a"]: 1.0})
+    ref_pipe = ref.pipeline(str(model))
+    # UNet deltas do not touch the embedding, so the fused reference must match the text-encoder half alone.
+    assert torch.allclose(ref_pipe.encode_prompt("a red circle", "cpu", 1, False)[0], te_on, atol=1e-5)
 
 
 def test_unet_and_text_encoder_weights_act_on_their_parts(tiny_models, loras, tmp_path):

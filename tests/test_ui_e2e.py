@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from trainer.model_info import EMBEDDED_DIR
+from trainer.resources import SAMPLE_DATASETS
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "test-artifacts" / "ui"
@@ -110,7 +111,7 @@ def run_flow(page, url, ws: Path, model: str | None = None, steps: int = 12):
     page.locator("#create-dataset").click()
     wait_text(page, "#dataset-message", "created dataset")
 
-    images = sorted((ROOT / "sample_datasets" / "character").glob("*.png"))[:6]
+    images = sorted((SAMPLE_DATASETS / "character").glob("*.png"))[:6]
     page.locator("#upload input[type=file]").set_input_files([str(p) for p in images])
     time.sleep(1.0)
     page.locator("#import").click()
@@ -172,7 +173,7 @@ def train_sample_lora(kind: str, out: Path, steps: int = 30) -> Path:
     from trainer.config import RunConfig
     from trainer.loop import train
 
-    dataset = ROOT / "sample_datasets" / kind
+    dataset = SAMPLE_DATASETS / kind
     layer = presets.resolve(kind, family="tiny", n_images=len(list(dataset.glob("*.png"))))
     cfg = RunConfig.load(layer, {"data": {"dataset": str(dataset)}, "save": {"output_dir": str(out / kind), "name": kind},
                                  "train": {"max_steps": steps}})

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
+from peft import inject_adapter_in_model
 
 from .config import LoraConfig
 
@@ -44,8 +45,13 @@ def check_rank(model: torch.nn.Module, targets: list[str], rank: int, what: str)
 
 
 def inject(model: torch.nn.Module, cfg: LoraConfig, targets: list[str], what: str) -> None:
+    """peft's own injection for every model. `model.add_adapter` would route the text encoders through
+    transformers' optional peft integration, whose version gate broke every run once (transformers 5.24
+    demanded a peft that did not exist); peft's API is the one both libraries build on."""
     check_rank(model, targets, cfg.rank, what)
-    model.add_adapter(peft_config(cfg, targets))
+    inject_adapter_in_model(peft_config(cfg, targets), model, adapter_name=ADAPTER)
+    for name, param in model.named_parameters():  # peft marks only its own layers trainable; say so explicitly
+        param.requires_grad_("lora_" in name)
 
 
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -211,6 +211,7 @@ def module_index(models: dict[str, torch.nn.Module], unet_namer=None) -> dict[st
     index = {}
     for prefix, model in models.items():
         for path, mod in model.named_modules():
+            path = path.replace(".base_layer", "")  # a layer peft already wraps keeps its own name
             if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
                 index[kohya_name(prefix, path)] = mod
                 if unet_namer is not None and prefix == "lora_unet":

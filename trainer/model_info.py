@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "tiny-sd"
+from .resources import EMBEDDED_MODEL
+
+EMBEDDED_DIR = EMBEDDED_MODEL
 
 
 def family_name(unet_config: dict) -> str:

@@ -4,7 +4,7 @@ dataset size, as a single config layer between the defaults and the user's own f
 A preset file holds config sections plus three optional tables that are not config:
 - `[derive]`: how repeats and rank follow from the number of images;
 - `[overlay.<family>.<section>]`: values for sd1, sd2, sdxl or the embedded tiny model;
-VRAM tiers live in `presets/vram.toml` as `[<GB>.<section>]`, with `[<GB>.sdxl.<section>]` on top
+VRAM tiers live in `trainer/presets/vram.toml` as `[<GB>.<section>]`, with `[<GB>.sdxl.<section>]` on top
 for SDXL, which needs about twice the memory at the same settings.
 """
 from __future__ import annotations
@@ -16,8 +16,9 @@ import re
 from pathlib import Path
 
 from .config import ConfigError, read_toml
+from .resources import PRESETS
 
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "presets"
+BUILTIN_DIR = PRESETS
 KINDS = ("character", "style", "concept")
 VRAM_TIERS = (6, 8, 12, 16, 24)
 FAMILY_OVERLAYS = ("sd1", "sd2", "sdxl", "tiny")

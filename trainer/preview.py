@@ -1,7 +1,8 @@
 """Preview: one warm pipeline per base model, LoRAs mixed as diffusers adapters at chosen weights.
 
-Files are loaded once (per path and modification time) and stay loaded; changing a weight is only a
-`set_adapters` call. Family mismatches are refused before loading. Grids render at one seed.
+Files are loaded once (per path and modification time) and stay loaded as peft adapters on the UNet and
+text encoders (`adapters.py`); changing a weight only rescales them. Family mismatches are refused
+before loading. Grids render at one seed.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from . import adapters
 from .lora_file import LoraError, check_family, read_lora
 from .models import load_base
 
@@ -52,6 +54,7 @@ class Previewer:
         self.base_source: str | None = None
         self.base = None
         self.pipe = None
+        self.models: adapters.Models = {}
         self.adapters: dict[str, tuple[str, float]] = {}  # path -> (adapter name, mtime)
         self.loads = 0  # LoRA files read from disk, for the "changing a weight never reloads" test
 
@@ -65,6 +68,7 @@ class Previewer:
             self.pipe = b.family.pipeline(b.unet, b.vae, b.text_encoders, b.tokenizers,
                                           DDIMScheduler.from_config(b.scheduler_config))
             self.pipe.set_progress_bar_config(disable=True)
+            self.models = {"lora_unet": b.unet, **dict(zip(b.family.te_prefixes, b.text_encoders))}
             self.base_source, self.adapters = source, {}
         return self.pipe
 
@@ -80,31 +84,19 @@ class Previewer:
         check_family(lora, self.base.family.name)
         name = f"lora{len(self.adapters) + self.loads}"
         if known:
-            self.pipe.delete_adapters([known[0]])
-        self.pipe.load_lora_weights(str(p), adapter_name=name)
+            adapters.remove(self.models, known[0])
+        adapters.load(self.models, lora, name, self.base.family.unet_namer(self.base.unet.config))
         self.loads += 1
         self.adapters[str(p)] = (name, mtime)
         return name
 
     def apply(self, slots: list[Slot]) -> None:
-        active = [s for s in slots if s.enabled]
-        if not self.adapters and not active:
-            return
-        if not active:
-            self.pipe.disable_lora()
-            return
-        names = [self.adapter(s.path) for s in active]
-        parts = self.pipe.get_list_adapters()
-        weights = []
-        for name, s in zip(names, active):
-            w = {}
-            for component in parts:
-                if name in parts[component]:
-                    own = s.unet if component == "unet" else s.text_encoder
-                    w[component] = s.weight if own is None else own
-            weights.append(w)
-        self.pipe.enable_lora()
-        self.pipe.set_adapters(names, adapter_weights=weights)
+        weights: dict[str, dict[str, float]] = {}
+        for s in (s for s in slots if s.enabled):
+            unet = s.weight if s.unet is None else s.unet
+            te = s.weight if s.text_encoder is None else s.text_encoder
+            weights[self.adapter(s.path)] = {prefix: unet if prefix == "lora_unet" else te for prefix in self.models}
+        adapters.mix(self.models, weights)
 
     def scheduler(self, sampler: str):
         import diffusers

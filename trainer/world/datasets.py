@@ -1,6 +1,6 @@
-"""Generate `sample_datasets/`: three small datasets that teach the tiny model something new.
+"""Generate `trainer/assets/sample_datasets/`: three small datasets that teach the tiny model something new.
 
-    python -m trainer.world.datasets --out sample_datasets
+    python -m trainer.world.datasets --out trainer/assets/sample_datasets
 
 - character: `zorb`, a figure (purple body, yellow head, one eye) the base world never shows, in
   different places, sizes and backgrounds;
@@ -17,6 +17,7 @@ import random
 from pathlib import Path
 
 from ..atomic import write_bytes, write_text
+from ..resources import SAMPLE_DATASETS
 from . import shapes
 
 KINDS = {
@@ -54,7 +55,7 @@ def write_dataset(kind: str, folder: Path) -> Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("sample_datasets"))
+    p.add_argument("--out", type=Path, default=SAMPLE_DATASETS)
     args = p.parse_args(argv)
     for kind in KINDS:
         print(write_dataset(kind, args.out / kind))

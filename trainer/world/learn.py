@@ -9,10 +9,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from .. import adapters
+from ..lora_file import read_lora
+from ..resources import SAMPLE_DATASETS
 from . import score, shapes
 from .datasets import KINDS
 
-SAMPLE_DATASETS = Path(__file__).resolve().parent.parent.parent / "sample_datasets"
 EVAL = dict(prompts=8, steps=20, guidance=4.0, seed=500)
 
 
@@ -80,11 +82,14 @@ def evaluate(pipe, kind: str, lora_path: Path, dataset: Path) -> tuple[float, fl
     references = [Image.open(p).convert("RGB") for p in sorted(dataset.glob("*.png"))]
     with_trigger, without = trigger_prompts(kind, EVAL["prompts"]), plain_prompts(EVAL["prompts"])
     args = (EVAL["seed"], EVAL["steps"], EVAL["guidance"])
-    pipe.unload_lora_weights()
+    models = {"lora_unet": pipe.unet, "lora_te": pipe.text_encoder}
     base_new, base_plain = generate(pipe, with_trigger, *args), generate(pipe, without, *args)
-    pipe.load_lora_weights(str(lora_path), adapter_name=kind)
-    lora_new, lora_plain = generate(pipe, with_trigger, *args), generate(pipe, without, *args)
-    pipe.unload_lora_weights()
+    adapters.load(models, read_lora(lora_path), kind)
+    adapters.mix(models, {kind: {prefix: 1.0 for prefix in models}})
+    try:
+        lora_new, lora_plain = generate(pipe, with_trigger, *args), generate(pipe, without, *args)
+    finally:
+        adapters.remove(models, kind)
     scorer = score.SCORERS[kind]
     return scorer(base_new, references), scorer(lora_new, references), score.drift(base_plain, lora_plain)
 
