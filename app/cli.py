@@ -1,4 +1,4 @@
-"""`lora-studio`: with no command (or `ui`) it serves the web UI; `train`, `dataset`, `lora` and `bench`
+"""`lora-studio`: with no command (or `ui`) it serves the web UI; `train`, `dataset`, `lora`, `bench` and `doctor`
 go to the trainer's CLI in a fresh interpreter, so this process never imports torch."""
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-TRAINER_COMMANDS = ("train", "dataset", "lora", "bench")
+TRAINER_COMMANDS = ("train", "dataset", "lora", "bench", "doctor")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lora-studio", description="Train and manage Stable Diffusion LoRAs. With no command, start the "
-        "web UI on 127.0.0.1. Commands: ui, train, dataset, lora, bench (`lora-studio train --help`).")
+        "web UI on 127.0.0.1. Commands: ui, train, dataset, lora, bench, doctor (`lora-studio train --help`).")
     p.add_argument("command", nargs="?", choices=["ui"], help="the web UI (the default)")
     p.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
     p.add_argument("--workspace", type=Path, help="folder for datasets/, runs/ and loras/ "

@@ -29,6 +29,15 @@ class Choice:
     lr: float = 0.0
 
 
+def start_blockers(findings) -> str:
+    """What stops any run in this environment (doctor's blocking findings) as Markdown, or '' if nothing does.
+    The Train tab shows it instead of letting Start launch a run that fails at once."""
+    if not findings:
+        return ""
+    lines = [f"- {f.message}. **Fix:** `{f.fix}`" for f in findings]
+    return "**Start is disabled: this environment cannot train** (`lora-studio doctor` says more)\n\n" + "\n".join(lines)
+
+
 def model_source(model: str) -> str:
     return "tiny" if model in ("", EMBEDDED) else model.strip()
 

@@ -181,3 +181,25 @@ def test_listen_without_auth_is_refused(capsys):
 
     assert main(["--listen", "--no-browser"]) == 2
     assert "--auth" in capsys.readouterr().err
+
+
+def test_train_tab_disables_start_when_doctor_finds_a_blocker(ws, monkeypatch):
+    from app.context import Ctx
+    from app.main import build_app
+    from trainer import doctor
+
+    finding = doctor.Finding(True, "peft is not installed (LoRA Studio needs peft>=0.17,<1)",
+                             "pip install -c requirements.lock -e .")
+    runner = jobs.JobRunner(ws.runs, cwd=ws.root)
+    for blockers, interactive in (([], True), ([finding], False)):
+        monkeypatch.setattr(doctor, "blocking_findings", lambda: blockers)
+        demo = build_app(Ctx(ws, runner))
+        by_id = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+        assert by_id["start"].interactive is interactive
+        assert by_id["doctor"].visible is bool(blockers)
+        if blockers:
+            assert "peft is not installed" in by_id["doctor"].value and "pip install -c requirements.lock" in \
+                by_id["doctor"].value
+            start = next(d for d in demo.fns.values() if d.name == "do_start")
+            with pytest.raises(Exception, match="peft is not installed"):
+                start.fn("", "run9")

@@ -65,6 +65,7 @@ def test_weights_mix_like_fused_weights(tiny_models, loras):
     assert p.loads == 2  # changing weights reuses the loaded adapters
 
 
+@pytest.mark.smoke
 def test_text_encoder_half_is_applied(tiny_models, loras):
     """The text-encoder half of a file changes the prompt embedding by exactly its ΔW, and weight 0 is the base."""
     model = tiny_models["sd1"]

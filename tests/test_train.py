@@ -69,6 +69,7 @@ def assert_every_key_consumed(pipe, path, caplog, adapter="t"):
     return loaded
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_run_writes_a_lora_that_diffusers_loads_fully(family, tiny_models, dataset, tmp_path, peft_warnings):
     out = tmp_path / "runs" / "first"

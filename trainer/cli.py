@@ -121,7 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="measure nothing: rebuild the table from saved measurements with the current estimator")
     bd = bsub.add_parser("data", help="scan/validate and latent-cache generated images")
     bd.add_argument("--images", type=int, default=1000, help="how many images to generate")
+
+    dr = sub.add_parser("doctor", help="versions, device, free disk and known-bad combinations, each with a fix; "
+                                       "exits 1 when something would stop a run")
+    dr.add_argument("--json", action="store_true", help="print one JSON object")
     return p
+
+
+def cmd_doctor(args) -> int:
+    from .doctor import check
+
+    report = check()
+    print(json.dumps(report.to_dict()) if args.json else report.text())
+    return 1 if report.blocking else 0
 
 
 def _weighted(items: list[str]) -> tuple[list[str], list[float]]:
@@ -353,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import ModelError, TrainingError
 
     try:
-        return {"train": cmd_train, "dataset": cmd_dataset, "lora": cmd_lora, "bench": cmd_bench}[args.command](args)
+        return {"train": cmd_train, "dataset": cmd_dataset, "lora": cmd_lora, "bench": cmd_bench,
+                "doctor": cmd_doctor}[args.command](args)
     except (ModelError, TrainingError, ValueError) as e:  # ConfigError, DatasetError, LoraError are ValueErrors
         print(f"lora-studio: error: {e}", file=sys.stderr)
         return 2

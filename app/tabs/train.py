@@ -6,7 +6,7 @@ import html
 
 import gradio as gr
 
-from trainer import presets
+from trainer import doctor, presets
 from trainer.estimate import estimate, fit_advice
 
 from .. import train_form as form
@@ -54,8 +54,10 @@ def build(ctx: Ctx) -> dict:
             estimate_md = gr.Markdown(elem_id="estimate")
         with gr.Accordion("Advanced: every setting (edit freely; checked on Start)", open=False):
             advanced = gr.Code(language=None, lines=24, interactive=True, elem_id="advanced")
+        blocked = form.start_blockers(doctor.blocking_findings())  # versions only: no torch import here
+        gr.Markdown(blocked, elem_id="doctor", visible=bool(blocked))
         with gr.Row():
-            start = gr.Button("Start", variant="primary", elem_id="start")
+            start = gr.Button("Start", variant="primary", elem_id="start", interactive=not blocked)
         start_msg = gr.Markdown(elem_id="start-message")
 
         gr.Markdown("### Runs")
@@ -104,6 +106,8 @@ def build(ctx: Ctx) -> dict:
 
     @guard
     def do_start(text, name):
+        if blocked:  # the button is disabled; an API call gets the same answer
+            raise RuntimeError(blocked.splitlines()[2].lstrip("- ").replace("**", "").replace("`", ""))
         name = check_name(name, "run")
         cfg = form.parse_edited(text)
         cfg.save.output_dir, cfg.save.name = str(ws.run(name)), name  # the run folder is the run name

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_path
+from ..resources import default_cache_dir  # noqa: F401  (re-exported: callers import it from here)
 
 
-def default_cache_dir() -> Path:
-    env = os.environ.get("LORA_STUDIO_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "lora-studio"
 
 
 def vae_identity(vae: torch.nn.Module) -> str:
