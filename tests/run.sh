@@ -56,6 +56,6 @@ case "$mode" in
       echo "# Written by 'bash tests/run.sh --lock' on $(date -u +%F) with Python $("$venv/bin/python" -c 'import platform; print(platform.python_version())') after the whole suite passed."
       freeze
     } > "$tmp"
-    mv "$tmp" requirements.lock
+    chmod 644 "$tmp" && mv "$tmp" requirements.lock
     echo "tests/run.sh: wrote requirements.lock; review 'git diff requirements.lock' and commit it" ;;
 esac
