@@ -45,6 +45,17 @@ def read_auth(args) -> list[tuple[str, str]]:
     return pairs
 
 
+def port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def run_trainer(argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "trainer", *argv]
     if os.name == "posix":
@@ -65,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
                   "or --auth-file FILE", file=sys.stderr)
             return 2
         host = args.listen
+    if not port_free(host, args.port):
+        print(f"lora-studio: error: port {args.port} on {host} is in use (is LoRA Studio already running? open "
+              f"http://{host}:{args.port}); start another with --port N", file=sys.stderr)
+        return 2
     from .main import serve
     from .workspace import Workspace, default_root
 

@@ -203,3 +203,16 @@ def test_train_tab_disables_start_when_doctor_finds_a_blocker(ws, monkeypatch):
             start = next(d for d in demo.fns.values() if d.name == "do_start")
             with pytest.raises(Exception, match="peft is not installed"):
                 start.fn("", "run9")
+
+
+def test_a_port_in_use_is_one_line_not_a_traceback(tmp_path):
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "app", "--no-browser", "--port", str(port), "--workspace",
+                              str(tmp_path / "ws")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"port {port} on 127.0.0.1 is in use" in out.stderr and "--port N" in out.stderr
