@@ -106,6 +106,9 @@ class TrainConfig:
     mixed_precision: str = opt("no", "Precision of frozen weights and autocast: no (fp32), fp16 (CUDA) or bf16",
                                choices=["no", "fp16", "bf16"])
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory")
+    frozen_dtype: str = opt("auto", "Storage of the frozen UNet and text-encoder weights: auto = the mixed-precision "
+                            "dtype; fp8 = float8 with a scale per row, computed in bf16/fp16 (half of fp16's memory; "
+                            "needs mixed_precision bf16 or fp16)", choices=["auto", "fp8"])
     seed: int = opt(42, "Random seed; the same seed and config give the same LoRA", min=0)
     min_snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (5 is common; 0 = off)", min=0.0)
     noise_offset: float = opt(0.0, "Noise offset for darker/brighter images (0.05-0.1 is common; 0 = off)", min=0.0, max=1.0)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import fp8 as fp8_storage
 from . import lora as lora_mod
 from . import state as state_mod
 from .config import RunConfig
@@ -56,6 +57,9 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
     device = accelerator.device
     precision = Precision(cfg.train.mixed_precision, device)
     set_seed(cfg.train.seed)
+    if cfg.train.frozen_dtype == "fp8" and cfg.train.mixed_precision == "no":
+        raise TrainingError("train.frozen_dtype=fp8 computes in half precision, but train.mixed_precision is 'no'; "
+                            "set train.mixed_precision=bf16 (or fp16 on CUDA)")
 
     try:  # the dataset is checked first: it is cheap, and a typo should not cost a model load
         found = scan(cfg.data.dataset, cfg.data.caption_extension)
@@ -71,16 +75,22 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
     unet, vae, tes = base.unet, base.vae, base.text_encoders
     for m in (unet, vae, *tes):
         m.requires_grad_(False)
-    _place(unet, device, precision.weight_dtype)
+    fp8 = cfg.train.frozen_dtype == "fp8"
+    if not fp8:
+        _place(unet, device, precision.weight_dtype)
+        for te in tes:
+            _place(te, device, precision.weight_dtype)
     _place(vae, device, precision.vae_dtype(fam.name))
-    for te in tes:
-        _place(te, device, precision.weight_dtype)
 
     if cfg.lora.train_unet:
         lora_mod.inject(unet, cfg.lora, lora_mod.unet_targets(cfg.lora), "UNet")
     if train_te:
         for te in tes:
             lora_mod.inject(te, cfg.lora, lora_mod.text_encoder_targets(cfg.lora), "text-encoder")
+    if fp8:  # after injection (peft wraps the original layers), before the move: half precision never reaches the GPU
+        for m in (unet, *tes):
+            fp8_storage.store_fp8(m, precision.weight_dtype)
+            m.to(device)
     trained = ([unet] if cfg.lora.train_unet else []) + (list(tes) if train_te else [])
     if not trained:
         raise TrainingError("nothing to train: set lora.train_unet or lora.train_text_encoder to true")
@@ -145,7 +155,8 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
         accelerator.init_trackers("lora-studio")
     trainable = sum(p.numel() for g in groups for p in g["params"])
     events.emit("start", total=total, family=fam.name, resolution=cfg.data.resolution, trainable_params=trainable,
-                device=str(device), processes=world, mixed_precision=cfg.train.mixed_precision)
+                device=str(device), processes=world, mixed_precision=cfg.train.mixed_precision,
+                frozen_dtype=cfg.train.frozen_dtype)
 
     def loss_on(batch_idx: list[int]) -> torch.Tensor:
         crops = [data.crop_position(rng) for _ in batch_idx]

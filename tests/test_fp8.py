@@ -1,0 +1,67 @@
+"""float8 storage of frozen weights: exact gradients for the rounded weights, the dtypes a run promises,
+and a LoRA trained over an fp8 base that loads fully into the full-precision base."""
+import copy
+import math
+
+import pytest
+import torch
+
+from tests.conftest import tiny_config
+from trainer import adapters, fp8
+from trainer.errors import TrainingError
+from trainer.events import read_events
+from trainer.lora_file import read_lora
+from trainer.loop import train
+from trainer.models import load_base
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_outputs_and_input_gradients_equal_a_half_layer_with_the_rounded_weights(kind):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32) if kind == "linear" else torch.nn.Conv2d(8, 16, 3, padding=1, stride=2)
+    layer.requires_grad_(False)
+    stored = fp8.Fp8Linear(layer, torch.bfloat16) if kind == "linear" else fp8.Fp8Conv2d(layer, torch.bfloat16)
+    assert stored.weight_fp8.dtype == torch.float8_e4m3fn
+    rel = (layer.weight - stored.weight.float()).abs().amax() / layer.weight.abs().amax()
+    assert 0 < rel < 0.07  # e4m3 keeps 3 mantissa bits; the per-row scale uses its whole range
+    ref = copy.deepcopy(layer).to(torch.bfloat16)
+    with torch.no_grad():
+        ref.weight.copy_(stored.weight)
+    x = torch.randn(4, 64) if kind == "linear" else torch.randn(2, 8, 11, 11)
+    results = []
+    for module in (ref, stored):
+        xi = x.to(torch.bfloat16).requires_grad_(True)
+        y = module(xi)
+        y.float().pow(2).sum().backward()
+        results.append((y.detach(), xi.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_fp8_run_stores_what_it_promises_and_its_lora_loads_into_the_full_base(tiny_models, dataset, tmp_path):
+    cfg = tiny_config(tiny_models["sd1"], dataset, tmp_path / "run", **{
+        "train.frozen_dtype": "fp8", "train.mixed_precision": "bf16", "lora.train_text_encoder": True,
+        "train.max_steps": 4, "train.gradient_checkpointing": True, "sample.at_end": False})
+    result = train(cfg)
+    for prefix, model in result.models.items():
+        frozen_half = [n for n, m in model.named_modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d)
+                       and not m.weight.requires_grad and not any(k in n for k in fp8.KEEP)]
+        assert frozen_half == [], f"{prefix} kept {frozen_half[:3]} in half precision"
+        assert sum(isinstance(m, (fp8.Fp8Linear, fp8.Fp8Conv2d)) for m in model.modules()) > 0
+        lora = [p for n, p in model.named_parameters() if "lora_" in n]
+        assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
+        assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    unet_bytes = fp8.stored_bytes(result.models["lora_unet"])
+    assert unet_bytes["float8_e4m3fn"] > 3 * unet_bytes.get("bfloat16", 0)  # the frozen bulk is fp8
+    losses = [e["loss"] for e in read_events(tmp_path / "run") if e["type"] == "step"]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+
+    full = load_base(str(tiny_models["sd1"]))  # fp32, never quantized
+    models = {"lora_unet": full.unet, "lora_te": full.text_encoders[0]}
+    placed = adapters.load(models, read_lora(result.lora_path), "fp8run")  # raises if any module has no layer
+    assert placed["lora_unet"] > 0 and placed["lora_te"] > 0
+
+
+def test_fp8_without_half_precision_is_refused(tiny_models, dataset, tmp_path):
+    cfg = tiny_config(tiny_models["sd1"], dataset, tmp_path / "run", **{"train.frozen_dtype": "fp8"})
+    with pytest.raises(TrainingError, match="train.mixed_precision=bf16"):
+        train(cfg)
