@@ -21,3 +21,19 @@ def test_advice_switches_make_the_run_fit():
 def test_sd1_tiers_fit_their_budget(tier):
     cfg = RunConfig.load(presets.resolve("character", family="sd1", vram=tier, n_images=20), {"model": {"family": "sd1"}})
     assert fit_advice(cfg, tier, 20) == "", estimate(cfg, 20).text()
+
+
+@pytest.mark.parametrize("saved", ["speed-measurements.json", "speed-measurements-cuda-h100.json",
+                                   "speed-measurements-cuda-h100-fp8.json"])
+def test_estimator_within_ten_percent_of_every_saved_measurement(saved):
+    """bench/*.json hold real peaks (CPU RSS here; max allocated on an H100, fp16 and fp8 frozen weights);
+    replaying them recomputes each estimate with today's constants."""
+    from pathlib import Path
+
+    from trainer.bench import speed
+
+    out = speed.load_measurements(Path(__file__).resolve().parent.parent / "bench" / saved)
+    full = [m for m in out["results"] if m.setting.model != "tiny" and not m.error]
+    assert full
+    for m in full:
+        assert m.estimate_err <= 0.10, f"{m.setting.label}: estimate {m.estimate_gb} GB vs measured {m.peak_gb:.2f} GB"

@@ -30,6 +30,18 @@ LORA_PER_RANK_M = {"sd1": (0.199, 0.074), "sd2": (0.215, 0.197), "sdxl": (1.45, 
 ACTIVATION_GB = {"sd1": 1.41, "sd2": 3.5, "sdxl": 6.9}  # sd2 is scaled from sd1 by pixels, not measured
 NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "tiny": 64}
 CHECKPOINTED = 0.42  # share of those activations still alive at the peak with gradient checkpointing
+# On CUDA (max allocated, fp16, SDPA kernels) the same steps keep more under checkpointing and less
+# without it. Fitted on the first H100 run (bench/results-cuda-h100.md: SD1.5 512 px with and without
+# checkpointing, SDXL 1024 px with it), which the CPU constants missed by 8%, 8% and 19%.
+CUDA_ACTIVATION_GB = {"sd1": 1.17, "sd2": 2.9, "sdxl": 6.9}  # sd2 scaled from sd1 by pixels, not measured
+CUDA_CHECKPOINTED = 0.675
+# float8 storage: one byte a weight, plus per-row scales and the small layers fp8.KEEP leaves in half.
+FP8_BYTES = 1.03
+# fp8 layers also keep less for the backward pass: a frozen nn.Linear/Conv2d keeps its input, which only
+# a weight gradient needs, while fp8's autograd function keeps just the fp8 weight. Share of the UNet
+# activations left, fitted on the H100 (bench/results-cuda-h100-fp8.md, checkpointing on): SD1.5 512 px
+# 2.44 -> 1.16 GB, SDXL 1024 px 9.86 -> 3.75 GB. sd2 takes sd1's share, not measured.
+FP8_ACTIVATION_SHARE = {"sd1": 0.37, "sd2": 0.37, "sdxl": 0.2}
 TE_ACTIVATION_GB = {"sd1": 0.05, "sd2": 0.1, "sdxl": 0.3}  # one 77-token caption through trained encoders
 VAE_ENCODE_GB = 0.15  # what encoding a 512 px image on the fly adds to the peak, half precision
 RUNTIME_GB = 0.4  # python, torch, diffusers, transformers and peft loaded (host estimate only)
@@ -94,16 +106,22 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
     on_device = p["unet"]
     if host or not cached_text:
         on_device += p["text_encoders"]  # frozen encoders leave the GPU once their outputs are cached
+    fp8 = half and cfg.train.frozen_dtype == "fp8"
+    frozen_bytes = FP8_BYTES if fp8 else wbytes
     vae_bytes = 4 if (family == "sdxl" and cfg.train.mixed_precision == "fp16") or not half else 2
     vae_on_device = host or not cfg.data.cache_latents
-    weights = (on_device * wbytes + (p["vae"] * vae_bytes if vae_on_device else 0)) * 1e6 / GB
+    vae_gb = (p["vae"] * vae_bytes if vae_on_device else 0) * 1e6 / GB
+    weights = on_device * frozen_bytes * 1e6 / GB + vae_gb
+    # On the host the base is loaded in half precision before its layers turn to fp8: that moment can be the peak.
+    load_peak = (p["unet"] + p["text_encoders"]) * wbytes * 1e6 / GB + vae_gb if host else 0.0
     per_rank = LORA_PER_RANK_M[family][0] * cfg.lora.train_unet + LORA_PER_RANK_M[family][1] * bool(train_te)
     state = 2 if cfg.optim.optimizer == "adamw8bit" else 8
     lora = per_rank * cfg.lora.rank * 1e6 * (4 + 4 + state) / GB  # fp32 weights + grads + optimizer state
     res = cfg.data.resolution or NATIVE[family]
     pixels = (res / NATIVE[family]) ** 2 * cfg.train.batch_size
-    unet_act = ACTIVATION_GB[family] * pixels * (1 if half else 2) * \
-        (CHECKPOINTED if cfg.train.gradient_checkpointing else 1.0)
+    act_gb, kept = (ACTIVATION_GB, CHECKPOINTED) if host else (CUDA_ACTIVATION_GB, CUDA_CHECKPOINTED)
+    unet_act = act_gb[family] * pixels * (1 if half else 2) * (kept if cfg.train.gradient_checkpointing else 1.0) * \
+        (FP8_ACTIVATION_SHARE[family] if fp8 else 1.0)
     te_act = TE_ACTIVATION_GB[family] * cfg.train.batch_size * (1 if half else 2) if train_te else 0.0
     # Encoding latents on the fly frees its buffers before the UNet runs, but the allocator keeps part
     # of them: measured, it adds to the peak rather than overlapping.
@@ -111,7 +129,7 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
         if not cfg.data.cache_latents else 0.0
     act = unet_act + te_act + vae_act
     secs = steps * STEP_S[family] * pixels * (1.3 if cfg.train.gradient_checkpointing else 1.0) * (1 if half else 2.5)
-    peak = weights + lora + act + (RUNTIME_GB if host else 0.0)
+    peak = max(weights + lora + act, load_peak) + (RUNTIME_GB if host else 0.0)
     return Estimate(round(peak, 2), weights, lora, act, steps, secs)
 
 
@@ -120,6 +138,7 @@ SWITCHES = [
     ["train.gradient_checkpointing=true"],
     ["train.mixed_precision=fp16"],
     ["data.cache_latents=true", "data.cache_text=true"],
+    ["train.frozen_dtype=fp8"],
     ["optim.optimizer=adamw8bit"],
     ["lora.train_text_encoder=false"],
     ["train.batch_size=1"],

@@ -36,6 +36,7 @@ class Setting:
     warmup: int = 1
     floor: bool = True  # False: memory only (an SDXL 1024 px step on a CPU takes minutes)
     launches: int = 1  # >1: time to first step is the median over that many launches (it is noisy)
+    fp8: bool = False  # frozen UNet/text-encoder weights stored in float8 (train.frozen_dtype=fp8)
 
     def precision(self, bench_precision: str) -> str:
         # The embedded model trains in fp32 by default: its first-step time is measured as users get it.
@@ -44,7 +45,8 @@ class Setting:
     @property
     def label(self) -> str:
         return (f"{self.model} {self.resolution}px, ckpt {'on' if self.checkpointing else 'off'}, "
-                f"cache {'on' if self.cache else 'off'}, TE {'trained' if self.train_te else 'frozen'}")
+                f"cache {'on' if self.cache else 'off'}, TE {'trained' if self.train_te else 'frozen'}"
+                + (", fp8 frozen weights" if self.fp8 else ""))
 
     def overrides(self, precision: str) -> list[str]:
         return [f"data.resolution={self.resolution}", "train.batch_size=1", "lora.rank=16", "lora.alpha=16",
@@ -53,7 +55,7 @@ class Setting:
                 f"data.cache_latents={str(self.cache).lower()}", f"data.cache_text={str(self.cache).lower()}",
                 f"lora.train_text_encoder={str(self.train_te).lower()}", f"train.max_steps={self.warmup + self.steps}",
                 "sample.at_end=false", "sample.every_n_steps=0", "save.state_every_n_steps=0",
-                "data.min_bucket_side=64", "optim.optimizer=adamw"]
+                "data.min_bucket_side=64", "optim.optimizer=adamw"] + (["train.frozen_dtype=fp8"] if self.fp8 else [])
 
 
 def matrix(quick: bool) -> list[Setting]:
@@ -66,9 +68,11 @@ def matrix(quick: bool) -> list[Setting]:
             for te in (False, True)]
     sdxl = Setting("sdxl", 1024, True, True, False, steps=1, floor=False)
     tiny = Setting("tiny", 64, False, True, False, steps=10, warmup=2, launches=3)
+    fp8 = [Setting("sd15", 512, True, True, False, fp8=True), Setting("sdxl", 1024, True, True, False, steps=1,
+                                                                      floor=False, fp8=True)]
     if quick:
-        return [tiny, sd15[0], Setting("sd15", 512, False, True, False), sdxl]
-    return [tiny] + sd15 + [sdxl]
+        return [tiny, sd15[0], Setting("sd15", 512, False, True, False), sdxl, *fp8]
+    return [tiny] + sd15 + [sdxl] + fp8
 
 
 @dataclass
@@ -281,9 +285,14 @@ def summarise(results: list[Measured], device: str, precision: str, seconds: flo
                 return round(m.peak_gb, 2)
         return None
 
-    target = dict(checkpointing=True, cache=True, train_te=False)
+    target = dict(checkpointing=True, cache=True, train_te=False, fp8=False)
+    target_fp8 = {**target, "fp8": True}
     full = [m for m in results if m.setting.model != "tiny"]  # the tiny model's step is all overhead
-    ratios = [m.over_floor for m in full if m.over_floor and m.setting.cache and not m.setting.train_te]
+    ratios = [m.over_floor for m in full if m.over_floor and m.setting.cache and not m.setting.train_te
+              and not m.setting.fp8]  # the floor is a half-precision UNet: fp8 rows are compared to half rows
+    half_step, fp8_step = (next((m.step_s for m in full if m.setting.model == "sd15" and m.step_s and
+                                 all(getattr(m.setting, k) == v for k, v in want.items())), None)
+                           for want in (target, target_fp8))
     errs = [m.estimate_err for m in full if m.estimate_err is not None]
     repeat_encodes, seen = [], set()
     for m in results:  # every cached run after the first on the same data must encode nothing
@@ -298,6 +307,9 @@ def summarise(results: list[Measured], device: str, precision: str, seconds: flo
         "step_over_floor": round(max(ratios), 3) if ratios else None,
         "sd15_512_peak_gb": peak_of("sd15", 512, **target),
         "sdxl_1024_peak_gb": peak_of("sdxl", 1024, **target),
+        "sd15_512_fp8_peak_gb": peak_of("sd15", 512, **target_fp8),
+        "sdxl_1024_fp8_peak_gb": peak_of("sdxl", 1024, **target_fp8),
+        "fp8_step_over_half_step": round(fp8_step / half_step, 3) if fp8_step and half_step else None,
         "estimator_max_rel_err": round(max(errs), 3) if errs else None,
         "second_run_vae_encodes": max(repeat_encodes) if repeat_encodes else None,
         "tiny_first_step_s": round(tiny.first_step_s, 2) if tiny else None,
