@@ -30,18 +30,22 @@ LORA_PER_RANK_M = {"sd1": (0.199, 0.074), "sd2": (0.215, 0.197), "sdxl": (1.45, 
 ACTIVATION_GB = {"sd1": 1.41, "sd2": 3.5, "sdxl": 6.9}  # sd2 is scaled from sd1 by pixels, not measured
 NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "tiny": 64}
 CHECKPOINTED = 0.42  # share of those activations still alive at the peak with gradient checkpointing
-# On CUDA (max allocated, fp16, SDPA kernels) the same steps keep more under checkpointing and less
-# without it. Fitted on the first H100 run (bench/results-cuda-h100.md: SD1.5 512 px with and without
-# checkpointing, SDXL 1024 px with it), which the CPU constants missed by 8%, 8% and 19%.
-CUDA_ACTIVATION_GB = {"sd1": 1.17, "sd2": 2.9, "sdxl": 6.9}  # sd2 scaled from sd1 by pixels, not measured
-CUDA_CHECKPOINTED = 0.675
-# float8 storage: one byte a weight, plus per-row scales and the small layers fp8.KEEP leaves in half.
+# On CUDA (max allocated, fp16, SDPA kernels, frozen convolutions keeping no inputs) a training step
+# keeps less than the CPU's RSS shows. Fitted on an H100 with the latent cache already filled
+# (bench/results-cuda-h100.md): SD1.5 512 px 2.69 GB without checkpointing and 2.03 GB with it,
+# SDXL 1024 px 6.81 GB with it. sd2 is scaled from sd1 as on the CPU, not measured.
+CUDA_ACTIVATION_GB = {"sd1": 1.04, "sd2": 2.58, "sdxl": 4.58}
+CUDA_CHECKPOINTED = 0.367
+# Encoding one image into the latent cache, half precision at 512 px (scales with pixels and VAE bytes).
+# Fitted on the same H100's first runs, when the UNet and text encoders still sat beside the VAE:
+# SD1.5 512 px 2.44 GB, SDXL 1024 px 9.86 GB (fp32 VAE). The loop now encodes with the VAE alone.
+CUDA_VAE_ENCODE_GB = 0.38
+# float8 storage: one byte a weight, plus per-row scales and the small layers frozen.KEEP_HALF leaves in half.
 FP8_BYTES = 1.03
-# fp8 layers also keep less for the backward pass: a frozen nn.Linear/Conv2d keeps its input, which only
-# a weight gradient needs, while fp8's autograd function keeps just the fp8 weight. Share of the UNet
-# activations left, fitted on the H100 (bench/results-cuda-h100-fp8.md, checkpointing on): SD1.5 512 px
-# 2.44 -> 1.16 GB, SDXL 1024 px 9.86 -> 3.75 GB. sd2 takes sd1's share, not measured.
-FP8_ACTIVATION_SHARE = {"sd1": 0.37, "sd2": 0.37, "sdxl": 0.2}
+# fp8 stand-ins also replace frozen Linear layers, and a step keeps less still. Share of the UNet
+# activations left, fitted on the H100 (checkpointing on): SD1.5 512 px 2.03 -> 1.16 GB, SDXL 1024 px
+# 6.81 -> 3.75 GB in all. sd2 takes sd1's share, not measured.
+FP8_ACTIVATION_SHARE = {"sd1": 0.75, "sd2": 0.75, "sdxl": 0.56}
 TE_ACTIVATION_GB = {"sd1": 0.05, "sd2": 0.1, "sdxl": 0.3}  # one 77-token caption through trained encoders
 VAE_ENCODE_GB = 0.15  # what encoding a 512 px image on the fly adds to the peak, half precision
 RUNTIME_GB = 0.4  # python, torch, diffusers, transformers and peft loaded (host estimate only)
@@ -129,7 +133,13 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
         if not cfg.data.cache_latents else 0.0
     act = unet_act + te_act + vae_act
     secs = steps * STEP_S[family] * pixels * (1.3 if cfg.train.gradient_checkpointing else 1.0) * (1 if half else 2.5)
-    peak = max(weights + lora + act, load_peak) + (RUNTIME_GB if host else 0.0)
+    phases = [weights + lora + act, load_peak]
+    if not host:  # the models visit the GPU one phase at a time (see loop.train); the largest phase is the peak
+        if cfg.data.cache_latents:  # a first run encodes every image with the VAE alone on the device
+            phases.append(p["vae"] * vae_bytes * 1e6 / GB + CUDA_VAE_ENCODE_GB * (res / 512) ** 2 * vae_bytes / 2)
+        if cached_text:
+            phases.append(p["text_encoders"] * frozen_bytes * 1e6 / GB + TE_ACTIVATION_GB[family])
+    peak = max(phases) + (RUNTIME_GB if host else 0.0)
     return Estimate(round(peak, 2), weights, lora, act, steps, secs)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import fp8 as fp8_storage
+from . import frozen
 from . import lora as lora_mod
 from . import state as state_mod
 from .config import RunConfig
@@ -75,22 +75,20 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
     unet, vae, tes = base.unet, base.vae, base.text_encoders
     for m in (unet, vae, *tes):
         m.requires_grad_(False)
-    fp8 = cfg.train.frozen_dtype == "fp8"
-    if not fp8:
-        _place(unet, device, precision.weight_dtype)
-        for te in tes:
-            _place(te, device, precision.weight_dtype)
-    _place(vae, device, precision.vae_dtype(fam.name))
-
+    for m in (unet, *tes):  # a no-op when the loader honoured dtype; before LoRA exists, so only base weights cast
+        _place(m, torch.device("cpu"), precision.weight_dtype)
+    # LoRA and the frozen stand-ins are built on the host, so neither full-precision weights nor all the
+    # models at once reach the GPU: each model goes there for its own phase (VAE: latent cache; text
+    # encoders: caption cache; UNet: training), and the first run's peak is the largest phase, not their sum.
     if cfg.lora.train_unet:
         lora_mod.inject(unet, cfg.lora, lora_mod.unet_targets(cfg.lora), "UNet")
     if train_te:
         for te in tes:
             lora_mod.inject(te, cfg.lora, lora_mod.text_encoder_targets(cfg.lora), "text-encoder")
-    if fp8:  # after injection (peft wraps the original layers), before the move: half precision never reaches the GPU
-        for m in (unet, *tes):
-            fp8_storage.store_fp8(m, precision.weight_dtype)
-            m.to(device)
+    fp8 = cfg.train.frozen_dtype == "fp8"
+    frozen.freeze(unet, precision.weight_dtype, fp8=fp8)  # after injection: peft wraps the original layers
+    for te in tes if fp8 else ():
+        frozen.freeze(te, precision.weight_dtype, fp8=True)
     trained = ([unet] if cfg.lora.train_unet else []) + (list(tes) if train_te else [])
     if not trained:
         raise TrainingError("nothing to train: set lora.train_unet or lora.train_text_encoder to true")
@@ -111,17 +109,21 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
     use_cache = cfg.data.cache_latents and not (cfg.data.random_crop or cfg.data.flip)
     cache = LatentCache(Path(cfg.data.cache_dir or default_cache_dir()) / "latents") if use_cache else None
     vae_id = vae_identity(vae) if use_cache else ""
+    _place(vae, device, precision.vae_dtype(fam.name))
     if use_cache:
         _fill_latent_cache(data, cache, vae, vae_id, main, accelerator, events)
         vae.to("cpu")  # every latent is cached now: the VAE comes back only to decode samples
     static_captions = not (cfg.data.shuffle_tags or cfg.data.tag_dropout)
     text_cache = None
+    for te in tes:
+        te.to(device)  # loaded in the weight dtype already; .to(dtype) would also cast fp8 and LoRA tensors
     if cfg.data.cache_text and not train_te and static_captions:
         captions = sorted({e.caption for e in data.entries} | ({""} if cfg.data.caption_dropout else set()))
         text_cache = _encode_captions(fam, tes, base.tokenizers, captions, cfg.model.clip_skip, precision)
         for te in tes:
             te.to("cpu")  # its outputs are cached: free the GPU memory it held
         events.emit("text_cache", captions=len(captions))
+    unet.to(device)
 
     # ---- optimizer and schedule -----------------------------------------------------------------
     groups = [{"params": lora_mod.lora_parameters(unet), "lr": cfg.optim.lr}] if cfg.lora.train_unet else []

@@ -1,5 +1,6 @@
-"""float8 storage of frozen weights: exact gradients for the rounded weights, the dtypes a run promises,
-and a LoRA trained over an fp8 base that loads fully into the full-precision base."""
+"""Frozen stand-in layers: in half precision they equal nn.Conv2d and keep less for the backward pass;
+in float8 they give exact gradients for the rounded weights, runs store what they promise, and a LoRA
+trained over an fp8 base loads fully into the full-precision base."""
 import copy
 import math
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
-from trainer import adapters, fp8
+from trainer import adapters, frozen
 from trainer.errors import TrainingError
 from trainer.events import read_events
 from trainer.lora_file import read_lora
@@ -20,8 +21,8 @@ def test_outputs_and_input_gradients_equal_a_half_layer_with_the_rounded_weights
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 32) if kind == "linear" else torch.nn.Conv2d(8, 16, 3, padding=1, stride=2)
     layer.requires_grad_(False)
-    stored = fp8.Fp8Linear(layer, torch.bfloat16) if kind == "linear" else fp8.Fp8Conv2d(layer, torch.bfloat16)
-    assert stored.weight_fp8.dtype == torch.float8_e4m3fn
+    stored = (frozen.FrozenLinear if kind == "linear" else frozen.FrozenConv2d)(layer, torch.bfloat16, fp8=True)
+    assert stored.stored_weight.dtype == torch.float8_e4m3fn
     rel = (layer.weight - stored.weight.float()).abs().amax() / layer.weight.abs().amax()
     assert 0 < rel < 0.07  # e4m3 keeps 3 mantissa bits; the per-row scale uses its whole range
     ref = copy.deepcopy(layer).to(torch.bfloat16)
@@ -37,6 +38,44 @@ def test_outputs_and_input_gradients_equal_a_half_layer_with_the_rounded_weights
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_half_conv_stand_in_equals_the_conv_and_keeps_no_input(dtype):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1).to(dtype).requires_grad_(False)
+    stand_in = frozen.FrozenConv2d(conv, dtype, fp8=False)
+    x = torch.randn(2, 16, 24, 24, dtype=dtype)
+    results, kept = [], []
+    for module in (conv, stand_in):
+        xi = x.clone().requires_grad_(True)
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = module(xi)
+        y.float().pow(2).sum().backward()
+        results.append((y.detach(), xi.grad))
+        kept.append(total[0])
+    assert torch.allclose(results[0][0], results[1][0]) and torch.allclose(results[0][1], results[1][1], rtol=1e-3, atol=1e-3)
+    weight_bytes = conv.weight.numel() * conv.weight.element_size()
+    assert kept[0] >= x.numel() * x.element_size() and kept[1] <= weight_bytes  # the conv keeps its input
+
+
+def test_stand_ins_change_memory_not_the_trained_lora(tiny_models, dataset, tmp_path, monkeypatch):
+    sets = {"train.max_steps": 3, "sample.at_end": False, "lora.unet_extra": ["conv"]}
+    first = train(tiny_config(tiny_models["sd1"], dataset, tmp_path / "a", **sets))
+    assert any(isinstance(m, frozen.FrozenConv2d) for m in first.models["lora_unet"].modules())
+    monkeypatch.setattr(frozen, "freeze", lambda *a, **k: 0)
+    second = train(tiny_config(tiny_models["sd1"], dataset, tmp_path / "b", **sets))
+    assert not any(isinstance(m, frozen.FrozenConv2d) for m in second.models["lora_unet"].modules())
+    a, b = read_lora(first.lora_path).modules, read_lora(second.lora_path).modules
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].up.float(), b[k].up.float(), atol=1e-4), k
+
+
 def test_fp8_run_stores_what_it_promises_and_its_lora_loads_into_the_full_base(tiny_models, dataset, tmp_path):
     cfg = tiny_config(tiny_models["sd1"], dataset, tmp_path / "run", **{
         "train.frozen_dtype": "fp8", "train.mixed_precision": "bf16", "lora.train_text_encoder": True,
@@ -44,13 +83,13 @@ def test_fp8_run_stores_what_it_promises_and_its_lora_loads_into_the_full_base(t
     result = train(cfg)
     for prefix, model in result.models.items():
         frozen_half = [n for n, m in model.named_modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d)
-                       and not m.weight.requires_grad and not any(k in n for k in fp8.KEEP)]
+                       and not m.weight.requires_grad and "lora_" not in n and not any(k in n for k in frozen.KEEP_HALF)]
         assert frozen_half == [], f"{prefix} kept {frozen_half[:3]} in half precision"
-        assert sum(isinstance(m, (fp8.Fp8Linear, fp8.Fp8Conv2d)) for m in model.modules()) > 0
+        assert sum(isinstance(m, (frozen.FrozenLinear, frozen.FrozenConv2d)) for m in model.modules()) > 0
         lora = [p for n, p in model.named_parameters() if "lora_" in n]
         assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
         assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
-    unet_bytes = fp8.stored_bytes(result.models["lora_unet"])
+    unet_bytes = frozen.stored_bytes(result.models["lora_unet"])
     assert unet_bytes["float8_e4m3fn"] > 3 * unet_bytes.get("bfloat16", 0)  # the frozen bulk is fp8
     losses = [e["loss"] for e in read_events(tmp_path / "run") if e["type"] == "step"]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)

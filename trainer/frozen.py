@@ -1,0 +1,146 @@
+"""Frozen base layers that keep nothing for the backward pass but their weight, optionally in float8.
+
+A frozen nn.Conv2d still keeps its input for the backward pass (only a weight gradient needs it); the
+UNet's ResNet convolutions at full resolution make that most of a LoRA step's activation memory. The
+stand-ins here keep only the weight and compute the input gradient from it. With fp8 they also store
+frozen Linear and Conv2d weights as float8 e4m3 with one scale per output row, computed in bf16/fp16:
+half of fp16's memory. LoRA layers, norms, embeddings and the VAE keep their own precision.
+
+Why not diffusers' layerwise casting for fp8: its hooks cast a layer up for the forward and back down
+right after, in place, while autograd still holds that weight for the backward pass. Gradients that
+flow through a frozen layer to LoRA layers before it are then computed from the wrong bytes (measured
+on a 2-layer toy: the LoRA gradient was off by more than its own size). Here autograd keeps the stored
+tensor itself and the backward pass casts it up again: gradients are exact for the stored weights.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+STORAGE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(STORAGE).max
+# Small, sensitive layers that set the whole model's input and output scale stay in half precision.
+KEEP_HALF = ("conv_in", "conv_out", "time_embedding", "add_embedding", "time_emb_proj", "norm", "embed")
+
+
+def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8 weight, per-output-row scale) with weight ≈ fp8 · scale."""
+    w = weight.detach().float()
+    amax = w.flatten(1).abs().amax(dim=1).clamp(min=1e-12)
+    scale = (amax / FP8_MAX).reshape(-1, *([1] * (w.ndim - 1)))
+    return (w / scale).to(STORAGE), scale
+
+
+def dequantize(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    return w.to(dtype) if scale is None else w.to(dtype) * scale.to(dtype)
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, scale, bias):
+        ctx.save_for_backward(w, scale)
+        return F.linear(x, dequantize(w, scale, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, scale = ctx.saved_tensors
+        return grad @ dequantize(w, scale, grad.dtype), None, None, None
+
+
+class _Conv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, scale, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(w, scale)
+        ctx.conf = (x.shape, stride, padding, dilation, groups)
+        return F.conv2d(x, dequantize(w, scale, x.dtype), bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, scale = ctx.saved_tensors
+        shape, stride, padding, dilation, groups = ctx.conf
+        grad_x = torch.nn.grad.conv2d_input(shape, dequantize(w, scale, grad.dtype), grad, stride, padding,
+                                            dilation, groups)
+        return grad_x, None, None, None, None, None, None, None
+
+
+class _Frozen(torch.nn.Module):
+    """The stored weight (half, or fp8 with `scale`) and bias of a frozen layer, computed in the autocast
+    dtype (else the storage dtype)."""
+
+    def _store(self, layer: torch.nn.Module, compute_dtype: torch.dtype, fp8: bool) -> None:
+        w, scale = quantize(layer.weight) if fp8 else (layer.weight.detach().to(compute_dtype), None)
+        self.register_buffer("stored_weight", w)
+        self.register_buffer("scale", None if scale is None else scale.to(compute_dtype))
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().to(compute_dtype))
+        self.compute_dtype = compute_dtype
+
+    @property
+    def weight(self) -> torch.Tensor:  # for code that reads a layer's weight (shapes, dtype, device)
+        return dequantize(self.stored_weight, self.scale, self.compute_dtype)
+
+    def _inputs(self, x):
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else self.compute_dtype
+        return x.to(dtype), None if self.bias is None else self.bias.to(dtype)
+
+
+class FrozenLinear(_Frozen):
+    """Stands in for a frozen nn.Linear wherever it sat (peft's base_layer included)."""
+
+    def __init__(self, linear: torch.nn.Linear, compute_dtype: torch.dtype, fp8: bool):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._store(linear, compute_dtype, fp8)
+
+    def forward(self, x):
+        x, bias = self._inputs(x)
+        return _Linear.apply(x, self.stored_weight, self.scale, bias)
+
+
+class FrozenConv2d(_Frozen):
+    def __init__(self, conv: torch.nn.Conv2d, compute_dtype: torch.dtype, fp8: bool):
+        super().__init__()
+        self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self._store(conv, compute_dtype, fp8)
+
+    def forward(self, x):
+        x, bias = self._inputs(x)
+        return _Conv2d.apply(x, self.stored_weight, self.scale, bias, self.stride, self.padding, self.dilation,
+                             self.groups)
+
+
+def _replaceable(name: str, mod: torch.nn.Module, fp8: bool) -> bool:
+    if "lora_" in name or type(mod) not in (torch.nn.Linear, torch.nn.Conv2d) or mod.weight.requires_grad:
+        return False
+    if isinstance(mod, torch.nn.Conv2d) and (mod.padding_mode != "zeros" or isinstance(mod.padding, str)):
+        return False
+    if fp8:
+        return not any(k in name for k in KEEP_HALF)
+    return isinstance(mod, torch.nn.Conv2d)  # a frozen Linear keeps only its weight already
+
+
+def freeze(model: torch.nn.Module, compute_dtype: torch.dtype, fp8: bool = False) -> int:
+    """Replace `model`'s frozen Conv2d layers (and with fp8 its frozen Linear layers, bar KEEP_HALF) by
+    stand-ins that keep no input for the backward pass; returns how many. Call after LoRA injection
+    (peft must see the original layers) and, with fp8, before moving to the GPU, so the half-precision
+    weights never reach it."""
+    if fp8 and compute_dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError("fp8 frozen weights compute in bf16 or fp16: set train.mixed_precision to bf16 or fp16")
+    names = [name for name, mod in model.named_modules() if _replaceable(name, mod, fp8)]
+    for name in names:  # names, not modules: each replaced layer is freed at once, not after the last one
+        parent, _, leaf = name.rpartition(".")
+        holder = model.get_submodule(parent) if parent else model
+        mod = getattr(holder, leaf)
+        cls = FrozenLinear if isinstance(mod, torch.nn.Linear) else FrozenConv2d
+        setattr(holder, leaf, cls(mod, compute_dtype, fp8))
+        del mod
+    return len(names)
+
+
+def stored_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes held by the model per dtype (parameters and buffers): what a plan promises, checked."""
+    out: dict[str, int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = str(t.dtype).replace("torch.", "")
+        out[key] = out.get(key, 0) + t.numel() * t.element_size()
+    return out
