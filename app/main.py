@@ -36,6 +36,8 @@ def build_app(ctx: Ctx) -> gr.Blocks:
             return (gr.Dropdown(choices=names), *lists(), gr.Dropdown(choices=runs, value=latest), runs)
 
         demo.load(on_page_load, None, [ds["dataset"], *tr["refresh_datasets"], *tr["runs"]])
+        show, show_out = ds["load"]
+        demo.load(show, ds["dataset"], show_out)  # the pre-selected dataset's images, trigger and tags at once
         settings, inputs, outputs = tr["settings"]
         demo.load(settings, inputs, outputs)
         listing, l_in, l_out = lib["listing"]

@@ -107,6 +107,8 @@ def pick(page, elem_id, value):
 def run_flow(page, url, ws: Path, model: str | None = None, steps: int = 12):
     page.goto(url)
     page.get_by_role("tab", name="Datasets").click()
+    # A new workspace opens on a sample dataset: its images show without picking it again.
+    wait_until(lambda: page.locator("#gallery img").count() >= 10, "the pre-selected sample dataset's images")
     field(page, "new-dataset").fill("mychar")
     page.locator("#create-dataset").click()
     wait_text(page, "#dataset-message", "created dataset")
