@@ -216,3 +216,13 @@ def test_a_port_in_use_is_one_line_not_a_traceback(tmp_path):
                               str(tmp_path / "ws")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"port {port} on 127.0.0.1 is in use" in out.stderr and "--port N" in out.stderr
+
+
+def test_loss_plot_data_is_numeric_from_the_first_tick_and_the_log_shows_the_newest_lines():
+    from app.tabs.train import LOG_LINES, loss_frame, newest_lines
+
+    empty = loss_frame([])
+    assert str(empty["step"].dtype) == "int64" and str(empty["loss"].dtype) == "float64"  # not object columns
+    assert list(loss_frame([(1, 1.0), (2, 0.5)]).loss) == [1.0, 0.5]
+    log = "\n".join(f"step {i}" for i in range(1, 31))
+    assert newest_lines(log).splitlines() == [f"step {i}" for i in range(31 - LOG_LINES, 31)]

@@ -31,6 +31,21 @@ def progress_html(v) -> str:
             f'<div>{v.step} / {v.total or "?"} steps {html.escape(_eta(v.eta_s) if v.state == "running" else "")}</div>')
 
 
+LOG_LINES = 8  # what the log box shows: the newest lines, so it always follows the run
+
+
+def loss_frame(losses: list[tuple[int, float]]):
+    """Loss by step, numeric from the first tick: an empty frame of object columns made the chart treat
+    loss as categories and pile its labels up for the rest of the run."""
+    import pandas as pd
+
+    return pd.DataFrame(losses, columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
+
+
+def newest_lines(text: str, n: int = LOG_LINES) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
 def build(ctx: Ctx) -> dict:
     ws, runner = ctx.ws, ctx.runner
     names = ws.dataset_names()
@@ -74,7 +89,7 @@ def build(ctx: Ctx) -> dict:
         with gr.Row():
             loss = gr.LinePlot(x="step", y="loss", title="Loss", height=260, elem_id="loss-plot")
             samples = gr.Gallery(label="Samples", columns=4, height=260, elem_id="samples")
-        log = gr.Textbox(label="Log tail", lines=8, max_lines=8, elem_id="log", autoscroll=True)
+        log = gr.Textbox(label="Log tail", lines=LOG_LINES, max_lines=LOG_LINES, elem_id="log", autoscroll=True)
         command = gr.Textbox(label="The same run from a terminal", buttons=["copy"], elem_id="cli-command")
         seen = gr.State(None)
         known_runs = gr.State(runs)
@@ -133,12 +148,10 @@ def build(ctx: Ctx) -> dict:
         v = runner.view(name)
         signature = (name, v.step, len(v.samples), v.state)
         state = f"**{v.state}**" + (f": {html.escape(v.message)}" if v.message else "")
+        log_tail = newest_lines(v.log_tail)
         if signature == last:  # nothing new: leave the plot and gallery alone (no flicker, no traffic)
-            return state, progress_html(v), gr.skip(), gr.skip(), v.log_tail, v.command, last
-        import pandas as pd
-
-        df = pd.DataFrame(v.losses, columns=["step", "loss"])
-        return state, progress_html(v), df, list(v.samples), v.log_tail, v.command, signature
+            return state, progress_html(v), gr.skip(), gr.skip(), log_tail, v.command, last
+        return state, progress_html(v), loss_frame(v.losses), list(v.samples), log_tail, v.command, signature
 
     live = [state_md, progress, loss, samples, log, command, seen]
     timer.tick(refresh, [run_pick, seen], live)
