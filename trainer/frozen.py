@@ -1,8 +1,9 @@
 """Frozen base layers that keep nothing for the backward pass but their weight, optionally in float8.
 
-A frozen nn.Conv2d still keeps its input for the backward pass (only a weight gradient needs it); the
-UNet's ResNet convolutions at full resolution make that most of a LoRA step's activation memory. The
-stand-ins here keep only the weight and compute the input gradient from it. With fp8 they also store
+A frozen nn.Conv2d still keeps its input for the backward pass (only a weight gradient needs it). The
+stand-ins here keep only the weight and compute the input gradient from it. Measured on an H100 that
+saves little: SD1.5 512 px without checkpointing 2.82 -> 2.69 GB, and nothing with checkpointing,
+which recomputes those inputs anyway. With fp8 they also store
 frozen Linear and Conv2d weights as float8 e4m3 with one scale per output row, computed in bf16/fp16:
 half of fp16's memory. LoRA layers, norms, embeddings and the VAE keep their own precision.
 
