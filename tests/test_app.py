@@ -192,7 +192,7 @@ def test_train_tab_disables_start_when_doctor_finds_a_blocker(ws, monkeypatch):
                              "pip install -c requirements.lock -e .")
     runner = jobs.JobRunner(ws.runs, cwd=ws.root)
     for blockers, interactive in (([], True), ([finding], False)):
-        monkeypatch.setattr(doctor, "blocking_findings", lambda: blockers)
+        monkeypatch.setattr(doctor, "blocking_findings", lambda workspace=None: blockers)
         demo = build_app(Ctx(ws, runner))
         by_id = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
         assert by_id["start"].interactive is interactive

@@ -67,3 +67,8 @@ def test_doctor_command_reports_this_environment():
     assert set(data["disk"]) == {"workspace", "cache"}
     assert out.returncode == (0 if data["ok"] else 1)
     assert data["ok"], [f["message"] for f in data["findings"] if f["blocking"]]  # the locked set must pass
+
+
+def test_blocking_findings_check_the_workspace_the_app_was_given(tmp_path, monkeypatch):
+    monkeypatch.setattr(doctor, "disk_info", lambda places: ({}, [doctor.Finding(True, str(places["workspace"]), "")]))
+    assert doctor.blocking_findings(tmp_path / "ws")[0].message == str(tmp_path / "ws")

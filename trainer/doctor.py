@@ -228,6 +228,9 @@ def check(device: bool = True, versions: dict[str, str | None] | None = None, pl
     return report
 
 
-def blocking_findings() -> list[Finding]:
+def blocking_findings(workspace: Path | None = None) -> list[Finding]:
     """What stops a run here, without importing torch: for the app's Start button."""
-    return check(device=False).blocking
+    places = default_places()
+    if workspace is not None:
+        places["workspace"] = workspace
+    return check(device=False, places=places).blocking

@@ -69,7 +69,7 @@ def build(ctx: Ctx) -> dict:
             estimate_md = gr.Markdown(elem_id="estimate")
         with gr.Accordion("Advanced: every setting (edit freely; checked on Start)", open=False):
             advanced = gr.Code(language=None, lines=24, interactive=True, elem_id="advanced")
-        blocked = form.start_blockers(doctor.blocking_findings())  # versions only: no torch import here
+        blocked = form.start_blockers(doctor.blocking_findings(ws.root))  # versions and disk: no torch import
         gr.Markdown(blocked, elem_id="doctor", visible=bool(blocked))
         with gr.Row():
             start = gr.Button("Start", variant="primary", elem_id="start", interactive=not blocked)
