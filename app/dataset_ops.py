@@ -20,7 +20,9 @@ TRASH_INDEX = "trash.json"
 
 def create_dataset(ws: Workspace, name: str) -> str:
     name = check_name(sanitize_name(name) if name else "", "dataset")
-    ws.dataset(name).mkdir(parents=True, exist_ok=True)
+    if ws.dataset(name).exists():
+        raise WorkspaceError(f"dataset {name} already exists; pick it in the Dataset list, or choose another name")
+    ws.dataset(name).mkdir(parents=True)
     return name
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from trainer.atomic import write_text
 from trainer.events import STOP_FILE, read_events
+from trainer.state_files import latest as latest_state
 
 from .trainer_cli import command, lower_priority
 
@@ -146,6 +147,9 @@ class JobRunner:
             if resume:
                 if self.is_active(run_dir):
                     raise RuntimeError(f"run {name} is already {read_job(run_dir).get('state')}")
+                if latest_state(run_dir) is None:  # refused now, not by the trainer seconds later
+                    raise RuntimeError(f"run {name} has no saved state to resume from (states are saved every "
+                                       "save.state_every_n_steps steps and on Stop); start it again instead")
             else:
                 if run_dir.exists() and any(run_dir.iterdir()):
                     raise FileExistsError(f"run {name} already exists; pick another name")

@@ -226,3 +226,21 @@ def test_loss_plot_data_is_numeric_from_the_first_tick_and_the_log_shows_the_new
     assert list(loss_frame([(1, 1.0), (2, 0.5)]).loss) == [1.0, 0.5]
     log = "\n".join(f"step {i}" for i in range(1, 31))
     assert newest_lines(log).splitlines() == [f"step {i}" for i in range(31 - LOG_LINES, 31)]
+
+
+def test_existing_dataset_name_and_resume_without_a_saved_state_are_refused_at_once(ws, fake_python):
+    assert ops.create_dataset(ws, "mine") == "mine"
+    with pytest.raises(WorkspaceError, match="dataset mine already exists"):
+        ops.create_dataset(ws, "mine")
+    runner = jobs.JobRunner(ws.runs, python=fake_python)
+    runner.submit("r1", config_text(ws, "r1"))
+    wait(runner, "r1", {"finished"})
+    with pytest.raises(RuntimeError, match="no saved state to resume from"):
+        runner.submit("r1", "", resume=True)
+    cut_short = ws.runs / "r1" / "state" / "step-000002"
+    cut_short.mkdir(parents=True)  # a save killed before its COMPLETE marker is no state either
+    with pytest.raises(RuntimeError, match="no saved state"):
+        runner.submit("r1", "", resume=True)
+    (cut_short / "COMPLETE").touch()
+    assert runner.submit("r1", "", resume=True).state in ("queued", "running")
+    wait(runner, "r1", {"finished"})

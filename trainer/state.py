@@ -19,26 +19,13 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import write_text
 
-STATE_DIR = "state"
-COMPLETE = "COMPLETE"
+from .state_files import COMPLETE, STATE_DIR, folders, latest  # noqa: F401  (the layout, re-exported)
 
 
 def trainable(models: dict) -> dict[str, torch.nn.Parameter]:
     """Every trained parameter by a stable name: the LoRA weights of each model."""
     return {f"{prefix}.{name}": p for prefix, model in models.items()
             for name, p in model.named_parameters() if p.requires_grad}
-
-
-def folders(run_dir: Path) -> list[Path]:
-    root = Path(run_dir) / STATE_DIR
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / COMPLETE).exists())
-
-
-def latest(run_dir: Path) -> Path | None:
-    found = folders(run_dir)
-    return found[-1] if found else None
 
 
 def _rng_state(rng: random.Random, gen: torch.Generator) -> tuple[dict, dict]:
