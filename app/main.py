@@ -7,7 +7,7 @@ from .context import Ctx
 from .jobs import JobRunner
 from .preview_client import PreviewClient
 from .tabs import datasets, library, preview, train
-from .workspace import Workspace
+from .workspace import Workspace, unique_name
 
 CSS = "#run-state p {font-size: 1.05em} footer {display: none !important}"
 
@@ -30,12 +30,13 @@ def build_app(ctx: Ctx) -> gr.Blocks:
 
         def on_page_load():
             """The lists as they are now, not as they were when the server started: a reload or a
-            second tab sees datasets and runs made since."""
+            second tab sees datasets and runs made since, and is offered a run name that is free."""
             names, runs = ctx.ws.dataset_names(), ctx.ws.run_names()
             latest = runs[0] if runs else None
-            return (gr.Dropdown(choices=names), *lists(), gr.Dropdown(choices=runs, value=latest), runs)
+            return (gr.Dropdown(choices=names), *lists(), gr.Dropdown(choices=runs, value=latest), runs,
+                    unique_name(ctx.ws.runs, "run"))
 
-        demo.load(on_page_load, None, [ds["dataset"], *tr["refresh_datasets"], *tr["runs"]])
+        demo.load(on_page_load, None, [ds["dataset"], *tr["refresh_datasets"], *tr["runs"], tr["run_name"]])
         show, show_out = ds["load"]
         demo.load(show, ds["dataset"], show_out)  # the pre-selected dataset's images, trigger and tags at once
         settings, inputs, outputs = tr["settings"]

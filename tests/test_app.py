@@ -244,3 +244,14 @@ def test_existing_dataset_name_and_resume_without_a_saved_state_are_refused_at_o
     (cut_short / "COMPLETE").touch()
     assert runner.submit("r1", "", resume=True).state in ("queued", "running")
     wait(runner, "r1", {"finished"})
+
+
+def test_each_page_load_proposes_a_free_run_name(ws):
+    from app.context import Ctx
+    from app.main import build_app
+
+    demo = build_app(Ctx(ws, jobs.JobRunner(ws.runs, cwd=ws.root)))
+    page_state = next(d for d in demo.fns.values() if d.name == "on_page_load")
+    assert page_state.fn()[-1] == "run"
+    (ws.runs / "run").mkdir(parents=True)  # a run started after the server (and its first page) came up
+    assert page_state.fn()[-1] == "run-2"

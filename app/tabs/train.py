@@ -184,4 +184,4 @@ def build(ctx: Ctx) -> dict:
 
     resume.click(do_resume, run_pick, start_msg)
     return {"refresh_datasets": (dataset, reg), "settings": (settings, form_inputs, [summary, estimate_md, advanced]),
-            "runs": (run_pick, known_runs)}
+            "runs": (run_pick, known_runs), "run_name": run_name}
