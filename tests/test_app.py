@@ -255,3 +255,23 @@ def test_each_page_load_proposes_a_free_run_name(ws):
     assert page_state.fn()[-1] == "run"
     (ws.runs / "run").mkdir(parents=True)  # a run started after the server (and its first page) came up
     assert page_state.fn()[-1] == "run-2"
+
+
+def test_a_just_stopped_app_leaves_its_port_free():
+    """Closed connections linger in TIME_WAIT; the server binds with SO_REUSEADDR, and so must the check."""
+    import socket
+
+    from app.cli import port_free
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = server.accept()
+    conn.close()
+    client.close()
+    assert not port_free("127.0.0.1", port)  # still listening
+    server.close()
+    assert port_free("127.0.0.1", port)
