@@ -86,7 +86,7 @@ def mix(models: Models, weights: dict[str, dict[str, float]]) -> None:
 
 
 def adapters_on(models: Models) -> dict[str, list[str]]:
-    """Which adapters each component holds (for tests and the worker's log)."""
+    """Which adapters each component holds (what a test checks after loading)."""
     out = {}
     for prefix, model in models.items():
         names = sorted({n for mod in model.modules() if isinstance(mod, LoraLayer) for n in mod.lora_A})

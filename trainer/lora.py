@@ -49,9 +49,7 @@ def inject(model: torch.nn.Module, cfg: LoraConfig, targets: list[str], what: st
     transformers' optional peft integration, whose version gate broke every run once (transformers 5.24
     demanded a peft that did not exist); peft's API is the one both libraries build on."""
     check_rank(model, targets, cfg.rank, what)
-    inject_adapter_in_model(peft_config(cfg, targets), model, adapter_name=ADAPTER)
-    for name, param in model.named_parameters():  # peft marks only its own layers trainable; say so explicitly
-        param.requires_grad_("lora_" in name)
+    inject_adapter_in_model(peft_config(cfg, targets), model, adapter_name=ADAPTER)  # only LoRA stays trainable
 
 
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

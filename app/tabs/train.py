@@ -69,7 +69,8 @@ def build(ctx: Ctx) -> dict:
             estimate_md = gr.Markdown(elem_id="estimate")
         with gr.Accordion("Advanced: every setting (edit freely; checked on Start)", open=False):
             advanced = gr.Code(language=None, lines=24, interactive=True, elem_id="advanced")
-        blocked = form.start_blockers(doctor.blocking_findings(ws.root))  # versions and disk: no torch import
+        blockers = doctor.blocking_findings(ws.root)  # versions and disk: no torch import
+        blocked = form.start_blockers(blockers)
         gr.Markdown(blocked, elem_id="doctor", visible=bool(blocked))
         with gr.Row():
             start = gr.Button("Start", variant="primary", elem_id="start", interactive=not blocked)
@@ -121,8 +122,8 @@ def build(ctx: Ctx) -> dict:
 
     @guard
     def do_start(text, name):
-        if blocked:  # the button is disabled; an API call gets the same answer
-            raise RuntimeError(blocked.splitlines()[2].lstrip("- ").replace("**", "").replace("`", ""))
+        if blockers:  # the button is disabled; an API call gets the same answer
+            raise RuntimeError(blockers[0].line())
         name = check_name(name, "run")
         cfg = form.parse_edited(text)
         cfg.save.output_dir, cfg.save.name = str(ws.run(name)), name  # the run folder is the run name

@@ -278,21 +278,20 @@ def run_ablations(model_dirs: dict, precision: str, work: Path) -> list[dict]:
 
 
 def summarise(results: list[Measured], device: str, precision: str, seconds: float) -> dict:
+    def row(model, res, **want) -> Measured | None:
+        return next((m for m in results if m.setting.model == model and m.setting.resolution == res
+                     and all(getattr(m.setting, k) == v for k, v in want.items())), None)
+
     def peak_of(model, res, **want):
-        for m in results:
-            s = m.setting
-            if s.model == model and s.resolution == res and all(getattr(s, k) == v for k, v in want.items()):
-                return round(m.peak_gb, 2)
-        return None
+        m = row(model, res, **want)
+        return round(m.peak_gb, 2) if m else None
 
     target = dict(checkpointing=True, cache=True, train_te=False, fp8=False)
     target_fp8 = {**target, "fp8": True}
     full = [m for m in results if m.setting.model != "tiny"]  # the tiny model's step is all overhead
     ratios = [m.over_floor for m in full if m.over_floor and m.setting.cache and not m.setting.train_te
               and not m.setting.fp8]  # the floor is a half-precision UNet: fp8 rows are compared to half rows
-    half_step, fp8_step = (next((m.step_s for m in full if m.setting.model == "sd15" and m.step_s and
-                                 all(getattr(m.setting, k) == v for k, v in want.items())), None)
-                           for want in (target, target_fp8))
+    half_step, fp8_step = (getattr(row("sd15", 512, **want), "step_s", None) for want in (target, target_fp8))
     errs = [m.estimate_err for m in full if m.estimate_err is not None]
     repeat_encodes, seen = [], set()
     for m in results:  # every cached run after the first on the same data must encode nothing

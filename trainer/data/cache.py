@@ -13,8 +13,6 @@ from ..atomic import atomic_path
 from ..resources import default_cache_dir  # noqa: F401  (re-exported: callers import it from here)
 
 
-
-
 def vae_identity(vae: torch.nn.Module) -> str:
     h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
     for name, t in sorted(vae.state_dict().items()):
