@@ -104,8 +104,24 @@ def pick(page, elem_id, value):
     page.get_by_role("option", name=value, exact=True).first.click()
 
 
+TABS = ["Datasets", "Train", "Preview", "Library"]
+
+
+def visible_tabs(page) -> list[str]:
+    return [t.inner_text().strip() for t in page.get_by_role("tab").all() if t.is_visible()]
+
+
+def switch_every_tab(page):
+    """After every switch the bar shows each tab exactly once (it once drew Preview twice and lost Library)."""
+    for name in ["Train", "Preview", "Library", "Datasets", "Preview", "Train", "Library", "Datasets"]:
+        page.get_by_role("tab", name=name).first.click()
+        wait_until(lambda: visible_tabs(page) == TABS, f"the four tabs after switching to {name}: {visible_tabs(page)}",
+                   timeout_s=10)
+
+
 def run_flow(page, url, ws: Path, model: str | None = None, steps: int = 12):
     page.goto(url)
+    switch_every_tab(page)
     page.get_by_role("tab", name="Datasets").click()
     # A new workspace opens on a sample dataset: its images show without picking it again.
     wait_until(lambda: page.locator("#gallery img").count() >= 10, "the pre-selected sample dataset's images")

@@ -93,6 +93,9 @@ def build(ctx: Ctx) -> dict:
         log = gr.Textbox(label="Log tail", lines=LOG_LINES, max_lines=LOG_LINES, elem_id="log", autoscroll=True)
         command = gr.Textbox(label="The same run from a terminal", buttons=["copy"], elem_id="cli-command")
         seen = gr.State(None)
+        # Inside the tab like every component: one made outside it becomes a child of the tab bar, which
+        # then draws a tab twice and loses Library (issue 18 #1).
+        never_seen = gr.State(None)  # a picked run always renders in full
         known_runs = gr.State(runs)
         timer = gr.Timer(1.5)
 
@@ -166,7 +169,7 @@ def build(ctx: Ctx) -> dict:
 
     timer.tick(sync_runs, [run_pick, known_runs], [run_pick, known_runs])
     # Named, so scripts (and the load test) can read a run's state: /run_state(run name).
-    run_pick.change(refresh, [run_pick, gr.State(None)], live, api_name="run_state")
+    run_pick.change(refresh, [run_pick, never_seen], live, api_name="run_state")
 
     @guard
     def do_stop(name):
