@@ -24,6 +24,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--auth", metavar="USER:PASSWORD", help="require this login")
     p.add_argument("--auth-file", type=Path, help="file with one USER:PASSWORD per line")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser (scripts, servers, tests)")
+    p.add_argument("--allow-path", type=Path, action="append", default=[], metavar="DIR",
+                   help="a folder outside the workspace that the UI may read and write (a models folder, datasets "
+                        "kept elsewhere); repeatable. Without it the UI stays inside the workspace and the cache")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="answer requests for this host name too (by default only localhost names, against DNS "
+                        "rebinding); repeatable")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="URL",
+                   help="let pages from this origin (e.g. http://myhost:8080) send requests that change things; "
+                        "repeatable")
     return p
 
 
@@ -85,9 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     from .main import serve
     from .workspace import Workspace, default_root
 
-    ws = Workspace((args.workspace or default_root()).expanduser().resolve())
+    allowed = []
+    for folder in args.allow_path:
+        folder = folder.expanduser().resolve()
+        if not folder.is_dir():
+            print(f"lora-studio: error: --allow-path {folder} is not a folder", file=sys.stderr)
+            return 2
+        allowed.append(folder)
+    ws = Workspace((args.workspace or default_root()).expanduser().resolve(), allowed_paths=tuple(allowed))
     print(f"LoRA Studio: workspace {ws.root}; serving on http://{host}:{args.port}", flush=True)
-    serve(ws, host=host, port=args.port, auth=auth or None, open_browser=not args.no_browser)
+    serve(ws, host=host, port=args.port, auth=auth or None, open_browser=not args.no_browser,
+          allowed_hosts=tuple(args.allow_host), allowed_origins=tuple(args.allow_origin))
     return 0
 
 

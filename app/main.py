@@ -49,12 +49,18 @@ def build_app(ctx: Ctx) -> gr.Blocks:
 
 
 def serve(ws: Workspace, *, host: str = "127.0.0.1", port: int = 7860, auth=None, open_browser: bool = True,
-          block: bool = True):
+          block: bool = True, allowed_hosts: tuple[str, ...] = (), allowed_origins: tuple[str, ...] = ()):
+    from starlette.middleware import Middleware
+
+    from .request_guard import RequestGuard, is_loopback
+
     ws.ensure()
     runner = JobRunner(ws.runs, cwd=ws.root).start()
     demo = build_app(Ctx(ws, runner, PreviewClient(ws.root / "preview")))
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=host, server_port=port, auth=auth, inbrowser=open_browser, prevent_thread_lock=not block,
                 allowed_paths=[str(ws.root)], css=CSS, quiet=False, show_error=True, footer_links=[],
-                max_file_size="200mb")  # per upload; the importer adds count and total limits
+                max_file_size="200mb",  # per upload; the importer adds count and total limits
+                app_kwargs={"middleware": [Middleware(RequestGuard, check_host=is_loopback(host),
+                                                      allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)]})
     return demo, runner

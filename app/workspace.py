@@ -24,6 +24,9 @@ def default_root() -> Path:
 @dataclass
 class Workspace:
     root: Path
+    # Folders outside the workspace that requests from the browser may name (`--allow-path`), for
+    # example a models folder; see app/confine.py.
+    allowed_paths: tuple[Path, ...] = ()
 
     @property
     def datasets(self) -> Path:
@@ -82,6 +85,20 @@ def check_name(name: str, what: str) -> str:
         raise WorkspaceError(f"{what} name {name!r} may use letters, digits, space, '.', '-' and '_' "
                              "(up to 80, starting with a letter or digit)")
     return name
+
+
+def new_folder(parent: Path, name: str) -> Path:
+    """A folder that did not exist before: `name`, else `name-2`, `name-3`... Created exclusively, so two
+    calls in the same second (or from two requests at once) never share one, and nothing in it is overwritten."""
+    parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        folder = parent / (name if n == 1 else f"{name}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            n += 1
 
 
 def unique_name(folder: Path, name: str) -> str:

@@ -1,6 +1,7 @@
 """The whole Datasets -> Train flow in real headless Chromium against a real `lora-studio` process:
 upload sample images through the page, edit a caption (checked on disk), train on the embedded
 model, wait for the finished state and a sample image. Screenshots go to test-artifacts/ui/."""
+import contextlib
 import importlib.util
 import os
 import re
@@ -41,14 +42,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def app_server(tmp_path):
-    _need_browser()
+@contextlib.contextmanager
+def served_app(tmp_path, *args: str):
+    """A real `lora-studio` process on a free port over a new workspace; yields (url, workspace)."""
     port, ws = free_port(), tmp_path / "workspace"
     env = {**os.environ, "LORA_STUDIO_HOME": str(tmp_path / "home")}
     log = open(tmp_path / "app.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "app", "--no-browser", "--port", str(port), "--workspace", str(ws)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--no-browser", "--port", str(port), "--workspace", str(ws),
+                             *args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}/"
     try:
         for _ in range(120):
@@ -64,6 +65,13 @@ def app_server(tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture
+def app_server(tmp_path):
+    _need_browser()
+    with served_app(tmp_path) as served:
+        yield served
 
 
 def shot(page, name):

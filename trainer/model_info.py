@@ -8,6 +8,7 @@ from pathlib import Path
 from .resources import EMBEDDED_MODEL
 
 EMBEDDED_DIR = EMBEDDED_MODEL
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def family_name(unet_config: dict) -> str:
@@ -39,3 +40,9 @@ def peek_family(source: str, family: str = "auto") -> str | None:
     except (OSError, ValueError):
         return None
     return family_name(unet)
+
+
+def looks_like_path(source: str) -> bool:
+    """A Hub id is "owner/name"; anything else with separators or a file suffix is meant as a path."""
+    return (source.startswith((".", "/", "~")) or source.count("/") != 1 or "\\" in source
+            or source.endswith((".safetensors",) + PICKLE_SUFFIXES))

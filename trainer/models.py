@@ -14,9 +14,7 @@ from types import SimpleNamespace
 import torch
 
 from .errors import ModelError
-from .model_info import EMBEDDED_DIR, family_name
-
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+from .model_info import EMBEDDED_DIR, PICKLE_SUFFIXES, family_name, looks_like_path
 
 
 @dataclass(frozen=True)
@@ -154,7 +152,7 @@ def load_base(source: str, family: str = "auto", dtype: torch.dtype | None = Non
         elif path.exists():
             pipe = _from_single_file(path, dtype)
             file_hash = sha256_file(path)
-        elif _looks_like_path(source):
+        elif looks_like_path(source):
             raise ModelError(f"model {source} does not exist; check the path")
         else:
             pipe = _from_hub(source, dtype)
@@ -173,12 +171,6 @@ def load_base(source: str, family: str = "auto", dtype: torch.dtype | None = Non
         raise ModelError(f"{source} has {len(tes)} text encoder(s) but a {fam.name} model needs {len(fam.te_prefixes)}")
     name = path.stem if path.exists() else source
     return Base(fam, pipe.unet, pipe.vae, tes, toks, sched, source, name, file_hash)
-
-
-def _looks_like_path(source: str) -> bool:
-    # A Hub id is "owner/name"; anything else with separators or a file suffix is meant as a path.
-    return (source.startswith((".", "/", "~")) or source.count("/") != 1 or "\\" in source
-            or source.endswith((".safetensors",) + PICKLE_SUFFIXES))
 
 
 def _pipeline_class_for(model_index: dict):

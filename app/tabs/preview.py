@@ -6,7 +6,7 @@ import json
 
 import gradio as gr
 
-from .. import library, prompt_tags
+from .. import confine, library, prompt_tags
 from .. import train_form as form
 from ..context import Ctx, guard
 from ..workspace import WorkspaceError
@@ -80,9 +80,10 @@ def build(ctx: Ctx) -> dict:
         for i in range(SLOTS):
             f, w, sep, wu, wt, on = slot_values[i * 6:(i + 1) * 6]
             if f:
-                loras.append({"path": f, "weight": float(w), "unet": float(wu) if sep else None,
+                loras.append({"path": str(confine.path(ws, f"LoRA {i + 1}", f)), "weight": float(w), "unet": float(wu) if sep else None,
                               "text_encoder": float(wt) if sep else None, "enabled": bool(on)})
-        return {"base": form.model_source(b), "loras": loras, "prompt": pr, "negative": neg, "seed": int(sd or 0),
+        base_model = confine.model(ws, "base model", form.model_source(b))
+        return {"base": base_model, "loras": loras, "prompt": pr, "negative": neg, "seed": int(sd or 0),
                 "steps": int(st), "guidance": float(cf), "size": int(sz) or None, "sampler": smp}
 
     def apply_tags(pr, slot_values):
@@ -134,7 +135,9 @@ def build(ctx: Ctx) -> dict:
         for i in range(SLOTS):
             f = slot_values[i * 6]
             if f:
-                out[f] = ctx.preview.call("drift", request={"base": form.model_source(b)}, lora=f)["drift"]
+                base_model = confine.model(ws, "base model", form.model_source(b))
+                lora = str(confine.path(ws, f"LoRA {i + 1}", f))
+                out[f] = ctx.preview.call("drift", request={"base": base_model}, lora=lora)["drift"]
         if not out:
             raise ValueError("choose a LoRA first")
         return json.dumps({"drift (mean pixel change on trigger-free prompts, 0..1)": out}, indent=1)

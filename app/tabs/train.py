@@ -9,6 +9,7 @@ import gradio as gr
 from trainer import doctor, presets
 from trainer.estimate import estimate, fit_advice
 
+from .. import confine
 from .. import train_form as form
 from ..context import Ctx, guard
 from ..workspace import WorkspaceError, check_name, unique_name
@@ -108,7 +109,7 @@ def build(ctx: Ctx) -> dict:
 
     @guard
     def settings(m, d, r, p, v, s, k, l, name):
-        cfg = form.effective_config(ws, choice(m, d, r, p, v, s, k, l), check_name(name, "run"))
+        cfg = confine.run_config(ws, form.effective_config(ws, choice(m, d, r, p, v, s, k, l), check_name(name, "run")))
         n = None
         if d:
             from trainer.data.scan import scan
@@ -130,6 +131,7 @@ def build(ctx: Ctx) -> dict:
         name = check_name(name, "run")
         cfg = form.parse_edited(text)
         cfg.save.output_dir, cfg.save.name = str(ws.run(name)), name  # the run folder is the run name
+        confine.run_config(ws, cfg)  # every path the Advanced box names stays inside the allowed folders
         v = runner.submit(name, cfg.to_toml())
         msg = f"started **{name}**" if v.state == "running" else f"**{name}** is {v.message or v.state}"
         return msg, gr.Dropdown(choices=ws.run_names(), value=name), unique_name(ws.runs, "run")

@@ -1,0 +1,51 @@
+"""What a request from the browser may name on disk: the workspace, the latent cache, and the folders the
+user allowed when launching (`--allow-path DIR`). Anything else is refused with the key, the path and how
+to allow it. Only the app is confined: `lora-studio train` on the command line reads and writes anywhere
+its user can."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainer.config import RunConfig
+from trainer.model_info import is_embedded, looks_like_path
+from trainer.resources import EMBEDDED_MODEL, default_cache_dir
+
+from .workspace import Workspace, WorkspaceError
+
+RUN_PATHS = ("data.dataset", "data.reg_dataset", "data.cache_dir", "save.output_dir")
+
+
+def roots(ws: Workspace) -> list[Path]:
+    return [p.expanduser().resolve() for p in (ws.root, default_cache_dir(), EMBEDDED_MODEL, *ws.allowed_paths)]
+
+
+def path(ws: Workspace, key: str, value: str | Path) -> Path:
+    """`value` resolved (relative to the workspace, symlinks followed), refused unless it lies in an allowed root."""
+    p = Path(value).expanduser()
+    p = (p if p.is_absolute() else ws.root / p).resolve()
+    if any(p.is_relative_to(r) for r in roots(ws)):
+        return p
+    folder = p if p.is_dir() or not p.suffix else p.parent
+    raise WorkspaceError(f"{key} = {str(value)!r} is outside the workspace {ws.root} and the allowed folders; "
+                         f"move it into the workspace, or start lora-studio with --allow-path {folder}")
+
+
+def model(ws: Workspace, key: str, source: str) -> str:
+    """A base model: the embedded one, a Hub id (downloaded into the Hub cache), or an allowed local path."""
+    if is_embedded(source):
+        return source
+    if not looks_like_path(source) and not (ws.root / source).exists():
+        return source  # "owner/name" that is no local folder: a Hub id
+    return str(path(ws, key, source))
+
+
+def run_config(ws: Workspace, cfg: RunConfig) -> RunConfig:
+    """Check every path a run from the UI would read or write; each is rewritten resolved, so the
+    trainer uses exactly the path that was checked."""
+    cfg.model.source = model(ws, "model.source", cfg.model.source)
+    for key in RUN_PATHS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value:
+            setattr(getattr(cfg, section), name, str(path(ws, key, value)))
+    return cfg
