@@ -12,7 +12,7 @@ from trainer.data.manifest import Manifest, read_manifest, write_manifest
 from trainer.data.scan import MASK_SUFFIX, read_caption, scan
 
 from . import trainer_cli
-from .workspace import Workspace, WorkspaceError, check_name
+from .workspace import Workspace, WorkspaceError, check_name, new_folder
 
 UPLOAD_LIMITS = Limits(max_files=2000, max_file_bytes=50 * 2**20, max_total_bytes=2 * 2**30)
 TRASH_INDEX = "trash.json"
@@ -102,8 +102,7 @@ def save_settings(ws: Workspace, dataset: str, trigger: str, repeats: int, kind:
 def remove_image(ws: Workspace, dataset: str, name: str) -> str:
     """Move an image with its caption and mask to the trash; nothing is deleted."""
     image = image_path(ws, dataset, name)
-    bin_dir = ws.trash / dataset / time.strftime("%Y%m%d-%H%M%S") / image.stem
-    bin_dir.mkdir(parents=True, exist_ok=True)
+    bin_dir = new_folder(ws.trash / dataset / time.strftime("%Y%m%d-%H%M%S"), image.stem)
     moved = []
     for companion in (image, image.with_suffix(".txt"), image.parent / f"{image.stem}{MASK_SUFFIX}"):
         if companion.exists():

@@ -16,7 +16,7 @@ from trainer.atomic import write_bytes
 from trainer.data.importer import sanitize_name
 
 from . import trainer_cli
-from .workspace import Workspace, WorkspaceError
+from .workspace import Workspace, WorkspaceError, new_folder
 
 MAX_HEADER = 100 * 2**20
 
@@ -154,9 +154,7 @@ def rename(ws: Workspace, e: Entry, new_name: str) -> Path:
 
 
 def trash(ws: Workspace, e: Entry) -> Path:
-    target = ws.trash / "loras" / time.strftime("%Y%m%d-%H%M%S")
-    target.mkdir(parents=True, exist_ok=True)
-    dst = target / e.path.name
+    dst = new_folder(ws.trash / "loras", time.strftime("%Y%m%d-%H%M%S")) / e.path.name
     shutil.move(str(e.path), dst)
     return dst
 
@@ -167,7 +165,9 @@ def import_file(ws: Workspace, path: str) -> Path:
     if src.suffix.lower() != ".safetensors":
         raise WorkspaceError(f"{src.name}: only .safetensors LoRA files are imported (no pickles)")
     read_header(src)
-    trainer_cli.run("lora", "inspect", str(src), "--json")  # refuses truncated files, unknown kinds and layouts
+    info = trainer_cli.run_json("lora", "inspect", str(src), "--json")  # refuses truncated files, unknown kinds
+    if info.get("defects"):
+        raise WorkspaceError(f"{src.name} was not imported: {info['defects'][0]}")
     dst = ws.loras / f"{sanitize_name(src.stem)}.safetensors"
     n = 2
     while dst.exists():

@@ -275,3 +275,21 @@ def test_a_just_stopped_app_leaves_its_port_free():
     assert not port_free("127.0.0.1", port)  # still listening
     server.close()
     assert port_free("127.0.0.1", port)
+
+
+def test_trashing_the_same_image_twice_in_one_second_keeps_both(ws, tmp_path, monkeypatch):
+    monkeypatch.setattr(ops.time, "strftime", lambda fmt: "20261130-120000")
+    name = ops.create_dataset(ws, "twice")
+    folder = ws.dataset(name)
+    make_dataset(folder, n=1)
+    first = (folder / "img0.png").read_bytes()
+    ops.remove_image(ws, name, "img0.png")
+    make_dataset(tmp_path / "other", n=2)  # another picture under the same name, with its own caption
+    for suffix in (".png", ".txt"):
+        (folder / f"img0{suffix}").write_bytes((tmp_path / "other" / f"img1{suffix}").read_bytes())
+    ops.remove_image(ws, name, "img0.png")
+    kept = sorted((ws.trash / name).rglob("img0.png"))
+    assert len(kept) == 2 and {p.read_bytes() for p in kept} == {first, (tmp_path / "other" / "img1.png").read_bytes()}
+    assert len(list((ws.trash / name).rglob("img0.txt"))) == 2
+    ops.restore_image(ws, name, "img0.png")  # the newest comes back first
+    assert (folder / "img0.png").read_bytes() == (tmp_path / "other" / "img1.png").read_bytes()

@@ -137,3 +137,24 @@ def test_library_lists_renames_and_refuses(loras, tmp_path):
         library.import_file(ws, str(truncated))
     with pytest.raises(WorkspaceError, match="pickle"):
         library.import_file(ws, str(tmp_path / "model.ckpt"))
+
+
+def test_library_trash_never_overwrites_and_refuses_broken_loras(loras, tmp_path, monkeypatch):
+    ws = Workspace(tmp_path / "ws").ensure(with_samples=False)
+    monkeypatch.setattr(library.time, "strftime", lambda fmt: "20261130-120000")  # both trashed "in one second"
+    first = library.import_file(ws, loras["a"])
+    library.trash(ws, next(e for e in library.entries(ws) if e.path == first))
+    second = library.import_file(ws, loras["b"])
+    second = second.rename(first)  # the same name again, other bytes
+    library.trash(ws, next(e for e in library.entries(ws) if e.path == second))
+    kept = sorted((ws.trash / "loras").rglob("*.safetensors"))
+    assert len(kept) == 2 and {p.read_bytes() for p in kept} == {open(loras[k], "rb").read() for k in ("a", "b")}
+
+    tensors = load_file(loras["a"])
+    down = next(k for k in tensors if k.endswith("lora_down.weight"))
+    tensors[down] = tensors[down].clone().fill_(float("nan"))
+    nan = tmp_path / "nan.safetensors"
+    save_file(tensors, str(nan))
+    with pytest.raises(WorkspaceError, match="NaN"):
+        library.import_file(ws, str(nan))
+    assert not list(ws.loras.glob("nan*"))

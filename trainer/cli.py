@@ -137,15 +137,23 @@ def cmd_doctor(args) -> int:
 
 
 def _weighted(items: list[str]) -> tuple[list[str], list[float]]:
+    """FILE[:WEIGHT] items. A colon is a weight separator only after a file name (so C:\\x.safetensors is a path)."""
+    import math
+
     files, weights = [], []
     for item in items:
-        path, _, w = item.rpartition(":") if item.rpartition(":")[2].replace(".", "", 1).lstrip("-").isdigit() \
-            else (item, "", "1")
+        path, sep, w = item.rpartition(":")
+        if not sep or not (path.lower().endswith(".safetensors") or Path(path).is_file()):
+            path, w = item, "1"
         try:
-            weights.append(float(w))
+            weight = float(w)
         except ValueError:
-            raise ConfigError(f"bad weight in {item!r}; use FILE:WEIGHT such as style.safetensors:0.6") from None
+            weight = math.nan
+        if not math.isfinite(weight):
+            raise ConfigError(f"bad weight {w!r} in {item!r}; use FILE:WEIGHT with a number, such as "
+                              "style.safetensors:0.6") from None
         files.append(path)
+        weights.append(weight)
     return files, weights
 
 
@@ -161,6 +169,8 @@ def cmd_lora(args) -> int:
                  f"  hash: {info['hash']}"]
         lines += [f"  {k} = {v}" for k, v in sorted(info["metadata"].items()) if k != "lora_studio.config"]
         _emit(args, info, lines)
+        for problem in info["defects"] + info["warnings"]:  # on stderr, so --json output stays one object
+            print(f"lora-studio: warning: {Path(args.file).name}: {problem}", file=sys.stderr)
     elif c == "merge":
         files, weights = _weighted(args.files)
         r = tools.merge(files, weights, args.out, rank=args.rank, dtype=args.dtype, force=args.force)
@@ -313,6 +323,8 @@ def cmd_dataset(args) -> int:
         lines += [f"  skipped {s['source']}: {s['reason']}" for s in res.skipped]
         _emit(args, {"imported": res.imported, "skipped": res.skipped}, lines)
         return 0
+    if args.dataset_command in ("check", "stats"):
+        _check_resolution(args.resolution)
     if args.dataset_command == "check":
         rep = report(args.dataset, resolution=args.resolution)
         s = rep["summary"]
@@ -331,16 +343,21 @@ def cmd_dataset(args) -> int:
         lines += ["buckets:"] + [f"  {b}: {n}" for b, n in rep["buckets"].items()]
         _emit(args, data, lines)
         return 0
-    # caption
-    if args.find:
+    # caption: exactly one action was given (argparse); an empty value is an error, never another action
+    for flag, values in (("--add", [args.add]), ("--remove", [args.remove]), ("--find", [args.find]),
+                         ("--replace", args.replace or [None]), ("--auto", [args.auto])):
+        if any(v is not None and not v.strip() for v in values):
+            raise ConfigError(f"{flag} needs a non-empty {'model' if flag == '--auto' else 'tag'}; "
+                              "an empty one would change nothing")
+    if args.find is not None:
         found = [str(p) for p in ops.find_by_tag(args.dataset, args.find)]
         _emit(args, {"images": found}, found)
         return 0
-    if args.add:
+    if args.add is not None:
         n = ops.add_tag(args.dataset, args.add, first=args.first)
-    elif args.remove:
+    elif args.remove is not None:
         n = ops.remove_tag(args.dataset, args.remove)
-    elif args.replace:
+    elif args.replace is not None:
         n = ops.replace_tag(args.dataset, *args.replace)
     elif args.template:
         n = ops.caption_uncaptioned(args.dataset, args.template, args.trigger)
@@ -356,6 +373,17 @@ def cmd_dataset(args) -> int:
     return 0
 
 
+def _check_resolution(resolution: int) -> None:
+    import dataclasses
+
+    from .config import DataConfig
+
+    bounds = next(f.metadata for f in dataclasses.fields(DataConfig) if f.name == "resolution")  # as data.resolution
+    if not bounds["min"] <= resolution <= bounds["max"]:
+        raise ConfigError(f"--resolution {resolution} must be between {bounds['min']} and {bounds['max']} pixels "
+                          "(the training resolution, e.g. 512 for SD 1.5, 1024 for SDXL)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -369,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
                 "doctor": cmd_doctor}[args.command](args)
     except (ModelError, TrainingError, ValueError) as e:  # ConfigError, DatasetError, LoraError are ValueErrors
         print(f"lora-studio: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path that is a file, read-only or gone: name it instead of a traceback
+        where = f" {e.filename}" if e.filename else ""
+        print(f"lora-studio: error: {e.strerror or e}:{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,12 +222,15 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
     params = state_mod.trainable(save_args["models"])
 
     def save_state():
-        state_mod.write_rank_rng(state_mod.temp_folder(run_dir, step), accelerator.process_index, rng, gen)
-        accelerator.wait_for_everyone()
-        if main:
-            folder = state_mod.commit(run_dir, step, params, optimizer, lr_scheduler, precision.scaler,
-                                      {"step": step, "epoch": epoch, "consumed": consumed}, cfg.save.keep_states)
-            events.emit("state", step=step, path=str(folder))
+        try:
+            state_mod.write_rank_rng(state_mod.temp_folder(run_dir, step), accelerator.process_index, rng, gen)
+            accelerator.wait_for_everyone()
+            if main:
+                folder = state_mod.commit(run_dir, step, params, optimizer, lr_scheduler, precision.scaler,
+                                          {"step": step, "epoch": epoch, "consumed": consumed}, cfg.save.keep_states)
+                events.emit("state", step=step, path=str(folder))
+        except (OSError, RuntimeError) as e:  # a full disk; torch.save reports it as a RuntimeError
+            raise state_mod.save_failed(run_dir, step, e, params) from None
         accelerator.wait_for_everyone()
 
     if resume:
@@ -511,6 +515,12 @@ def _save(path: Path, step: int, epoch: int, events: Events, *, cfg, base, data,
         epoch=epoch + 1, started=started, finished=now_epoch(), base_name=base.name, base_hash=base.file_hash,
         thumbnail=png_data_url(thumbnail) if thumbnail else None,
     )
+    ups = [t for k, t in tensors.items() if k.endswith((".lora_up.weight", ".lora_B.weight"))]
+    if ups and not any(t.any() for t in ups):  # e.g. saved while warmup still held the learning rate at 0
+        note = (f"{path.name}: every lora_up weight is zero, so this LoRA changes nothing yet (step {step}; "
+                f"warmup {cfg.optim.warmup_steps} steps at learning rate {cfg.optim.lr:g})")
+        events.emit("warning", message=note)
+        print(f"lora-studio: warning: {note}", file=sys.stderr)
     try:
         save_lora(path, tensors, {**metadata, **extra})
     except OSError as e:  # written to a temp file first: the previous file at `path` is untouched

@@ -71,6 +71,33 @@ class LoraFile:
     def ranks(self) -> Counter:
         return Counter(m.rank for m in self.modules.values())
 
+    def defects(self) -> list[str]:
+        """What makes this file unusable: values that are not numbers, or up/down shapes that do not fit."""
+        found = []
+        mismatched = [n for n, m in sorted(self.modules.items()) if m.up.flatten(1).shape[1] != m.down.shape[0]]
+        if mismatched:
+            m = self.modules[mismatched[0]]
+            found.append(f"{len(mismatched)} module(s) with lora_up and lora_down ranks that do not match, e.g. "
+                         f"{mismatched[0]} (up {tuple(m.up.shape)}, down {tuple(m.down.shape)})")
+        bad = [n for n, m in sorted(self.modules.items())
+               if not (torch.isfinite(m.down).all() and torch.isfinite(m.up).all() and math.isfinite(m.alpha))]
+        if bad:
+            found.append(f"{len(bad)} module(s) with NaN or infinite values, e.g. {bad[0]} (training diverged, or "
+                         "the file was damaged)")
+        return found
+
+    def warnings(self) -> list[str]:
+        """What makes this file suspicious but still loadable."""
+        if self.modules and all(not m.up.any() for m in self.modules.values()):
+            return ["every lora_up weight is zero, so this LoRA changes nothing (exported before any step "
+                    "trained it, e.g. while the warmup learning rate was 0)"]
+        return []
+
+    def require_usable(self, action: str) -> None:
+        defects = self.defects()
+        if defects:
+            raise LoraError(f"cannot {action} {self.path.name}: {defects[0]}; use another file or export it again")
+
 
 def read_lora(path: str | Path) -> LoraFile:
     path = Path(path)

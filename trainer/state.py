@@ -8,6 +8,7 @@ through `torch.load(weights_only=True)`, which refuses anything but tensors and 
 """
 from __future__ import annotations
 
+import errno
 import json
 import random
 import shutil
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .atomic import write_text
+from .errors import TrainingError
 
 from .state_files import COMPLETE, STATE_DIR, folders, latest  # noqa: F401  (the layout, re-exported)
 
@@ -73,6 +75,31 @@ def commit(run_dir: Path, step: int, params: dict, optimizer, lr_scheduler, scal
     for old in folders(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_failed(run_dir: Path, step: int, error: Exception, params: dict) -> TrainingError:
+    """Clean up after a state save that failed (the partial folder would keep a full disk full) and say
+    why in one line. A full disk shows as ENOSPC, or as torch.save's 'unexpected pos' from its zip writer."""
+    shutil.rmtree(temp_folder(run_dir, step), ignore_errors=True)
+    needed = 3 * sum(p.numel() * 4 for p in params.values()) + 2**20  # fp32 weights + AdamW's two moments
+    try:
+        free = shutil.disk_usage(run_dir).free
+    except OSError:
+        free = None
+    last = latest(run_dir)
+    kept = (f"the last good state ({last.name}) and the LoRA files are kept" if last
+            else "the LoRA files already written are kept")
+    if getattr(error, "errno", None) == errno.ENOSPC or (free is not None and free < needed):
+        room = f"{_size(free)} free at {run_dir}, about {_size(needed)} needed" if free is not None else str(run_dir)
+        return TrainingError(f"disk full while saving the training state at step {step} ({room}); the partial state "
+                             f"was removed and {kept}. Free some space, then Resume")
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return TrainingError(f"could not save the training state at step {step}: {first}; the partial state was removed "
+                         f"and {kept}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n // 1024} KB"
 
 
 def load(folder: Path, params: dict, optimizer, lr_scheduler, scaler, rng: random.Random, gen: torch.Generator,

@@ -3,6 +3,7 @@ never overwrites one without `force`."""
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -13,9 +14,18 @@ from .formats import SAVE_DTYPES, save_lora
 from .lora_file import FAMILY_NAMES, LoraError, LoraFile, Module, read_lora
 
 
-def _refuse_overwrite(path: Path, force: bool) -> None:
+def _check_output(path: Path, force: bool) -> None:
+    """An output goes into a folder that exists (a typo must not create a tree of folders) and never
+    replaces a file without `force`."""
+    if not path.parent.is_dir():
+        raise LoraError(f"the output folder {path.parent} does not exist; create it first or pick another --out")
     if path.exists() and not force:
         raise LoraError(f"{path} already exists; choose another output or pass --force")
+
+
+def _check_rank(rank: int) -> None:
+    if rank < 1:
+        raise LoraError(f"--rank {rank} must be 1 or more")
 
 
 def trigger_words(lora: LoraFile, top: int = 5) -> list[str]:
@@ -43,7 +53,7 @@ def inspect(path: str | Path) -> dict:
         "alpha": alphas.most_common(1)[0][0], "modules": len(lora.modules),
         "module_ranks": {n: m.rank for n, m in sorted(lora.modules.items())},
         "trigger_words": trigger_words(lora), "hash": lora.metadata.get("sshs_model_hash") or _hash(lora),
-        "metadata": md,
+        "defects": lora.defects(), "warnings": lora.warnings(), "metadata": md,
     }
 
 
@@ -101,10 +111,14 @@ def merge(paths: list, weights: list[float], out: str | Path, rank: int | None =
     """Merge LoRAs at weights. Without `rank`: exact, by concatenating ranks. With it: SVD to that rank,
     reporting the energy lost."""
     out = Path(out)
-    _refuse_overwrite(out, force)
+    _check_output(out, force)
+    if rank is not None:
+        _check_rank(rank)
     if len(paths) != len(weights):
         raise LoraError(f"{len(paths)} LoRAs but {len(weights)} weights; give one weight per LoRA")
     loras = [read_lora(p) for p in paths]
+    for lora in loras:
+        lora.require_usable("merge")
     family = _same_family(loras)
     names = sorted(set().union(*(l.modules for l in loras)))
     merged, losses = {}, {}
@@ -150,10 +164,18 @@ def resize(path, out, rank: int | None = None, sv_ratio: float | None = None, sv
            dtype: str = "fp16", force: bool = False) -> dict:
     """New rank by SVD: fixed (`rank`), or per module keeping σ ≥ σ_max/sv_ratio, or a `sv_fro` energy fraction."""
     out = Path(out)
-    _refuse_overwrite(out, force)
+    _check_output(out, force)
     if sum(x is not None for x in (rank, sv_ratio, sv_fro)) != 1:
         raise LoraError("give exactly one of --rank, --sv-ratio or --sv-fro")
+    if rank is not None:
+        _check_rank(rank)
+    if sv_ratio is not None and not (math.isfinite(sv_ratio) and sv_ratio >= 1):
+        raise LoraError(f"--sv-ratio {sv_ratio:g} must be at least 1 (keep singular values >= the largest / RATIO; "
+                        "e.g. 4)")
+    if sv_fro is not None and not (0 < sv_fro <= 1):
+        raise LoraError(f"--sv-fro {sv_fro:g} must be a fraction of the energy above 0 and at most 1 (e.g. 0.95)")
     lora = read_lora(path)
+    lora.require_usable("resize")
     if any(m.dora_scale is not None for m in lora.modules.values()):
         raise LoraError("DoRA LoRAs cannot be resized by SVD without changing what they do")
     modules, losses = {}, []
@@ -181,6 +203,7 @@ def resize(path, out, rank: int | None = None, sv_ratio: float | None = None, sv
 def analyze(path) -> dict:
     """Per-module singular values and the ranks that keep 90/95/99% of the energy, with a suggestion."""
     lora = read_lora(path)
+    lora.require_usable("analyze")
     per_module, need = {}, {0.90: [], 0.95: [], 0.99: []}
     for name, m in sorted(lora.modules.items()):
         s = torch.linalg.svdvals(m.delta().flatten(1))[: m.rank]
@@ -221,7 +244,7 @@ def card(path, force: bool = False) -> Path:
     lora = read_lora(path)
     info = inspect(path)
     out = lora.path.with_name(lora.path.stem + ".README.md")
-    _refuse_overwrite(out, force)
+    _check_output(out, force)
     md = lora.metadata
     name = md.get("ss_output_name") or lora.path.stem
     trig = ", ".join(info["trigger_words"]) or "(none)"
@@ -257,13 +280,15 @@ def bake(base: str, loras: list, weights: list[float], out: str | Path, force: b
     from .models import load_base
 
     out = Path(out)
-    _refuse_overwrite(out, force)
+    _check_output(out, force)
+    files = [read_lora(p) for p in loras]  # a broken LoRA is refused before the base model loads
+    for lora in files:
+        lora.require_usable("bake")
     b = load_base(base)
     models = {"lora_unet": b.unet, **dict(zip(b.family.te_prefixes, b.text_encoders))}
     index = module_index(models, b.family.unet_namer(b.unet.config))
     applied = 0
-    for path, w in zip(loras, weights):
-        lora = read_lora(path)
+    for lora, w in zip(files, weights):
         check_family(lora, b.family.name)
         missing = [n for n in lora.modules if n not in index]
         if missing:
@@ -274,7 +299,6 @@ def bake(base: str, loras: list, weights: list[float], out: str | Path, force: b
                 weight += (m.delta() * w).to(weight.dtype).reshape(weight.shape)
                 applied += 1
     pipe = b.family.pipeline(b.unet, b.vae, b.text_encoders, b.tokenizers, _scheduler(b.scheduler_config))
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)

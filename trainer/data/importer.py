@@ -13,13 +13,14 @@ import re
 import unicodedata
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..atomic import write_bytes, write_text
-from .scan import IMAGE_SUFFIXES, MASK_SUFFIX, decode_caption
+from .scan import IMAGE_SUFFIXES, MASK_SUFFIX, DatasetError, decode_caption
 from .validate import MAX_PIXELS
 
 INDEX = ".import_index.json"  # source-content hashes already imported: duplicates are skipped
@@ -104,6 +105,8 @@ def import_files(sources: list[str | Path], dataset: str | Path, background=(255
                  limits: Limits | None = None) -> ImportResult:
     limits = limits or Limits()
     dataset = Path(dataset)
+    if dataset.exists() and not dataset.is_dir():
+        raise DatasetError(f"{dataset} is a file, not a dataset folder; pick another --to")
     dataset.mkdir(parents=True, exist_ok=True)
     index = _read_index(dataset)
     taken = {p.name.lower() for p in dataset.iterdir()}  # listed once, kept current below
@@ -115,7 +118,10 @@ def import_files(sources: list[str | Path], dataset: str | Path, background=(255
             continue
         digest = hashlib.sha256(data).hexdigest()
         if digest in index:
-            result.skipped.append({"source": source, "reason": f"exact duplicate of {index[digest]}"})
+            reason = f"exact duplicate of {index[digest]}"
+            if caption and _adopt_caption(dataset, index[digest], caption):
+                reason += f" (its caption was given to {index[digest]}, which had none)"
+            result.skipped.append({"source": source, "reason": reason})
             continue
         total += len(data)
         if total > limits.max_total_bytes:
@@ -139,6 +145,16 @@ def import_files(sources: list[str | Path], dataset: str | Path, background=(255
         result.imported.append({"source": source, "file": target.name})
     write_text(dataset / INDEX, json.dumps(index, indent=1, sort_keys=True))
     return result
+
+
+def _adopt_caption(dataset: Path, image_name: str, caption: str) -> bool:
+    """Give a duplicate's caption to the kept copy when that has no caption file: the caption is the
+    user's work, and keeping the bare copy must not lose it. An existing caption is never replaced."""
+    target = (dataset / image_name).with_suffix(".txt")
+    if not (dataset / image_name).exists() or target.exists():
+        return False
+    write_text(target, caption)
+    return True
 
 
 def _png(im: Image.Image) -> bytes:
@@ -174,10 +190,18 @@ def _caption_text(raw: bytes) -> str:
 def _candidates(sources, limits: Limits, result: ImportResult):
     """Yield (source name, bytes, caption text or None) for every image among files, folders and zips."""
     for src in map(Path, sources):
-        if src.is_dir():
+        if not src.exists():
+            result.skipped.append({"source": str(src), "reason": "does not exist"})
+        elif src.is_dir():
             for p in sorted(src.rglob("*")):
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.endswith(MASK_SUFFIX):
+                if not p.is_file() or p.suffix.lower() == ".txt" or p.name.endswith(MASK_SUFFIX):
+                    continue  # captions and masks come with their images
+                if p.suffix.lower() == ".zip":
+                    yield from _from_zip(p, limits, result)
+                elif p.suffix.lower() in IMAGE_SUFFIXES:
                     yield from _from_file(p, limits, result)
+                elif not p.name.startswith(".") and p.name != "dataset.toml":  # .DS_Store and the like are noise
+                    result.skipped.append({"source": str(p), "reason": f"not an image or zip ({p.suffix or 'no extension'})"})
         elif src.suffix.lower() == ".zip":
             yield from _from_zip(src, limits, result)
         elif src.suffix.lower() in IMAGE_SUFFIXES:
@@ -196,6 +220,18 @@ def _from_file(p: Path, limits: Limits, result: ImportResult):
         return
     cap = p.with_suffix(".txt")
     yield str(p), p.read_bytes(), _caption_text(cap.read_bytes()) if cap.exists() else None
+
+
+# A bad CRC or a cut-off member (BadZipFile, EOFError, zlib.error), an encrypted one (RuntimeError), an
+# unsupported compression method (NotImplementedError).
+ZIP_MEMBER_ERRORS = (zipfile.BadZipFile, EOFError, zlib.error, RuntimeError, NotImplementedError, OSError)
+
+
+def _zip_reason(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "password" in text or "encrypted" in text:
+        return "encrypted"
+    return "bad CRC: the archive is damaged" if "CRC" in text else text
 
 
 def _from_zip(src: Path, limits: Limits, result: ImportResult):
@@ -223,11 +259,15 @@ def _from_zip(src: Path, limits: Limits, result: ImportResult):
                 result.skipped.append({"source": label, "reason": f"zip member too large or compressed {ratio:.0f}:1 "
                                                                   "(zip bomb guard)"})
                 continue
-            with zf.open(m) as f:
-                data = f.read(limits.max_file_bytes + 1)  # the header's sizes can lie
+            try:
+                with zf.open(m) as f:
+                    data = f.read(limits.max_file_bytes + 1)  # the header's sizes can lie
+                cap = names.get(str(PurePosixPath(m.filename).with_suffix(".txt")).lower())
+                caption = _caption_text(zf.read(cap)) if cap is not None and cap.file_size < 1 << 20 else None
+            except ZIP_MEMBER_ERRORS as e:  # one bad member costs that member, not the whole archive
+                result.skipped.append({"source": label, "reason": f"unreadable zip member ({_zip_reason(e)})"})
+                continue
             if len(data) > limits.max_file_bytes:
                 result.skipped.append({"source": label, "reason": "zip member larger than declared"})
                 continue
-            cap = names.get(str(PurePosixPath(m.filename).with_suffix(".txt")).lower())
-            caption = _caption_text(zf.read(cap)) if cap is not None and cap.file_size < 1 << 20 else None
             yield label, data, caption

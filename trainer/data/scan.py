@@ -60,11 +60,17 @@ def decode_caption(raw: bytes) -> tuple[str, str]:
 
 def scan(root: str | Path, caption_extension: str = ".txt", repeats: int = 1) -> Scan:
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"{root} is a file, not a dataset folder; pass a folder of images with .txt captions")
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist; pass a folder of images with .txt captions")
     result = Scan(root)
     for folder, folder_repeats in _folders(root, repeats):
         for path in sorted(folder.iterdir()):
+            if path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                result.problems[str(path)] = ("hidden file (its name starts with '.'), so tools skip it; rename it "
+                                              "without the leading dot to train on it")
+                continue
             if path.name.startswith(".") or not path.is_file() or path.name == MANIFEST \
                     or path.suffix.lower() == caption_extension or path.name.endswith(MASK_SUFFIX):
                 continue

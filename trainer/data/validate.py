@@ -138,13 +138,16 @@ def report(root: str | Path, resolution: int = 512, caption_extension: str = ".t
 
 
 def _mark_duplicates(files: list[FileReport]) -> None:
+    """Of identical images the one with a caption is used (a caption is the user's work; a bare copy adds
+    nothing), then the first by name."""
     seen_sha: dict[str, str] = {}
     kept: list[FileReport] = []
-    for rep in sorted(files, key=lambda r: r.path):
+    for rep in sorted(files, key=lambda r: (not r.caption, r.path)):
         if rep.status == "excluded" or not rep.sha256:
             continue
         if rep.sha256 in seen_sha:
-            rep.exclude(f"exact duplicate of {Path(seen_sha[rep.sha256]).name}")
+            why = " (that copy has a caption)" if not rep.caption else ""
+            rep.exclude(f"exact duplicate of {Path(seen_sha[rep.sha256]).name}{why}")
             continue
         seen_sha[rep.sha256] = rep.path
         twin = next((k for k in kept if hamming(k.dhash, rep.dhash) <= NEAR_DUPLICATE_BITS), None)
