@@ -32,9 +32,15 @@ def import_uploads(ws: Workspace, dataset: str, paths: list[str]) -> list[list[s
     result = trainer_cli.run_json("dataset", "import", "--json", "--to", str(ws.dataset(dataset)),
                                   "--max-files", str(lim.max_files), "--max-file-mb", str(lim.max_file_bytes // 2**20),
                                   "--max-total-mb", str(lim.max_total_bytes // 2**20), "--", *map(str, paths))
-    rows = [[Path(r["source"]).name, "imported", r["file"]] for r in result["imported"]]
+    rows = [[Path(r["source"]).name, "imported", _saved_as(r["source"], r["file"])] for r in result["imported"]]
     rows += [[Path(r["source"]).name, "skipped", r["reason"]] for r in result["skipped"]]
     return rows
+
+
+def _saved_as(source: str, saved: str) -> str:
+    """The import report's detail for an imported file: only what the user could not guess (a new name)."""
+    original = Path(source.rsplit(":", 1)[-1] if ".zip:" in source else source).name
+    return "" if saved == original else f"saved as {saved}"
 
 
 def images(ws: Workspace, dataset: str) -> list[tuple[str, str]]:

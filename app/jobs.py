@@ -7,9 +7,11 @@ process died is reported failed instead of running forever.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -42,6 +44,7 @@ class RunView:
     log_tail: str = ""
     command: str = ""
     queue_position: int = 0
+    phase: str = ""  # "end samples": stopped and saved, rendering the end samples (a second Stop skips them)
 
 
 def train_command(run_dir: Path, resume: bool = False) -> list[str]:
@@ -113,6 +116,8 @@ def view(run_dir: Path, alive=pid_alive) -> RunView:
                 v.losses.append((e["step"], e["loss"]))
         elif t == "sample" and e.get("path"):
             v.samples.append(e["path"])
+        elif t == "end_samples":
+            v.phase, v.message = "end samples", e.get("message", "")
         elif t == "done":
             v.state, v.lora = ("stopped" if e.get("stopped") else "finished"), e.get("path")
             v.message = f"{v.state} after {e.get('step', v.step)} steps"
@@ -136,6 +141,7 @@ class JobRunner:
         self.python, self.poll_s, self.cwd = python, poll_s, cwd
         self.procs: dict[str, subprocess.Popen] = {}
         self.lock = threading.Lock()
+        self._pauses = 0  # preview renders in progress; while > 0 our training child is stopped
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -176,7 +182,9 @@ class JobRunner:
                 (run_dir / STOP_FILE).touch()
                 job["state"] = "stopping"
                 write_job(run_dir, job)
-                return f"{name}: stopping; the LoRA is saved at the next step"
+                if view(run_dir, self._alive).phase == "end samples":
+                    return f"{name}: skipping the rest of the end samples"
+                return f"{name}: stopping; the LoRA is saved after the current step"
             return f"{name} is {state}; nothing to stop"
 
     def view(self, name: str) -> RunView:
@@ -184,6 +192,8 @@ class JobRunner:
             # A process can end between two ticks; record its exit code before anyone reads the run.
             self._reap()
         v = view(self.runs_dir / name, self._alive)
+        if v.state == "running" and self._pauses and name in self.procs:
+            v.message = "paused while Preview renders; it continues by itself"
         if v.state == "queued":
             queue = self.queued()
             v.queue_position = queue.index(name) + 1 if name in queue else 0
@@ -200,6 +210,30 @@ class JobRunner:
             if read_job(d).get("state") in ("running", "stopping") and view(d, self._alive).state in ("running", "stopping"):
                 return d.name
         return None
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Pause the training run this runner started (SIGSTOP to its process group) for the duration, so
+        something the user waits for (a preview) gets the CPU or GPU; nested uses pause once."""
+        with self.lock:
+            self._pauses += 1
+            if self._pauses == 1:
+                self._signal_children(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self._pauses -= 1
+                if self._pauses == 0:
+                    self._signal_children(signal.SIGCONT)
+
+    def _signal_children(self, sig) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, sig)  # the trainer leads its own session (start_new_session)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
     def is_active(self, run_dir: Path) -> bool:
         return view(run_dir, self._alive).state in ACTIVE

@@ -4,7 +4,6 @@ trainer CLI in a subprocess and always write new files."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import shutil
 import struct
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from trainer.atomic import write_bytes
 from trainer.data.importer import sanitize_name
+from trainer.file_hashes import file_hashes
 
 from . import trainer_cli
 from .workspace import Workspace, WorkspaceError, new_folder
@@ -23,23 +23,29 @@ MAX_HEADER = 100 * 2**20
 
 @dataclass
 class Entry:
-    name: str
+    name: str  # the file name without .safetensors: what A1111's <lora:name> and ComfyUI's lists show
     path: Path
+    title: str  # the file's own metadata title (ss_output_name), which a copy or rename can leave behind
     family: str
     rank: str
     trigger: str
     size_mb: float
-    sha256: str
+    hashes: dict  # file_sha256/autov2 and tensor_sha256/autov3 (trainer.file_hashes)
     source: str  # "library" or "run <name>"
     metadata: dict
 
+    @property
+    def sha256(self) -> str:
+        return self.hashes["file_sha256"]
+
     def row(self) -> list:
-        return [self.name, self.family, self.rank, self.trigger, round(self.size_mb, 2), self.sha256[:12], self.source]
+        return [self.name, self.title, self.family, self.rank, self.trigger, round(self.size_mb, 2),
+                self.hashes["autov2"], self.hashes["autov3"], self.source]
 
 
-HEADERS = ["name", "family", "rank", "trigger", "MB", "sha256", "from"]
+HEADERS = ["file", "title", "family", "rank", "trigger", "MB", "AutoV2 (file)", "AutoV3 (tensors)", "from"]
 FAMILIES = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl"}
-_hash_cache: dict[tuple[str, float], str] = {}
+_hash_cache: dict[tuple[str, float], dict] = {}
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -57,14 +63,10 @@ def read_header(path: Path) -> tuple[dict, int]:
         raise WorkspaceError(f"{path.name} cannot be read as safetensors: {e}") from None
 
 
-def sha256(path: Path) -> str:
+def hashes(path: Path) -> dict:
     key = (str(path), path.stat().st_mtime)
     if key not in _hash_cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _hash_cache[key] = h.hexdigest()
+        _hash_cache[key] = file_hashes(path)
     return _hash_cache[key]
 
 
@@ -74,8 +76,8 @@ def entry(path: Path, source: str) -> Entry:
     ranks = sorted({v["shape"][0] for k, v in header.items() if k.endswith(("lora_down.weight", "lora_A.weight"))})
     rank = md.get("ss_network_dim") or (str(ranks[0]) if len(ranks) == 1 else "/".join(map(str, ranks[:3])))
     family = FAMILIES.get(md.get("ss_base_model_version", ""), "") or md.get("modelspec.architecture", "?").split("/")[0]
-    return Entry(md.get("ss_output_name") or path.stem, path, family, str(rank), md.get("modelspec.trigger_phrase", ""),
-                 path.stat().st_size / 2**20, sha256(path), source, md)
+    return Entry(path.stem, path, md.get("ss_output_name", ""), family, str(rank), md.get("modelspec.trigger_phrase", ""),
+                 path.stat().st_size / 2**20, hashes(path), source, md)
 
 
 def entries(ws: Workspace) -> list[Entry]:
@@ -98,7 +100,7 @@ def _safe_entry(path: Path, source: str) -> Entry | None:
 def search(items: list[Entry], text: str = "", family: str = "") -> list[Entry]:
     text = text.strip().lower()
     return [e for e in items if (not family or e.family == family)
-            and (not text or text in e.name.lower() or text in e.trigger.lower())]
+            and (not text or text in e.name.lower() or text in e.title.lower() or text in e.trigger.lower())]
 
 
 def cover(ws: Workspace, e: Entry) -> str | None:
@@ -124,7 +126,7 @@ def details(e: Entry) -> dict:
         info["datasets"] = {name: len(tags) for name, tags in json.loads(md.get("ss_tag_frequency", "{}")).items()}
     except ValueError:
         pass
-    return {"file": str(e.path), "sha256": e.sha256, **info}
+    return {"file": str(e.path), "title": e.title, **e.hashes, **info}
 
 
 def rewrite_name(src: Path, dst: Path, new_name: str) -> None:

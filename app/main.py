@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .context import Ctx
+from .context import Ctx, setup_logging
 from .jobs import JobRunner
 from .preview_client import PreviewClient
 from .tabs import datasets, library, preview, train
 from .workspace import Workspace, unique_name
 
-CSS = "#run-state p {font-size: 1.05em} footer {display: none !important}"
+CSS = """#run-state p {font-size: 1.05em} footer {display: none !important}
+/* 64 px images fill their box, enlarged with hard pixel edges instead of sitting tiny or blurred */
+#preview-image img, #compare-grid img, #samples img {image-rendering: pixelated; width: 100%; height: 100%;
+  object-fit: contain}"""
 
 
 def build_app(ctx: Ctx) -> gr.Blocks:
@@ -41,6 +44,10 @@ def build_app(ctx: Ctx) -> gr.Blocks:
         demo.load(show, ds["dataset"], show_out)  # the pre-selected dataset's images, trigger and tags at once
         settings, inputs, outputs = tr["settings"]
         demo.load(settings, inputs, outputs)
+        restore, saved, kept = tr["restore"]
+        demo.load(restore, saved, kept)  # the Train form as the user left it before a reload
+        # The Datasets tab checks at the resolution the chosen model and preset train at.
+        tr["resolution"].change(lambda r: r or gr.skip(), tr["resolution"], ds["resolution"])
         listing, l_in, l_out = lib["listing"]
         demo.load(listing, l_in, l_out)
         refresh, r_out = pv["refresh"]
@@ -55,6 +62,7 @@ def serve(ws: Workspace, *, host: str = "127.0.0.1", port: int = 7860, auth=None
     from .request_guard import RequestGuard, is_loopback
 
     ws.ensure()
+    setup_logging(ws.root / "app.log")
     runner = JobRunner(ws.runs, cwd=ws.root).start()
     demo = build_app(Ctx(ws, runner, PreviewClient(ws.root / "preview")))
     demo.queue(default_concurrency_limit=4)

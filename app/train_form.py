@@ -8,8 +8,10 @@ from pathlib import Path
 
 from trainer import presets
 from trainer.config import ConfigError, RunConfig
+from trainer.data.captions import sample_prompts
+from trainer.data.manifest import read_manifest
 from trainer.data.scan import DatasetError, scan
-from trainer.model_info import peek_family
+from trainer.model_info import peek_family, peek_resolution
 
 from .workspace import Workspace
 
@@ -27,6 +29,7 @@ class Choice:
     steps: int = 0  # 0 = what the preset says
     rank: int = 0
     lr: float = 0.0
+    prompts: tuple[str, ...] = ()  # sample prompts; empty = from the dataset's trigger and captions
 
 
 def start_blockers(findings) -> str:
@@ -47,12 +50,12 @@ def effective_config(ws: Workspace, c: Choice, run_name: str) -> RunConfig:
     family = peek_family(source)
     dataset = ws.dataset(c.dataset) if c.dataset else None
     try:
-        n_images = len(scan(dataset).items) if dataset else None
+        items = scan(dataset).items if dataset else None
     except DatasetError:
-        n_images = None
+        items = None
     vram = None if c.vram in ("", NO_TIER) else int(c.vram)
-    layer = presets.resolve(c.preset, family=family, vram=vram, n_images=n_images) if c.preset else \
-        presets.vram_layer(vram, family)
+    layer = presets.resolve(c.preset, family=family, vram=vram, n_images=len(items) if items is not None else None) \
+        if c.preset else presets.vram_layer(vram, family)
     overrides = {"model": {"source": source},
                  "data": {"dataset": str(dataset) if dataset else ""},
                  "save": {"output_dir": str(ws.run(run_name)), "name": run_name}}
@@ -64,7 +67,16 @@ def effective_config(ws: Workspace, c: Choice, run_name: str) -> RunConfig:
         overrides["lora"] = {"rank": int(c.rank), "alpha": float(c.rank) / 2}
     if c.lr:
         overrides.setdefault("optim", {})["lr"] = float(c.lr)
-    return RunConfig.load(layer, overrides)
+    cfg = RunConfig.load(layer, overrides)
+    # Shown and editable before Start; what the trainer would pick itself: the dataset's first captions with
+    # its trigger (presets used to name the sample datasets' prompts, whatever the user's trigger was).
+    trigger = cfg.data.trigger or (read_manifest(dataset).trigger if dataset else "")
+    cfg.sample.prompts = list(c.prompts) or sample_prompts([i.caption for i in items or []], trigger)
+    return cfg
+
+
+def training_resolution(cfg: RunConfig) -> int | None:
+    return cfg.data.resolution or peek_resolution(cfg.model.source, cfg.model.family)
 
 
 def parse_edited(text: str) -> RunConfig:
@@ -91,6 +103,7 @@ def summary(cfg: RunConfig) -> list[list]:
         ["train", "steps", cfg.train.max_steps or f"{cfg.train.epochs} epochs"],
         ["train", "batch / precision", f"{cfg.train.batch_size} / {cfg.train.mixed_precision}"],
         ["train", "gradient checkpointing", cfg.train.gradient_checkpointing],
-        ["data", "repeats / resolution", f"{cfg.data.repeats} / {cfg.data.resolution or 'auto'}"],
+        ["data", "repeats / resolution", f"{cfg.data.repeats} / {training_resolution(cfg) or 'auto'}"],
         ["data", "trigger", cfg.data.trigger or "(from the dataset)"],
+        ["sample", "sample prompts", " | ".join(cfg.sample.prompts) or "(none)"],
     ]

@@ -11,7 +11,7 @@ import pytest
 
 from app import dataset_ops as ops
 from app import jobs
-from app.train_form import Choice, effective_config, parse_edited
+from app.train_form import Choice, effective_config, parse_edited, summary
 from app.workspace import Workspace, WorkspaceError
 from tests.conftest import make_dataset
 
@@ -201,8 +201,8 @@ def test_train_tab_disables_start_when_doctor_finds_a_blocker(ws, monkeypatch):
             assert "peft is not installed" in by_id["doctor"].value and "pip install -c requirements.lock" in \
                 by_id["doctor"].value
             start = next(d for d in demo.fns.values() if d.name == "do_start")
-            with pytest.raises(Exception, match="peft is not installed"):
-                start.fn("", "run9")
+            message = start.fn("", "run9")[0]  # said under Start, where it stays, not in a passing toast
+            assert message.startswith("**Not started:**") and "peft is not installed" in message
 
 
 def test_a_port_in_use_is_one_line_not_a_traceback(tmp_path):
@@ -293,3 +293,72 @@ def test_trashing_the_same_image_twice_in_one_second_keeps_both(ws, tmp_path, mo
     assert len(list((ws.trash / name).rglob("img0.txt"))) == 2
     ops.restore_image(ws, name, "img0.png")  # the newest comes back first
     assert (folder / "img0.png").read_bytes() == (tmp_path / "other" / "img1.png").read_bytes()
+
+
+def test_a_user_error_is_one_console_line_and_its_traceback_goes_to_the_log_file(tmp_path, capsys):
+    import gradio as gr
+
+    from app.context import guard, setup_logging
+
+    setup_logging(tmp_path / "app.log")
+
+    @guard
+    def do_rename(name):
+        raise WorkspaceError(f"{name} already exists in the library; pick another name\nmore detail")
+
+    with pytest.raises(gr.Error) as err:
+        do_rename("glorp")
+    assert err.value.message == "glorp already exists in the library; pick another name"
+    assert err.value.print_exception is False  # gradio would print the whole traceback to the console
+    assert capsys.readouterr().err.splitlines() == ["lora-studio: rename: glorp already exists in the library; "
+                                                    "pick another name"]
+    logged = (tmp_path / "app.log").read_text(encoding="utf-8")
+    assert "Traceback (most recent call last)" in logged and "more detail" in logged
+
+
+def test_files_are_written_with_the_users_umask_not_0600(tmp_path):
+    from trainer.atomic import UMASK, write_text
+
+    write_text(tmp_path / "caption.txt", "zorb")
+    assert (tmp_path / "caption.txt").stat().st_mode & 0o777 == 0o666 & ~UMASK
+    (tmp_path / "caption.txt").chmod(0o640)  # a mode the user chose is kept when the file is replaced
+    write_text(tmp_path / "caption.txt", "zorb, red")
+    assert (tmp_path / "caption.txt").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_preview_pauses_the_training_run_and_it_continues_after(ws, fake_python):
+    runner = jobs.JobRunner(ws.runs, python=fake_python)
+    runner.submit("long", config_text(ws, "long", delay=0.2))
+    pid = runner.procs["long"].pid
+    state = lambda: Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]  # noqa: E731
+
+    with runner.paused(), runner.paused():  # nested (two previews at once) pauses once
+        time.sleep(0.3)
+        assert state() == "T"  # stopped: the preview has the CPU
+        assert "paused while Preview renders" in runner.view("long").message
+    assert state() != "T"
+    assert wait(runner, "long", {"finished"}).step == 4  # and it finished normally
+
+
+def test_sample_prompts_come_from_the_datasets_trigger_and_captions(ws):
+    make_dataset(ws.datasets / "mine", n=3)
+    ops.save_settings(ws, "mine", "glorp", 1, "character")
+    cfg = effective_config(ws, Choice(dataset="mine", preset="character"), "r")
+    # Not the demo's "zorb, a large figure..." that the character preset used to carry.
+    assert cfg.sample.prompts == ["glorp, a red circle", "glorp, a blue circle"]
+    assert ["sample", "sample prompts", "glorp, a red circle | glorp, a blue circle"] in summary(cfg)
+    edited = effective_config(ws, Choice(dataset="mine", preset="character", prompts=("glorp on a hill",)), "r")
+    assert edited.sample.prompts == ["glorp on a hill"]
+
+
+def test_checks_run_at_the_training_resolution_and_warn_on_upscaling(ws, tmp_path):
+    from trainer.data.validate import report
+
+    from app.train_form import training_resolution
+
+    assert training_resolution(effective_config(ws, Choice(dataset="", preset="character"), "r")) == 64  # embedded
+    make_dataset(ws.datasets / "small", n=2, size=(64, 96))
+    at_512 = {Path(f["path"]).name: f for f in report(ws.datasets / "small", resolution=512)["files"]}
+    at_64 = {Path(f["path"]).name: f for f in report(ws.datasets / "small", resolution=64)["files"]}
+    assert any("upscaled" in r for r in at_512["img0.png"]["reasons"])
+    assert not any("upscaled" in r for r in at_64["img0.png"]["reasons"])

@@ -1,5 +1,7 @@
+import hashlib
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,7 +221,10 @@ def test_analyze_dynamic_resize_inspect_and_card(trained, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert {"family", "rank", "alpha", "modules", "metadata"} <= set(info)
     assert info["family"] == "sd1" and info["rank"] == 4 and info["alpha"] == 2.0
-    assert info["hash"] == info["metadata"]["sshs_model_hash"]
+    # Two named hashes: the tensor hash is the one kohya writes; the file hash is of every byte (AutoV2).
+    assert info["tensor_sha256"] == info["metadata"]["sshs_model_hash"] and info["autov3"] == info["tensor_sha256"][:12]
+    assert info["file_sha256"] == hashlib.sha256(Path(path).read_bytes()).hexdigest() != info["tensor_sha256"]
+    assert info["autov2"] == info["file_sha256"][:10]
     with safe_open(str(path), "pt") as f:
         md = f.metadata()
     for key in ("ss_output_name", "ss_base_model_version", "ss_network_dim", "ss_network_alpha", "ss_tag_frequency",

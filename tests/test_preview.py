@@ -158,3 +158,24 @@ def test_library_trash_never_overwrites_and_refuses_broken_loras(loras, tmp_path
     with pytest.raises(WorkspaceError, match="NaN"):
         library.import_file(ws, str(nan))
     assert not list(ws.loras.glob("nan*"))
+
+
+def test_grid_cells_and_a_sheet_that_fills_in():
+    from PIL import Image
+
+    from trainer import grids
+
+    loras = [{"path": "a/char.safetensors", "weight": 0.8}, {"path": "b/style.safetensors", "weight": 0.6},
+             {"path": "c/off.safetensors", "weight": 1.0, "enabled": False}]
+    assert [label for label, _ in grids.compare_cells(loras)] == ["base", "char @ 0.8", "style @ 0.6", "mix"]
+    xy = grids.xy_cells(loras, [0, 1], [0.5, 1])
+    assert [label for label, _ in xy] == ["0 / 0.5", "1 / 0.5", "0 / 1", "1 / 1"]  # row by row
+    assert xy[1][1] == [{"path": "a/char.safetensors", "weight": 1}, {"path": "b/style.safetensors", "weight": 0.5}]
+    with pytest.raises(ValueError, match="two enabled"):
+        grids.xy_cells(loras[:1], [0], [0])
+    red, blue = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")
+    partial = grids.grid([red], ["0 / 0.5"], columns=2, cells=4)
+    final = grids.grid([red, blue, red, blue], ["a", "b", "c", "d"], columns=2)
+    assert partial.size == final.size == (2 * 192, 2 * (192 + grids.BAND))  # enlarged 3x, crisp
+    assert partial.getpixel((96, grids.BAND + 96)) == final.getpixel((96, grids.BAND + 96)) == (255, 0, 0)
+    assert partial.getpixel((192 + 96, grids.BAND + 96)) != (0, 0, 255)  # not rendered yet: a placeholder

@@ -266,6 +266,57 @@ def test_stop_file_and_ctrl_c_save_the_lora(interrupt, tiny_models, dataset, tmp
     assert done["type"] == "done" and done["stopped"] is True and done["step"] == 2
 
 
+class StopTwice(Events):
+    """Stop at step 2; with `skip`, Stop again as soon as the end samples are announced."""
+
+    def __init__(self, run_dir, skip):
+        super().__init__(run_dir)
+        self.skip, self.stops = skip, 0
+
+    def emit(self, type, **fields):
+        if type == "end_samples" and self.skip:
+            (self.run_dir / "STOP").touch()
+        return super().emit(type, **fields)
+
+    def stop_requested(self):
+        if (self.run_dir / "STOP").exists():
+            return True
+        if not self.stops and any(e["type"] == "step" and e["step"] >= 2 for e in read_events(self.run_dir)):
+            self.stops = 1  # the first Stop, pressed once
+            return True
+        return False
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_stop_saves_the_lora_before_the_end_samples_and_a_second_stop_skips_them(skip, tiny_models, dataset, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_models["sd1"], dataset, out, **{"train.max_steps": 50, "sample.prompts": ["a", "b"]})
+    result = train(cfg, StopTwice(out, skip))
+    assert result.stopped_early and result.steps == 2
+    kinds = [e["type"] for e in read_events(out)]
+    # Stopped means saved first; the end samples come after, as their own announced phase.
+    assert kinds.index("saved") < kinds.index("end_samples") and kinds[-1] == "done"
+    samples = [e for e in read_events(out) if e["type"] == "sample"]
+    assert len(samples) == (0 if skip else 2)
+    assert (out / "run.safetensors").exists()
+
+
+def test_a_run_records_its_step_time_and_the_estimate_becomes_a_measured_range(tiny_models, dataset, tmp_path):
+    from trainer import speed_log
+    from trainer.config import RunConfig
+    from trainer.estimate import estimate
+
+    cfg = tiny_config(tiny_models["sd1"], dataset, tmp_path / "r", **{"train.max_steps": 7, "sample.at_end": False})
+    unresolved = RunConfig.load(cfg.to_dict())  # what the Train tab holds: 'auto' values not filled in yet
+    assert speed_log.time_range(unresolved, 100) is None
+    assert "not measured on this machine yet" in estimate(unresolved).text()
+    train(cfg)
+    (run,) = speed_log.measured(unresolved)  # the same shape, seen from the unresolved config
+    assert run["steps"] == 5 and 0 < run["q1"] <= run["median"] <= run["q3"] and run["device"].startswith("cpu")
+    text = estimate(unresolved).text(speed_log.time_range(unresolved, 7))
+    assert "measured here on cpu" in text and "s/step" in text
+
+
 def test_stale_stop_file_does_not_end_a_new_run(tiny_models, dataset, tmp_path):
     out = tmp_path / "r"
     out.mkdir()

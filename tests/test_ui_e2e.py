@@ -65,6 +65,17 @@ def served_app(tmp_path, *args: str):
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+        stop_trainers(ws)
+
+
+def stop_trainers(ws: Path) -> None:
+    """Runs outlive the app by design (a UI crash must not end a training); a test's must not outlive it."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(ws) in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                os.kill(int(cmdline.parent.name), 9)
+        except (OSError, ValueError):
+            pass
 
 
 @pytest.fixture

@@ -7,9 +7,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # once, at import: os.umask is process-wide and not thread-safe to poke at per write
+
+
 @contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temp path beside `path`; on success it replaces `path`, on error it is removed."""
+    """Yield a temp path beside `path`; on success it replaces `path`, on error it is removed.
+    The result has the mode a plain write would give it (an existing file's, else 0666 less the umask),
+    not mkstemp's private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -18,6 +29,11 @@ def atomic_path(path: str | Path):
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        try:
+            mode = path.stat().st_mode & 0o777
+        except OSError:
+            mode = 0o666 & ~UMASK
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:

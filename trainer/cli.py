@@ -162,11 +162,13 @@ def cmd_lora(args) -> int:
 
     c = args.lora_command
     if c == "inspect":
+        from .file_hashes import describe as describe_hashes
+
         info = tools.inspect(args.file)
         lines = [f"{info['file']}: {info['family'] or 'unknown family'} ({info['family_source']}), {info['kind']}, "
                  f"{info['layout']} layout", f"  rank {info['rank']} (all: {info['ranks']}), alpha {info['alpha']:g}, "
                  f"{info['modules']} modules", f"  trigger words: {', '.join(info['trigger_words']) or '(none)'}",
-                 f"  hash: {info['hash']}"]
+                 *[f"  {line}" for line in describe_hashes(info)]]
         lines += [f"  {k} = {v}" for k, v in sorted(info["metadata"].items()) if k != "lora_studio.config"]
         _emit(args, info, lines)
         for problem in info["defects"] + info["warnings"]:  # on stderr, so --json output stays one object

@@ -118,7 +118,7 @@ class TrainConfig:
 @dataclass
 class SampleConfig:
     every_n_steps: int = opt(0, "Render sample images every N steps (0 = only at the end)", min=0)
-    prompts: list = opt([], "Sample prompts; empty = the first captions of the dataset")
+    prompts: list = opt([], "Sample prompts; empty = the dataset's first two distinct captions, with the trigger")
     negative_prompt: str = opt("", "Negative prompt for samples")
     seed: int = opt(1234, "Seed of the first sample; each next prompt uses seed + index", min=0)
     steps: int = opt(20, "Sampling steps", min=1, max=200)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .model_info import EMBEDDED_DIR, peek_family
+from .speed_log import duration
 
 GB = 1024 ** 3
 # Parameters (millions) of the published architectures.
@@ -63,13 +64,14 @@ class Estimate:
     steps: int
     seconds: float
 
-    def text(self) -> str:
-        return (f"~{self.peak_gb:.1f} GB peak (weights {self.weights_gb:.1f}, LoRA+optimizer {self.lora_gb:.2f}, "
-                f"activations {self.activations_gb:.1f}); {self.steps} steps, ~{_duration(self.seconds)}")
-
-
-def _duration(s: float) -> str:
-    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min" if s >= 90 else f"{s:.0f} s"
+    def text(self, measured_time: str | None = None) -> str:
+        """With `measured_time` (speed_log.time_range: steps timed on this machine) the time is that range."""
+        memory = (f"~{self.peak_gb:.1f} GB peak (weights {self.weights_gb:.1f}, LoRA+optimizer {self.lora_gb:.2f}, "
+                  f"activations {self.activations_gb:.1f})")
+        if measured_time:
+            return f"{memory}; {self.steps} steps: {measured_time}"
+        return (f"{memory}; {self.steps} steps: not measured on this machine yet (a rule of thumb says "
+                f"~{duration(self.seconds)}; Measure speed times a few steps here)")
 
 
 def safetensors_params(folder: Path) -> int:

@@ -17,6 +17,8 @@ class Events:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.started = time.monotonic()
+        self._last_step: float | None = None
+        self._step_s: float | None = None  # moving average of the time between steps
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -29,10 +31,16 @@ class Events:
         return event
 
     def step(self, step: int, total: int, loss: float, lr: float, epoch: int) -> dict:
-        elapsed = time.monotonic() - self.started
-        eta = elapsed / step * (total - step) if step else None
+        """The ETA comes from the time between steps (a moving average), not from the start: loading the
+        model and filling caches made early ETAs of a CPU run several times too long."""
+        now = time.monotonic()
+        if self._last_step is not None:
+            gap = now - self._last_step
+            self._step_s = gap if self._step_s is None else 0.8 * self._step_s + 0.2 * gap
+        self._last_step = now
+        eta = self._step_s * (total - step) if self._step_s is not None else None
         return self.emit("step", step=step, total=total, loss=loss, lr=lr, epoch=epoch,
-                         elapsed_s=round(elapsed, 2), eta_s=None if eta is None else round(eta, 1))
+                         elapsed_s=round(now - self.started, 2), eta_s=None if eta is None else round(eta, 1))
 
     def stop_requested(self) -> bool:
         return (self.run_dir / STOP_FILE).exists()

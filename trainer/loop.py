@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +16,11 @@ import torch.nn.functional as F
 
 from . import frozen
 from . import lora as lora_mod
+from . import speed_log
 from . import state as state_mod
 from .config import RunConfig
 from .data.cache import LatentCache, default_cache_dir, encode_latent, fill_latent_cache, vae_identity
-from .data.captions import split_tags
+from .data.captions import sample_prompts, split_tags
 from .data.dataset import TrainingSet
 from .data.manifest import read_manifest
 from .data.scan import DatasetError, scan
@@ -107,6 +110,8 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
     if not len(data):
         raise TrainingError(f"dataset {cfg.data.dataset} has no usable images; run `lora-studio dataset check` on it")
     events.emit("dataset", images=len(data), samples=data.num_samples, buckets=data.bucket_table())
+    if not cfg.sample.prompts:  # written into config.toml, so a resume or a re-run samples the same prompts
+        cfg.sample.prompts = sample_prompts([e.caption for e in data.entries if not e.is_reg], cfg.data.trigger)
     use_cache = cfg.data.cache_latents and not (cfg.data.random_crop or cfg.data.flip)
     cache = LatentCache(Path(cfg.data.cache_dir or default_cache_dir()) / "latents") if use_cache else None
     vae_id = vae_identity(vae) if use_cache else ""
@@ -245,8 +250,10 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
             next(stream)
         events.emit("resumed", step=step, state=folder.name)
     bar = tqdm(total=total, initial=step, disable=not main, desc="train", dynamic_ncols=True)
+    step_seconds = []  # the optimizer steps alone (no samples, no saves): what speed_log keeps for estimates
     try:
         while step < total:
+            step_started = time.monotonic()
             for micro in range(cfg.train.gradient_accumulation):
                 epoch, batch = next(stream)
                 consumed += 1
@@ -264,6 +271,7 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            step_seconds.append(time.monotonic() - step_started)
 
             bad_streak = 0 if math.isfinite(loss_value) else bad_streak + 1
             if bad_streak >= NON_FINITE_PATIENCE:
@@ -277,7 +285,7 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
             bar.set_postfix(loss=f"{smooth:.4f}" if smooth is not None else "nan", lr=f"{lr:.2e}", epoch=epoch + 1)
 
             if main and cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0 and step < total:
-                _sample(cfg, base, unet, tes, data, precision, run_dir, step, events)
+                _sample(cfg, base, unet, tes, precision, run_dir, step, events)
             if cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0 and step < total and main:
                 _save(run_dir / "checkpoints" / f"{name}-step{step:06d}.safetensors", step, epoch, events, **save_args)
             if cfg.save.state_every_n_steps and step % cfg.save.state_every_n_steps == 0 and step < total:
@@ -303,11 +311,22 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
         save_state()  # Stop or Ctrl-C: Resume continues exactly from here
     final = run_dir / f"{name}.safetensors"
     thumb = None
+    if main and step > 0 and stopped:
+        # Stopped means stopped: the LoRA is saved now, and the end samples (minutes on a CPU) become their
+        # own phase that a second Stop skips.
+        _save(final, step, epoch, events, **save_args)
+        events.clear_stop()
+        if cfg.sample.at_end:
+            events.emit("end_samples", step=step, prompts=len(cfg.sample.prompts),
+                        message="the LoRA is saved; rendering the end samples (Stop again skips them)")
     if main and cfg.sample.at_end and step > 0:
-        written = _sample(cfg, base, unet, tes, data, precision, run_dir, step, events)
+        written = _sample(cfg, base, unet, tes, precision, run_dir, step, events,
+                          stop=events.stop_requested if stopped else None)
         thumb = written[0] if written else None
-    if main and step > 0:
+    if main and step > 0 and (thumb or not stopped):
         _save(final, step, epoch, events, thumbnail=thumb, **save_args)
+    if main:
+        speed_log.record(cfg, step_seconds, _device_name(device))
     in_sync = _ranks_in_sync(accelerator, groups)
     accelerator.end_training()
     if main:
@@ -418,6 +437,12 @@ def _ranks_in_sync(accelerator, groups) -> bool:
     return bool(torch.allclose(sums, sums[0].expand_as(sums), rtol=0, atol=1e-9))
 
 
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"{device.type} ({os.cpu_count()} cores)" if device.type == "cpu" else device.type
+
+
 def _stop_everywhere(accelerator, events: Events) -> bool:
     flag = torch.tensor([1.0 if events.stop_requested() else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
@@ -471,13 +496,13 @@ def _fill_latent_cache(data, cache, vae, vae_id, main, accelerator, events) -> N
     accelerator.wait_for_everyone()
 
 
-def _sample(cfg, base, unet, tes, data, precision, run_dir, step, events) -> list[Path]:
-    prompts = cfg.sample.prompts or [data.entries[i].caption for i in range(min(2, len(data)))]
+def _sample(cfg, base, unet, tes, precision, run_dir, step, events, stop=None) -> list[Path]:
+    prompts = cfg.sample.prompts
     with _borrowed([base.vae, *tes], precision.device):
         images = render(base.family, unet, base.vae, tes, base.tokenizers, base.scheduler_config, prompts,
                         negative=cfg.sample.negative_prompt, seed=cfg.sample.seed, steps=cfg.sample.steps,
                         guidance=cfg.sample.guidance_scale, size=cfg.data.resolution,
-                        clip_skip=cfg.model.clip_skip, autocast=precision.autocast())
+                        clip_skip=cfg.model.clip_skip, autocast=precision.autocast(), stop=stop)
     written = []
     for i, (prompt, im) in enumerate(zip(prompts, images)):
         path = save_png(im, run_dir / "samples" / f"step{step:06d}_{i:02d}.png")

@@ -46,3 +46,18 @@ def looks_like_path(source: str) -> bool:
     """A Hub id is "owner/name"; anything else with separators or a file suffix is meant as a path."""
     return (source.startswith((".", "/", "~")) or source.count("/") != 1 or "\\" in source
             or source.endswith((".safetensors",) + PICKLE_SUFFIXES))
+
+
+FAMILY_RESOLUTION = {"tiny": 64, "sd1": 512, "sd2": 768, "sdxl": 1024}
+
+
+def peek_resolution(source: str, family: str = "auto") -> int | None:
+    """The size a model trains at, from its config files: latent size times the VAE's downscale (the
+    trainer's own rule); the family default for a single file; None when nothing can be told."""
+    folder = EMBEDDED_DIR if is_embedded(source) else Path(source).expanduser()
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return FAMILY_RESOLUTION.get(peek_family(source, family) or "")

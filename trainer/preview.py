@@ -2,7 +2,7 @@
 
 Files are loaded once (per path and modification time) and stay loaded as peft adapters on the UNet and
 text encoders (`adapters.py`); changing a weight only rescales them. Family mismatches are refused
-before loading. Grids render at one seed.
+before loading. The app builds compare and X/Y grids from single renders (`grids.py`), cell by cell.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from . import adapters
 from .lora_file import LoraError, check_family, read_lora
@@ -117,40 +117,3 @@ class Previewer:
                      generator=torch.Generator("cpu").manual_seed(req.seed)).images[0]
         settings = {**asdict(req), "size": size, "family": self.base.family.name}
         return image, settings
-
-    def compare(self, req: Request) -> tuple[Image.Image, list[str]]:
-        """Base, each LoRA alone, and the mix, at one seed, side by side."""
-        cells = [("base", [])]
-        enabled = [s for s in req.loras if s.enabled]
-        cells += [(f"{Path(s.path).stem} @ {s.weight:g}", [s]) for s in enabled]
-        if len(enabled) > 1:
-            cells.append(("mix", enabled))
-        images = [self.generate(Request(**{**asdict(req), "loras": slots}))[0] for _, slots in cells]
-        return grid(images, [c[0] for c in cells], columns=len(images)), [c[0] for c in cells]
-
-    def xy(self, req: Request, xs: list[float], ys: list[float]) -> Image.Image:
-        """An X/Y grid over the first two LoRAs' weights."""
-        if len([s for s in req.loras if s.enabled]) < 2:
-            raise ValueError("an X/Y grid needs two enabled LoRAs")
-        a, b = [s for s in req.loras if s.enabled][:2]
-        images, labels = [], []
-        for y in ys:
-            for x in xs:
-                slots = [Slot(a.path, x), Slot(b.path, y)]
-                images.append(self.generate(Request(**{**asdict(req), "loras": slots}))[0])
-                labels.append(f"{x:g} / {y:g}")
-        return grid(images, labels, columns=len(xs))
-
-
-def grid(images: list[Image.Image], labels: list[str], columns: int) -> Image.Image:
-    w, h = images[0].size
-    scale = max(1, 192 // w)  # tiny 64 px images are enlarged so the grid is readable
-    cw, ch, band = w * scale, h * scale, 16
-    rows = (len(images) + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * cw, rows * (ch + band)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (im, label) in enumerate(zip(images, labels)):
-        x, y = (i % columns) * cw, (i // columns) * (ch + band)
-        sheet.paste(im.resize((cw, ch), Image.NEAREST), (x, y + band))
-        draw.text((x + 3, y + 2), label[:40], fill="black")
-    return sheet

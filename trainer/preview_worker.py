@@ -3,8 +3,8 @@
 One JSON request per stdin line, one JSON reply per stdout line. The pipeline and loaded LoRAs stay
 in memory between requests. Images are written under DIR and replied as paths.
 
-Requests: {"op": "generate" | "compare" | "xy" | "drift" | "ping", "request": {...Request fields...},
-"xs": [...], "ys": [...], "lora": path}. Replies: {"ok": true, ...} or {"ok": false, "error": "one line"}.
+Requests: {"op": "generate" | "drift" | "ping", "request": {...Request fields...},
+"lora": path}. Replies: {"ok": true, ...} or {"ok": false, "error": "one line"}.
 """
 from __future__ import annotations
 
@@ -29,16 +29,6 @@ def handle(previewer, out: Path, msg: dict) -> dict:
         path = out / f"{stamp}.png"
         image.save(path)
         return {"ok": True, "image": str(path), "settings": settings}
-    if op == "compare":
-        image, labels = previewer.compare(req)
-        path = out / f"{stamp}-compare.png"
-        image.save(path)
-        return {"ok": True, "image": str(path), "labels": labels}
-    if op == "xy":
-        image = previewer.xy(req, [float(x) for x in msg["xs"]], [float(y) for y in msg["ys"]])
-        path = out / f"{stamp}-xy.png"
-        image.save(path)
-        return {"ok": True, "image": str(path)}
     if op == "drift":
         return {"ok": True, "drift": drift(previewer, req.base, msg["lora"])}
     raise ValueError(f"unknown preview op {op!r}")

@@ -11,7 +11,9 @@ from .atomic import write_bytes
 
 @torch.no_grad()
 def render(family, unet, vae, text_encoders, tokenizers, scheduler_config: dict, prompts: list[str], *,
-           negative: str, seed: int, steps: int, guidance: float, size: int, clip_skip: int, autocast):
+           negative: str, seed: int, steps: int, guidance: float, size: int, clip_skip: int, autocast, stop=None):
+    """One image per prompt, prompt i at seed + i. `stop()` is asked before each image: a user who
+    stopped the run can skip the rest."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config(scheduler_config)
@@ -24,6 +26,8 @@ def render(family, unet, vae, text_encoders, tokenizers, scheduler_config: dict,
     try:
         with autocast:
             for i, prompt in enumerate(prompts):
+                if stop is not None and stop():
+                    break
                 kwargs = family.prompt_kwargs(text_encoders, tokenizers, [prompt], negative, clip_skip)
                 gen = torch.Generator("cpu").manual_seed(seed + i)
                 out = pipe(**kwargs, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import write_text
+from .atomic import UMASK, write_text
+from .file_hashes import file_hashes
 from .formats import SAVE_DTYPES, save_lora
 from .lora_file import FAMILY_NAMES, LoraError, LoraFile, Module, read_lora
 
@@ -47,22 +48,15 @@ def inspect(path: str | Path) -> dict:
     ranks = lora.ranks()
     alphas = Counter(m.alpha for m in lora.modules.values())
     md = {k: (v[:80] + "…" if k == "modelspec.thumbnail" else v) for k, v in lora.metadata.items()}
+    hashes = file_hashes(lora.path)
     return {
         "file": str(lora.path), "family": lora.family, "family_source": lora.family_source, "layout": lora.layout,
         "kind": lora.kind, "rank": ranks.most_common(1)[0][0], "ranks": dict(ranks),
         "alpha": alphas.most_common(1)[0][0], "modules": len(lora.modules),
         "module_ranks": {n: m.rank for n, m in sorted(lora.modules.items())},
-        "trigger_words": trigger_words(lora), "hash": lora.metadata.get("sshs_model_hash") or _hash(lora),
+        "trigger_words": trigger_words(lora), **hashes,
         "defects": lora.defects(), "warnings": lora.warnings(), "metadata": md,
     }
-
-
-def _hash(lora: LoraFile) -> str:
-    from safetensors.torch import load_file
-
-    from .formats import tensor_hashes
-
-    return tensor_hashes(load_file(str(lora.path)))[0]
 
 
 def to_tensors(modules: dict[str, Module], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -254,7 +248,7 @@ def card(path, force: bool = False) -> Path:
                 ("kind", lora.kind), ("rank / alpha", f"{info['rank']} / {info['alpha']:g}"),
                 ("resolution", md.get("modelspec.resolution", "?")), ("steps", md.get("ss_steps", "?")),
                 ("learning rate", md.get("ss_learning_rate", "?")), ("images", md.get("ss_num_train_images", "?")),
-                ("seed", md.get("ss_seed", "?")), ("hash (sshs)", info["hash"][:12])]
+                ("seed", md.get("ss_seed", "?")), ("AutoV2 / AutoV3 hash", f"{info['autov2']} / {info['autov3']}")]
     lines = [f"# {name}", "", f"A {fam} {lora.kind} made with LoRA Studio." if "lora_studio.config" in md
              else f"A {fam} {lora.kind}.", "", f"**Trigger words:** {trig}", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in settings]
@@ -300,6 +294,7 @@ def bake(base: str, loras: list, weights: list[float], out: str | Path, force: b
                 applied += 1
     pipe = b.family.pipeline(b.unet, b.vae, b.text_encoders, b.tokenizers, _scheduler(b.scheduler_config))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o777 & ~UMASK)  # mkdtemp's 0700 would make the finished model private to this user
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if out.exists():  # only with force; the old folder goes only once the new one is whole

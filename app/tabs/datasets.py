@@ -46,7 +46,7 @@ def build(ctx: Ctx) -> dict:
                 trigger = gr.Textbox(label="Trigger word (prepended to captions that lack it)", elem_id="trigger")
                 repeats = gr.Number(1, precision=0, minimum=1, label="Repeats per epoch")
                 kind = gr.Dropdown(KINDS, value="", label="Kind (picks the caption template)")
-                save_settings = gr.Button("Save")
+                save_settings = gr.Button("Save", elem_id="save-settings")
         with gr.Accordion("Tags", open=False):
             with gr.Row():
                 action = gr.Radio(["add", "add first", "remove", "replace"], value="add", label="Bulk action")
@@ -60,11 +60,12 @@ def build(ctx: Ctx) -> dict:
                 restore = gr.Button("Restore")
         with gr.Accordion("Validation and buckets", open=False):
             with gr.Row():
-                resolution = gr.Number(512, precision=0, minimum=64, label="Training resolution",
-                                       elem_id="check-resolution")
+                resolution = gr.Number(512, precision=0, minimum=32, elem_id="check-resolution",
+                                       label="Training resolution (follows the Train tab's model and preset)")
                 check = gr.Button("Check every file", elem_id="check-dataset")
             check_summary = gr.Markdown(elem_id="check-summary")
-            files = gr.Dataframe(headers=["file", "status", "why", "size", "bucket"], interactive=False)
+            files = gr.Dataframe(headers=["file", "status", "why", "size", "bucket"], interactive=False,
+                                 elem_id="check-files")
             buckets = gr.Dataframe(headers=["bucket", "images"], interactive=False)
         with gr.Accordion("Caption uncaptioned images", open=False):
             with gr.Row():
@@ -84,15 +85,18 @@ def build(ctx: Ctx) -> dict:
 
     @guard
     def load(name):
+        # The import report and the check results belong to the dataset they were made for: cleared here.
+        cleared = ([], [], [], "")
         if not name:
-            return [], [], "", "", [], "", 1, "", gr.Dropdown(choices=[], value=None)
+            return [], [], "", "", [], "", 1, "", gr.Dropdown(choices=[], value=None), *cleared
         g, n = gallery_value(name)
         m = ops.settings(ws, name)
         trash = ops.trashed(ws, name)
         return (g, n, "", "", ops.tag_table(ws, name), m.trigger, m.repeats, m.kind,
-                gr.Dropdown(choices=trash, value=trash[-1] if trash else None))
+                gr.Dropdown(choices=trash, value=trash[-1] if trash else None), *cleared)
 
-    load_outputs = [gallery, names_state, image_name, caption, tags, trigger, repeats, kind, trashed]
+    load_outputs = [gallery, names_state, image_name, caption, tags, trigger, repeats, kind, trashed,
+                    import_report, files, buckets, check_summary]
     ds.change(load, ds, load_outputs)
 
     @guard
@@ -176,4 +180,4 @@ def build(ctx: Ctx) -> dict:
         return msg, *load(name)
 
     caption_btn.click(do_caption, [ds, template, model, trigger], [message, *load_outputs])
-    return {"dataset": ds, "load": (load, load_outputs)}
+    return {"dataset": ds, "load": (load, load_outputs), "resolution": resolution}

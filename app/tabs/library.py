@@ -3,6 +3,7 @@ hash; search, rename, trash, export with its model card, import, and merge/resiz
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import gradio as gr
 
@@ -25,11 +26,11 @@ def build(ctx: Ctx) -> dict:
             info = gr.Code(label="Details", language="json", elem_id="library-details")
         chosen = gr.Textbox(label="Selected file", interactive=False, elem_id="library-selected")
         with gr.Row():
-            new_name = gr.Textbox(label="New name")
-            rename = gr.Button("Rename")
+            new_name = gr.Textbox(label="New name", elem_id="library-new-name")
+            rename = gr.Button("Rename", elem_id="library-rename")
             delete = gr.Button("Move to trash", variant="stop")
-            export = gr.Button("Export with model card")
-        download = gr.File(label="Download", file_count="multiple")
+            export = gr.Button("Export with model card", elem_id="library-export")
+        download = gr.File(label="Download", file_count="multiple", elem_id="library-download")
         with gr.Row():
             upload = gr.File(file_types=[".safetensors"], type="filepath", label="Import a LoRA (.safetensors)")
         with gr.Row():
@@ -46,27 +47,36 @@ def build(ctx: Ctx) -> dict:
         return [e.row() for e in items], [str(e.path) for e in items]
 
     def find(path: str) -> library.Entry:
+        """The entry for a path, looked up when the action runs: a file renamed or trashed since it was picked
+        gets a clear message, not a job that fails somewhere else."""
+        if not path:
+            raise WorkspaceError("pick a LoRA in the table first")
         for e in library.entries(ws):
             if str(e.path) == path:
                 return e
-        raise WorkspaceError("pick a LoRA in the table first")
+        raise WorkspaceError(f"{Path(path).name} is no longer in the library (renamed, trashed or moved); "
+                             "pick it again in the table")
+
+    def picked(e: library.Entry) -> tuple:
+        return str(e.path), library.cover(ws, e), json.dumps(library.details(e), indent=1), e.name
 
     for trigger_event in (refresh.click, query.submit, family.change):
         trigger_event(listing, [query, family], [table, paths])
 
     @guard
     def select(ps, evt: gr.SelectData):
-        e = find(ps[evt.index[0]])
-        return str(e.path), library.cover(ws, e), json.dumps(library.details(e), indent=1), e.name
+        return picked(find(ps[evt.index[0]]))
 
-    table.select(select, paths, [chosen, cover, info, new_name])
+    selection = [chosen, cover, info, new_name]
+    table.select(select, paths, selection)
 
     @guard
     def do_rename(path, name, q, fam):
         out = library.rename(ws, find(path), name)
-        return f"renamed to {out.name}", *listing(q, fam)
+        renamed = next(e for e in library.entries(ws) if e.path == out)
+        return f"renamed to {out.name}", *listing(q, fam), *picked(renamed)  # the selection follows the file
 
-    rename.click(do_rename, [chosen, new_name, query, family], [message, table, paths])
+    rename.click(do_rename, [chosen, new_name, query, family], [message, table, paths, *selection])
 
     @guard
     def do_delete(path, q, fam):

@@ -3,8 +3,13 @@ Rendering happens in the preview worker, which keeps the pipeline and loaded LoR
 from __future__ import annotations
 
 import json
+import time
+import uuid
 
 import gradio as gr
+from PIL import Image
+
+from trainer import grids
 
 from .. import confine, library, prompt_tags
 from .. import train_form as form
@@ -63,9 +68,9 @@ def build(ctx: Ctx) -> dict:
         with gr.Row():
             generate = gr.Button("Generate", variant="primary", elem_id="generate")
             mode = gr.Radio(["base / each / mix", "X/Y over LoRA 1 and 2 weights"], value="base / each / mix",
-                            label="Compare")
-            xs = gr.Textbox("0, 0.5, 1", label="LoRA 1 weights (X)")
-            ys = gr.Textbox("0, 0.5, 1", label="LoRA 2 weights (Y)")
+                            label="Compare", elem_id="compare-mode")
+            xs = gr.Textbox("0, 0.5, 1", label="LoRA 1 weights (X)", elem_id="xy-x")
+            ys = gr.Textbox("0, 0.5, 1", label="LoRA 2 weights (Y)", elem_id="xy-y")
             compare = gr.Button("Compare", elem_id="compare")
             drift_btn = gr.Button("Drift (embedded model)", elem_id="drift")
         with gr.Row():
@@ -112,22 +117,39 @@ def build(ctx: Ctx) -> dict:
     @guard
     def do_generate(b, pr, neg, sd, st, cf, sz, smp, *slot_values):
         pr, values = apply_tags(pr, slot_values)
-        reply = ctx.preview.call("generate", request=request(b, pr, neg, sd, st, cf, sz, smp, *values))
+        reply = ctx.render("generate", request=request(b, pr, neg, sd, st, cf, sz, smp, *values))
         return (reply["image"], json.dumps(reply["settings"], indent=1), pr, *values)
 
-    generate.click(do_generate, common + slot_inputs, [image, settings, prompt, *slot_inputs])
+    # Only the image shows "processing": the slots and the prompt stay usable while it renders.
+    generate.click(do_generate, common + slot_inputs, [image, settings, prompt, *slot_inputs], show_progress_on=image)
 
     @guard
     def do_compare(m, x, y, b, pr, neg, sd, st, cf, sz, smp, *slot_values):
+        """Cell by cell: the sheet is shown after each one, so a grid fills in instead of arriving at the end."""
         pr, values = apply_tags(pr, slot_values)
         req = request(b, pr, neg, sd, st, cf, sz, smp, *values)
         if m.startswith("X/Y"):
-            reply = ctx.preview.call("xy", request=req, xs=parse_weights(x), ys=parse_weights(y))
+            columns, cells = len(parse_weights(x)), grids.xy_cells(req["loras"], parse_weights(x), parse_weights(y))
         else:
-            reply = ctx.preview.call("compare", request=req)
-        return (reply["image"], pr, *values)
+            cells = grids.compare_cells(req["loras"])
+            columns = len(cells)
+        labels, images, sheets = [label for label, _ in cells], [], []
+        folder = ctx.preview.out_dir / "grids"
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"  # two compares in one second differ
+        for i, (_, loras) in enumerate(cells):
+            reply = ctx.render("generate", request={**req, "loras": loras})
+            with Image.open(reply["image"]) as im:
+                images.append(im.convert("RGB"))
+            sheet = folder / f"{stem}-{i + 1}-of-{len(cells)}.png"
+            grids.grid(images, labels, columns, cells=len(cells)).save(sheet)
+            sheets.append(sheet)
+            yield (str(sheet), pr, *values) if i == 0 else (str(sheet), gr.skip(), *[gr.skip()] * len(values))
+        for partial in sheets[:-1]:  # the finished sheet is the one kept
+            partial.unlink(missing_ok=True)
 
-    compare.click(do_compare, [mode, xs, ys, *common, *slot_inputs], [grid, prompt, *slot_inputs])
+    compare.click(do_compare, [mode, xs, ys, *common, *slot_inputs], [grid, prompt, *slot_inputs],
+                  show_progress_on=grid)
 
     @guard
     def do_drift(b, *slot_values):
@@ -137,7 +159,7 @@ def build(ctx: Ctx) -> dict:
             if f:
                 base_model = confine.model(ws, "base model", form.model_source(b))
                 lora = str(confine.path(ws, f"LoRA {i + 1}", f))
-                out[f] = ctx.preview.call("drift", request={"base": base_model}, lora=lora)["drift"]
+                out[f] = ctx.render("drift", request={"base": base_model}, lora=lora)["drift"]
         if not out:
             raise ValueError("choose a LoRA first")
         return json.dumps({"drift (mean pixel change on trigger-free prompts, 0..1)": out}, indent=1)

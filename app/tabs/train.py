@@ -3,18 +3,23 @@ loss, samples and log of any run, read from its run folder."""
 from __future__ import annotations
 
 import html
+import shutil
+import uuid
 
 import gradio as gr
 
-from trainer import doctor, presets
+from trainer import doctor, presets, speed_log
 from trainer.estimate import estimate, fit_advice
 
-from .. import confine
+from .. import confine, trainer_cli
 from .. import train_form as form
-from ..context import Ctx, guard
+from ..context import LOG, USER_ERRORS, Ctx, guard
 from ..workspace import WorkspaceError, check_name, unique_name
 
 TIERS = [form.NO_TIER, "6", "8", "12", "16", "24"]
+# Measure speed: enough steps past the warm-up for quartiles, and nothing but steps (no samples, no saves).
+MEASURE_SETTINGS = ["train.max_steps=8", "sample.at_end=false", "sample.every_n_steps=0", "save.every_n_steps=0",
+                    "save.every_n_epochs=0", "save.state_every_n_steps=0"]
 NO_REG = "(none)"
 
 
@@ -64,10 +69,16 @@ def build(ctx: Ctx) -> dict:
             steps = gr.Number(0, precision=0, minimum=0, label="Steps (0 = the preset's)", elem_id="steps")
             rank = gr.Number(0, precision=0, minimum=0, label="Rank (0 = suggested)")
             lr = gr.Number(0, minimum=0, label="UNet learning rate (0 = the preset's)")
+        prompts = gr.Textbox(lines=2, elem_id="sample-prompts",
+                             label="Sample prompts, one per line (empty = the dataset's first captions with its trigger; "
+                                   "the ones used are in Effective settings)")
         with gr.Row():
             summary = gr.Dataframe(headers=["group", "setting", "value"], interactive=False, label="Effective settings",
                                    scale=3, elem_id="summary")
-            estimate_md = gr.Markdown(elem_id="estimate")
+            with gr.Column(scale=2):
+                estimate_md = gr.Markdown(elem_id="estimate")
+                measure = gr.Button("Measure speed (a few steps of these settings on this machine)",
+                                    size="sm", elem_id="measure-speed")
         with gr.Accordion("Advanced: every setting (edit freely; checked on Start)", open=False):
             advanced = gr.Code(language=None, lines=24, interactive=True, elem_id="advanced")
         blockers = doctor.blocking_findings(ws.root)  # versions and disk: no torch import
@@ -98,34 +109,79 @@ def build(ctx: Ctx) -> dict:
         # then draws a tab twice and loses Library (issue 18 #1).
         never_seen = gr.State(None)  # a picked run always renders in full
         known_runs = gr.State(runs)
+        resolution = gr.State(None)  # what the chosen model and preset train at; the Datasets tab checks at it
+        saved_form = gr.BrowserState({}, storage_key="lora-studio-train-form")  # the form survives a reload
         timer = gr.Timer(1.5)
 
     # ---- settings ------------------------------------------------------------------------------
-    form_inputs = [model, dataset, reg, preset, vram, steps, rank, lr, run_name]
+    kept = [model, dataset, reg, preset, vram, steps, rank, lr, prompts]
+    form_inputs = [*kept, run_name]
 
-    def choice(m, d, r, p, v, s, k, l):
+    def choice(m, d, r, p, v, s, k, l, pr):
         return form.Choice(model=m or form.EMBEDDED, dataset=d or "", reg_dataset="" if r in (None, NO_REG) else r,
-                           preset=p or "", vram=v or form.NO_TIER, steps=int(s or 0), rank=int(k or 0), lr=float(l or 0))
+                           preset=p or "", vram=v or form.NO_TIER, steps=int(s or 0), rank=int(k or 0), lr=float(l or 0),
+                           prompts=tuple(line.strip() for line in (pr or "").splitlines() if line.strip()))
 
     @guard
-    def settings(m, d, r, p, v, s, k, l, name):
-        cfg = confine.run_config(ws, form.effective_config(ws, choice(m, d, r, p, v, s, k, l), check_name(name, "run")))
+    def settings(m, d, r, p, v, s, k, l, pr, name):
+        c = choice(m, d, r, p, v, s, k, l, pr)
+        cfg = confine.run_config(ws, form.effective_config(ws, c, check_name(name, "run")))
         n = None
         if d:
             from trainer.data.scan import scan
 
             n = len(scan(ws.dataset(d)).items)
-        text = f"**Estimate:** {estimate(cfg, n).text()}"
+        guess = estimate(cfg, n)
+        text = f"**Estimate:** {guess.text(speed_log.time_range(cfg, guess.steps))}"
         if v and v != form.NO_TIER:
             advice = fit_advice(cfg, float(v), n)
             text += f"\n\n**{advice}**" if advice else f"\n\nfits {v} GB"
-        return form.summary(cfg), text, cfg.to_toml()
+        saved = dict(zip(("model", "dataset", "reg", "preset", "vram", "steps", "rank", "lr", "prompts"),
+                         (m, d, r, p, v, s, k, l, pr)))
+        return form.summary(cfg), text, cfg.to_toml(), form.training_resolution(cfg), saved
 
+    settings_outputs = [summary, estimate_md, advanced, resolution, saved_form]
     for comp in form_inputs:
-        comp.change(settings, form_inputs, [summary, estimate_md, advanced])
+        comp.change(settings, form_inputs, settings_outputs)
 
     @guard
+    def do_measure(text, *values):
+        """Time a few steps of exactly these settings here; the estimate then shows the measured range."""
+        cfg = confine.run_config(ws, form.parse_edited(text))
+        folder = ws.root / ".speed-check" / uuid.uuid4().hex[:8]
+        folder.mkdir(parents=True)
+        try:
+            (folder / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+            trainer_cli.run("train", "--config", str(folder / "config.toml"), "--output", str(folder), "--force",
+                            *[a for key in MEASURE_SETTINGS for a in ("--set", key)])
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return settings(*values)
+
+    measure.click(do_measure, [advanced, *form_inputs], settings_outputs, show_progress_on=estimate_md)
+
+    def restore(saved):
+        """The form as the user left it (a reload used to reset dataset, steps and the rest); a dataset or
+        preset that no longer exists falls back to the current default."""
+        if not saved:
+            return [gr.skip()] * len(kept)
+        names = ws.dataset_names()
+        ok = {"dataset": lambda x: x in names, "reg": lambda x: x in (NO_REG, *names),
+              "preset": lambda x: x in presets.available(), "vram": lambda x: x in TIERS}
+        keys = ("model", "dataset", "reg", "preset", "vram", "steps", "rank", "lr", "prompts")
+        return [saved[k] if k in saved and saved[k] is not None and ok.get(k, lambda x: True)(saved[k]) else gr.skip()
+                for k in keys]
+
     def do_start(text, name):
+        # Errors stay on the page under Start (a toast vanished, and marking the run-name box as failed hid it).
+        try:
+            return _start(text, name)
+        except USER_ERRORS as e:
+            line = str(e).splitlines()[0]
+            LOG.info("start: %s", line)
+            return f"**Not started:** {html.escape(line)}", gr.skip(), gr.skip()
+
+    def _start(text, name):
         if blockers:  # the button is disabled; an API call gets the same answer
             raise RuntimeError(blockers[0].line())
         name = check_name(name, "run")
@@ -189,5 +245,7 @@ def build(ctx: Ctx) -> dict:
         return f"resuming **{name}**: {v.message or v.state}"
 
     resume.click(do_resume, run_pick, start_msg)
-    return {"refresh_datasets": (dataset, reg), "settings": (settings, form_inputs, [summary, estimate_md, advanced]),
+    return {"refresh_datasets": (dataset, reg),
+            "settings": (settings, form_inputs, [summary, estimate_md, advanced, resolution, saved_form]),
+            "restore": (restore, saved_form, kept), "resolution": resolution,
             "runs": (run_pick, known_runs), "run_name": run_name}

@@ -34,3 +34,16 @@ def augment(caption: str, rng: random.Random, shuffle: bool, keep_tokens: int,
     if shuffle:
         rng.shuffle(tail)
     return ", ".join(head + tail)
+
+
+def sample_prompts(captions: list[str], trigger: str, n: int = 2) -> list[str]:
+    """Prompts that show what a run learns: the dataset's own first distinct captions, each with the run's
+    trigger, so a run on trigger "glorp" samples glorp and not whatever a preset was written for."""
+    prompts: list[str] = []
+    for caption in captions:
+        caption = with_trigger(" ".join(caption.split()), trigger)
+        if caption and caption not in prompts:
+            prompts.append(caption)
+        if len(prompts) == n:
+            break
+    return prompts or ([trigger] if trigger else [])

@@ -19,6 +19,7 @@ from .scan import scan
 MAX_PIXELS = 100_000_000  # ~10k x 10k: above this Pillow's bomb guard is an error, not a warning
 MIN_SIDE = 64
 MAX_ASPECT = 4.0
+UPSCALE_WARNING = 1.5  # an image blown up this much into its bucket trains blurry detail
 NEAR_DUPLICATE_BITS = 4  # dHash bits that may differ for two images to count as near-duplicates
 
 
@@ -131,6 +132,10 @@ def report(root: str | Path, resolution: int = 512, caption_extension: str = ".t
             b = bk.choose_bucket(rep.width, rep.height, table, step=bucket_step)
             rep.bucket = f"{b[0]}x{b[1]}"
             buckets[rep.bucket] = buckets.get(rep.bucket, 0) + 1
+            scale = max(b[0] / rep.width, b[1] / rep.height)
+            if scale >= UPSCALE_WARNING:
+                rep.warn(f"upscaled {scale:.1f}x into its {rep.bucket} bucket at {resolution} px, so it trains soft; "
+                         "use a larger image, a lower resolution, or data.no_upscale")
     files.sort(key=lambda r: r.path)
     summary = {s: sum(r.status == s for r in files) for s in ("ok", "warning", "excluded")}
     return {"root": str(root), "summary": summary, "buckets": dict(sorted(buckets.items())),
