@@ -18,9 +18,10 @@ CSS = """#run-state p {font-size: 1.05em} footer {display: none !important}
 def build_app(ctx: Ctx) -> gr.Blocks:
     with gr.Blocks(title="LoRA Studio") as demo:
         gr.Markdown(f"## LoRA Studio\nWorkspace: `{ctx.ws.root}`")
+        saved_form = gr.BrowserState({}, storage_key="lora-studio-train-form")
         with gr.Tabs():
             ds = datasets.build(ctx)
-            tr = train.build(ctx)
+            tr = train.build(ctx, saved_form)
             pv = preview.build(ctx)
             lib = library.build(ctx)
 
@@ -42,10 +43,8 @@ def build_app(ctx: Ctx) -> gr.Blocks:
         demo.load(on_page_load, None, [ds["dataset"], *tr["refresh_datasets"], *tr["runs"], tr["run_name"]])
         show, show_out = ds["load"]
         demo.load(show, ds["dataset"], show_out)  # the pre-selected dataset's images, trigger and tags at once
-        settings, inputs, outputs = tr["settings"]
-        demo.load(settings, inputs, outputs)
-        restore, saved, kept = tr["restore"]
-        demo.load(restore, saved, kept)  # the Train form as the user left it before a reload
+        load_form, inputs, outputs = tr["load_form"]
+        demo.load(load_form, inputs, outputs)  # the Train form as the user left it, and its settings
         # The Datasets tab checks at the resolution the chosen model and preset train at.
         tr["resolution"].change(lambda r: r or gr.skip(), tr["resolution"], ds["resolution"])
         listing, l_in, l_out = lib["listing"]

@@ -21,6 +21,7 @@ TIERS = [form.NO_TIER, "6", "8", "12", "16", "24"]
 MEASURE_SETTINGS = ["train.max_steps=8", "sample.at_end=false", "sample.every_n_steps=0", "save.every_n_steps=0",
                     "save.every_n_epochs=0", "save.state_every_n_steps=0"]
 NO_REG = "(none)"
+KEPT_KEYS = ("model", "dataset", "reg", "preset", "vram", "steps", "rank", "lr", "prompts")  # the form a reload keeps
 
 
 def _eta(seconds) -> str:
@@ -52,7 +53,9 @@ def newest_lines(text: str, n: int = LOG_LINES) -> str:
     return "\n".join(text.splitlines()[-n:])
 
 
-def build(ctx: Ctx) -> dict:
+def build(ctx: Ctx, saved_form) -> dict:
+    """`saved_form`: a gr.BrowserState made outside the tabs (inside a tab that is not shown yet it would not
+    read the browser's storage before the page-load event), where the Train form is kept over a reload."""
     ws, runner = ctx.ws, ctx.runner
     names = ws.dataset_names()
     with gr.Tab("Train", id="train"):
@@ -110,7 +113,6 @@ def build(ctx: Ctx) -> dict:
         never_seen = gr.State(None)  # a picked run always renders in full
         known_runs = gr.State(runs)
         resolution = gr.State(None)  # what the chosen model and preset train at; the Datasets tab checks at it
-        saved_form = gr.BrowserState({}, storage_key="lora-studio-train-form")  # the form survives a reload
         timer = gr.Timer(1.5)
 
     # ---- settings ------------------------------------------------------------------------------
@@ -136,8 +138,7 @@ def build(ctx: Ctx) -> dict:
         if v and v != form.NO_TIER:
             advice = fit_advice(cfg, float(v), n)
             text += f"\n\n**{advice}**" if advice else f"\n\nfits {v} GB"
-        saved = dict(zip(("model", "dataset", "reg", "preset", "vram", "steps", "rank", "lr", "prompts"),
-                         (m, d, r, p, v, s, k, l, pr)))
+        saved = dict(zip(KEPT_KEYS, (m, d, r, p, v, s, k, l, pr)))
         return form.summary(cfg), text, cfg.to_toml(), form.training_resolution(cfg), saved
 
     settings_outputs = [summary, estimate_md, advanced, resolution, saved_form]
@@ -160,17 +161,17 @@ def build(ctx: Ctx) -> dict:
 
     measure.click(do_measure, [advanced, *form_inputs], settings_outputs, show_progress_on=estimate_md)
 
-    def restore(saved):
-        """The form as the user left it (a reload used to reset dataset, steps and the rest); a dataset or
-        preset that no longer exists falls back to the current default."""
-        if not saved:
-            return [gr.skip()] * len(kept)
+    def load_form(saved, *values):
+        """On page load: the form as the user left it (a reload used to reset dataset, steps and the rest),
+        and the settings computed from it in the same call, so no default-form result can land after it. A
+        saved dataset or preset that no longer exists keeps the current default."""
         names = ws.dataset_names()
         ok = {"dataset": lambda x: x in names, "reg": lambda x: x in (NO_REG, *names),
               "preset": lambda x: x in presets.available(), "vram": lambda x: x in TIERS}
-        keys = ("model", "dataset", "reg", "preset", "vram", "steps", "rank", "lr", "prompts")
-        return [saved[k] if k in saved and saved[k] is not None and ok.get(k, lambda x: True)(saved[k]) else gr.skip()
-                for k in keys]
+        saved = saved or {}
+        restored = [saved[k] if saved.get(k) is not None and ok.get(k, lambda x: True)(saved[k]) else v
+                    for k, v in zip(KEPT_KEYS, values)]
+        return (*restored, *settings(*restored, values[-1]))
 
     def do_start(text, name):
         # Errors stay on the page under Start (a toast vanished, and marking the run-name box as failed hid it).
@@ -246,6 +247,5 @@ def build(ctx: Ctx) -> dict:
 
     resume.click(do_resume, run_pick, start_msg)
     return {"refresh_datasets": (dataset, reg),
-            "settings": (settings, form_inputs, [summary, estimate_md, advanced, resolution, saved_form]),
-            "restore": (restore, saved_form, kept), "resolution": resolution,
+            "load_form": (load_form, [saved_form, *form_inputs], [*kept, *settings_outputs]), "resolution": resolution,
             "runs": (run_pick, known_runs), "run_name": run_name}

@@ -1,0 +1,212 @@
+"""A new user's first hour, in real headless Chromium against a real `lora-studio` process on the embedded
+model: create a dataset; drop images with a corrupt and a tiny one; edit a caption; set a trigger of their
+own; check the dataset; switch tabs; train with that trigger; watch loss and samples; reload mid-run; Stop;
+Resume; finish; Preview two LoRAs at weights with a compare grid and an X/Y grid; rename a LoRA in the
+Library and export it. Each step checks a defect a newcomer once hit (issue 18) and leaves a screenshot in
+test-artifacts/journey/ (the path is printed)."""
+import io
+import re
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from trainer.model_info import EMBEDDED_DIR
+from trainer.resources import SAMPLE_DATASETS
+
+from .test_ui_e2e import (CHROMIUM, FLAGS, ROOT, TABS, _need_browser, field, pick, served_app, set_slider,
+                          switch_every_tab, text_of, train_sample_lora, visible_tabs, wait_text, wait_until)
+
+SHOTS = ROOT / "test-artifacts" / "journey"
+STEPS = 600  # ~45 s here; samples every 100 steps (the character preset on the embedded model)
+
+
+class Journey:
+    def __init__(self, page):
+        self.page, self.n, self.started = page, 0, time.monotonic()
+
+    def shot(self, what: str) -> None:
+        self.n += 1
+        self.page.screenshot(path=str(SHOTS / f"{self.n:02d}-{what}.png"), full_page=True)
+        print(f"journey {self.n:02d} {what}: {time.monotonic() - self.started:.0f} s")
+
+    def tab(self, name: str) -> None:
+        self.page.get_by_role("tab", name=name).first.click()
+        wait_until(lambda: visible_tabs(self.page) == TABS, f"the four tabs on {name}", 10)
+
+
+def user_files(folder: Path) -> list[Path]:
+    """Eight character pictures, a JPEG cut in half and a 20 px thumbnail."""
+    folder.mkdir(parents=True)
+    files = sorted((SAMPLE_DATASETS / "character").glob("*.png"))[:8]
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "orange").save(buf, format="JPEG")
+    (folder / "broken.jpg").write_bytes(buf.getvalue()[:300])
+    Image.new("RGB", (20, 20), "purple").save(folder / "thumb.png")
+    return files + [folder / "broken.jpg", folder / "thumb.png"]
+
+
+def step_of(page) -> int:
+    m = re.search(r"(\d+) / \d+ steps", text_of(page, "#progress"))
+    return int(m.group(1)) if m else 0
+
+
+def y_tick_labels(page) -> list[str]:
+    """The loss plot's y-axis labels (vega draws an SVG); every one must read as a short number."""
+    return [t.strip() for t in page.locator("#loss-plot g.role-axis-label text").all_text_contents()
+            if t.strip()] if page.locator("#loss-plot g.role-axis-label").count() else []
+
+
+@pytest.mark.skipif(not (EMBEDDED_DIR / "model_index.json").exists(), reason="the embedded model is not built")
+def test_a_new_users_first_hour(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    _need_browser()
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    for old in SHOTS.glob("*.png"):
+        old.unlink()
+    print(f"\njourney screenshots: {SHOTS}")
+    shared = train_sample_lora("style", tmp_path / "shared", steps=30)  # a LoRA someone gave the user
+    files = user_files(tmp_path / "my-pictures")
+    with served_app(tmp_path) as (url, ws), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        j = Journey(page)
+        page.goto(url)
+        j.tab("Datasets")
+
+        # A dataset of their own, from pictures that include a corrupt and a tiny one.
+        field(page, "new-dataset").fill("glorp")
+        page.locator("#create-dataset").click()
+        wait_text(page, "#dataset-message", "created dataset")
+        page.locator("#upload input[type=file]").set_input_files([str(f) for f in files])
+        time.sleep(1.0)
+        page.locator("#import").click()
+        wait_text(page, "#dataset-message", "imported 9 of 10")
+        report = text_of(page, "#import-report")
+        assert "broken.jpg" in report and "corrupt or truncated" in report
+        assert report.count("character_00.png") == 1, report  # the detail column no longer repeats the name
+        j.shot("imported-with-a-corrupt-file-reported")
+
+        # The report belongs to its dataset: another dataset does not show it.
+        pick(page, "dataset-pick", "character")
+        wait_until(lambda: "broken.jpg" not in text_of(page, "#import-report"), "the report to clear")
+        pick(page, "dataset-pick", "glorp")
+        wait_until(lambda: page.locator("#gallery img").count() == 9, "the nine imported images")
+
+        page.locator("#gallery img").first.click()
+        wait_until(lambda: field(page, "image-name").input_value(), "the clicked image")
+        name = field(page, "image-name").input_value()
+        field(page, "caption").fill("a large figure on a blue background")
+        page.locator("#save-caption").click()
+        wait_text(page, "#dataset-message", "saved")
+        assert (ws / "datasets" / "glorp" / name).with_suffix(".txt").read_text() == \
+            "a large figure on a blue background\n"
+        field(page, "trigger").fill("glorp")
+        page.locator("#save-settings").click()
+        wait_text(page, "#dataset-message", "trigger glorp")
+        j.shot("caption-and-trigger-saved")
+
+        # Checked at the resolution the embedded model trains at (64 px), not 512: no image is blown up.
+        page.get_by_text("Validation and buckets").click()
+        wait_until(lambda: field(page, "check-resolution").input_value() == "64", "the training resolution")
+        page.locator("#check-dataset").click()
+        wait_text(page, "#check-summary", "1 excluded", timeout_s=60)
+        assert "too small" in text_of(page, "#check-files") and "upscaled" not in text_of(page, "#check-files")
+        j.shot("checked-at-64-px")
+
+        switch_every_tab(page)
+        j.shot("tabs-all-there")
+
+        # Train with their trigger: the sample prompts say glorp, not the demo's zorb.
+        j.tab("Train")
+        pick(page, "train-dataset", "glorp")
+        wait_text(page, "#summary", "glorp, ")
+        assert "zorb" not in text_of(page, "#summary")
+        steps = field(page, "steps")
+        steps.fill(str(STEPS))
+        steps.press("Tab")
+        wait_until(lambda: re.search(rf"\bsteps\s+{STEPS}\b", text_of(page, "#summary")), "steps in the summary")
+        field(page, "run-name").fill("glorp-run")
+        field(page, "run-name").press("Tab")
+        time.sleep(1.0)
+        wait_text(page, "#summary", "glorp, ")  # recomputed for the new run name
+        j.shot("settings-with-glorp-prompts")
+        page.locator("#start").click()
+        wait_text(page, "#start-message", "started", timeout_s=30)
+        wait_until(lambda: step_of(page) >= 20, "the first steps", 120)
+        wait_until(lambda: len(y_tick_labels(page)) >= 2, "the loss plot's axis", 30)
+        assert all(re.fullmatch(r"-?\d+(\.\d+)?(e-?\d+)?", t) and len(t) <= 8 for t in y_tick_labels(page)), \
+            y_tick_labels(page)  # numbers, not a pile of 10-digit category labels
+        assert "ETA" in text_of(page, "#progress")
+        j.shot("training-loss-plot")
+
+        # A reload mid-run keeps the form, proposes a free run name, and shows the run still going.
+        page.reload()
+        j.tab("Train")
+        wait_until(lambda: field(page, "train-dataset").input_value() == "glorp", "the dataset kept over a reload")
+        wait_until(lambda: field(page, "steps").input_value() == str(STEPS), "the steps kept over a reload")
+        assert field(page, "run-name").input_value() not in ("", "glorp-run")
+        wait_until(lambda: field(page, "run-pick").input_value() == "glorp-run", "the run after the reload")
+        wait_until(lambda: page.locator("#samples img").count() >= 2, "samples rendered mid-run", 180)
+        j.shot("reloaded-mid-run-with-samples")
+
+        # Stop is stopped within seconds; Resume continues to the end.
+        clicked = time.monotonic()
+        page.locator("#stop").click()
+        wait_text(page, "#run-state", "stopped", timeout_s=60)
+        stopped_s = time.monotonic() - clicked
+        print(f"journey: Stop took {stopped_s:.1f} s from the click to 'stopped' (at step {step_of(page)})")
+        assert stopped_s < 30 and step_of(page) < STEPS
+        j.shot("stopped")
+        page.locator("#resume").click()
+        wait_text(page, "#start-message", "resuming", timeout_s=30)
+        wait_text(page, "#run-state", "finished", timeout_s=300)
+        assert step_of(page) == STEPS
+        lora = ws / "runs" / "glorp-run" / "glorp-run.safetensors"
+        assert lora.exists()
+        j.shot("finished")
+
+        # Preview: the shared LoRA dropped in, their own beside it, at chosen weights.
+        j.tab("Preview")
+        page.locator("#preview-drop input[type=file]").set_input_files(str(shared))
+        wait_until(lambda: "style" in field(page, "slot0-file").input_value(), "the dropped LoRA in slot 1", 30)
+        pick(page, "slot1-file", "glorp-run (run glorp-run)")
+        set_slider(page, "slot0-weight", 0.6)
+        set_slider(page, "slot1-weight", 0.8)
+        field(page, "preview-prompt").fill("glorp, a large figure on a blue background")
+        page.locator("#generate").click()
+        wait_until(lambda: '"weight": 0.8' in text_of(page, "#preview-settings"), "the generated image", 180)
+        j.shot("preview-two-loras")
+        page.locator("#compare").click()
+        wait_until(lambda: len(list((ws / "preview" / "grids").glob("*-4-of-4.png"))) == 1, "the compare grid", 240)
+        wait_until(lambda: page.locator("#compare-grid img").count() == 1, "the grid on the page")
+        j.shot("compare-grid")
+        page.get_by_text("X/Y over LoRA 1 and 2 weights").click()
+        field(page, "xy-x").fill("0, 1")
+        field(page, "xy-y").fill("0, 1")
+        page.locator("#compare").click()
+        wait_until(lambda: len(list((ws / "preview" / "grids").glob("*-4-of-4.png"))) == 2, "the X/Y grid", 240)
+        j.shot("xy-grid")
+
+        # Library: listed by file name, renamed, exported with its card.
+        j.tab("Library")
+        page.locator("#library-refresh").click()
+        wait_text(page, "#library-table", "glorp-run")
+        page.locator("#library-table").get_by_role("gridcell", name="glorp-run", exact=True).first.click()
+        wait_until(lambda: field(page, "library-selected").input_value().endswith("glorp-run.safetensors"),
+                   "the picked LoRA")
+        field(page, "library-new-name").fill("glorp-final")
+        page.locator("#library-rename").click()
+        wait_text(page, "#library-message", "renamed to glorp-final.safetensors")
+        wait_until(lambda: field(page, "library-selected").input_value().endswith("glorp-final.safetensors"),
+                   "the selection to follow the renamed file")
+        page.locator("#library-export").click()
+        wait_until(lambda: page.locator("#library-download a").count() >= 2, "the download links", 60)
+        links = text_of(page, "#library-download").replace("\n", "")
+        assert "glorp-final.safetensors" in links and "glorp-final.README.md" in links
+        j.shot("library-renamed-and-exported")
+        browser.close()
+    console = (tmp_path / "app.log").read_text(encoding="utf-8", errors="replace")
+    assert "Traceback" not in console, console[-3000:]
