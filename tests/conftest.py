@@ -58,3 +58,12 @@ def peft_warnings(caplog):
     """Warnings from diffusers/peft/transformers while loading LoRAs: missing or unexpected keys show up here."""
     caplog.set_level(logging.WARNING)
     return caplog
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Name the browser tests' screenshot folders in every log (CI's included), so they can be looked at."""
+    root = Path(__file__).resolve().parent.parent / "test-artifacts"
+    for folder in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
+        shots = list(folder.glob("*.png"))
+        if shots:
+            terminalreporter.write_line(f"browser screenshots: {folder} ({len(shots)} png)")

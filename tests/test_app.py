@@ -223,7 +223,9 @@ def test_loss_plot_data_is_numeric_from_the_first_tick_and_the_log_shows_the_new
 
     empty = loss_frame([])
     assert str(empty["step"].dtype) == "int64" and str(empty["loss"].dtype) == "float64"  # not object columns
-    assert list(loss_frame([(1, 1.0), (2, 0.5)]).loss) == [1.0, 0.5]
+    frame = loss_frame([(1, 1.0), (2, 0.5)])
+    assert list(frame[frame.series == "loss"].loss) == [1.0, 0.5]
+    assert list(frame[frame.series == "smoothed"].loss) == [1.0, 0.95]  # the moving average beside it
     log = "\n".join(f"step {i}" for i in range(1, 31))
     assert newest_lines(log).splitlines() == [f"step {i}" for i in range(31 - LOG_LINES, 31)]
 

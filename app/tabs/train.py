@@ -41,12 +41,20 @@ def progress_html(v) -> str:
 LOG_LINES = 8  # what the log box shows: the newest lines, so it always follows the run
 
 
+SMOOTHING = 0.9  # the smoothed curve is an exponential moving average, as TensorBoard draws it
+
+
 def loss_frame(losses: list[tuple[int, float]]):
-    """Loss by step, numeric from the first tick: an empty frame of object columns made the chart treat
-    loss as categories and pile its labels up for the rest of the run."""
+    """Loss by step as two series, the raw values and their moving average (a validation series can join
+    them), numeric from the first tick: an empty frame of object columns made the chart treat loss as
+    categories and pile its labels up for the rest of the run."""
     import pandas as pd
 
-    return pd.DataFrame(losses, columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
+    rows, smooth = [], None
+    for step, value in losses:
+        smooth = value if smooth is None else SMOOTHING * smooth + (1 - SMOOTHING) * value
+        rows += [(step, value, "loss"), (step, smooth, "smoothed")]
+    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64"})
 
 
 def newest_lines(text: str, n: int = LOG_LINES) -> str:
@@ -103,7 +111,7 @@ def build(ctx: Ctx, saved_form) -> dict:
         state_md = gr.Markdown(elem_id="run-state")
         progress = gr.HTML(elem_id="progress")
         with gr.Row():
-            loss = gr.LinePlot(x="step", y="loss", title="Loss", height=260, elem_id="loss-plot")
+            loss = gr.LinePlot(x="step", y="loss", color="series", title="Loss", height=260, elem_id="loss-plot")
             samples = gr.Gallery(label="Samples", columns=4, height=260, elem_id="samples")
         log = gr.Textbox(label="Log tail", lines=LOG_LINES, max_lines=LOG_LINES, elem_id="log", autoscroll=True)
         command = gr.Textbox(label="The same run from a terminal", buttons=["copy"], elem_id="cli-command")
