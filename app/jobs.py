@@ -168,12 +168,14 @@ class JobRunner:
         return self.view(name)
 
     def stop(self, name: str) -> str:
-        """Ask a run to save and stop (idempotent: a second press changes nothing); cancel it if queued."""
+        """Ask a run to save and stop (a second press changes nothing, except that it skips the end samples a
+        stopped run renders after saving); cancel it if queued."""
         run_dir = self.runs_dir / name
         with self.lock:
             self._reap()
             job = read_job(run_dir)
-            state = view(run_dir, self._alive).state
+            current = view(run_dir, self._alive)
+            state = current.state
             if state == "queued":
                 job["state"] = "cancelled"
                 write_job(run_dir, job)
@@ -182,7 +184,7 @@ class JobRunner:
                 (run_dir / STOP_FILE).touch()
                 job["state"] = "stopping"
                 write_job(run_dir, job)
-                if view(run_dir, self._alive).phase == "end samples":
+                if current.phase == "end samples":
                     return f"{name}: skipping the rest of the end samples"
                 return f"{name}: stopping; the LoRA is saved after the current step"
             return f"{name} is {state}; nothing to stop"

@@ -364,3 +364,12 @@ def test_checks_run_at_the_training_resolution_and_warn_on_upscaling(ws, tmp_pat
     at_64 = {Path(f["path"]).name: f for f in report(ws.datasets / "small", resolution=64)["files"]}
     assert any("upscaled" in r for r in at_512["img0.png"]["reasons"])
     assert not any("upscaled" in r for r in at_64["img0.png"]["reasons"])
+
+
+def test_preview_requests_queue_with_a_position_instead_of_waiting_on_the_worker(ws):
+    from app.context import Ctx
+    from app.main import build_app
+
+    demo = build_app(Ctx(ws, jobs.JobRunner(ws.runs)))
+    preview = [f for f in demo.fns.values() if f.name in ("do_generate", "do_compare", "do_drift")]
+    assert len(preview) == 3 and {(f.concurrency_id, f.concurrency_limit) for f in preview} == {("preview-worker", 1)}

@@ -121,7 +121,11 @@ def build(ctx: Ctx) -> dict:
         return (reply["image"], json.dumps(reply["settings"], indent=1), pr, *values)
 
     # Only the image shows "processing": the slots and the prompt stay usable while it renders.
-    generate.click(do_generate, common + slot_inputs, [image, settings, prompt, *slot_inputs], show_progress_on=image)
+    # One preview worker renders one request at a time: its requests share one gradio queue slot, so a waiting
+    # one shows its place in the queue instead of "processing" while it waits on the worker.
+    one_worker = {"concurrency_limit": 1, "concurrency_id": "preview-worker"}
+    generate.click(do_generate, common + slot_inputs, [image, settings, prompt, *slot_inputs], show_progress_on=image,
+                   **one_worker)
 
     @guard
     def do_compare(m, x, y, b, pr, neg, sd, st, cf, sz, smp, *slot_values):
@@ -149,7 +153,7 @@ def build(ctx: Ctx) -> dict:
             partial.unlink(missing_ok=True)
 
     compare.click(do_compare, [mode, xs, ys, *common, *slot_inputs], [grid, prompt, *slot_inputs],
-                  show_progress_on=grid)
+                  show_progress_on=grid, **one_worker)
 
     @guard
     def do_drift(b, *slot_values):
@@ -164,7 +168,7 @@ def build(ctx: Ctx) -> dict:
             raise ValueError("choose a LoRA first")
         return json.dumps({"drift (mean pixel change on trigger-free prompts, 0..1)": out}, indent=1)
 
-    drift_btn.click(do_drift, [base, *slot_inputs], settings)
+    drift_btn.click(do_drift, [base, *slot_inputs], settings, **one_worker)
 
     def triggers(*slot_values):
         words = []
