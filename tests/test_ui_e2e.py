@@ -262,7 +262,10 @@ def test_preview_mixes_two_loras_in_the_browser(tmp_path_factory):
             assert '"weight": 0.8' in settings and "character.safetensors" in settings
             assert page.locator("#preview-image img").count() == 1
             page.locator("#compare").click()
-            wait_until(lambda: page.locator("#compare-grid img").count() == 1, "the compare grid", 240)
+            # The grid fills in cell by cell: base, each LoRA, the mix.
+            wait_until(lambda: list((ws / "preview" / "grids").glob("*-4-of-4.png")), "the whole compare grid", 240)
+            wait_until(lambda: page.locator("#compare-grid img").count() == 1, "the compare grid on the page")
+            time.sleep(1.0)
             shot(page, "6-preview-compare")
             browser.close()
     finally:
