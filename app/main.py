@@ -10,9 +10,10 @@ from .tabs import datasets, library, preview, train
 from .workspace import Workspace, unique_name
 
 CSS = """#run-state p {font-size: 1.05em} footer {display: none !important}
-/* 64 px images fill their box, enlarged with hard pixel edges instead of sitting tiny or blurred */
-#preview-image img, #compare-grid img, #samples img {image-rendering: pixelated; width: 100%; height: 100%;
-  object-fit: contain}"""
+/* 64 px images fill their box, enlarged with hard pixel edges instead of sitting tiny or blurred; grids are
+   enlarged already (grids.py) and carry text, so they scale smoothly */
+#preview-image img, #compare-grid img, #samples img {width: 100%; height: 100%; object-fit: contain}
+#preview-image img, #samples img {image-rendering: pixelated}"""
 
 
 def build_app(ctx: Ctx) -> gr.Blocks:
