@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import html
 import inspect
 import logging
 from dataclasses import dataclass
@@ -74,4 +75,23 @@ def guard(fn):
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
             raise refuse(e) from None
+    return wrapper
+
+
+def said_in(message, outputs: list, fn):
+    """`fn` (guarded) with its one-line error written into `message`, one of its `outputs`, where it stays
+    on the page (a toast vanishes, and the box it was meant for got an 'Error' badge over its old text); the
+    other outputs keep their values."""
+    import gradio as gr
+
+    at = outputs.index(message)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error as e:
+            said = [gr.skip()] * len(outputs)
+            said[at] = f"**Not done:** {html.escape(e.message)}"
+            return tuple(said) if len(outputs) > 1 else said[0]
     return wrapper

@@ -105,7 +105,7 @@ def view(run_dir: Path, alive=pid_alive) -> RunView:
     v = RunView(run_dir.name, job.get("state", "unknown"), command=cli_equivalent(run_dir, job.get("resume", False)))
     since = job.get("queued_at", 0)  # a resumed run's folder also holds the previous attempt's end
     for e in events:
-        if e.get("type") in ("done", "error") and e.get("time", since) < since:
+        if e.get("type") in ("done", "error", "end_samples") and e.get("time", since) < since:
             continue
         t = e.get("type")
         if t == "start":

@@ -50,8 +50,10 @@ def build_app(ctx: Ctx) -> gr.Blocks:
         tr["resolution"].change(lambda r: r or gr.skip(), tr["resolution"], ds["resolution"])
         listing, l_in, l_out = lib["listing"]
         demo.load(listing, l_in, l_out)
-        refresh, r_out = pv["refresh"]
-        demo.load(refresh, None, r_out)  # LoRAs finished since the page was built
+        refresh, r_in, r_out = pv["refresh"]
+        demo.load(refresh, r_in, r_out)  # LoRAs finished since the page was built
+        # A rename, trash, import, merge or resize in the Library shows in Preview's slots at once.
+        lib["table"].change(refresh, r_in, r_out)
     return demo
 
 

@@ -1,5 +1,6 @@
 """The app's handlers and job runner, without a browser. A fake trainer stands in for the real one
 so the queue, crash and restart logic is tested in seconds."""
+import json
 import os
 import subprocess
 import sys
@@ -373,3 +374,15 @@ def test_preview_requests_queue_with_a_position_instead_of_waiting_on_the_worker
     demo = build_app(Ctx(ws, jobs.JobRunner(ws.runs)))
     preview = [f for f in demo.fns.values() if f.name in ("do_generate", "do_compare", "do_drift")]
     assert len(preview) == 3 and {(f.concurrency_id, f.concurrency_limit) for f in preview} == {("preview-worker", 1)}
+
+
+def test_a_resumed_run_does_not_show_the_previous_attempts_end_samples(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    events = [{"type": "step", "step": 5, "total": 10, "loss": 0.1, "time": 1.0},
+              {"type": "end_samples", "step": 5, "message": "the LoRA is saved; rendering the end samples", "time": 2.0},
+              {"type": "done", "step": 5, "stopped": True, "time": 3.0}]
+    (run / "events.jsonl").write_text("\n".join(json.dumps(e) for e in events) + "\n")
+    jobs.write_job(run, {"state": "running", "queued_at": 4.0, "resume": True, "pid": 1})
+    v = jobs.view(run, alive=lambda pid, d: True)
+    assert v.state == "running" and v.phase == "" and "end samples" not in v.message

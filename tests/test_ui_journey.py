@@ -80,6 +80,10 @@ def test_a_new_users_first_hour(tmp_path):
         field(page, "new-dataset").fill("glorp")
         page.locator("#create-dataset").click()
         wait_text(page, "#dataset-message", "created dataset")
+        page.locator("#create-dataset").click()  # the same name again is refused, not silently reused
+        field(page, "new-dataset").fill("glorp")
+        page.locator("#create-dataset").click()
+        wait_text(page, "#dataset-message", "dataset glorp already exists")
         page.locator("#upload input[type=file]").set_input_files([str(f) for f in files])
         time.sleep(1.0)
         page.locator("#import").click()
@@ -166,7 +170,11 @@ def test_a_new_users_first_hour(tmp_path):
         assert step_of(page) == STEPS
         lora = ws / "runs" / "glorp-run" / "glorp-run.safetensors"
         assert lora.exists()
-        j.shot("finished")
+        # The run timed its steps: the estimate for the next one is a range measured here, not a guess.
+        steps.fill(str(STEPS + 1))
+        steps.press("Tab")
+        wait_text(page, "#estimate", "measured here on cpu", timeout_s=30)
+        j.shot("finished-and-estimate-measured")
 
         # Preview: the shared LoRA dropped in, their own beside it, at chosen weights.
         j.tab("Preview")
@@ -198,10 +206,16 @@ def test_a_new_users_first_hour(tmp_path):
         wait_until(lambda: field(page, "library-selected").input_value().endswith("glorp-run.safetensors"),
                    "the picked LoRA")
         field(page, "library-new-name").fill("glorp-final")
+        # Two named hashes: the whole file's (AutoV2) and the tensors' (AutoV3, kohya's sshs_model_hash).
+        details = text_of(page, "#library-details")
+        assert '"autov2"' in details and '"autov3"' in details and "AutoV2 (file)" in text_of(page, "#library-table")
         page.locator("#library-rename").click()
         wait_text(page, "#library-message", "renamed to glorp-final.safetensors")
         wait_until(lambda: field(page, "library-selected").input_value().endswith("glorp-final.safetensors"),
                    "the selection to follow the renamed file")
+        # Listed by file name: the run's own file and the renamed copy are both there under their names.
+        wait_text(page, "#library-table", "glorp-final")
+        assert "glorp-run" in text_of(page, "#library-table")
         page.locator("#library-export").click()
         wait_until(lambda: page.locator("#library-download a").count() >= 2, "the download links", 60)
         links = text_of(page, "#library-download").replace("\n", "")

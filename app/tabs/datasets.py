@@ -6,7 +6,7 @@ from pathlib import Path
 import gradio as gr
 
 from .. import dataset_ops as ops
-from ..context import Ctx, guard
+from ..context import Ctx, guard, said_in
 
 KINDS = ["", "character", "style", "concept"]
 
@@ -74,6 +74,10 @@ def build(ctx: Ctx) -> dict:
                 caption_btn = gr.Button("Caption")
 
     # ---- handlers ------------------------------------------------------------------------------
+    def said(fn, inputs, outputs):
+        """A handler's event arguments, with its errors said in the message line above the upload box."""
+        return said_in(message, outputs, fn), inputs, outputs
+
     def gallery_value(name):
         # The first GALLERY_MAX only: Gradio copies and hashes every gallery file in the server process,
         # and 1,000 thumbnails would stall every other request for seconds. Checks cover all files.
@@ -104,7 +108,7 @@ def build(ctx: Ctx) -> dict:
         created = ops.create_dataset(ws, name)
         return gr.Dropdown(choices=ws.dataset_names(), value=created), f"created dataset **{created}**", ""
 
-    create.click(do_create, new_name, [ds, message, new_name])
+    create.click(*said(do_create, new_name, [ds, message, new_name]))
 
     @guard
     def do_import(name, paths):
@@ -117,7 +121,7 @@ def build(ctx: Ctx) -> dict:
         g, n = gallery_value(name)
         return rows, g, n, ops.tag_table(ws, name), f"imported {done} of {len(rows)} file(s)", None
 
-    import_btn.click(do_import, [ds, upload], [import_report, gallery, names_state, tags, message, upload])
+    import_btn.click(*said(do_import, [ds, upload], [import_report, gallery, names_state, tags, message, upload]))
 
     @guard
     def select(name, names, evt: gr.SelectData):
@@ -133,7 +137,7 @@ def build(ctx: Ctx) -> dict:
         path = ops.save_caption(ws, name, image, text)
         return f"saved {path.name}", ops.tag_table(ws, name)
 
-    save.click(do_save, [ds, image_name, caption], [message, tags])
+    save.click(*said(do_save, [ds, image_name, caption], [message, tags]))
 
     @guard
     def do_remove(name, image):
@@ -142,7 +146,7 @@ def build(ctx: Ctx) -> dict:
         msg = ops.remove_image(ws, name, image)
         return (msg, *load(name))
 
-    remove.click(do_remove, [ds, image_name], [message, *load_outputs])
+    remove.click(*said(do_remove, [ds, image_name], [message, *load_outputs]))
 
     @guard
     def do_restore(name, image):
@@ -151,21 +155,21 @@ def build(ctx: Ctx) -> dict:
         msg = ops.restore_image(ws, name, image)
         return (msg, *load(name))
 
-    restore.click(do_restore, [ds, trashed], [message, *load_outputs])
+    restore.click(*said(do_restore, [ds, trashed], [message, *load_outputs]))
 
     @guard
     def do_settings(name, trig, reps, k):
         m = ops.save_settings(ws, name, trig, int(reps or 1), k or "")
         return f"saved: trigger {m.trigger or '(none)'}, {m.repeats} repeat(s)"
 
-    save_settings.click(do_settings, [ds, trigger, repeats, kind], message)
+    save_settings.click(*said(do_settings, [ds, trigger, repeats, kind], [message]))
 
     @guard
     def do_apply(name, act, t, new):
         msg = ops.bulk_edit(ws, name, act, t, new)
         return msg, ops.tag_table(ws, name)
 
-    apply.click(do_apply, [ds, action, tag, new_tag], [message, tags])
+    apply.click(*said(do_apply, [ds, action, tag, new_tag], [message, tags]))
 
     @guard
     def do_check(name, res):
@@ -179,5 +183,5 @@ def build(ctx: Ctx) -> dict:
         msg = ops.auto_caption(ws, name, template=tmpl, model=mdl.strip(), trigger=trig)
         return msg, *load(name)
 
-    caption_btn.click(do_caption, [ds, template, model, trigger], [message, *load_outputs])
+    caption_btn.click(*said(do_caption, [ds, template, model, trigger], [message, *load_outputs]))
     return {"dataset": ds, "load": (load, load_outputs), "resolution": resolution}

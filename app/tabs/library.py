@@ -8,7 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from .. import library
-from ..context import Ctx, guard
+from ..context import Ctx, guard, said_in
 from ..workspace import WorkspaceError
 
 
@@ -41,6 +41,10 @@ def build(ctx: Ctx) -> dict:
             resize = gr.Button("Resize")
             analyze = gr.Button("Analyze")
         message = gr.Markdown(elem_id="library-message")
+
+    def said(fn, inputs, outputs):
+        """A handler's event arguments, with its errors said in the message line under the tools."""
+        return said_in(message, outputs, fn), inputs, outputs
 
     def listing(q, fam):
         items = library.search(library.entries(ws), q or "", fam or "")
@@ -76,14 +80,14 @@ def build(ctx: Ctx) -> dict:
         renamed = next(e for e in library.entries(ws) if e.path == out)
         return f"renamed to {out.name}", *listing(q, fam), *picked(renamed)  # the selection follows the file
 
-    rename.click(do_rename, [chosen, new_name, query, family], [message, table, paths, *selection])
+    rename.click(*said(do_rename, [chosen, new_name, query, family], [message, table, paths, *selection]))
 
     @guard
     def do_delete(path, q, fam):
         out = library.trash(ws, find(path))
         return f"moved to {out.parent}", *listing(q, fam)
 
-    delete.click(do_delete, [chosen, query, family], [message, table, paths])
+    delete.click(*said(do_delete, [chosen, query, family], [message, table, paths]))
 
     @guard
     def do_export(path):
@@ -98,7 +102,7 @@ def build(ctx: Ctx) -> dict:
         out = library.import_file(ws, path)
         return f"imported {out.name}", *listing(q, fam)
 
-    upload.upload(do_import, [upload, query, family], [message, table, paths])
+    upload.upload(*said(do_import, [upload, query, family], [message, table, paths]))
 
     @guard
     def do_merge(path, others, rank, q, fam):
@@ -114,13 +118,13 @@ def build(ctx: Ctx) -> dict:
         out = library.merge(ws, items, int(rank or 0))
         return f"wrote {out.name}", *listing(q, fam)
 
-    merge.click(do_merge, [chosen, merge_with, merge_rank, query, family], [message, table, paths])
+    merge.click(*said(do_merge, [chosen, merge_with, merge_rank, query, family], [message, table, paths]))
 
     @guard
     def do_resize(path, rank, q, fam):
         out = library.resize(ws, find(path), int(rank))
         return f"wrote {out.name}", *listing(q, fam)
 
-    resize.click(do_resize, [chosen, resize_rank, query, family], [message, table, paths])
-    analyze.click(guard(lambda path: f"```\n{library.analyze(find(path))}\n```"), chosen, message)
-    return {"listing": (listing, [query, family], [table, paths])}
+    resize.click(*said(do_resize, [chosen, resize_rank, query, family], [message, table, paths]))
+    analyze.click(*said(guard(lambda path: f"```\n{library.analyze(find(path))}\n```"), chosen, [message]))
+    return {"listing": (listing, [query, family], [table, paths]), "table": table}

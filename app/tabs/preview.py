@@ -194,8 +194,11 @@ def build(ctx: Ctx) -> dict:
 
     drop.upload(do_drop, [drop, *slot_inputs], [s[0] for s in slots])
 
-    def refresh():
+    def refresh(*files):
+        """The LoRAs there are now; a slot whose file was renamed or trashed meanwhile is emptied rather than
+        left pointing at a path that a later Generate would fail on."""
         choices = lora_choices(ws)
-        return tuple(gr.Dropdown(choices=choices) for _ in range(SLOTS))
+        there = {path for _, path in choices}
+        return tuple(gr.Dropdown(choices=choices, value=f if f in there else None) for f in files)
 
-    return {"refresh": (refresh, [s[0] for s in slots])}
+    return {"refresh": (refresh, [s[0] for s in slots], [s[0] for s in slots])}
