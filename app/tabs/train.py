@@ -13,7 +13,7 @@ from trainer.estimate import estimate, fit_advice
 
 from .. import confine, trainer_cli
 from .. import train_form as form
-from ..context import LOG, USER_ERRORS, Ctx, guard
+from ..context import LOG, USER_ERRORS, Ctx, guard, said_in
 from ..workspace import WorkspaceError, check_name, unique_name
 
 TIERS = [form.NO_TIER, "6", "8", "12", "16", "24"]
@@ -244,7 +244,7 @@ def build(ctx: Ctx, saved_form) -> dict:
             raise ValueError("pick a run")
         return runner.stop(name)
 
-    stop.click(do_stop, run_pick, start_msg)
+    stop.click(said_in(start_msg, [start_msg], do_stop), run_pick, start_msg)
 
     @guard
     def do_resume(name):
@@ -253,7 +253,7 @@ def build(ctx: Ctx, saved_form) -> dict:
         v = runner.submit(name, "", resume=True)
         return f"resuming **{name}**: {v.message or v.state}"
 
-    resume.click(do_resume, run_pick, start_msg)
+    resume.click(said_in(start_msg, [start_msg], do_resume), run_pick, start_msg)
     return {"refresh_datasets": (dataset, reg),
             "load_form": (load_form, [saved_form, *form_inputs], [*kept, *settings_outputs]), "resolution": resolution,
             "runs": (run_pick, known_runs), "run_name": run_name}
