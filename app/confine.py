@@ -12,7 +12,7 @@ from trainer.resources import EMBEDDED_MODEL, default_cache_dir
 
 from .workspace import Workspace, WorkspaceError
 
-RUN_PATHS = ("data.dataset", "data.reg_dataset", "data.cache_dir", "save.output_dir")
+RUN_PATHS = ("data.dataset", "data.reg_dataset", "data.validation_dataset", "data.cache_dir", "save.output_dir")
 
 
 def roots(ws: Workspace) -> list[Path]:

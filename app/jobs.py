@@ -39,6 +39,7 @@ class RunView:
     total: int = 0
     eta_s: float | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # the held-out loss (trainer/validation.py)
     samples: list[str] = field(default_factory=list)
     lora: str | None = None
     log_tail: str = ""
@@ -114,6 +115,8 @@ def view(run_dir: Path, alive=pid_alive) -> RunView:
             v.step, v.total, v.eta_s = e["step"], e.get("total", v.total), e.get("eta_s")
             if e.get("loss") is not None:
                 v.losses.append((e["step"], e["loss"]))
+        elif t == "validation" and e.get("loss") is not None:
+            v.val_losses.append((e["step"], e["loss"]))
         elif t == "sample" and e.get("path"):
             v.samples.append(e["path"])
         elif t == "end_samples":

@@ -227,6 +227,8 @@ def test_loss_plot_data_is_numeric_from_the_first_tick_and_the_log_shows_the_new
     frame = loss_frame([(1, 1.0), (2, 0.5)])
     assert list(frame[frame.series == "loss"].loss) == [1.0, 0.5]
     assert list(frame[frame.series == "smoothed"].loss) == [1.0, 0.95]  # the moving average beside it
+    with_val = loss_frame([(1, 1.0), (2, 0.5)], [(2, 0.7)])
+    assert list(with_val[with_val.series == "validation"].itertuples(index=False, name=None)) == [(2, 0.7, "validation")]
     log = "\n".join(f"step {i}" for i in range(1, 31))
     assert newest_lines(log).splitlines() == [f"step {i}" for i in range(31 - LOG_LINES, 31)]
 

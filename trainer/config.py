@@ -78,6 +78,9 @@ class DataConfig:
     cache_text: bool = opt(True, "Encode captions once when the text encoders are frozen and captions are static, "
                                  "then move the text encoders off the GPU")
     masked_loss: bool = opt(False, "Weight the loss by each image's <name>.mask.png (kept from transparent imports)")
+    validation_split: float = opt(0.0, "Images held out of training for the validation loss: a fraction (0.1) or a "
+                                       "count (4), chosen with train.seed; 0 = none", min=0.0)
+    validation_dataset: str = opt("", "A folder of validation images with captions, instead of validation_split")
     reg_dataset: str = opt("", "Regularization (class) images folder, e.g. generic photos of the class; empty = none")
     prior_loss_weight: float = opt(1.0, "Loss weight of regularization images", min=0.0, max=10.0)
     num_workers: int = opt(0, "Data-loader worker processes", min=0, max=32)
@@ -113,6 +116,9 @@ class TrainConfig:
     min_snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (5 is common; 0 = off)", min=0.0)
     noise_offset: float = opt(0.0, "Noise offset for darker/brighter images (0.05-0.1 is common; 0 = off)", min=0.0, max=1.0)
     compile: bool = opt(False, "torch.compile the UNet (CUDA only; slower start, faster steps)")
+    validate_every_n_steps: int = opt(0, "Validation loss every N steps, besides each saved checkpoint and the end "
+                                         "(needs data.validation_split or data.validation_dataset; 0 = only those)",
+                                      min=0)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from . import frozen
 from . import lora as lora_mod
 from . import speed_log
 from . import state as state_mod
+from . import validation
 from .config import RunConfig
 from .data.cache import LatentCache, default_cache_dir, encode_latent, fill_latent_cache, vae_identity
 from .data.captions import sample_prompts, split_tags
@@ -68,8 +69,11 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
     try:  # the dataset is checked first: it is cheap, and a typo should not cost a model load
         found = scan(cfg.data.dataset, cfg.data.caption_extension)
         reg = scan(cfg.data.reg_dataset, cfg.data.caption_extension) if cfg.data.reg_dataset else None
+        held_out = scan(cfg.data.validation_dataset, cfg.data.caption_extension) if cfg.data.validation_dataset else None
     except DatasetError as e:
         raise TrainingError(str(e)) from None
+    if held_out is None:
+        found, held_out = validation.split(found, cfg.data.validation_split, cfg.train.seed)
 
     # ---- model, family defaults, LoRA ----------------------------------------------------------
     base = load_base(cfg.model.source, cfg.model.family, dtype=precision.weight_dtype)
@@ -155,6 +159,14 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
 
     latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     noise_scheduler = DDPMScheduler.from_config(base.scheduler_config, prediction_type=cfg.model.prediction_type)
+    val = None
+    if main and held_out is not None:
+        with _borrowed([vae, *tes], device):  # latents and frozen captions are made once, now
+            val = validation.Validation(held_out, cfg, fam, vae, base.tokenizers, tes, noise_scheduler,
+                                        encode_text=not train_te, precision=precision, device=device)
+        events.emit("validation_set", images=len(val), problems=len(val.data.problems))
+        if not len(val):
+            val = None
     gen = torch.Generator("cpu").manual_seed(cfg.train.seed + accelerator.process_index)
     rng = random.Random(cfg.train.seed + accelerator.process_index)
     if main:
@@ -238,6 +250,16 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
             raise state_mod.save_failed(run_dir, step, e, params) from None
         accelerator.wait_for_everyone()
 
+    validated = {"step": None}
+
+    def validate():
+        """The held-out loss of the LoRA as it is now; once per step however many reasons ask for it."""
+        if val is not None and validated["step"] != step:
+            value = val.loss(unet, tes)
+            events.emit("validation", step=step, loss=value)
+            accelerator.log({"validation_loss": value}, step=step)
+            validated["step"] = step
+
     if resume:
         folder = state_mod.latest(run_dir)
         if folder is None:
@@ -288,6 +310,9 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
                 _sample(cfg, base, unet, tes, precision, run_dir, step, events)
             if cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0 and step < total and main:
                 _save(run_dir / "checkpoints" / f"{name}-step{step:06d}.safetensors", step, epoch, events, **save_args)
+                validate()
+            if cfg.train.validate_every_n_steps and step % cfg.train.validate_every_n_steps == 0 and step < total:
+                validate()
             if cfg.save.state_every_n_steps and step % cfg.save.state_every_n_steps == 0 and step < total:
                 save_state()
             if _stop_everywhere(accelerator, events):
@@ -298,6 +323,7 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
                     and (step // steps_per_epoch) % cfg.save.every_n_epochs == 0:
                 _save(run_dir / "checkpoints" / f"{name}-epoch{step // steps_per_epoch:04d}.safetensors",
                       step, epoch, events, **save_args)
+                validate()
     except KeyboardInterrupt:
         stopped = True
         events.emit("stopping", step=step, message="interrupted: saving the LoRA before exiting")
@@ -325,6 +351,8 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
         thumb = written[0] if written else None
     if main and step > 0 and (thumb or not stopped):
         _save(final, step, epoch, events, thumbnail=thumb, **save_args)
+    if step > 0:
+        validate()
     if main:
         speed_log.record(cfg, step_seconds, _device_name(device))
     in_sync = _ranks_in_sync(accelerator, groups)

@@ -44,16 +44,17 @@ LOG_LINES = 8  # what the log box shows: the newest lines, so it always follows 
 SMOOTHING = 0.9  # the smoothed curve is an exponential moving average, as TensorBoard draws it
 
 
-def loss_frame(losses: list[tuple[int, float]]):
-    """Loss by step as two series, the raw values and their moving average (a validation series can join
-    them), numeric from the first tick: an empty frame of object columns made the chart treat loss as
-    categories and pile its labels up for the rest of the run."""
+def loss_frame(losses: list[tuple[int, float]], validation: list[tuple[int, float]] = ()):
+    """Loss by step as series: the raw values, their moving average and the held-out validation loss;
+    numeric from the first tick: an empty frame of object columns made the chart treat loss as categories
+    and pile its labels up for the rest of the run."""
     import pandas as pd
 
     rows, smooth = [], None
     for step, value in losses:
         smooth = value if smooth is None else SMOOTHING * smooth + (1 - SMOOTHING) * value
         rows += [(step, value, "loss"), (step, smooth, "smoothed")]
+    rows += [(step, value, "validation") for step, value in validation]
     return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64"})
 
 
@@ -217,12 +218,12 @@ def build(ctx: Ctx, saved_form) -> dict:
         if not has_run(name):
             return f"no run named {html.escape(name)}", "", None, [], "", "", last
         v = runner.view(name)
-        signature = (name, v.step, len(v.samples), v.state)
+        signature = (name, v.step, len(v.samples), len(v.val_losses), v.state)
         state = f"**{v.state}**" + (f": {html.escape(v.message)}" if v.message else "")
         log_tail = newest_lines(v.log_tail)
         if signature == last:  # nothing new: leave the plot and gallery alone (no flicker, no traffic)
             return state, progress_html(v), gr.skip(), gr.skip(), log_tail, v.command, last
-        return state, progress_html(v), loss_frame(v.losses), list(v.samples), log_tail, v.command, signature
+        return state, progress_html(v), loss_frame(v.losses, v.val_losses), list(v.samples), log_tail, v.command, signature
 
     live = [state_md, progress, loss, samples, log, command, seen]
     timer.tick(refresh, [run_pick, seen], live)

@@ -1,0 +1,67 @@
+"""The validation loss (issue 20, first part): held-out images chosen by seed, a loss that is the same every
+time it is asked of the same LoRA, that touches nothing the training uses, and that is resumed exactly."""
+from safetensors.torch import load_file
+
+from trainer.data.scan import scan
+from trainer.events import Events, read_events
+from trainer.loop import train
+from trainer.validation import split
+
+from .conftest import make_dataset, tiny_config
+
+
+def validation_losses(run_dir) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in read_events(run_dir) if e["type"] == "validation"}
+
+
+def test_held_out_images_are_chosen_by_seed_and_never_trained_on(tmp_path):
+    found = scan(make_dataset(tmp_path / "ds", n=10))
+    train_a, val_a = split(found, 0.3, seed=1)
+    train_b, val_b = split(found, 0.3, seed=1)
+    _, val_c = split(found, 0.3, seed=2)
+    names = lambda s: sorted(i.image.name for i in s.items)  # noqa: E731
+    assert len(val_a.items) == 3 and names(val_a) == names(val_b) and names(val_a) != names(val_c)
+    assert not set(names(train_a)) & set(names(val_a)) and len(train_a.items) + len(val_a.items) == 10
+    assert len(split(found, 4, seed=1)[1].items) == 4  # a count
+    assert len(split(found, 50, seed=1)[0].items) == 1  # at least one image always trains
+    assert split(found, 0, seed=1)[1] is None
+
+
+def test_validation_loss_is_deterministic_and_does_not_change_training(tiny_models, tmp_path):
+    data = make_dataset(tmp_path / "ds", n=4)
+    held = make_dataset(tmp_path / "held", n=3, size=(48, 40))
+    quiet = {"train.max_steps": 6, "sample.at_end": False}
+    plain = train(tiny_config(tiny_models["sd1"], data, tmp_path / "plain", **quiet))
+    runs = []
+    for name in ("v1", "v2"):
+        cfg = tiny_config(tiny_models["sd1"], data, tmp_path / name, **quiet, **{
+            "data.validation_dataset": str(held), "train.validate_every_n_steps": 2})
+        runs.append(train(cfg))
+    first, second = validation_losses(tmp_path / "v1"), validation_losses(tmp_path / "v2")
+    assert sorted(first) == [2, 4, 6] and first == second  # fixed timesteps and noise: the same figure twice
+    assert len({round(v, 9) for v in first.values()}) == 3  # and it follows the LoRA as it trains
+    # Validating consumed nothing of the training's randomness: the LoRA is the one trained without it.
+    a, b = load_file(str(plain.lora_path)), load_file(str(runs[0].lora_path))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+class StopAt(Events):
+    def __init__(self, run_dir, at):
+        super().__init__(run_dir)
+        self.at = at
+
+    def stop_requested(self):
+        return any(e["type"] == "step" and e["step"] == self.at for e in read_events(self.run_dir))
+
+
+def test_a_resumed_run_reports_the_same_validation_loss(tiny_models, tmp_path):
+    data = make_dataset(tmp_path / "ds", n=6)
+    sets = {"train.max_steps": 6, "sample.at_end": False, "data.validation_split": 2,
+            "train.validate_every_n_steps": 2}
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train(tiny_config(tiny_models["sd1"], data, whole, **sets))
+    stopped = train(tiny_config(tiny_models["sd1"], data, cut, **sets), StopAt(cut, 3))
+    assert stopped.stopped_early and stopped.steps == 3
+    train(tiny_config(tiny_models["sd1"], data, cut, **sets), resume=True)
+    assert validation_losses(cut)[2] == validation_losses(whole)[2]
+    assert validation_losses(cut)[6] == validation_losses(whole)[6]  # the same held-out images after a resume

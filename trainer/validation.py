@@ -1,0 +1,106 @@
+"""A deterministic validation loss: images held out of training, each noised at the same timesteps with the
+same noise every time, so two checkpoints' figures differ only by what the LoRA learned.
+
+Held out by `data.validation_split` (a fraction below 1, or a count) chosen with the run's seed, or taken
+from `data.validation_dataset`. Latents, noise and (with frozen text encoders) caption embeddings are made
+once at the start; each evaluation is then one no-grad UNet pass per image over all timesteps. No random
+number generator of the training is touched, so a run with validation trains exactly as one without.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import torch
+import torch.nn.functional as F
+
+from .data.cache import encode_latent
+from .data.dataset import TrainingSet
+from .data.scan import Scan
+
+TIMESTEPS = 5  # spread over the schedule: low, middle and high noise all count
+CENTRE = (0.5, 0.5)
+
+
+def split(found: Scan, spec: float, seed: int) -> tuple[Scan, Scan | None]:
+    """(training scan, validation scan): `spec` < 1 is a fraction of the images, >= 1 a count; 0 = none.
+    The same seed holds out the same images; at least one image always stays for training."""
+    if not spec or len(found.items) < 2:
+        return found, None
+    n = max(1, round(spec * len(found.items))) if spec < 1 else int(spec)
+    n = min(n, len(found.items) - 1)
+    held = set(random.Random(f"validation-{seed}").sample(range(len(found.items)), n))
+    train = dataclasses.replace(found, items=[it for i, it in enumerate(found.items) if i not in held])
+    val = dataclasses.replace(found, items=[it for i, it in enumerate(found.items) if i in held], problems={})
+    return train, val
+
+
+class Validation:
+    """Everything fixed at the start; `loss()` evaluates the current LoRA on it."""
+
+    def __init__(self, found: Scan, cfg, fam, vae, tokenizers, text_encoders, noise_scheduler, encode_text: bool,
+                 precision, device):
+        data_cfg = dataclasses.replace(cfg.data, random_crop=False, flip=False, shuffle_tags=False, tag_dropout=0.0,
+                                       caption_dropout=0.0, repeats=1)
+        self.data = TrainingSet(found, data_cfg, cfg.data.resolution)
+        self.fam, self.tokenizers, self.scheduler = fam, tokenizers, noise_scheduler
+        self.precision, self.device, self.clip_skip = precision, device, cfg.model.clip_skip
+        self.v_pred = noise_scheduler.config.prediction_type == "v_prediction"
+        steps = noise_scheduler.config.num_train_timesteps
+        self.timesteps = torch.linspace(steps * 0.05, steps * 0.95, TIMESTEPS).round().long()
+        gen = torch.Generator("cpu").manual_seed(cfg.train.seed + 7919)  # its own generator, never the training's
+        with torch.no_grad():
+            self.latents = [encode_latent(vae, self.data.pixels(i, CENTRE, False)[0], gen).float()
+                            for i in range(len(self.data))]
+        self.noise = [torch.randn((TIMESTEPS, *lat.shape), generator=gen) for lat in self.latents]
+        self.captions = [e.caption for e in self.data.entries]
+        # Frozen text encoders give the same embeddings every time: encode once. Trained ones change, so
+        # they encode at every evaluation (they are on the device then).
+        self.text = [self._encode(text_encoders, c) for c in self.captions] if encode_text else None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @torch.no_grad()
+    def _encode(self, text_encoders, caption: str):
+        with self.precision.autocast():
+            hidden, pooled = self.fam.encode(text_encoders, self.fam.tokenize(self.tokenizers, [caption]), self.clip_skip)
+        return hidden[0].cpu(), None if pooled is None else pooled[0].cpu()
+
+    @torch.no_grad()
+    def loss(self, unet, text_encoders) -> float:
+        """Mean MSE over every held-out image and timestep, the models in eval mode (LoRA dropout off)."""
+        models = [unet, *text_encoders]
+        modes = [m.training for m in models]
+        for m in models:
+            m.eval()
+        try:
+            total = 0.0
+            for i, (latent, noise) in enumerate(zip(self.latents, self.noise)):
+                hidden, pooled = self.text[i] if self.text is not None else self._encode(text_encoders, self.captions[i])
+                total += self._one(unet, i, latent, noise, hidden, pooled)
+            return total / len(self.latents)
+        finally:
+            for m, mode in zip(models, modes):
+                m.train(mode)
+
+    def _one(self, unet, i: int, latent, noise, hidden, pooled) -> float:
+        t = self.timesteps.to(self.device)
+        latents = latent.to(self.device).expand(TIMESTEPS, *latent.shape)
+        noise = noise.to(self.device)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        target = self.scheduler.get_velocity(latents, noise, t) if self.v_pred else noise
+        dtype = self.precision.weight_dtype
+        hidden = hidden.to(self.device, dtype).expand(TIMESTEPS, *hidden.shape)
+        added = None
+        if pooled is not None:
+            pooled = pooled.to(self.device, dtype).expand(TIMESTEPS, *pooled.shape)
+            e = self.data.entries[i]
+            size, bucket = (e.size[1], e.size[0]), (e.bucket[1], e.bucket[0])
+            added = self.fam.added_cond(pooled, [size] * TIMESTEPS, [self.data.crop_top_left(i, CENTRE)] * TIMESTEPS,
+                                        [bucket] * TIMESTEPS)
+        with self.precision.autocast():
+            pred = unet(noisy.to(dtype), t, hidden, added_cond_kwargs=added).sample
+        value = F.mse_loss(pred.float(), target.float()).item()
+        return value if math.isfinite(value) else float("nan")
