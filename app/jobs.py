@@ -46,6 +46,7 @@ class RunView:
     command: str = ""
     queue_position: int = 0
     phase: str = ""  # "end samples": stopped and saved, rendering the end samples (a second Stop skips them)
+    recommendation: dict | None = None  # the checkpoint to keep and why (trainer/validation.py recommend)
 
 
 def train_command(run_dir: Path, resume: bool = False) -> list[str]:
@@ -105,8 +106,9 @@ def view(run_dir: Path, alive=pid_alive) -> RunView:
     job, events = read_job(run_dir), read_events(run_dir)
     v = RunView(run_dir.name, job.get("state", "unknown"), command=cli_equivalent(run_dir, job.get("resume", False)))
     since = job.get("queued_at", 0)  # a resumed run's folder also holds the previous attempt's end
+    figures: dict = {}  # step -> that checkpoint's validation loss and drift
     for e in events:
-        if e.get("type") in ("done", "error", "end_samples") and e.get("time", since) < since:
+        if e.get("type") in ("done", "error", "end_samples", "recommendation") and e.get("time", since) < since:
             continue
         t = e.get("type")
         if t == "start":
@@ -117,6 +119,10 @@ def view(run_dir: Path, alive=pid_alive) -> RunView:
                 v.losses.append((e["step"], e["loss"]))
         elif t == "validation" and e.get("loss") is not None:
             v.val_losses.append((e["step"], e["loss"]))
+        elif t == "checkpoint":
+            figures[e.get("step")] = e
+        elif t == "recommendation":
+            v.recommendation = {**figures.get(e.get("step"), {}), **e}
         elif t == "sample" and e.get("path"):
             v.samples.append(e["path"])
         elif t == "end_samples":

@@ -129,13 +129,15 @@ def details(e: Entry) -> dict:
     return {"file": str(e.path), "title": e.title, **e.hashes, **info}
 
 
-def rewrite_name(src: Path, dst: Path, new_name: str) -> None:
-    """A copy of `src` at `dst` whose ss_output_name (and ModelSpec title) say `new_name`."""
+def rewrite_name(src: Path, dst: Path, new_name: str, extra: dict[str, str] | None = None) -> None:
+    """A copy of `src` at `dst` whose ss_output_name (and ModelSpec title) say `new_name`, with `extra`
+    metadata added; the tensors are the same bytes."""
     header, n = read_header(src)
     md = header.setdefault("__metadata__", {})
     md["ss_output_name"] = new_name
     if "modelspec.title" in md:
         md["modelspec.title"] = new_name
+    md.update(extra or {})
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
     with open(src, "rb") as f:
@@ -152,6 +154,18 @@ def rename(ws: Workspace, e: Entry, new_name: str) -> Path:
     rewrite_name(e.path, dst, new_name)
     if e.source == "library":
         trash(ws, e)  # the old name goes away, but into the trash, not oblivion
+    return dst
+
+
+def keep(ws: Workspace, run: str, recommendation: dict) -> Path:
+    """Copy a run's recommended checkpoint into the library as `<run>-step<N>`, its figures and the reason it
+    was picked in the metadata (`lora_studio.recommendation`), so they travel with the file."""
+    src = Path(recommendation["path"])
+    if not src.is_file():
+        raise WorkspaceError(f"{src.name} is not there any more; it was moved or deleted after the run")
+    dst = new_path(ws, sanitize_name(f"{run}-step{recommendation['step']}"))
+    figures = {k: recommendation.get(k) for k in ("step", "validation_loss", "drift", "message")}
+    rewrite_name(src, dst, dst.stem, {"lora_studio.recommendation": json.dumps(figures)})
     return dst
 
 

@@ -1,11 +1,17 @@
-"""The validation loss (issue 20, first part): held-out images chosen by seed, a loss that is the same every
-time it is asked of the same LoRA, that touches nothing the training uses, and that is resumed exactly."""
+"""Which checkpoint to keep (issue 20): held-out images chosen by seed; a validation loss that is the same
+every time it is asked of the same LoRA, touches nothing the training uses and is resumed exactly; per
+checkpoint its loss and drift; a recommendation with its reason, and Keep copying it to the Library."""
+import json
+
+from safetensors import safe_open
 from safetensors.torch import load_file
 
+from app import jobs, library
+from app.workspace import Workspace
 from trainer.data.scan import scan
 from trainer.events import Events, read_events
 from trainer.loop import train
-from trainer.validation import split
+from trainer.validation import Checkpoint, recommend, split
 
 from .conftest import make_dataset, tiny_config
 
@@ -65,3 +71,42 @@ def test_a_resumed_run_reports_the_same_validation_loss(tiny_models, tmp_path):
     train(tiny_config(tiny_models["sd1"], data, cut, **sets), resume=True)
     assert validation_losses(cut)[2] == validation_losses(whole)[2]
     assert validation_losses(cut)[6] == validation_losses(whole)[6]  # the same held-out images after a resume
+
+
+def test_the_recommendation_prefers_low_validation_loss_within_the_drift_bound():
+    cps = [Checkpoint(100, "a", 0.50, 0.01), Checkpoint(200, "b", 0.40, 0.05), Checkpoint(300, "c", 0.35, 0.20),
+           Checkpoint(400, "d", 0.60, 0.30)]
+    best, why = recommend(cps, drift_bound=0.09)
+    assert best.step == 200  # step 300 has a lower loss but drifts past the bound
+    assert why.startswith("step 200: lowest validation loss (0.4)") and "drift 0.050 within the 0.09 bound" in why
+    assert "1 checkpoint(s) with lower loss drift past the bound" in why and "+50% by step 400" in why
+    assert recommend(cps, drift_bound=1.0)[0].step == 300
+    assert recommend([], 0.09) is None
+
+
+def test_each_checkpoint_gets_figures_and_the_run_recommends_one(tiny_models, tmp_path):
+    data = make_dataset(tmp_path / "ds", n=6)
+    out = tmp_path / "run"
+    train(tiny_config(tiny_models["sd1"], data, out, **{
+        "train.max_steps": 6, "sample.at_end": False, "sample.steps": 2, "sample.prompts": ["a red circle"],
+        "data.validation_split": 2, "save.every_n_steps": 2, "optim.lr": 5e-2}))
+    events = read_events(out)
+    checkpoints = [e for e in events if e["type"] == "checkpoint"]
+    assert [c["step"] for c in checkpoints] == [2, 4, 6]  # two checkpoints and the final LoRA
+    assert all(c["validation_loss"] == validation_losses(out)[c["step"]] for c in checkpoints)
+    assert all(0 < c["drift"] < 1 for c in checkpoints)  # the trained LoRA moves the pictures, a little
+    (rec,) = [e for e in events if e["type"] == "recommendation"]
+    best = min(checkpoints, key=lambda c: c["validation_loss"])
+    assert rec["step"] == best["step"] and rec["path"] == best["path"] and "lowest validation loss" in rec["message"]
+
+    # The Train tab shows it, and "Keep" copies that checkpoint into the Library with its figures.
+    shown = jobs.view(out, alive=lambda pid, d: False).recommendation
+    assert shown["step"] == best["step"] and shown["validation_loss"] == best["validation_loss"]
+    ws = Workspace(tmp_path / "ws").ensure(with_samples=False)
+    kept = library.keep(ws, "run", shown)
+    assert kept == ws.loras / f"run-step{best['step']}.safetensors"
+    with safe_open(str(kept), "pt") as f:
+        figures = json.loads(f.metadata()["lora_studio.recommendation"])
+    assert figures["validation_loss"] == best["validation_loss"] and figures["drift"] == best["drift"]
+    a, b = load_file(best["path"]), load_file(str(kept))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)

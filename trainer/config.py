@@ -119,6 +119,8 @@ class TrainConfig:
     validate_every_n_steps: int = opt(0, "Validation loss every N steps, besides each saved checkpoint and the end "
                                          "(needs data.validation_split or data.validation_dataset; 0 = only those)",
                                       min=0)
+    drift_bound: float = opt(0.09, "Largest drift (mean pixel change 0..1 on prompts without the trigger, against "
+                                   "the base) a recommended checkpoint may have", min=0.0, max=1.0)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from .errors import TrainingError
 from .events import Events
 from .formats import (SAVE_DTYPES, build_metadata, kohya_state_dict, now_epoch, peft_state_dict, png_data_url,
                       save_lora)
+from .model_info import is_embedded
 from .models import load_base
 from .precision import Precision
 from .samples import render, save_png
@@ -250,15 +251,27 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
             raise state_mod.save_failed(run_dir, step, e, params) from None
         accelerator.wait_for_everyone()
 
-    validated = {"step": None}
+    validated = {"step": None, "loss": None}
+    checkpoints: list[validation.Checkpoint] = []  # saved LoRAs with their figures, for the recommendation
+    drift_base: list = []  # renders of the base model for the drift figure, made once
 
-    def validate():
-        """The held-out loss of the LoRA as it is now; once per step however many reasons ask for it."""
-        if val is not None and validated["step"] != step:
-            value = val.loss(unet, tes)
-            events.emit("validation", step=step, loss=value)
-            accelerator.log({"validation_loss": value}, step=step)
-            validated["step"] = step
+    def validate(saved: Path | None = None):
+        """The held-out loss of the LoRA as it is now (once per step however many reasons ask), and for a saved
+        LoRA also its drift from the base, so the end of the run can recommend one."""
+        if val is None:
+            return
+        if validated["step"] != step:
+            validated.update(step=step, loss=val.loss(unet, tes))
+            events.emit("validation", step=step, loss=validated["loss"])
+            accelerator.log({"validation_loss": validated["loss"]}, step=step)
+        if saved is not None:
+            prompts = validation.drift_prompts(cfg, is_embedded(cfg.model.source))
+            if prompts and not drift_base:
+                with validation.lora_disabled([unet, *tes]):
+                    drift_base.extend(_render(cfg, base, unet, tes, precision, prompts))
+            moved = validation.drift(drift_base, _render(cfg, base, unet, tes, precision, prompts)) if prompts else None
+            checkpoints.append(validation.Checkpoint(step, str(saved), validated["loss"], moved))
+            events.emit("checkpoint", step=step, path=str(saved), validation_loss=validated["loss"], drift=moved)
 
     if resume:
         folder = state_mod.latest(run_dir)
@@ -309,8 +322,9 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
             if main and cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0 and step < total:
                 _sample(cfg, base, unet, tes, precision, run_dir, step, events)
             if cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0 and step < total and main:
-                _save(run_dir / "checkpoints" / f"{name}-step{step:06d}.safetensors", step, epoch, events, **save_args)
-                validate()
+                _save(checkpoint := run_dir / "checkpoints" / f"{name}-step{step:06d}.safetensors", step, epoch, events,
+                      **save_args)
+                validate(checkpoint)
             if cfg.train.validate_every_n_steps and step % cfg.train.validate_every_n_steps == 0 and step < total:
                 validate()
             if cfg.save.state_every_n_steps and step % cfg.save.state_every_n_steps == 0 and step < total:
@@ -321,9 +335,9 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
                 break
             if cfg.save.every_n_epochs and main and step % steps_per_epoch == 0 and step < total \
                     and (step // steps_per_epoch) % cfg.save.every_n_epochs == 0:
-                _save(run_dir / "checkpoints" / f"{name}-epoch{step // steps_per_epoch:04d}.safetensors",
+                _save(checkpoint := run_dir / "checkpoints" / f"{name}-epoch{step // steps_per_epoch:04d}.safetensors",
                       step, epoch, events, **save_args)
-                validate()
+                validate(checkpoint)
     except KeyboardInterrupt:
         stopped = True
         events.emit("stopping", step=step, message="interrupted: saving the LoRA before exiting")
@@ -351,8 +365,11 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
         thumb = written[0] if written else None
     if main and step > 0 and (thumb or not stopped):
         _save(final, step, epoch, events, thumbnail=thumb, **save_args)
-    if step > 0:
-        validate()
+    if step > 0 and main:
+        validate(final)
+        picked = validation.recommend(checkpoints, cfg.train.drift_bound)
+        if picked:
+            events.emit("recommendation", step=picked[0].step, path=picked[0].path, message=picked[1])
     if main:
         speed_log.record(cfg, step_seconds, _device_name(device))
     in_sync = _ranks_in_sync(accelerator, groups)
@@ -524,13 +541,18 @@ def _fill_latent_cache(data, cache, vae, vae_id, main, accelerator, events) -> N
     accelerator.wait_for_everyone()
 
 
+def _render(cfg, base, unet, tes, precision, prompts, stop=None) -> list:
+    """Prompts at the sample settings and seeds, with the VAE and text encoders borrowed back to the device."""
+    with _borrowed([base.vae, *tes], precision.device):
+        return render(base.family, unet, base.vae, tes, base.tokenizers, base.scheduler_config, prompts,
+                      negative=cfg.sample.negative_prompt, seed=cfg.sample.seed, steps=cfg.sample.steps,
+                      guidance=cfg.sample.guidance_scale, size=cfg.data.resolution,
+                      clip_skip=cfg.model.clip_skip, autocast=precision.autocast(), stop=stop)
+
+
 def _sample(cfg, base, unet, tes, precision, run_dir, step, events, stop=None) -> list[Path]:
     prompts = cfg.sample.prompts
-    with _borrowed([base.vae, *tes], precision.device):
-        images = render(base.family, unet, base.vae, tes, base.tokenizers, base.scheduler_config, prompts,
-                        negative=cfg.sample.negative_prompt, seed=cfg.sample.seed, steps=cfg.sample.steps,
-                        guidance=cfg.sample.guidance_scale, size=cfg.data.resolution,
-                        clip_skip=cfg.model.clip_skip, autocast=precision.autocast(), stop=stop)
+    images = _render(cfg, base, unet, tes, precision, prompts, stop)
     written = []
     for i, (prompt, im) in enumerate(zip(prompts, images)):
         path = save_png(im, run_dir / "samples" / f"step{step:06d}_{i:02d}.png")

@@ -8,6 +8,7 @@ number generator of the training is touched, so a run with validation trains exa
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.cache import encode_latent
+from .data.captions import split_tags
 from .data.dataset import TrainingSet
 from .data.scan import Scan
 
@@ -104,3 +106,69 @@ class Validation:
             pred = unet(noisy.to(dtype), t, hidden, added_cond_kwargs=added).sample
         value = F.mse_loss(pred.float(), target.float()).item()
         return value if math.isfinite(value) else float("nan")
+
+
+@contextlib.contextmanager
+def lora_disabled(models):
+    """The base model's behaviour, for comparison: every peft LoRA layer off for the duration."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+def drift_prompts(cfg, embedded: bool, n: int = 4) -> list[str]:
+    """Prompts without the trigger: what the LoRA should leave alone. The embedded model's own scenes (as
+    `bench learn` measures drift), else the sample prompts with the trigger taken out."""
+    if embedded:
+        from .world.learn import plain_prompts
+
+        return plain_prompts(n)
+    stripped = [", ".join(t for t in split_tags(p) if t != cfg.data.trigger) for p in cfg.sample.prompts]
+    return [p for p in stripped if p][:n]
+
+
+def drift(base_images, lora_images) -> float:
+    """Mean pixel change (0..1) between renders of the same prompts and seeds."""
+    import numpy as np
+
+    return float(np.mean([np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean() / 255.0
+                          for a, b in zip(base_images, lora_images)]))
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    step: int
+    path: str
+    validation_loss: float
+    drift: float | None
+
+
+def recommend(checkpoints: list[Checkpoint], drift_bound: float) -> tuple[Checkpoint, str] | None:
+    """The checkpoint to keep and why, in one line: the lowest validation loss among those whose drift stays
+    within the bound (all of them when none does), and how much worse the ones after it got."""
+    usable = [c for c in checkpoints if math.isfinite(c.validation_loss)]
+    if not usable:
+        return None
+    calm = [c for c in usable if c.drift is None or c.drift <= drift_bound] or usable
+    best = min(calm, key=lambda c: (c.validation_loss, c.step))
+    why = [f"step {best.step}: lowest validation loss ({best.validation_loss:.4g})"]
+    if best.drift is not None:
+        within = "within" if best.drift <= drift_bound else "above"
+        why.append(f"drift {best.drift:.3f} {within} the {drift_bound:g} bound")
+    passed_over = [c for c in usable if c not in calm and c.validation_loss < best.validation_loss]
+    if passed_over:
+        why.append(f"{len(passed_over)} checkpoint(s) with lower loss drift past the bound")
+    later = [c for c in usable if c.step > best.step]
+    if later:
+        worst = max(later, key=lambda c: c.validation_loss)
+        rise = (worst.validation_loss / best.validation_loss - 1) * 100 if best.validation_loss else 0.0
+        why.append(f"later checkpoints overfit: validation loss +{rise:.0f}% by step {worst.step}" if rise > 0
+                   else "later checkpoints are no better")
+    return best, "; ".join(why)

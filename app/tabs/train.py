@@ -11,7 +11,7 @@ import gradio as gr
 from trainer import doctor, presets, speed_log
 from trainer.estimate import estimate, fit_advice
 
-from .. import confine, trainer_cli
+from .. import confine, library, trainer_cli
 from .. import train_form as form
 from ..context import LOG, USER_ERRORS, Ctx, guard, said_in
 from ..workspace import WorkspaceError, check_name, unique_name
@@ -109,6 +109,7 @@ def build(ctx: Ctx, saved_form) -> dict:
                                    allow_custom_value=True)
             stop = gr.Button("Stop", variant="stop", elem_id="stop")
             resume = gr.Button("Resume", elem_id="resume")
+            keep = gr.Button("Keep the recommended checkpoint", elem_id="keep")
         state_md = gr.Markdown(elem_id="run-state")
         progress = gr.HTML(elem_id="progress")
         with gr.Row():
@@ -220,6 +221,8 @@ def build(ctx: Ctx, saved_form) -> dict:
         v = runner.view(name)
         signature = (name, v.step, len(v.samples), len(v.val_losses), v.state)
         state = f"**{v.state}**" + (f": {html.escape(v.message)}" if v.message else "")
+        if v.recommendation:
+            state += f"\n\n**Recommended:** {html.escape(v.recommendation['message'])}"
         log_tail = newest_lines(v.log_tail)
         if signature == last:  # nothing new: leave the plot and gallery alone (no flicker, no traffic)
             return state, progress_html(v), gr.skip(), gr.skip(), log_tail, v.command, last
@@ -255,6 +258,19 @@ def build(ctx: Ctx, saved_form) -> dict:
         return f"resuming **{name}**: {v.message or v.state}"
 
     resume.click(said_in(start_msg, [start_msg], do_resume), run_pick, start_msg)
+
+    @guard
+    def do_keep(name):
+        if not has_run(name):
+            raise ValueError("pick a run")
+        rec = runner.view(name).recommendation
+        if not rec:
+            raise ValueError(f"{name} has no recommendation: it needs a validation set (data.validation_split or "
+                             "data.validation_dataset) and saved checkpoints (save.every_n_steps)")
+        kept = library.keep(ws, name, rec)
+        return f"kept **{kept.name}** in the Library (step {rec['step']}: {html.escape(rec['message'])})"
+
+    keep.click(said_in(start_msg, [start_msg], do_keep), run_pick, start_msg)
     return {"refresh_datasets": (dataset, reg),
             "load_form": (load_form, [saved_form, *form_inputs], [*kept, *settings_outputs]), "resolution": resolution,
             "runs": (run_pick, known_runs), "run_name": run_name}
