@@ -157,6 +157,14 @@ def rename(ws: Workspace, e: Entry, new_name: str) -> Path:
     return dst
 
 
+def run_checkpoints(ws: Workspace, lora: str | Path) -> list[Path]:
+    """A run's saved checkpoints in training order, then its final LoRA, from the final LoRA's path."""
+    lora = Path(lora)
+    if lora.parent.parent != ws.runs:
+        raise WorkspaceError(f"{lora.name} is not a run's LoRA; pick one from a run to compare its checkpoints")
+    return sorted((lora.parent / "checkpoints").glob("*.safetensors")) + [lora]
+
+
 def keep(ws: Workspace, run: str, recommendation: dict) -> Path:
     """Copy a run's recommended checkpoint into the library as `<run>-step<N>`, its figures and the reason it
     was picked in the metadata (`lora_studio.recommendation`), so they travel with the file."""

@@ -179,3 +179,23 @@ def test_grid_cells_and_a_sheet_that_fills_in():
     assert partial.size == final.size == (2 * 192, 2 * (192 + grids.BAND))  # enlarged 3x, crisp
     assert partial.getpixel((96, grids.BAND + 96)) == final.getpixel((96, grids.BAND + 96)) == (255, 0, 0)
     assert partial.getpixel((192 + 96, grids.BAND + 96)) != (0, 0, 255)  # not rendered yet: a placeholder
+
+
+def test_a_runs_checkpoints_by_weight(tmp_path):
+    from trainer import grids
+
+    ws = Workspace(tmp_path / "ws").ensure(with_samples=False)
+    run = ws.runs / "glorp"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("glorp-step000200", "glorp-step000100"):
+        (run / "checkpoints" / f"{name}.safetensors").write_bytes(b"x")
+    (run / "glorp.safetensors").write_bytes(b"x")
+    found = library.run_checkpoints(ws, run / "glorp.safetensors")
+    assert [p.name for p in found] == ["glorp-step000100.safetensors", "glorp-step000200.safetensors",
+                                       "glorp.safetensors"]  # training order, the final one last
+    cells = grids.checkpoint_cells([str(p) for p in found], [0.5, 1])
+    assert [label for label, _ in cells] == ["step 100 @ 0.5", "step 100 @ 1", "step 200 @ 0.5", "step 200 @ 1",
+                                             "final @ 0.5", "final @ 1"]
+    assert cells[1][1] == [{"path": str(found[0]), "weight": 1}]
+    with pytest.raises(WorkspaceError, match="not a run's LoRA"):
+        library.run_checkpoints(ws, ws.loras / "x.safetensors")

@@ -110,3 +110,19 @@ def test_each_checkpoint_gets_figures_and_the_run_recommends_one(tiny_models, tm
     assert figures["validation_loss"] == best["validation_loss"] and figures["drift"] == best["drift"]
     a, b = load_file(best["path"]), load_file(str(kept))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_every_checkpoint_has_samples_and_a_grid_shows_them_side_by_side(tiny_models, tmp_path):
+    from PIL import Image
+
+    data = make_dataset(tmp_path / "ds", n=6)
+    out = tmp_path / "run"
+    train(tiny_config(tiny_models["sd1"], data, out, **{
+        "train.max_steps": 6, "sample.steps": 2, "sample.prompts": ["a red circle", "a blue circle"],
+        "data.validation_split": 2, "save.every_n_steps": 3}))
+    samples = [e for e in read_events(out) if e["type"] == "sample"]
+    assert sorted((e["step"], e["seed"]) for e in samples if not e.get("grid")) == [(3, 1234), (3, 1235), (6, 1234),
+                                                                                     (6, 1235)]
+    (sheet,) = [e for e in samples if e.get("grid")]
+    with Image.open(sheet["path"]) as im:  # 2 checkpoints x 2 prompts, each 32 px cell enlarged to 192
+        assert im.size == (2 * 192, 2 * (192 + 16))

@@ -46,3 +46,15 @@ def grid(images: list[Image.Image], labels: list[str], columns: int, cells: int 
             draw.rectangle((x + 1, y + BAND + 1, x + cw - 2, y + BAND + ch - 2), fill="#e5e7eb")
         draw.text((x + 3, y + 2), labels[i][:40] if i < len(labels) else "", fill="black")
     return sheet
+
+
+def checkpoint_cells(checkpoints: list[str], weights: list[float]) -> list[tuple[str, list[dict]]]:
+    """A run's checkpoints (rows, in training order) at each weight (columns), one LoRA at a time."""
+    def when(path: str) -> str:  # "name-step000300" -> "step 300"; the run's own file is the final one
+        tail = Path(path).stem.rsplit("-", 1)[-1]
+        for word in ("step", "epoch"):
+            if tail.startswith(word) and tail[len(word):].isdigit():
+                return f"{word} {int(tail[len(word):])}"
+        return "final"
+
+    return [(f"{when(path)} @ {w:g}", [{"path": path, "weight": w}]) for path in checkpoints for w in weights]

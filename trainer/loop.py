@@ -234,6 +234,7 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
     stream = batch_stream()
     step, epoch, consumed, smooth, bad_streak, stopped = 0, 0, 0, None, 0, False
     name = cfg.save.name or run_dir.name
+    final = run_dir / f"{name}.safetensors"
     started = now_epoch()
     save_args = dict(cfg=cfg, base=base, data=data, models=_prefixed(fam, unet if cfg.lora.train_unet else None,
                      tes if train_te else []), started=started)
@@ -272,6 +273,10 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
             moved = validation.drift(drift_base, _render(cfg, base, unet, tes, precision, prompts)) if prompts else None
             checkpoints.append(validation.Checkpoint(step, str(saved), validated["loss"], moved))
             events.emit("checkpoint", step=step, path=str(saved), validation_loss=validated["loss"], drift=moved)
+            sampled = (cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0) or \
+                (saved == final and cfg.sample.at_end)
+            if cfg.sample.prompts and not sampled:
+                _sample(cfg, base, unet, tes, precision, run_dir, step, events)  # every checkpoint has its samples
 
     if resume:
         folder = state_mod.latest(run_dir)
@@ -349,7 +354,6 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
     accelerator.wait_for_everyone()
     if stopped and step > 0 and step < total:
         save_state()  # Stop or Ctrl-C: Resume continues exactly from here
-    final = run_dir / f"{name}.safetensors"
     thumb = None
     if main and step > 0 and stopped:
         # Stopped means stopped: the LoRA is saved now, and the end samples (minutes on a CPU) become their
@@ -370,6 +374,7 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
         picked = validation.recommend(checkpoints, cfg.train.drift_bound)
         if picked:
             events.emit("recommendation", step=picked[0].step, path=picked[0].path, message=picked[1])
+        _checkpoint_grid(run_dir, [c.step for c in checkpoints], events)
     if main:
         speed_log.record(cfg, step_seconds, _device_name(device))
     in_sync = _ranks_in_sync(accelerator, groups)
@@ -539,6 +544,29 @@ def _fill_latent_cache(data, cache, vae, vae_id, main, accelerator, events) -> N
         cached, encoded = fill_latent_cache(data, cache, vae, vae_id)
         events.emit("cache", cached=cached, to_encode=encoded)
     accelerator.wait_for_everyone()
+
+
+def _checkpoint_grid(run_dir: Path, steps: list[int], events: Events) -> None:
+    """The run's sample prompts (rows) at every checkpoint (columns), same seeds: samples/checkpoints.png."""
+    from PIL import Image
+
+    from .events import read_events
+    from .grids import grid
+
+    shown = {(e["step"], e["path"]): e for e in read_events(run_dir) if e["type"] == "sample" and e["step"] in steps}
+    by_step = {s: sorted((e for (st, _), e in shown.items() if st == s), key=lambda e: e["seed"]) for s in steps}
+    rows = min((len(v) for v in by_step.values()), default=0)
+    if len(steps) < 2 or not rows:
+        return
+    images, labels = [], []
+    for r in range(rows):
+        for s in steps:
+            images.append(Image.open(by_step[s][r]["path"]).convert("RGB"))
+            labels.append(f"step {s}" if r == 0 else "")
+    path = run_dir / "samples" / "checkpoints.png"
+    grid(images, labels, columns=len(steps)).save(path)
+    events.emit("sample", step=steps[-1], path=str(path), prompt="every checkpoint x the sample prompts",
+                seed=None, grid=True)
 
 
 def _render(cfg, base, unet, tes, precision, prompts, stop=None) -> list:

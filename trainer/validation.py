@@ -169,6 +169,8 @@ def recommend(checkpoints: list[Checkpoint], drift_bound: float) -> tuple[Checkp
     if later:
         worst = max(later, key=lambda c: c.validation_loss)
         rise = (worst.validation_loss / best.validation_loss - 1) * 100 if best.validation_loss else 0.0
-        why.append(f"later checkpoints overfit: validation loss +{rise:.0f}% by step {worst.step}" if rise > 0
-                   else "later checkpoints are no better")
+        if rise >= 1:
+            why.append(f"later checkpoints overfit: validation loss +{rise:.0f}% by step {worst.step}")
+        else:
+            why.append(f"later checkpoints are no better (+{max(rise, 0):.1f}% at most)")
     return best, "; ".join(why)

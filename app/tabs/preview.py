@@ -16,6 +16,7 @@ from .. import train_form as form
 from ..context import Ctx, guard
 from ..workspace import WorkspaceError
 
+CHECKPOINTS = "checkpoints of LoRA 1 x its weights (X)"  # which checkpoint of a run to keep, at one seed
 SLOTS = 3
 SAMPLERS = ["ddim", "euler", "euler_a", "dpm++"]
 
@@ -67,8 +68,8 @@ def build(ctx: Ctx) -> dict:
             sampler = gr.Dropdown(SAMPLERS, value="ddim", label="Sampler")
         with gr.Row():
             generate = gr.Button("Generate", variant="primary", elem_id="generate")
-            mode = gr.Radio(["base / each / mix", "X/Y over LoRA 1 and 2 weights"], value="base / each / mix",
-                            label="Compare", elem_id="compare-mode")
+            mode = gr.Radio(["base / each / mix", "X/Y over LoRA 1 and 2 weights", CHECKPOINTS],
+                            value="base / each / mix", label="Compare", elem_id="compare-mode")
             xs = gr.Textbox("0, 0.5, 1", label="LoRA 1 weights (X)", elem_id="xy-x")
             ys = gr.Textbox("0, 0.5, 1", label="LoRA 2 weights (Y)", elem_id="xy-y")
             compare = gr.Button("Compare", elem_id="compare")
@@ -132,7 +133,12 @@ def build(ctx: Ctx) -> dict:
         """Cell by cell: the sheet is shown after each one, so a grid fills in instead of arriving at the end."""
         pr, values = apply_tags(pr, slot_values)
         req = request(b, pr, neg, sd, st, cf, sz, smp, *values)
-        if m.startswith("X/Y"):
+        if m == CHECKPOINTS:
+            if not req["loras"]:
+                raise WorkspaceError("choose a run's LoRA in slot 1 to compare its checkpoints")
+            found = [str(confine.path(ws, "checkpoint", p)) for p in library.run_checkpoints(ws, req["loras"][0]["path"])]
+            columns, cells = len(parse_weights(x)), grids.checkpoint_cells(found, parse_weights(x))
+        elif m.startswith("X/Y"):
             columns, cells = len(parse_weights(x)), grids.xy_cells(req["loras"], parse_weights(x), parse_weights(y))
         else:
             cells = grids.compare_cells(req["loras"])

@@ -268,7 +268,7 @@ def build(ctx: Ctx, saved_form) -> dict:
             raise ValueError(f"{name} has no recommendation: it needs a validation set (data.validation_split or "
                              "data.validation_dataset) and saved checkpoints (save.every_n_steps)")
         kept = library.keep(ws, name, rec)
-        return f"kept **{kept.name}** in the Library (step {rec['step']}: {html.escape(rec['message'])})"
+        return f"kept **{kept.name}** in the Library ({html.escape(rec['message'])})"
 
     keep.click(said_in(start_msg, [start_msg], do_keep), run_pick, start_msg)
     return {"refresh_datasets": (dataset, reg),
