@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the raw measurements are saved")
     bs.add_argument("--from", dest="replay", type=Path, metavar="JSON",
                     help="measure nothing: rebuild the table from saved measurements with the current estimator")
+    bc = bsub.add_parser("checkpoints", help="overfit the character preset on the embedded model, score every "
+                                             "checkpoint, and check the recommended one against the best")
+    bc.add_argument("--steps", type=int, default=1500, help="training steps (long enough to overfit)")
+    bc.add_argument("--every", type=int, default=150, help="a checkpoint every this many steps")
+    bc.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a training setting")
     bd = bsub.add_parser("data", help="scan/validate and latent-cache generated images")
     bd.add_argument("--images", type=int, default=1000, help="how many images to generate")
 
@@ -202,6 +208,10 @@ def cmd_bench(args) -> int:
         from .bench.data import main as bench_data
 
         bench_data(args.images)
+    elif args.bench_command == "checkpoints":
+        from .bench.checkpoints import main as bench_checkpoints
+
+        bench_checkpoints(args.steps, args.every, args.overrides)
     elif args.bench_command == "learn":
         from .bench.learn import main as bench_learn
 
