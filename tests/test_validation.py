@@ -73,6 +73,19 @@ def test_a_resumed_run_reports_the_same_validation_loss(tiny_models, tmp_path):
     assert validation_losses(cut)[6] == validation_losses(whole)[6]  # the same held-out images after a resume
 
 
+def test_a_resumed_run_recommends_among_the_checkpoints_saved_before_the_stop(tiny_models, tmp_path):
+    data = make_dataset(tmp_path / "ds", n=6)
+    sets = {"train.max_steps": 6, "sample.at_end": False, "sample.steps": 2, "sample.prompts": ["a red circle"],
+            "data.validation_split": 2, "save.every_n_steps": 2}
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train(tiny_config(tiny_models["sd1"], data, whole, **sets))
+    train(tiny_config(tiny_models["sd1"], data, cut, **sets), StopAt(cut, 3))
+    train(tiny_config(tiny_models["sd1"], data, cut, **sets), resume=True)
+    recommended = [e for e in read_events(cut) if e["type"] == "recommendation"]
+    expected = [e for e in read_events(whole) if e["type"] == "recommendation"]
+    assert recommended[-1]["step"] == expected[0]["step"] and recommended[-1]["message"] == expected[0]["message"]
+
+
 def test_the_recommendation_prefers_low_validation_loss_within_the_drift_bound():
     cps = [Checkpoint(100, "a", 0.50, 0.01), Checkpoint(200, "b", 0.40, 0.05), Checkpoint(300, "c", 0.35, 0.20),
            Checkpoint(400, "d", 0.60, 0.30)]

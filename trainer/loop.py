@@ -26,7 +26,7 @@ from .data.dataset import TrainingSet
 from .data.manifest import read_manifest
 from .data.scan import DatasetError, scan
 from .errors import TrainingError
-from .events import Events
+from .events import Events, read_events
 from .formats import (SAVE_DTYPES, build_metadata, kohya_state_dict, now_epoch, peft_state_dict, png_data_url,
                       save_lora)
 from .model_info import is_embedded
@@ -288,6 +288,11 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
         step, epoch, consumed = counters["step"], counters["epoch"], counters["consumed"]
         for _ in range(consumed):  # the same shuffled order, continued where the state left it
             next(stream)
+        # The checkpoints saved before the interruption still count for the recommendation (not the run's own
+        # file: it is written again at the end).
+        checkpoints.extend(validation.Checkpoint(e["step"], e["path"], e["validation_loss"], e["drift"])
+                           for e in read_events(run_dir) if e["type"] == "checkpoint" and e["step"] <= step
+                           and e["path"] != str(final) and e["validation_loss"] is not None)
         events.emit("resumed", step=step, state=folder.name)
     bar = tqdm(total=total, initial=step, disable=not main, desc="train", dynamic_ncols=True)
     step_seconds = []  # the optimizer steps alone (no samples, no saves): what speed_log keeps for estimates
@@ -550,7 +555,6 @@ def _checkpoint_grid(run_dir: Path, steps: list[int], events: Events) -> None:
     """The run's sample prompts (rows) at every checkpoint (columns), same seeds: samples/checkpoints.png."""
     from PIL import Image
 
-    from .events import read_events
     from .grids import grid
 
     shown = {(e["step"], e["path"]): e for e in read_events(run_dir) if e["type"] == "sample" and e["step"] in steps}
