@@ -23,7 +23,6 @@ MAX_HEADER = 100 * 2**20
 
 @dataclass
 class Entry:
-    name: str  # the file name without .safetensors: what A1111's <lora:name> and ComfyUI's lists show
     path: Path
     title: str  # the file's own metadata title (ss_output_name), which a copy or rename can leave behind
     family: str
@@ -33,6 +32,11 @@ class Entry:
     hashes: dict  # file_sha256/autov2 and tensor_sha256/autov3 (trainer.file_hashes)
     source: str  # "library" or "run <name>"
     metadata: dict
+
+    @property
+    def name(self) -> str:
+        """The file name without .safetensors: what A1111's <lora:name> and ComfyUI's lists show."""
+        return self.path.stem
 
     @property
     def sha256(self) -> str:
@@ -76,7 +80,7 @@ def entry(path: Path, source: str) -> Entry:
     ranks = sorted({v["shape"][0] for k, v in header.items() if k.endswith(("lora_down.weight", "lora_A.weight"))})
     rank = md.get("ss_network_dim") or (str(ranks[0]) if len(ranks) == 1 else "/".join(map(str, ranks[:3])))
     family = FAMILIES.get(md.get("ss_base_model_version", ""), "") or md.get("modelspec.architecture", "?").split("/")[0]
-    return Entry(path.stem, path, md.get("ss_output_name", ""), family, str(rank), md.get("modelspec.trigger_phrase", ""),
+    return Entry(path, md.get("ss_output_name", ""), family, str(rank), md.get("modelspec.trigger_phrase", ""),
                  path.stat().st_size / 2**20, hashes(path), source, md)
 
 

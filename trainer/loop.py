@@ -33,6 +33,7 @@ from .model_info import is_embedded
 from .models import load_base
 from .precision import Precision
 from .samples import render, save_png
+from .world.score import drift  # mean pixel change, as bench learn measures it
 
 
 @dataclass
@@ -270,7 +271,7 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
             if prompts and not drift_base:
                 with validation.lora_disabled([unet, *tes]):
                     drift_base.extend(_render(cfg, base, unet, tes, precision, prompts))
-            moved = validation.drift(drift_base, _render(cfg, base, unet, tes, precision, prompts)) if prompts else None
+            moved = drift(drift_base, _render(cfg, base, unet, tes, precision, prompts)) if prompts else None
             checkpoints.append(validation.Checkpoint(step, str(saved), validated["loss"], moved))
             events.emit("checkpoint", step=step, path=str(saved), validation_loss=validated["loss"], drift=moved)
             sampled = (cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0) or \

@@ -141,14 +141,6 @@ def drift_prompts(cfg, embedded: bool, n: int = 4) -> list[str]:
     return [p for p in stripped if p][:n]
 
 
-def drift(base_images, lora_images) -> float:
-    """Mean pixel change (0..1) between renders of the same prompts and seeds."""
-    import numpy as np
-
-    return float(np.mean([np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean() / 255.0
-                          for a, b in zip(base_images, lora_images)]))
-
-
 @dataclasses.dataclass
 class Checkpoint:
     step: int
