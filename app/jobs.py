@@ -47,6 +47,7 @@ class RunView:
     queue_position: int = 0
     phase: str = ""  # "end samples": stopped and saved, rendering the end samples (a second Stop skips them)
     recommendation: dict | None = None  # the checkpoint to keep and why (trainer/validation.py recommend)
+    plan: str = ""  # the memory plan the trainer chose, in one line
 
 
 def train_command(run_dir: Path, resume: bool = False) -> list[str]:
@@ -121,6 +122,8 @@ def view(run_dir: Path, alive=pid_alive) -> RunView:
             v.val_losses.append((e["step"], e["loss"]))
         elif t == "checkpoint":
             figures[e.get("step")] = e
+        elif t == "plan":
+            v.plan = e.get("text", "")
         elif t == "recommendation":
             v.recommendation = {**figures.get(e.get("step"), {}), **e}
         elif t == "sample" and e.get("path"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -111,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only these presets (repeatable); default all three")
     bl.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a training setting for every preset")
+    bl.add_argument("--fp8", action="store_true", help="the fp8 quality guard: each preset in bf16 at two seeds "
+                                                      "and with fp8 frozen weights; prints both and the seed noise")
     bs = bsub.add_parser("speed", help="time and measure the training step on full-size SD1.5 / SDXL architectures "
                                        "(random weights) against a bare UNet floor; writes bench/results.md")
     bs.add_argument("--quick", action="store_true", help="only the target settings (a few minutes on a CPU)")
@@ -131,13 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     dr = sub.add_parser("doctor", help="versions, device, free disk and known-bad combinations, each with a fix; "
                                        "exits 1 when something would stop a run")
     dr.add_argument("--json", action="store_true", help="print one JSON object")
+    dr.add_argument("--vram", type=float, metavar="GB", help="plan for a GPU of this much memory (or at most this "
+                                                             "much of this machine's GPU)")
     return p
 
 
 def cmd_doctor(args) -> int:
     from .doctor import check
 
-    report = check()
+    report = check(vram=args.vram)
     print(json.dumps(report.to_dict()) if args.json else report.text())
     return 1 if report.blocking else 0
 
@@ -215,7 +220,7 @@ def cmd_bench(args) -> int:
     elif args.bench_command == "learn":
         from .bench.learn import main as bench_learn
 
-        bench_learn(tuple(args.kind or ("character", "style", "concept")), args.overrides)
+        bench_learn(tuple(args.kind or ("character", "style", "concept")), args.overrides, fp8=args.fp8)
     elif args.bench_command == "speed":
         from .bench.speed import main as bench_speed
 
@@ -261,6 +266,20 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def plan_memory(cfg: RunConfig, vram: int | None):
+    """The memory plan against where this run will train: the CUDA GPU torch sees (--vram caps it), else the
+    CPU and its available RAM (a --vram tier then shapes the preset only: nothing here has that GPU)."""
+    import torch
+
+    from .plan import budget_for, make_plan
+
+    gpu = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu = (props.name, props.total_memory / 2**30)
+    return make_plan(cfg, budget_for(vram if gpu else None, gpu))
+
+
 def _check_writable(run_dir: Path) -> None:
     """Fail before any model loads when the run folder cannot be written (a file in the path, read-only)."""
     import tempfile
@@ -292,12 +311,23 @@ def cmd_train(args) -> int:
         raise ConfigError("no dataset: pass --dataset FOLDER or set data.dataset")
     run_dir = Path(cfg.save.output_dir)
     _check_writable(run_dir)
+    plan = plan_memory(cfg, args.vram)  # before anything loads: a run that cannot fit is refused here
+    if plan.refused:
+        raise ConfigError(plan.text())
+    if plan.overrides:
+        cfg = RunConfig.load(cfg.to_dict(), overrides=plan.overrides)
+    if os.environ.get("RANK", "0") == "0":
+        print(plan.text(), flush=True)
     if not args.resume and (run_dir / EVENTS_FILE).exists():
         if not args.force:
             raise ConfigError(f"run folder {run_dir} already holds a run; pass --output NEW_FOLDER, "
                               "or --force to start over in it")
         (run_dir / EVENTS_FILE).unlink()
         shutil.rmtree(run_dir / STATE_DIR, ignore_errors=True)  # the old run's states must not be resumed
+    if os.environ.get("RANK", "0") == "0":
+        from .events import Events
+
+        Events(run_dir).emit("plan", **plan.to_dict())
     try:
         result = train(cfg, resume=bool(args.resume))
     except Exception as e:

@@ -64,6 +64,7 @@ class Report:
     device: dict = field(default_factory=dict)
     disk: dict = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
+    plans: dict[str, str] = field(default_factory=dict)  # what the memory planner does here, per model
 
     @property
     def blocking(self) -> list[Finding]:
@@ -81,6 +82,7 @@ class Report:
             lines.append(f"{'device':<13} {d['kind']}: {d['name']}{memory}")
         for where, d in self.disk.items():
             lines.append(f"{where + ' disk':<13} {d['free_gb']} GB free at {d['path']}")
+        lines += [f"{model:<13} {text}" for model, text in self.plans.items()]
         lines += [f.line() for f in self.findings] or ["no problems found"]
         return "\n".join(lines)
 
@@ -214,7 +216,7 @@ def default_places() -> dict[str, Path]:
 
 
 def check(device: bool = True, versions: dict[str, str | None] | None = None, places: dict[str, Path] | None = None,
-          reqs: list[Requirement] | None = None) -> Report:
+          reqs: list[Requirement] | None = None, vram: float | None = None) -> Report:
     """The whole report. `versions`, `places` and `reqs` default to this environment's (tests pass fakes)."""
     reqs = requirements() if reqs is None else reqs
     versions = installed_versions((*SHOWN, *(r.name for r in reqs))) if versions is None else versions
@@ -225,7 +227,28 @@ def check(device: bool = True, versions: dict[str, str | None] | None = None, pl
     if device:
         report.device, found = device_info(versions)
         report.findings += found
+        report.plans = memory_plans(report.device, vram)
     return report
+
+
+# What doctor plans for: the character preset on the families' full-size models at their native resolution.
+PLANNED = {"SD1.5 512px": "sd1", "SDXL 1024px": "sdxl"}
+
+
+def memory_plans(device: dict, vram: float | None = None) -> dict[str, str]:
+    """The memory plan for each PLANNED model on this machine's GPU (`vram` caps it), or its RAM on a CPU."""
+    from . import plan, presets
+    from .config import RunConfig
+
+    gpu = (device["name"], device["memory_gb"]) if device.get("kind") == "cuda" and device.get("memory_gb") else None
+    budget = plan.budget_for(vram, gpu)
+    out = {}
+    for label, family in PLANNED.items():
+        half = "fp16" if budget.device == "cuda" else "bf16"
+        cfg = RunConfig.load(presets.resolve("character", family=family, n_images=20),
+                             {"model": {"family": family}, "train": {"mixed_precision": half}})
+        out[label] = plan.make_plan(cfg, budget).text()
+    return out
 
 
 def blocking_findings(workspace: Path | None = None) -> list[Finding]:

@@ -145,32 +145,13 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
     return Estimate(round(peak, 2), weights, lora, act, steps, secs)
 
 
-# Switches that lower memory, in the order users lose least by flipping them, as config overrides.
-SWITCHES = [
-    ["train.gradient_checkpointing=true"],
-    ["train.mixed_precision=fp16"],
-    ["data.cache_latents=true", "data.cache_text=true"],
-    ["train.frozen_dtype=fp8"],
-    ["optim.optimizer=adamw8bit"],
-    ["lora.train_text_encoder=false"],
-    ["train.batch_size=1"],
-]
-CUDA_CONTEXT_GB = 0.6  # the driver's own share of the card, outside what the estimate counts
-
-
-def fit_advice(cfg, vram_gb: float, n_samples: int | None = None) -> str:
-    """'' when the run fits `vram_gb`, else the smallest set of switches (in order) that makes it fit."""
-    budget = vram_gb - CUDA_CONTEXT_GB
-    peak = estimate(cfg, n_samples).peak_gb
-    if peak <= budget:
-        return ""
-    trial, applied = cfg, []
-    for overrides in SWITCHES:
-        trial = type(cfg).load(trial.to_dict(), overrides=overrides)
-        new_peak = estimate(trial, n_samples).peak_gb
-        if new_peak < peak:
-            applied.append(" and ".join(overrides))
-        peak = new_peak
-        if peak <= budget:
-            return f"does not fit {vram_gb:g} GB; set " + ", ".join(applied)
-    return f"does not fit {vram_gb:g} GB even with every memory switch; lower data.resolution or use a larger GPU"
+def host_load_gb(cfg) -> float:
+    """System RAM a run on a GPU needs while it loads: the base arrives on the host in half precision (fp32
+    without mixed precision) before any model moves to the device, plus the runtime."""
+    family = peek_family(cfg.model.source, cfg.model.family) or "sd1"
+    wbytes = 2 if cfg.train.mixed_precision in ("fp16", "bf16") else 4
+    if family == "tiny":
+        params = safetensors_params(EMBEDDED_DIR) if EMBEDDED_DIR.exists() else 5_000_000
+        return round(params * wbytes / GB + RUNTIME_GB, 2)
+    p = PARAMS_M[family]
+    return round((p["unet"] + p["text_encoders"] + p["vae"]) * wbytes * 1e6 / GB + RUNTIME_GB, 2)

@@ -8,8 +8,8 @@ import uuid
 
 import gradio as gr
 
-from trainer import doctor, presets, speed_log
-from trainer.estimate import estimate, fit_advice
+from trainer import doctor, plan, presets, speed_log
+from trainer.estimate import estimate
 
 from .. import confine, library, trainer_cli
 from .. import train_form as form
@@ -134,6 +134,13 @@ def build(ctx: Ctx, saved_form) -> dict:
                            preset=p or "", vram=v or form.NO_TIER, steps=int(s or 0), rank=int(k or 0), lr=float(l or 0),
                            prompts=tuple(line.strip() for line in (pr or "").splitlines() if line.strip()))
 
+    gpu = plan.nvidia_smi_gpu()  # once: the GPU does not change while the app runs
+
+    def memory_plan(cfg, tier, n=None):
+        """Against this machine's GPU (a tier caps it), as the trainer will plan when it starts; without a GPU
+        here, against a GPU of the chosen tier (to plan for another machine), else the RAM of a CPU run."""
+        return plan.make_plan(cfg, plan.budget_for(None if tier in (None, "", form.NO_TIER) else float(tier), gpu), n)
+
     @guard
     def settings(m, d, r, p, v, s, k, l, pr, name):
         c = choice(m, d, r, p, v, s, k, l, pr)
@@ -145,9 +152,9 @@ def build(ctx: Ctx, saved_form) -> dict:
             n = len(scan(ws.dataset(d)).items)
         guess = estimate(cfg, n)
         text = f"**Estimate:** {guess.text(speed_log.time_range(cfg, guess.steps))}"
-        if v and v != form.NO_TIER:
-            advice = fit_advice(cfg, float(v), n)
-            text += f"\n\n**{advice}**" if advice else f"\n\nfits {v} GB"
+        planned = memory_plan(cfg, v, n)
+        text += f"\n\n**{'Memory plan' if planned.fits else 'Does not fit'}:** " + \
+            html.escape(planned.text().split(": ", 1)[1]) + f" ({html.escape(planned.budget.source)})"
         saved = dict(zip(KEPT_KEYS, (m, d, r, p, v, s, k, l, pr)))
         return form.summary(cfg), text, cfg.to_toml(), form.training_resolution(cfg), saved
 
@@ -199,6 +206,9 @@ def build(ctx: Ctx, saved_form) -> dict:
         cfg = form.parse_edited(text)
         cfg.save.output_dir, cfg.save.name = str(ws.run(name)), name  # the run folder is the run name
         confine.run_config(ws, cfg)  # every path the Advanced box names stays inside the allowed folders
+        planned = plan.make_plan(cfg, plan.budget_for(None, gpu))  # where it will really train
+        if planned.refused:
+            raise ValueError(planned.text())
         v = runner.submit(name, cfg.to_toml())
         msg = f"started **{name}**" if v.state == "running" else f"**{name}** is {v.message or v.state}"
         return msg, gr.Dropdown(choices=ws.run_names(), value=name), unique_name(ws.runs, "run")
@@ -221,6 +231,8 @@ def build(ctx: Ctx, saved_form) -> dict:
         v = runner.view(name)
         signature = (name, v.step, len(v.samples), len(v.val_losses), v.state)
         state = f"**{v.state}**" + (f": {html.escape(v.message)}" if v.message else "")
+        if v.plan:
+            state += f"\n\n{html.escape(v.plan[0].upper() + v.plan[1:])}"
         if v.recommendation:
             state += f"\n\n**Recommended:** {html.escape(v.recommendation['message'])}"
         log_tail = newest_lines(v.log_tail)

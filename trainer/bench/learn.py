@@ -1,19 +1,29 @@
 """`lora-studio bench learn`: train each preset on its sample dataset with the embedded tiny model
-and print base score, LoRA score, drift, steps and seconds. The last line is one JSON object."""
+and print base score, LoRA score, drift, steps and seconds. The last line is one JSON object.
+
+With `--fp8` it is the quality guard of fp8 frozen weights instead: each preset trains in bf16 at two seeds and
+with fp8 frozen weights (bf16 compute) at the first, and fp8 counts as within noise when its score differs from
+the bf16 score at the same seed by no more than the two bf16 seeds differ from each other."""
 from __future__ import annotations
 
 import json
 import tempfile
 from pathlib import Path
 
+FP8_RUNS = {"bf16": ["train.mixed_precision=bf16"],
+            "bf16 seed 43": ["train.mixed_precision=bf16", "train.seed=43"],
+            "fp8": ["train.mixed_precision=bf16", "train.frozen_dtype=fp8"]}
 
-def main(kinds=("character", "style", "concept"), overrides: list[str] = ()) -> dict:
+
+def main(kinds=("character", "style", "concept"), overrides: list[str] = (), fp8: bool = False) -> dict:
     from ..world.learn import as_dict, generation_seconds, learn, load_pipeline, prompt_following
 
     pipe = load_pipeline()
     follow = prompt_following(pipe, 48, seed=7)
     print(f"base model: shape+colour right in {follow['hits']}/{follow['prompts']} prompts "
           f"({follow['accuracy']:.0%}); one 64 px generation {generation_seconds(pipe):.2f} s", flush=True)
+    if fp8:
+        return _fp8_guard(kinds, overrides, pipe)
     results = {}
     with tempfile.TemporaryDirectory(prefix="lora-studio-learn-") as tmp:
         for kind in kinds:
@@ -22,5 +32,27 @@ def main(kinds=("character", "style", "concept"), overrides: list[str] = ()) -> 
             print(f"{kind:10s} score base {r.score_base:.3f} -> lora {r.score_lora:.3f}   drift {r.drift:.3f}   "
                   f"{r.steps} steps in {r.seconds:.0f} s", flush=True)
     out = as_dict(results)
+    print(json.dumps(out))
+    return out
+
+
+def _fp8_guard(kinds, overrides: list[str], pipe) -> dict:
+    from ..world.learn import learn
+
+    out = {}
+    for kind in kinds:
+        scores = {}
+        for label, extra in FP8_RUNS.items():
+            with tempfile.TemporaryDirectory(prefix="lora-studio-learn-") as tmp:
+                r = learn(kind, Path(tmp), pipe=pipe, overrides=[*overrides, *extra])
+            scores[label] = {"score": r.score_lora, "drift": r.drift, "seconds": r.seconds}
+            print(f"{kind:10s} {label:13s} score {r.score_lora:.3f}   drift {r.drift:.3f}   {r.seconds:.0f} s",
+                  flush=True)
+        noise = abs(scores["bf16"]["score"] - scores["bf16 seed 43"]["score"])
+        gap = scores["fp8"]["score"] - scores["bf16"]["score"]
+        out[kind] = {**scores, "fp8_minus_bf16": round(gap, 4), "seed_noise": round(noise, 4),
+                     "fp8_within_noise": abs(gap) <= noise}
+        print(f"{kind:10s} fp8 - bf16 = {gap:+.3f}; bf16 seed 42 vs 43 differ by {noise:.3f}: "
+              f"{'within' if abs(gap) <= noise else 'OUTSIDE'} noise", flush=True)
     print(json.dumps(out))
     return out

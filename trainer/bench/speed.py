@@ -55,7 +55,7 @@ class Setting:
                 f"data.cache_latents={str(self.cache).lower()}", f"data.cache_text={str(self.cache).lower()}",
                 f"lora.train_text_encoder={str(self.train_te).lower()}", f"train.max_steps={self.warmup + self.steps}",
                 "sample.at_end=false", "sample.every_n_steps=0", "save.state_every_n_steps=0",
-                "data.min_bucket_side=64", "optim.optimizer=adamw"] + (["train.frozen_dtype=fp8"] if self.fp8 else [])
+                "data.min_bucket_side=64", "optim.optimizer=adamw", "train.fit_memory=false"] + (["train.frozen_dtype=fp8"] if self.fp8 else [])
 
 
 def matrix(quick: bool) -> list[Setting]:
