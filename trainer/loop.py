@@ -78,27 +78,21 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
         found, held_out = validation.split(found, cfg.data.validation_split, cfg.train.seed)
 
     # ---- model, family defaults, LoRA ----------------------------------------------------------
-    base = load_base(cfg.model.source, cfg.model.family, dtype=precision.weight_dtype)
+    fp8 = cfg.train.frozen_dtype == "fp8"
+    base = load_base(cfg.model.source, cfg.model.family, dtype=precision.weight_dtype,
+                     on_unet=lambda unet: _ready_unet(unet, cfg, precision, fp8))
     fam = base.family
     resolve_auto(cfg, fam, base.prediction_type, native_resolution(base))
     train_te = cfg.lora.train_text_encoder
     unet, vae, tes = base.unet, base.vae, base.text_encoders
-    for m in (unet, vae, *tes):
+    for m in (vae, *tes):
         m.requires_grad_(False)
-    for m in (unet, *tes):  # a no-op when the loader honoured dtype; before LoRA exists, so only base weights cast
-        _place(m, torch.device("cpu"), precision.weight_dtype)
-    # LoRA and the frozen stand-ins are built on the host, so neither full-precision weights nor all the
-    # models at once reach the GPU: each model goes there for its own phase (VAE: latent cache; text
-    # encoders: caption cache; UNet: training), and the first run's peak is the largest phase, not their sum.
-    if cfg.lora.train_unet:
-        lora_mod.inject(unet, cfg.lora, lora_mod.unet_targets(cfg.lora), "UNet")
-    if train_te:
-        for te in tes:
+    for te in tes:  # a no-op when the loader honoured dtype; before LoRA exists, so only base weights cast
+        _place(te, torch.device("cpu"), precision.weight_dtype)
+        if train_te:
             lora_mod.inject(te, cfg.lora, lora_mod.text_encoder_targets(cfg.lora), "text-encoder")
-    fp8 = cfg.train.frozen_dtype == "fp8"
-    frozen.freeze(unet, precision.weight_dtype, fp8=fp8)  # after injection: peft wraps the original layers
-    for te in tes if fp8 else ():
-        frozen.freeze(te, precision.weight_dtype, fp8=True)
+        if fp8:
+            frozen.freeze(te, precision.weight_dtype, fp8=True)
     trained = ([unet] if cfg.lora.train_unet else []) + (list(tes) if train_te else [])
     if not trained:
         raise TrainingError("nothing to train: set lora.train_unet or lora.train_text_encoder to true")
@@ -402,6 +396,18 @@ def native_resolution(base) -> int:
     if not isinstance(latent, int):
         return base.family.default_resolution
     return latent * 2 ** (len(base.vae.config.block_out_channels) - 1)
+
+
+def _ready_unet(unet, cfg: RunConfig, precision: Precision, fp8: bool) -> None:
+    """The UNet's LoRA and frozen stand-ins, built on the host as soon as it loads (before the text encoders):
+    neither full-precision weights nor all the models at once reach the GPU, each model goes there for its
+    own phase (VAE: latent cache; text encoders: caption cache; UNet: training), and with fp8 the half-precision
+    UNet is gone before the encoders arrive, so neither phase's peak is the sum of all the models."""
+    unet.requires_grad_(False)
+    _place(unet, torch.device("cpu"), precision.weight_dtype)  # a no-op when the loader honoured dtype
+    if cfg.lora.train_unet:
+        lora_mod.inject(unet, cfg.lora, lora_mod.unet_targets(cfg.lora), "UNet")
+    frozen.freeze(unet, precision.weight_dtype, fp8=fp8)  # after injection: peft wraps the original layers
 
 
 def resolve_auto(cfg: RunConfig, fam, model_prediction_type: str, resolution: int) -> None:

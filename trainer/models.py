@@ -132,11 +132,13 @@ def resolve_source(source: str) -> str:
     return source
 
 
-def load_base(source: str, family: str = "auto", dtype: torch.dtype | None = None) -> Base:
+def load_base(source: str, family: str = "auto", dtype: torch.dtype | None = None, on_unet=None) -> Base:
     """Load a diffusers folder, a single-file checkpoint or a Hub id. Raises ModelError with one line.
 
     `dtype` loads the weights straight into that precision: a half-precision run then never holds an
-    fp32 copy of the UNet, which for SDXL would be 10 GB on the way in."""
+    fp32 copy of the UNet, which for SDXL would be 10 GB on the way in. `on_unet(unet)` runs as soon as the
+    UNet exists; from a folder that is before the text encoders load, so a UNet it shrinks (fp8) never sits
+    in half precision beside them."""
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()  # per-component bars are noise around our own progress
@@ -147,7 +149,7 @@ def load_base(source: str, family: str = "auto", dtype: torch.dtype | None = Non
             if not (path / "model_index.json").exists():
                 raise ModelError(f"{path} is a folder but not a diffusers model (no model_index.json); "
                                  "pass a diffusers folder, a .safetensors checkpoint or a Hub id")
-            pipe = _from_folder(path, dtype)
+            pipe = _from_folder(path, dtype, on_unet)
             file_hash = ""
         elif path.exists():
             pipe = _from_single_file(path, dtype)
@@ -163,6 +165,8 @@ def load_base(source: str, family: str = "auto", dtype: torch.dtype | None = Non
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"could not load model {source}: {first}") from e
 
+    if on_unet is not None and not isinstance(pipe, SimpleNamespace):  # a pipeline loads all parts at once
+        on_unet(pipe.unet)
     sched = dict(pipe.scheduler.config)
     fam = detect_family(pipe.unet.config, sched) if family == "auto" else FAMILIES[family]
     tes = [t for t in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if t is not None]
@@ -199,7 +203,7 @@ COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tok
 LIBRARIES = ("diffusers", "transformers")
 
 
-def _from_folder(path: Path, dtype=None) -> SimpleNamespace:
+def _from_folder(path: Path, dtype=None, on_unet=None) -> SimpleNamespace:
     """The components of a local diffusers folder, loaded one by one. Without the pipeline machinery
     the embedded model reaches its first step ~0.6 s sooner, and no safety checker or feature
     extractor a folder may name is ever imported."""
@@ -217,6 +221,8 @@ def _from_folder(path: Path, dtype=None) -> SimpleNamespace:
         cls = getattr(importlib.import_module(library), cls_name)
         kwargs = {} if name.startswith("tokenizer") else {"dtype": dtype or torch.float32}
         parts[name] = cls.from_pretrained(str(path / name), **kwargs)
+        if name == "unet" and on_unet is not None:
+            on_unet(parts[name])
     for required in ("unet", "vae", "text_encoder", "tokenizer"):
         if required not in parts:
             raise ModelError(f"{path} has no {required}/ folder; a diffusers Stable Diffusion model needs one")

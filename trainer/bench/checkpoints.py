@@ -7,7 +7,8 @@ validation loss, the trainer's drift, the trigger score and the bench drift, and
 - the recommended checkpoint's trigger score is within 10% of the best checkpoint's;
 - its drift is no worse than the last checkpoint's. Drift is measured here on DRIFT_PROMPTS trigger-free prompts
   (three times `bench learn`'s 8, because checkpoints of one run differ by about 1% in drift and 8 prompts do not
-  resolve that); the paired standard error of the difference is printed beside it.
+  resolve that); the paired standard error of the difference is printed beside it, and "within noise" means
+  the recommended checkpoint's drift is at most two standard errors above the last's.
 The last line is one JSON object."""
 from __future__ import annotations
 
@@ -86,6 +87,8 @@ def main(steps: int = 1500, every: int = 150, overrides: list[str] = ()) -> dict
         "recommended_score_over_best": round(picked["trigger_score"] / best["trigger_score"], 4),
         "recommended_within_10pct_of_best": picked["trigger_score"] >= 0.9 * best["trigger_score"],
         "recommended_drift_not_worse_than_last": picked["bench_drift"] <= last["bench_drift"],
+        # Not worse beyond what the measurement resolves: at most two paired standard errors above the last.
+        "recommended_drift_not_worse_within_noise": mean_diff <= 2 * se,
         "drift_difference_vs_last": round(mean_diff, 5),
         "drift_difference_standard_error": round(se, 5),
     }
