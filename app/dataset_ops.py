@@ -1,6 +1,8 @@
 """What the Datasets tab does, as plain functions over a workspace (unit-tested without a browser)."""
 from __future__ import annotations
 
+import html
+
 import json
 import shutil
 import time
@@ -11,7 +13,7 @@ from trainer.data.importer import Limits, sanitize_name
 from trainer.data.manifest import Manifest, read_manifest, write_manifest
 from trainer.data.scan import MASK_SUFFIX, read_caption, scan
 
-from . import trainer_cli
+from . import confine, trainer_cli
 from .workspace import Workspace, WorkspaceError, check_name, new_folder
 
 UPLOAD_LIMITS = Limits(max_files=2000, max_file_bytes=50 * 2**20, max_total_bytes=2 * 2**30)
@@ -151,15 +153,24 @@ def _write_trash_index(ws: Workspace, index: list[dict]) -> None:
     write_text(ws.trash / TRASH_INDEX, json.dumps(index, indent=1))
 
 
-def validation(ws: Workspace, dataset: str, resolution: int = 512) -> tuple[list[list], list[list], str]:
-    """(per-file rows, bucket rows, one-line summary)."""
-    rep = trainer_cli.run_json("dataset", "check", "--json", "--resolution", str(int(resolution)), "--",
-                               str(ws.dataset(dataset)))
+def validation(ws: Workspace, dataset: str, resolution: int = 512, model: str = "") -> tuple[list[list], list[list], str]:
+    """(per-file rows, bucket rows, summary: counts, then what the caption lint says about the whole set)."""
+    from .train_form import model_source
+
+    tokens_from = confine.model(ws, "model.source", model_source(model)) if model else "tiny"
+    rep = trainer_cli.run_json("dataset", "check", "--json", "--resolution", str(int(resolution)),
+                               "--model", tokens_from, "--", str(ws.dataset(dataset)))
     rows = [[Path(f["path"]).name, f["status"], "; ".join(f["reasons"]), f"{f['width']}x{f['height']}",
              f["bucket"]] for f in rep["files"]]
     buckets = [[b, n] for b, n in rep["buckets"].items()]
     s = rep["summary"]
-    return rows, buckets, f"{s['ok']} ok, {s['warning']} with warnings, {s['excluded']} excluded"
+    c = rep["captions"]
+    text = (f"{s['ok']} ok, {s['warning']} with warnings, {s['excluded']} excluded; captions counted with "
+            f"{c['tokenizer']} ({c['window'] - 2} tokens fit)")
+    for tag in c["always"]:
+        text += (f"\n\n**{html.escape(tag)}** is in every caption besides the trigger: it will be learned as part "
+                 "of the trigger (remove it where it is not what the trigger means)")
+    return rows, buckets, text
 
 
 def caption_args(ws: Workspace, dataset: str, *, template: str = "", model: str = "", trigger: str = "") -> list[str]:

@@ -48,6 +48,8 @@ def build_app(ctx: Ctx) -> gr.Blocks:
         demo.load(load_form, inputs, outputs)  # the Train form as the user left it, and its settings
         # The Datasets tab checks at the resolution the chosen model and preset train at.
         tr["resolution"].change(lambda r: r or gr.skip(), tr["resolution"], ds["resolution"])
+        # ... and counts caption tokens with that model's tokenizer.
+        tr["model"].change(lambda m: m, tr["model"], ds["model"])
         listing, l_in, l_out = lib["listing"]
         demo.load(listing, l_in, l_out)
         refresh, r_in, r_out = pv["refresh"]

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     dc = dsub.add_parser("check", help="validate every file and show the bucket table")
     dc.add_argument("dataset")
     dc.add_argument("--resolution", type=int, default=512, help="training resolution for the bucket table")
+    dc.add_argument("--model", help="the base model whose tokenizer counts caption tokens (default: the embedded "
+                                    "model; a single file or Hub id uses CLIP's from the Hugging Face cache)")
+    dc.add_argument("--trigger", help="the trigger captions should hold (default: the dataset's own)")
     dc.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     dp = dsub.add_parser("caption", help="edit captions in bulk (atomic writes; images untouched)")
     dp.add_argument("dataset")
@@ -368,10 +371,14 @@ def cmd_dataset(args) -> int:
     if args.dataset_command in ("check", "stats"):
         _check_resolution(args.resolution)
     if args.dataset_command == "check":
+        from .data import caption_lint
+
         rep = report(args.dataset, resolution=args.resolution)
+        found = caption_lint.add_to_report(rep, args.dataset, trigger=args.trigger, model=args.model)
         s = rep["summary"]
         lines = [f"{rep['root']}: {s['ok']} ok, {s['warning']} with warnings, {s['excluded']} excluded"]
         lines += [f"  {f['status']:8} {f['path']}: {'; '.join(f['reasons'])}" for f in rep["files"] if f["reasons"]]
+        lines += caption_lint.summary_lines(found)
         lines += ["buckets:"] + [f"  {b}: {n}" for b, n in rep["buckets"].items()]
         _emit(args, rep, lines)
         return 0

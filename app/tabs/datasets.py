@@ -62,7 +62,8 @@ def build(ctx: Ctx) -> dict:
             with gr.Row():
                 resolution = gr.Number(512, precision=0, minimum=32, elem_id="check-resolution",
                                        label="Training resolution (follows the Train tab's model and preset)")
-                check = gr.Button("Check every file", elem_id="check-dataset")
+                check = gr.Button("Check every file and caption", elem_id="check-dataset")
+            check_model = gr.State("")  # the Train tab's base model: its tokenizer counts caption tokens
             check_summary = gr.Markdown(elem_id="check-summary")
             files = gr.Dataframe(headers=["file", "status", "why", "size", "bucket"], interactive=False,
                                  elem_id="check-files")
@@ -172,11 +173,11 @@ def build(ctx: Ctx) -> dict:
     apply.click(*said(do_apply, [ds, action, tag, new_tag], [message, tags]))
 
     @guard
-    def do_check(name, res):
-        rows, table, text = ops.validation(ws, name, int(res or 512))
+    def do_check(name, res, model):
+        rows, table, text = ops.validation(ws, name, int(res or 512), model=model)
         return rows, table, text
 
-    check.click(do_check, [ds, resolution], [files, buckets, check_summary], api_name="check_dataset")
+    check.click(do_check, [ds, resolution, check_model], [files, buckets, check_summary], api_name="check_dataset")
 
     @guard
     def do_caption(name, tmpl, mdl, trig):
@@ -184,4 +185,4 @@ def build(ctx: Ctx) -> dict:
         return msg, *load(name)
 
     caption_btn.click(*said(do_caption, [ds, template, model, trigger], [message, *load_outputs]))
-    return {"dataset": ds, "load": (load, load_outputs), "resolution": resolution}
+    return {"dataset": ds, "load": (load, load_outputs), "resolution": resolution, "model": check_model}

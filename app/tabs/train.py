@@ -283,6 +283,6 @@ def build(ctx: Ctx, saved_form) -> dict:
         return f"kept **{kept.name}** in the Library ({html.escape(rec['message'])})"
 
     keep.click(said_in(start_msg, [start_msg], do_keep), run_pick, start_msg)
-    return {"refresh_datasets": (dataset, reg),
+    return {"refresh_datasets": (dataset, reg), "model": model,
             "load_form": (load_form, [saved_form, *form_inputs], [*kept, *settings_outputs]), "resolution": resolution,
             "runs": (run_pick, known_runs), "run_name": run_name}
