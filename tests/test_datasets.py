@@ -205,9 +205,14 @@ class FakeCaptioner:
 def test_auto_caption_interface(tmp_path):
     ds = make_dataset(tmp_path / "ds")
     (ds / "img2.txt").unlink()
-    assert caption_dataset(ds, FakeCaptioner(), trigger="zorp") == 1
+    assert len(caption_dataset(ds, FakeCaptioner(), trigger="zorp").written) == 1
     assert (ds / "img2.txt").read_text().strip() == "zorp, a picture 48x40"
-    assert caption_dataset(ds, FakeCaptioner(), overwrite=True) == 4
+    asked = []
+    stopped = caption_dataset(ds, FakeCaptioner(), overwrite=True, batch_size=3, backup_dir=tmp_path / "b",
+                              should_stop=lambda: asked.append(1) or len(asked) > 1)
+    assert stopped.stopped and len(stopped.written) == 3  # the first batch, then the stop between batches
+    assert len(list((tmp_path / "b").glob("*.txt"))) == 4  # every caption it was about to replace, first
+    assert len(caption_dataset(ds, FakeCaptioner(), overwrite=True, backup_dir=tmp_path / "c").written) == 4
 
 
 def test_training_skips_bad_files_and_keeps_going(tiny_models, tmp_path):

@@ -67,10 +67,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--find", metavar="TAG", help="list the images whose caption has TAG")
     g.add_argument("--template", choices=["character", "style", "concept"],
                    help="caption uncaptioned images from a template")
-    g.add_argument("--auto", metavar="MODEL", help="caption uncaptioned images with an image-to-text model "
-                                                   "(a local folder or Hub id, e.g. a BLIP model)")
+    g.add_argument("--auto", metavar="MODEL", help="caption uncaptioned images with a captioning model, a local "
+                   "folder or Hub id: a WD tagger (SmilingWolf/wd-eva02-large-tagger-v3), Florence-2 "
+                   "(florence-community/Florence-2-large), a chat vision-language model (JoyCaption, Qwen-VL) or "
+                   "an image-to-text model (BLIP)")
+    g.add_argument("--restore", metavar="BACKUP", help="put back the captions an earlier --auto --overwrite replaced "
+                                                       "(the folder it printed)")
     dp.add_argument("--first", action="store_true", help="with --add: put the tag first")
-    dp.add_argument("--trigger", default="", help="trigger word for --template and --auto")
+    dp.add_argument("--trigger", default="", help="trigger word for --template and --auto (put first)")
+    dp.add_argument("--kind", choices=["auto", "wd", "florence", "vlm", "image-to-text"], default="auto",
+                    help="with --auto: what MODEL is (default: guessed from its files or name)")
+    dp.add_argument("--tags", metavar="TAGGER", help="with --auto: also tag with this WD tagger; captions are "
+                                                     "'tags, sentence'")
+    dp.add_argument("--instruction", default="", help="with --auto and a chat model: what to ask for each image")
+    dp.add_argument("--general-threshold", type=float, default=0.35, help="WD tagger: general tags from this score")
+    dp.add_argument("--character-threshold", type=float, default=0.85,
+                    help="WD tagger: character tags from this score")
+    dp.add_argument("--blacklist", default="", help="WD tagger: comma-separated tags never written")
+    dp.add_argument("--keep-underscores", action="store_true", help="WD tagger: keep tags' underscores")
+    dp.add_argument("--overwrite", action="store_true", help="with --auto: caption every image; the captions it "
+                                                             "replaces are copied to a backup folder first")
+    dp.add_argument("--preview", type=int, metavar="N", help="with --auto: caption the first N images and print the "
+                                                            "captions without writing anything")
+    dp.add_argument("--backup", metavar="DIR", help="where replaced captions are copied (default: a new folder "
+                                                    "under the cache's caption-backups)")
+    dp.add_argument("--batch-size", type=int, default=8, help="with --auto: images per batch")
+    dp.add_argument("--device", help="with --auto: cuda or cpu (default: cuda when present)")
     dp.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ds = dsub.add_parser("stats", help="image count, tag frequency and buckets")
     ds.add_argument("dataset")
@@ -394,9 +416,10 @@ def cmd_dataset(args) -> int:
         return 0
     # caption: exactly one action was given (argparse); an empty value is an error, never another action
     for flag, values in (("--add", [args.add]), ("--remove", [args.remove]), ("--find", [args.find]),
-                         ("--replace", args.replace or [None]), ("--auto", [args.auto])):
+                         ("--replace", args.replace or [None]), ("--auto", [args.auto]),
+                         ("--restore", [args.restore])):
         if any(v is not None and not v.strip() for v in values):
-            raise ConfigError(f"{flag} needs a non-empty {'model' if flag == '--auto' else 'tag'}; "
+            raise ConfigError(f"{flag} needs a non-empty {dict(auto='model', restore='folder').get(flag[2:], 'tag')}; "
                               "an empty one would change nothing")
     if args.find is not None:
         found = [str(p) for p in ops.find_by_tag(args.dataset, args.find)]
@@ -410,15 +433,52 @@ def cmd_dataset(args) -> int:
         n = ops.replace_tag(args.dataset, *args.replace)
     elif args.template:
         n = ops.caption_uncaptioned(args.dataset, args.template, args.trigger)
-    else:
-        from .data.captioner import TransformersCaptioner, caption_dataset
+    elif args.restore is not None:
+        from .data.captioner import restore_captions
 
-        try:
-            captioner = TransformersCaptioner(args.auto)
-        except Exception as e:
-            raise ConfigError(f"could not load captioning model {args.auto}: {str(e).splitlines()[0]}") from None
-        n = caption_dataset(args.dataset, captioner, trigger=args.trigger)
+        done = restore_captions(args.dataset, args.restore, args.backup)
+        lines = [f"{len(done.written)} caption(s) restored from {args.restore}"]
+        lines += [f"the captions they replaced are in {done.backup}"] if done.backup else []
+        _emit(args, {"changed": len(done.written), "backup": done.backup}, lines)
+        return 0
+    else:
+        return _auto_caption(args)
     _emit(args, {"changed": n}, [f"{n} caption file(s) written"])
+    return 0
+
+
+def _auto_caption(args) -> int:
+    from .data.captioner import Combined, caption_dataset, load_captioner
+    from .data.scan import scan
+    from .data.wd_tagger import TaggerOptions
+
+    scan(args.dataset)  # a missing dataset is said before any model loads
+    if args.batch_size < 1 or (args.preview is not None and args.preview < 1):
+        raise ConfigError("--batch-size and --preview need a number of 1 or more")
+    options = TaggerOptions(args.general_threshold, args.character_threshold,
+                            [t for t in args.blacklist.split(",") if t.strip()], not args.keep_underscores)
+    say = (lambda m: print(m, file=sys.stderr, flush=True))
+    try:
+        captioner = load_captioner(args.auto, args.kind, instruction=args.instruction, device=args.device,
+                                   tagger_options=options, progress=say)
+        if args.tags:
+            captioner = Combined(load_captioner(args.tags, "wd", device=args.device, tagger_options=options,
+                                                progress=say), captioner)
+    except Exception as e:
+        raise ConfigError(f"could not load captioning model {args.tags or args.auto}: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    done = caption_dataset(args.dataset, captioner, trigger=args.trigger, overwrite=args.overwrite,
+                           batch_size=args.batch_size, limit=args.preview, preview=args.preview is not None,
+                           backup_dir=args.backup,
+                           progress=lambda i, n: print(f"captioned {i}/{n}", file=sys.stderr, flush=True))
+    verb = "previewed" if args.preview is not None else "written"
+    lines = [f"{len(done.written)} caption(s) {verb} with {captioner.name}"]
+    lines += [f"  {Path(p).name}: {c}" for p, c in done.written.items()] if args.preview is not None else []
+    lines += [f"  nothing for {Path(p).name} (left as it was)" for p in done.empty]
+    lines += [f"the captions it replaced are in {done.backup}; undo with: lora-studio dataset caption "
+              f"{args.dataset} --restore {done.backup}"] if done.backup else []
+    _emit(args, {"changed": 0 if args.preview is not None else len(done.written), "captions": done.written,
+                 "empty": done.empty, "backup": done.backup, "captioner": captioner.name}, lines)
     return 0
 
 
