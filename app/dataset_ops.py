@@ -6,6 +6,7 @@ import html
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.data import caption_ops
@@ -173,16 +174,93 @@ def validation(ws: Workspace, dataset: str, resolution: int = 512, model: str = 
     return rows, buckets, text
 
 
-def caption_args(ws: Workspace, dataset: str, *, template: str = "", model: str = "", trigger: str = "") -> list[str]:
-    args = ["dataset", "caption", str(ws.dataset(dataset)), "--json"]
-    args += ["--auto", model] if model else ["--template", template]
-    return args + (["--trigger", trigger] if trigger else [])
+def auto_caption(ws: Workspace, dataset: str, *, template: str, trigger: str = "") -> str:
+    """Caption uncaptioned images from a template ("photo of [trigger]"), through the trainer CLI."""
+    if not template:
+        raise WorkspaceError("pick a caption template")
+    args = ["dataset", "caption", str(ws.dataset(dataset)), "--json", "--template", template]
+    out = trainer_cli.run_json(*args, *(["--trigger", trigger] if trigger else []))
+    return f"{out['changed']} caption file(s) written"
 
 
-def auto_caption(ws: Workspace, dataset: str, *, template: str = "", model: str = "", trigger: str = "") -> str:
-    """Caption uncaptioned images: with an image-to-text model when one is named, else a template.
-    Runs the trainer CLI in a subprocess, so the UI process never loads torch."""
-    if not (template or model):
-        raise WorkspaceError("pick a caption template or name a captioning model")
-    out = trainer_cli.run(*caption_args(ws, dataset, template=template, model=model, trigger=trigger))
-    return out.splitlines()[-1] if out else "done"
+# ---- captioning models ---------------------------------------------------------------------------------------
+CAPTIONERS = {  # label -> the CLI's --kind
+    "WD tagger: booru tags (ONNX)": "wd",
+    "Florence-2: a detailed sentence": "florence",
+    "Chat vision model: your instruction (JoyCaption, Qwen-VL)": "vlm",
+    "Image-to-text (BLIP)": "image-to-text",
+    "Guess from the model": "auto",
+}
+SUGGESTED = {"wd": "SmilingWolf/wd-eva02-large-tagger-v3", "florence": "florence-community/Florence-2-large",
+             "vlm": "", "image-to-text": "Salesforce/blip-image-captioning-large", "auto": ""}
+PREVIEW_IMAGES = 4
+CAPTION_BACKUPS = "captions-"  # trash/<dataset>/captions-<time>: captions a captioning run replaced
+
+
+@dataclass
+class CaptionSpec:
+    kind: str  # a CAPTIONERS value
+    model: str
+    tags: str = ""  # a WD tagger to combine with a sentence captioner: "tags, sentence"
+    instruction: str = ""
+    general_threshold: float = 0.35
+    character_threshold: float = 0.85
+    blacklist: str = ""
+    overwrite: bool = False
+    trigger: str = ""
+
+
+def caption_command(ws: Workspace, dataset: str, spec: CaptionSpec, *, preview: bool = False) -> list[str]:
+    """The `lora-studio dataset caption` arguments for a spec; every local model path stays inside the allowed
+    folders (a Hub id downloads into the Hugging Face cache)."""
+    if not spec.model.strip():
+        raise WorkspaceError("name a captioning model: a local folder or a Hub id (the box suggests one)")
+    args = ["dataset", "caption", str(ws.dataset(dataset)), "--json",
+            "--auto", confine.model(ws, "captioning model", spec.model.strip()), "--kind", spec.kind,
+            "--general-threshold", str(spec.general_threshold), "--character-threshold", str(spec.character_threshold)]
+    if spec.tags.strip():
+        args += ["--tags", confine.model(ws, "tagger", spec.tags.strip())]
+    for flag, value in (("--instruction", spec.instruction), ("--blacklist", spec.blacklist),
+                        ("--trigger", spec.trigger or read_manifest(ws.dataset(dataset)).trigger)):
+        if value.strip():
+            args += [flag, value.strip()]
+    if spec.overwrite:
+        args.append("--overwrite")
+    if preview:
+        return args + ["--preview", str(PREVIEW_IMAGES)]
+    return args + ["--backup", str(new_folder(ws.trash / dataset, CAPTION_BACKUPS + time.strftime("%Y%m%d-%H%M%S")))]
+
+
+def caption_preview(ws: Workspace, dataset: str, spec: CaptionSpec) -> list[list[str]]:
+    """[image, caption] for the first images the run would caption; nothing is written."""
+    out = trainer_cli.run_json(*caption_command(ws, dataset, spec, preview=True))
+    rows = [[Path(p).name, c] for p, c in out["captions"].items()]
+    rows += [[Path(p).name, "(the model had nothing to say: left as it is)"] for p in out["empty"]]
+    if not rows:
+        raise WorkspaceError("no image to caption: every image has a caption (tick 'Also re-caption' to redo them)")
+    return rows
+
+
+def caption_backups(ws: Workspace, dataset: str) -> list[Path]:
+    """Backups of replaced captions for this dataset, oldest first (the folder names hold the time)."""
+    folder = ws.trash / dataset
+    return sorted((p for p in folder.glob(CAPTION_BACKUPS + "*") if p.is_dir() and any(p.iterdir())),
+                  key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+
+
+def undo_captioning(ws: Workspace, dataset: str) -> str:
+    """Captions as they were before the newest captioning run (or undo): replaced ones back, new ones taken away;
+    the ones now there are kept in turn, so pressing it again redoes."""
+    backups = caption_backups(ws, dataset)
+    if not backups:
+        raise WorkspaceError(f"no captions to put back for {dataset}: nothing has replaced any yet")
+    newest = backups[-1]
+    keep = new_folder(ws.trash / dataset, CAPTION_BACKUPS + time.strftime("%Y%m%d-%H%M%S"))
+    out = trainer_cli.run_json("dataset", "caption", str(ws.dataset(dataset)), "--restore", str(newest),
+                               "--backup", str(keep), "--json")
+    # Restored: renamed out of the undo list, not deleted (the trash never loses anything); `keep` is newest now.
+    target = new_folder(newest.parent, "restored-" + newest.name)
+    target.rmdir()  # a name no other folder has, for the rename
+    newest.rename(target)
+    return (f"put back {out['restored']} caption(s) and took away {out['removed']} new one(s); "
+            "press again to redo")

@@ -49,5 +49,14 @@ def run(*args: str, timeout: float = 3600) -> str:
     return out.strip()
 
 
+def start(*args: str) -> subprocess.Popen:
+    """`lora-studio ARGS` running in the background (text stdout and stderr pipes): for long jobs whose progress
+    lines the UI shows and which Stop ends."""
+    proc = subprocess.Popen(command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            text=True, bufsize=1)
+    lower_priority(proc.pid)
+    return proc
+
+
 def run_json(*args: str, timeout: float = 3600) -> dict:
     return json.loads(run(*args, timeout=timeout))

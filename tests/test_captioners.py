@@ -2,6 +2,7 @@
 its thresholds, blacklist and underscore rules; Florence-2 and a chat VLM write captions; tags + sentence combine;
 the trigger goes first; existing captions are kept unless overwrite, and overwritten ones can be restored."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,7 +63,9 @@ def test_sentence_captioners_write_captions_trigger_first(models, tmp_path, kind
         text = (ds / f"{name}.txt").read_text().strip()
         assert text.startswith("glorp, ") and len(text) > len("glorp, ")
     assert (ds / "img0.txt").read_text() == "my own words"  # kept: no overwrite
-    assert done.backup == ""
+    backup = Path(done.backup)  # nothing replaced; the new captions are listed, so an undo takes them away
+    assert [f.name for f in backup.iterdir()] == ["absent.json"]
+    assert json.loads((backup / "absent.json").read_text()) == ["img1.txt", "img2.txt"]
 
 
 def test_combined_tags_and_sentence_overwrite_backup_and_restore(models, tmp_path):
@@ -101,5 +104,10 @@ def test_cli_preview_then_apply_then_restore(models, tmp_path, capsys):
     assert cli_main(["dataset", "caption", str(ds), "--restore", str(tmp_path / "b"), "--backup",
                      str(tmp_path / "b2")]) == 0
     assert (ds / "img1.txt").read_text() == "hand made"
+    assert not (ds / "img0.txt").exists()  # it had no caption before: the restore takes the new one away
+    assert "1 caption(s) restored and 1 removed" in capsys.readouterr().out
+    assert cli_main(["dataset", "caption", str(ds), "--restore", str(tmp_path / "b2"), "--json"]) == 0  # redo
+    assert json.loads(capsys.readouterr().out)["changed"] == 2
+    assert (ds / "img0.txt").read_text().startswith("glorp, ") and (ds / "img1.txt").read_text().startswith("glorp")
     assert cli_main(["dataset", "caption", str(ds), "--auto", str(tmp_path / "nope")]) == 2
     assert "could not load captioning model" in capsys.readouterr().err

@@ -437,9 +437,11 @@ def cmd_dataset(args) -> int:
         from .data.captioner import restore_captions
 
         done = restore_captions(args.dataset, args.restore, args.backup)
-        lines = [f"{len(done.written)} caption(s) restored from {args.restore}"]
-        lines += [f"the captions they replaced are in {done.backup}"] if done.backup else []
-        _emit(args, {"changed": len(done.written), "backup": done.backup}, lines)
+        lines = [f"{len(done.written)} caption(s) restored and {len(done.removed)} removed (they did not exist "
+                 f"before) from {args.restore}"]
+        lines += [f"the captions this replaced or removed are in {done.backup}"] if done.backup else []
+        _emit(args, {"changed": len(done.written) + len(done.removed), "restored": len(done.written),
+                     "removed": len(done.removed), "backup": done.backup}, lines)
         return 0
     else:
         return _auto_caption(args)

@@ -1,11 +1,14 @@
 """Datasets tab: create/select, drop images or zips in, edit captions, tags, trigger, trash, checks."""
 from __future__ import annotations
 
+import html
+import json
 from pathlib import Path
 
 import gradio as gr
 
 from .. import dataset_ops as ops
+from .. import trainer_cli
 from ..context import Ctx, guard, said_in
 
 KINDS = ["", "character", "style", "concept"]
@@ -68,11 +71,33 @@ def build(ctx: Ctx) -> dict:
             files = gr.Dataframe(headers=["file", "status", "why", "size", "bucket"], interactive=False,
                                  elem_id="check-files")
             buckets = gr.Dataframe(headers=["bucket", "images"], interactive=False)
-        with gr.Accordion("Caption uncaptioned images", open=False):
+        with gr.Accordion("Caption images", open=False, elem_id="captioning"):
             with gr.Row():
                 template = gr.Dropdown(["character", "style", "concept"], value="character", label="Template")
-                model = gr.Textbox(label="Or a captioning model (local folder or Hub id, e.g. a BLIP model)")
-                caption_btn = gr.Button("Caption")
+                caption_btn = gr.Button("Caption uncaptioned images from the template")
+            with gr.Row():
+                cap_kind = gr.Dropdown(list(ops.CAPTIONERS), value=next(iter(ops.CAPTIONERS)), label="Captioner",
+                                       elem_id="captioner-kind")
+                model = gr.Textbox(ops.SUGGESTED["wd"], elem_id="captioner-model", scale=2,
+                                   label="Model: a local folder or a Hub id (downloaded once on this machine)")
+                cap_tags = gr.Textbox(label="Also tag with a WD tagger (optional): captions become 'tags, sentence'",
+                                      elem_id="captioner-tags")
+            with gr.Row():
+                instruction = gr.Textbox(label="Instruction (chat models)", lines=2, elem_id="captioner-instruction",
+                                         placeholder="Write one descriptive caption for this image ...")
+                general = gr.Slider(0.05, 0.95, 0.35, step=0.05, label="Tags from score (general)")
+                character = gr.Slider(0.05, 0.99, 0.85, step=0.01, label="Tags from score (character)")
+                blacklist = gr.Textbox(label="Never write these tags (comma-separated)")
+            overwrite = gr.Checkbox(False, label="Also re-caption images that have captions (the old ones are kept: "
+                                                 "Undo puts them back)", elem_id="captioner-overwrite")
+            with gr.Row():
+                cap_preview = gr.Button(f"Preview on the first {ops.PREVIEW_IMAGES}", elem_id="caption-preview")
+                cap_apply = gr.Button("Apply to all", variant="primary", elem_id="caption-apply")
+                cap_stop = gr.Button("Stop", variant="stop", elem_id="caption-stop")
+                cap_undo = gr.Button("Undo the last captioning", elem_id="caption-undo")
+            cap_status = gr.Markdown(elem_id="caption-status")
+            cap_rows = gr.Dataframe(headers=["image", "caption"], interactive=False, wrap=True,
+                                    elem_id="caption-preview-table")
 
     # ---- handlers ------------------------------------------------------------------------------
     def said(fn, inputs, outputs):
@@ -180,9 +205,92 @@ def build(ctx: Ctx) -> dict:
     check.click(do_check, [ds, resolution, check_model], [files, buckets, check_summary], api_name="check_dataset")
 
     @guard
-    def do_caption(name, tmpl, mdl, trig):
-        msg = ops.auto_caption(ws, name, template=tmpl, model=mdl.strip(), trigger=trig)
+    def do_caption(name, tmpl, trig):
+        msg = ops.auto_caption(ws, name, template=tmpl, trigger=trig)
         return msg, *load(name)
 
-    caption_btn.click(*said(do_caption, [ds, template, model, trigger], [message, *load_outputs]))
+    caption_btn.click(*said(do_caption, [ds, template, trigger], [message, *load_outputs]))
+
+    # ---- captioning models: preview, apply (with progress and Stop), undo ---------------------------------
+    spec_inputs = [cap_kind, model, cap_tags, instruction, general, character, blacklist, overwrite, trigger]
+
+    def spec(kind, mdl, tg, instr, gen, char, black, over, trig):
+        return ops.CaptionSpec(ops.CAPTIONERS.get(kind, "auto"), mdl or "", tg or "", instr or "", float(gen),
+                               float(char), black or "", bool(over), trig or "")
+
+    def suggest(kind, current):
+        """A model to start from for the picked captioner, unless the user typed their own."""
+        if current and current not in ops.SUGGESTED.values():
+            return gr.skip()
+        return ops.SUGGESTED.get(ops.CAPTIONERS.get(kind, "auto"), "")
+
+    cap_kind.change(suggest, [cap_kind, model], model)
+
+    @guard
+    def do_preview(name, *values):
+        if not name:
+            raise ValueError("pick a dataset first")
+        rows = ops.caption_preview(ws, name, spec(*values))
+        return (f"previewed {len(rows)} image(s); nothing written yet. **Apply to all** writes captions like these",
+                rows)
+
+    cap_preview.click(said_in(cap_status, [cap_status, cap_rows], do_preview), [ds, *spec_inputs],
+                      [cap_status, cap_rows], show_progress_on=cap_status)
+
+    running: dict = {}  # dataset -> the captioning process, so Stop can end it
+
+    def do_apply(name, *values):
+        """Runs the CLI, showing its progress lines; Stop ends it between two writes (each caption is written
+        atomically, and every caption it replaces was backed up before the first one)."""
+        try:
+            if not name:
+                raise ValueError("pick a dataset first")
+            if name in running:
+                raise ValueError(f"{name} is being captioned already")
+            args = ops.caption_command(ws, name, spec(*values))
+        except (ValueError, OSError) as e:
+            yield f"**Not done:** {html.escape(str(e))}", gr.skip()
+            return
+        proc = running[name] = trainer_cli.start(*args)
+        last = "loading the model ..."
+        try:
+            yield last, gr.skip()
+            for line in proc.stderr:
+                line = line.strip()
+                if line:
+                    last = line
+                    yield html.escape(line), gr.skip()
+            out = proc.stdout.read()
+            proc.wait()
+        finally:
+            running.pop(name, None)
+            backup = Path(args[args.index("--backup") + 1])
+            if backup.is_dir() and not any(backup.iterdir()):
+                backup.rmdir()  # nothing was replaced: no empty folder in the trash
+        if proc.returncode != 0:
+            stopped = proc.returncode < 0
+            yield ("**stopped**; the captions written so far stay (Undo puts the old ones back)" if stopped else
+                   f"**Not done:** {html.escape(last.removeprefix('lora-studio: error: '))}"), gr.skip()
+            return
+        done = json.loads(out)
+        rows = [[Path(p).name, c] for p, c in done["captions"].items()]
+        yield f"captioned {len(rows)} image(s) with {html.escape(done['captioner'])}" + \
+            ("; **Undo** puts the replaced captions back" if done["backup"] else ""), rows
+
+    cap_apply.click(do_apply, [ds, *spec_inputs], [cap_status, cap_rows]).then(load, ds, load_outputs)
+
+    def do_stop(name):
+        proc = running.get(name)
+        if proc is None:
+            return "nothing is being captioned"
+        proc.terminate()
+        return "stopping ..."
+
+    cap_stop.click(do_stop, ds, cap_status)
+
+    @guard
+    def do_undo(name):
+        return ops.undo_captioning(ws, name), "", [], *load(name)  # the last run's table is not what is there now
+
+    cap_undo.click(*said(do_undo, [ds], [message, cap_status, cap_rows, *load_outputs]))
     return {"dataset": ds, "load": (load, load_outputs), "resolution": resolution, "model": check_model}

@@ -7,6 +7,7 @@ backup folder first, and `restore_captions` puts them back (itself backed up, so
 """
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from .images import open_rgb
 from .scan import scan
 
 KINDS = ("auto", "wd", "florence", "vlm", "image-to-text")
+ABSENT = "absent.json"  # in a caption backup: the captions that did not exist (a restore removes them)
 
 
 class Captioner(Protocol):
@@ -98,6 +100,7 @@ class Captioned:
     empty: list[str] = field(default_factory=list)  # images the captioner had nothing for (left as they were)
     backup: str = ""  # where the replaced captions were copied, when any were
     stopped: bool = False
+    removed: list[str] = field(default_factory=list)  # captions a restore took away (they did not exist before)
 
 
 def caption_dataset(dataset: str | Path, captioner: Captioner, trigger: str = "", overwrite: bool = False,
@@ -108,9 +111,8 @@ def caption_dataset(dataset: str | Path, captioner: Captioner, trigger: str = ""
     between batches; what was written before a stop stays."""
     items = [i for i in scan(dataset).items if overwrite or not i.caption][:limit]
     out = Captioned()
-    replacing = [i.image for i in items if caption_path(i.image).exists()]
-    if replacing and not preview:
-        out.backup = str(_back_up(dataset, replacing, backup_dir))
+    if items and not preview:
+        out.backup = str(_back_up(dataset, [i.image for i in items], backup_dir))
     for start in range(0, len(items), batch_size):
         if should_stop and should_stop():
             out.stopped = True
@@ -139,29 +141,42 @@ def default_backup_dir(dataset: str | Path) -> Path:
 
 
 def _back_up(dataset: str | Path, images: list[Path], backup_dir: str | Path | None) -> Path:
-    """Copy the captions of `images` into a new backup folder, keeping their paths inside the dataset."""
+    """The captions of `images` as they are now, in a new backup folder (paths as inside the dataset); those
+    that do not exist yet are listed in ABSENT, so a restore removes what the run creates."""
     folder = Path(backup_dir) if backup_dir else default_backup_dir(dataset)
+    folder.mkdir(parents=True, exist_ok=True)
+    absent = []
     for image in images:
-        target = folder / caption_path(image).relative_to(dataset)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(caption_path(image), target)
+        rel = caption_path(image).relative_to(dataset)
+        if caption_path(image).exists():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(caption_path(image), folder / rel)
+        else:
+            absent.append(rel.as_posix())
+    if absent:
+        write_text(folder / ABSENT, json.dumps(absent, indent=1))
     return folder
 
 
 def restore_captions(dataset: str | Path, backup: str | Path, backup_dir: str | Path | None = None) -> Captioned:
-    """Put the captions saved in `backup` back beside their images; the captions they replace are backed up
-    first. Backup files whose image is gone are left where they are."""
+    """Captions back as `backup` holds them: each saved caption written back, each caption it lists as absent
+    removed. What that replaces or removes is backed up first, so a restore is undone the same way."""
     backup, dataset = Path(backup), Path(dataset)
     if not backup.is_dir():
         raise ValueError(f"{backup} is not a caption backup folder")
     images = {caption_path(i.image).relative_to(dataset): i.image for i in scan(dataset).items}
     saved = {f: images[f.relative_to(backup)] for f in sorted(backup.rglob("*.txt")) if f.relative_to(backup) in images}
+    absent = json.loads((backup / ABSENT).read_text(encoding="utf-8")) if (backup / ABSENT).exists() else []
+    created = [images[Path(r)] for r in absent if Path(r) in images and caption_path(images[Path(r)]).exists()]
     out = Captioned()
-    current = [img for img in saved.values() if caption_path(img).exists()]
-    if current:
-        out.backup = str(_back_up(dataset, current, backup_dir))
+    touched = list(saved.values()) + created
+    if touched:
+        out.backup = str(_back_up(dataset, touched, backup_dir))
     for f, img in saved.items():
         text = f.read_text(encoding="utf-8")
         write_text(caption_path(img), text)
         out.written[str(img)] = text.strip()
+    for img in created:
+        caption_path(img).unlink()  # backed up just above
+        out.removed.append(str(img))
     return out
