@@ -39,6 +39,10 @@ class ModelConfig:
     family: str = opt("auto", "Model family; 'auto' detects it from the model", choices=["auto", "sd1", "sd2", "sdxl"])
     prediction_type: Optional[str] = opt(None, "Training target; auto reads the model's scheduler config",
                                          choices=[None, "epsilon", "v_prediction"])
+    zero_terminal_snr: Optional[bool] = opt(None, "Betas rescaled to zero terminal SNR (v-prediction models such as "
+                                                  "NoobAI-XL V-Pred); auto reads the checkpoint's ztsnr key or the "
+                                                  "scheduler config. Training then reaches pure noise, and samples use "
+                                                  "trailing timesteps with guidance rescale 0.7")
     clip_skip: int = opt(1, "Use the output of the N-th last text-encoder layer (1 = last; SDXL always uses its own)", min=1, max=12)
 
 

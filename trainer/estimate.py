@@ -119,7 +119,7 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
     vae_gb = (p["vae"] * vae_bytes if vae_on_device else 0) * 1e6 / GB
     weights = on_device * frozen_bytes * 1e6 / GB + vae_gb
     # On the host the base is loaded in half precision before its layers turn to fp8: that moment can be the peak.
-    load_peak = (p["unet"] + p["text_encoders"]) * wbytes * 1e6 / GB + vae_gb if host else 0.0
+    load_peak = _loading_gb(cfg, family, wbytes, fp8) + vae_gb if host else 0.0
     per_rank = LORA_PER_RANK_M[family][0] * cfg.lora.train_unet + LORA_PER_RANK_M[family][1] * bool(train_te)
     state = 2 if cfg.optim.optimizer == "adamw8bit" else 8
     lora = per_rank * cfg.lora.rank * 1e6 * (4 + 4 + state) / GB  # fp32 weights + grads + optimizer state
@@ -145,6 +145,17 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
     return Estimate(round(peak, 2), weights, lora, act, steps, secs)
 
 
+def _loading_gb(cfg, family: str, wbytes: int, fp8: bool) -> float:
+    """Weights held while the base loads. From a folder the UNet turns to fp8 before the text encoders load
+    (loop._ready_unet), so with fp8 the half-precision UNet never sits beside them; a single file or a Hub id
+    loads every part at once."""
+    p = PARAMS_M[family]
+    staged = fp8 and (cfg.model.source in ("", "tiny") or Path(cfg.model.source).expanduser().is_dir())
+    if staged:
+        return max(p["unet"] * wbytes, p["unet"] * FP8_BYTES + p["text_encoders"] * wbytes) * 1e6 / GB
+    return (p["unet"] + p["text_encoders"]) * wbytes * 1e6 / GB
+
+
 def host_load_gb(cfg) -> float:
     """System RAM a run on a GPU needs while it loads: the base arrives on the host in half precision (fp32
     without mixed precision) before any model moves to the device, plus the runtime."""
@@ -153,5 +164,5 @@ def host_load_gb(cfg) -> float:
     if family == "tiny":
         params = safetensors_params(EMBEDDED_DIR) if EMBEDDED_DIR.exists() else 5_000_000
         return round(params * wbytes / GB + RUNTIME_GB, 2)
-    p = PARAMS_M[family]
-    return round((p["unet"] + p["text_encoders"] + p["vae"]) * wbytes * 1e6 / GB + RUNTIME_GB, 2)
+    fp8 = wbytes == 2 and cfg.train.frozen_dtype == "fp8"
+    return round(_loading_gb(cfg, family, wbytes, fp8) + PARAMS_M[family]["vae"] * wbytes * 1e6 / GB + RUNTIME_GB, 2)

@@ -155,6 +155,7 @@ def build_metadata(*, name: str, family, cfg, resolution: int, prediction_type: 
         "ss_new_sd_model_hash": base_hash,
         "ss_v2": str(family.name == "sd2"),
         "ss_v_parameterization": str(prediction_type == "v_prediction"),
+        "ss_zero_terminal_snr": str(bool(cfg.model.zero_terminal_snr)),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{family.modelspec_architecture}/lora",
         "modelspec.implementation": ("https://github.com/Stability-AI/generative-models"

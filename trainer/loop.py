@@ -30,7 +30,7 @@ from .events import Events, read_events
 from .formats import (SAVE_DTYPES, build_metadata, kohya_state_dict, now_epoch, peft_state_dict, png_data_url,
                       save_lora)
 from .model_info import is_embedded
-from .models import load_base
+from .models import load_base, sampling_schedule
 from .precision import Precision
 from .samples import render, save_png
 from .world.score import drift  # mean pixel change, as bench learn measures it
@@ -82,7 +82,10 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
     base = load_base(cfg.model.source, cfg.model.family, dtype=precision.weight_dtype,
                      on_unet=lambda unet: _ready_unet(unet, cfg, precision, fp8))
     fam = base.family
-    resolve_auto(cfg, fam, base.prediction_type, native_resolution(base))
+    resolve_auto(cfg, fam, base.prediction_type, native_resolution(base), base.zero_terminal_snr)
+    if cfg.model.zero_terminal_snr and cfg.model.prediction_type == "epsilon":
+        raise TrainingError("model.zero_terminal_snr needs model.prediction_type = v_prediction: at the last "
+                            "timestep there is no signal left, so the noise cannot be predicted from it")
     train_te = cfg.lora.train_text_encoder
     unet, vae, tes = base.unet, base.vae, base.text_encoders
     for m in (vae, *tes):
@@ -154,7 +157,8 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
         unet_fwd = torch.compile(unet_fwd)
 
     latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    noise_scheduler = DDPMScheduler.from_config(base.scheduler_config, prediction_type=cfg.model.prediction_type)
+    noise_scheduler = DDPMScheduler.from_config(base.scheduler_config, prediction_type=cfg.model.prediction_type,
+                                                rescale_betas_zero_snr=cfg.model.zero_terminal_snr)
     val = None
     if main and held_out is not None:
         with _borrowed([vae, *tes], device):  # latents and frozen captions are made once, now
@@ -410,11 +414,13 @@ def _ready_unet(unet, cfg: RunConfig, precision: Precision, fp8: bool) -> None:
     frozen.freeze(unet, precision.weight_dtype, fp8=fp8)  # after injection: peft wraps the original layers
 
 
-def resolve_auto(cfg: RunConfig, fam, model_prediction_type: str, resolution: int) -> None:
+def resolve_auto(cfg: RunConfig, fam, model_prediction_type: str, resolution: int, zero_terminal_snr: bool = False) -> None:
     """Fill every 'auto' value from the model, so the written config.toml is explicit."""
     cfg.model.family = fam.name
     if cfg.model.prediction_type is None:
         cfg.model.prediction_type = model_prediction_type
+    if cfg.model.zero_terminal_snr is None:
+        cfg.model.zero_terminal_snr = zero_terminal_snr
     if cfg.data.resolution is None:
         cfg.data.resolution = resolution
     if cfg.lora.train_text_encoder is None:
@@ -582,10 +588,11 @@ def _checkpoint_grid(run_dir: Path, steps: list[int], events: Events) -> None:
 
 def _render(cfg, base, unet, tes, precision, prompts, stop=None) -> list:
     """Prompts at the sample settings and seeds, with the VAE and text encoders borrowed back to the device."""
+    schedule, rescale = sampling_schedule(base.scheduler_config, cfg.model.prediction_type, cfg.model.zero_terminal_snr)
     with _borrowed([base.vae, *tes], precision.device):
-        return render(base.family, unet, base.vae, tes, base.tokenizers, base.scheduler_config, prompts,
+        return render(base.family, unet, base.vae, tes, base.tokenizers, schedule, prompts,
                       negative=cfg.sample.negative_prompt, seed=cfg.sample.seed, steps=cfg.sample.steps,
-                      guidance=cfg.sample.guidance_scale, size=cfg.data.resolution,
+                      guidance=cfg.sample.guidance_scale, size=cfg.data.resolution, guidance_rescale=rescale,
                       clip_skip=cfg.model.clip_skip, autocast=precision.autocast(), stop=stop)
 
 

@@ -118,6 +118,38 @@ class Base:
     def prediction_type(self) -> str:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
+    @property
+    def zero_terminal_snr(self) -> bool:
+        return bool(self.scheduler_config.get("rescale_betas_zero_snr", False))
+
+
+GUIDANCE_RESCALE_ZTSNR = 0.7  # "Common Diffusion Noise Schedules and Sample Steps are Flawed", section 3.4
+
+
+def sampling_schedule(scheduler_config: dict, prediction_type: str | None = None,
+                      zero_terminal_snr: bool | None = None) -> tuple[dict, float]:
+    """(scheduler config, guidance_rescale) that samples as the model trains. With zero terminal SNR the
+    schedule must start at the last timestep (trailing spacing) and guidance is rescaled; otherwise samples
+    come out washed out."""
+    config = dict(scheduler_config)
+    if prediction_type:
+        config["prediction_type"] = prediction_type
+    ztsnr = config.get("rescale_betas_zero_snr", False) if zero_terminal_snr is None else zero_terminal_snr
+    if not ztsnr:
+        return config, 0.0
+    return {**config, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, GUIDANCE_RESCALE_ZTSNR
+
+
+def checkpoint_flags(keys: list[str], scheduler_config: dict) -> dict:
+    """A single-file checkpoint's own word on its schedule: empty `v_pred` and `ztsnr` tensors, as NoobAI-XL
+    V-Pred and the checkpoints merged from it carry them (diffusers' from_single_file ignores both)."""
+    config = dict(scheduler_config)
+    if "v_pred" in keys:
+        config["prediction_type"] = "v_prediction"
+    if "ztsnr" in keys:
+        config["rescale_betas_zero_snr"] = True
+    return config
+
 
 def detect_family(unet_config, scheduler_config: dict) -> Family:
     return FAMILIES[family_name(dict(unet_config))]
@@ -168,6 +200,8 @@ def load_base(source: str, family: str = "auto", dtype: torch.dtype | None = Non
     if on_unet is not None and not isinstance(pipe, SimpleNamespace):  # a pipeline loads all parts at once
         on_unet(pipe.unet)
     sched = dict(pipe.scheduler.config)
+    if path.is_file():
+        sched = checkpoint_flags(checkpoint_keys(path), sched)
     fam = detect_family(pipe.unet.config, sched) if family == "auto" else FAMILIES[family]
     tes = [t for t in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if t is not None]
     toks = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]

@@ -15,7 +15,7 @@ from PIL import Image
 
 from . import adapters
 from .lora_file import LoraError, check_family, read_lora
-from .models import load_base
+from .models import load_base, sampling_schedule
 
 SAMPLERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
             "dpm++": "DPMSolverMultistepScheduler"}
@@ -66,7 +66,7 @@ class Previewer:
             from diffusers import DDIMScheduler
 
             self.pipe = b.family.pipeline(b.unet, b.vae, b.text_encoders, b.tokenizers,
-                                          DDIMScheduler.from_config(b.scheduler_config))
+                                          DDIMScheduler.from_config(sampling_schedule(b.scheduler_config)[0]))
             self.pipe.set_progress_bar_config(disable=True)
             self.models = {"lora_unet": b.unet, **dict(zip(b.family.te_prefixes, b.text_encoders))}
             self.base_source, self.adapters = source, {}
@@ -103,7 +103,7 @@ class Previewer:
 
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
-        return getattr(diffusers, SAMPLERS[sampler]).from_config(self.base.scheduler_config)
+        return getattr(diffusers, SAMPLERS[sampler]).from_config(sampling_schedule(self.base.scheduler_config)[0])
 
     # ---- rendering ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -114,6 +114,7 @@ class Previewer:
         size = req.size or pipe.unet.config.sample_size * pipe.vae_scale_factor  # the model's native size
         image = pipe(req.prompt, negative_prompt=req.negative or None, num_inference_steps=req.steps,
                      guidance_scale=req.guidance, height=size, width=size,
+                     guidance_rescale=sampling_schedule(self.base.scheduler_config)[1],
                      generator=torch.Generator("cpu").manual_seed(req.seed)).images[0]
         settings = {**asdict(req), "size": size, "family": self.base.family.name}
         return image, settings

@@ -11,9 +11,11 @@ from .atomic import write_bytes
 
 @torch.no_grad()
 def render(family, unet, vae, text_encoders, tokenizers, scheduler_config: dict, prompts: list[str], *,
-           negative: str, seed: int, steps: int, guidance: float, size: int, clip_skip: int, autocast, stop=None):
-    """One image per prompt, prompt i at seed + i. `stop()` is asked before each image: a user who
-    stopped the run can skip the rest."""
+           negative: str, seed: int, steps: int, guidance: float, size: int, clip_skip: int, autocast, stop=None,
+           guidance_rescale: float = 0.0):
+    """One image per prompt, prompt i at seed + i, with `scheduler_config` and `guidance_rescale` as
+    models.sampling_schedule gives them. `stop()` is asked before each image: a user who stopped the run can
+    skip the rest."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config(scheduler_config)
@@ -31,7 +33,7 @@ def render(family, unet, vae, text_encoders, tokenizers, scheduler_config: dict,
                 kwargs = family.prompt_kwargs(text_encoders, tokenizers, [prompt], negative, clip_skip)
                 gen = torch.Generator("cpu").manual_seed(seed + i)
                 out = pipe(**kwargs, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                           generator=gen)
+                           generator=gen, guidance_rescale=guidance_rescale)
                 images.append(out.images[0])
     finally:
         for m, t in zip((unet, *text_encoders), was_training):

@@ -105,9 +105,10 @@ def sdxl_unet(cross_dim: int = 64, blocks=(32, 64), sample_size: int = 16, poole
     )
 
 
-def build_pipeline(family: str, folder: str | Path, seed: int = 0):
+def build_pipeline(family: str, folder: str | Path, seed: int = 0, scheduler: dict | None = None):
     """Build a randomly initialised tiny pipeline of `family` ('sd1', 'sd2' or 'sdxl') and save it
-    in the diffusers layout under `folder`. Returns the folder."""
+    in the diffusers layout under `folder`; `scheduler` adds to its scheduler's settings (a v-prediction,
+    zero-terminal-SNR SDXL: {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}). Returns the folder."""
     from diffusers import (DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline)
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -116,7 +117,7 @@ def build_pipeline(family: str, folder: str | Path, seed: int = 0):
     tok = load_tokenizer(write_tokenizer(folder / "_tok"))
     sched_kwargs = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                         beta_schedule="scaled_linear", clip_sample=False,
-                        steps_offset=1)
+                        steps_offset=1, **(scheduler or {}))
     if family == "sdxl":
         te1 = CLIPTextModel(text_encoder_config(tok, hidden=32))
         te2 = CLIPTextModelWithProjection(text_encoder_config(tok, hidden=32, projection_dim=32))
