@@ -36,30 +36,52 @@ def dequantize(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) 
     return w.to(dtype) if scale is None else w.to(dtype) * scale.to(dtype)
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass, that is while a checkpointed block is recomputed: the block's
+    own backward follows at once, so its weights may be kept dequantized until then (one block's worth) instead
+    of being dequantized a third time."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+def _save(ctx, w, scale, full):
+    ctx.save_for_backward(w, scale)  # the same tensors in a first pass and a recompute, as checkpointing checks
+    # Not through save_for_backward: checkpointing compares what a recompute saves with the first pass.
+    ctx.full = full if _in_backward() else None
+
+
+def _weight_for_grad(ctx, dtype) -> torch.Tensor:
+    full, ctx.full = ctx.full, None
+    if full is not None:
+        return full.to(dtype)
+    w, scale = ctx.saved_tensors
+    return dequantize(w, scale, dtype)
+
+
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, scale, bias):
-        ctx.save_for_backward(w, scale)
-        return F.linear(x, dequantize(w, scale, x.dtype), bias)
+        full = dequantize(w, scale, x.dtype)
+        _save(ctx, w, scale, full)
+        return F.linear(x, full, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        w, scale = ctx.saved_tensors
-        return grad @ dequantize(w, scale, grad.dtype), None, None, None
+        return grad @ _weight_for_grad(ctx, grad.dtype), None, None, None
 
 
 class _Conv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, scale, bias, stride, padding, dilation, groups):
-        ctx.save_for_backward(w, scale)
+        full = dequantize(w, scale, x.dtype)
+        _save(ctx, w, scale, full)
         ctx.conf = (x.shape, stride, padding, dilation, groups)
-        return F.conv2d(x, dequantize(w, scale, x.dtype), bias, stride, padding, dilation, groups)
+        return F.conv2d(x, full, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
-        w, scale = ctx.saved_tensors
         shape, stride, padding, dilation, groups = ctx.conf
-        grad_x = torch.nn.grad.conv2d_input(shape, dequantize(w, scale, grad.dtype), grad, stride, padding,
+        grad_x = torch.nn.grad.conv2d_input(shape, _weight_for_grad(ctx, grad.dtype), grad, stride, padding,
                                             dilation, groups)
         return grad_x, None, None, None, None, None, None, None
 
@@ -134,8 +156,59 @@ def freeze(model: torch.nn.Module, compute_dtype: torch.dtype, fp8: bool = False
         mod = getattr(holder, leaf)
         cls = FrozenLinear if isinstance(mod, torch.nn.Linear) else FrozenConv2d
         setattr(holder, leaf, cls(mod, compute_dtype, fp8))
+        if fp8:
+            page_out(mod.weight)
         del mod
+    if fp8 and names:
+        _own_memory(model)
     return len(names)
+
+
+def page_out(t: torch.Tensor) -> None:
+    """Tell Linux the pages under `t` are not needed soon (madvise MADV_PAGEOUT). A base loaded from a safetensors
+    file in its own dtype is a read-only map of that file: the pages fp8 has just replaced would otherwise stay
+    in this process's memory until the whole map goes, so the half-precision model and its fp8 copy would peak
+    together. Data is never changed: a page touched again is read back (file) or swapped in (anonymous)."""
+    import sys
+
+    if sys.platform != "linux" or t.device.type != "cpu" or t.numel() * t.element_size() < 1 << 20:
+        return
+    import ctypes
+    import mmap
+
+    libc = _libc()
+    if libc is None:
+        return
+    start, size = t.data_ptr(), t.numel() * t.element_size()
+    first = (start + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE  # whole pages inside the tensor only
+    last = (start + size) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_PAGEOUT)
+
+
+MADV_PAGEOUT = 21  # Linux 5.4+; older kernels answer EINVAL and nothing happens
+_LIBC: list = []
+
+
+def _libc():
+    if not _LIBC:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True))
+        except OSError:
+            _LIBC.append(None)
+    return _LIBC[0]
+
+
+def _own_memory(model: torch.nn.Module) -> None:
+    """Frozen tensors fp8 left alone (norms, embeddings, KEEP_HALF layers) still point into the loaded file's
+    map and keep all of it mapped; copies of them let it go."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if not t.requires_grad and t.dtype != STORAGE and t.device.type == "cpu":
+                t.data = t.data.clone()
 
 
 def stored_bytes(model: torch.nn.Module) -> dict[str, int]:

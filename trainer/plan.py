@@ -22,10 +22,11 @@ CUDA_CONTEXT_GB = 0.6  # the driver's and allocator's own share of the card, out
 MARGIN = 0.10  # the plan leaves this share of the budget free: the estimate is within 10% of measured peaks
 # Slow-down of a step from each saving, as measured by `lora-studio bench speed` (bench/results*.md):
 # gradient checkpointing SD1.5 512 px 0.26 -> 0.43 s on an H100, 7.30 -> 10.08 s on 2 CPU cores; fp8 frozen
-# weights 1.13x the fp16 step on the H100 (CPU figure: CPU_FP8_STEP); caching makes steps faster (14.4 -> 10.1 s).
+# weights 1.13x the fp16 step on the H100, 6.4 -> 12.1 s on 2 CPU cores (a CPU has no fp8 arithmetic: every
+# step converts each weight back to bf16); caching makes steps faster (14.4 -> 10.1 s).
 STEP_COST = {
     "checkpointing": {"cuda": 1.65, "cpu": 1.38},
-    "fp8": {"cuda": 1.13, "cpu": 1.25},
+    "fp8": {"cuda": 1.13, "cpu": 1.9},
     "cache": {"cuda": 1.0, "cpu": 1.0},
     "adamw8bit": {"cuda": 1.0, "cpu": 1.0},
     "half": {"cuda": 1.0, "cpu": 1.0},
