@@ -48,6 +48,7 @@ class RunView:
     phase: str = ""  # "end samples": stopped and saved, rendering the end samples (a second Stop skips them)
     recommendation: dict | None = None  # the checkpoint to keep and why (trainer/validation.py recommend)
     plan: str = ""  # the memory plan the trainer chose, in one line
+    checkpoints: list[dict] = field(default_factory=list)  # checkpoint events: step, validation_loss, drift, path
 
 
 def train_command(run_dir: Path, resume: bool = False) -> list[str]:
@@ -122,6 +123,7 @@ def view(run_dir: Path, alive=pid_alive) -> RunView:
             v.val_losses.append((e["step"], e["loss"]))
         elif t == "checkpoint":
             figures[e.get("step")] = e
+            v.checkpoints = [c for c in v.checkpoints if c.get("step") != e.get("step")] + [e]  # a resume redoes one
         elif t == "plan":
             v.plan = e.get("text", "")
         elif t == "recommendation":

@@ -389,3 +389,18 @@ def test_a_resumed_run_does_not_show_the_previous_attempts_end_samples(tmp_path)
     jobs.write_job(run, {"state": "running", "queued_at": 4.0, "resume": True, "pid": 1})
     v = jobs.view(run, alive=lambda pid, d: True)
     assert v.state == "running" and v.phase == "" and "end samples" not in v.message
+
+
+def test_run_view_lists_each_checkpoint_once_with_its_figures_and_the_plan(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    events = [{"type": "plan", "text": "memory plan for a 8 GB GPU: fits as configured", "time": 1.0},
+              {"type": "checkpoint", "step": 100, "validation_loss": 0.05, "drift": 0.06, "path": "a", "time": 2.0},
+              {"type": "checkpoint", "step": 200, "validation_loss": 0.04, "drift": 0.07, "path": "b", "time": 3.0},
+              {"type": "checkpoint", "step": 200, "validation_loss": 0.041, "drift": 0.07, "path": "b", "time": 4.0},
+              {"type": "recommendation", "step": 200, "message": "step 200: lowest validation loss", "time": 5.0}]
+    (run / "events.jsonl").write_text("\n".join(json.dumps(e) for e in events) + "\n")
+    jobs.write_job(run, {"state": "finished", "queued_at": 0.0})
+    v = jobs.view(run, alive=lambda pid, d: True)
+    assert [(c["step"], c["validation_loss"]) for c in v.checkpoints] == [(100, 0.05), (200, 0.041)]
+    assert v.plan.endswith("fits as configured") and v.recommendation["drift"] == 0.07

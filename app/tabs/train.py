@@ -58,6 +58,10 @@ def loss_frame(losses: list[tuple[int, float]], validation: list[tuple[int, floa
     return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64"})
 
 
+def _figure(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
 def newest_lines(text: str, n: int = LOG_LINES) -> str:
     return "\n".join(text.splitlines()[-n:])
 
@@ -115,6 +119,9 @@ def build(ctx: Ctx, saved_form) -> dict:
         with gr.Row():
             loss = gr.LinePlot(x="step", y="loss", color="series", title="Loss", height=260, elem_id="loss-plot")
             samples = gr.Gallery(label="Samples", columns=4, height=260, elem_id="samples")
+        checkpoint_table = gr.Dataframe(headers=["step", "validation loss", "drift", ""], interactive=False,
+                                        label="Checkpoints (validation loss: lower is better; drift: change on "
+                                              "prompts without the trigger)", elem_id="checkpoints", visible=False)
         log = gr.Textbox(label="Log tail", lines=LOG_LINES, max_lines=LOG_LINES, elem_id="log", autoscroll=True)
         command = gr.Textbox(label="The same run from a terminal", buttons=["copy"], elem_id="cli-command")
         seen = gr.State(None)
@@ -224,12 +231,14 @@ def build(ctx: Ctx, saved_form) -> dict:
             return False
 
     def refresh(name, last):
+        nothing = gr.Dataframe(value=None, visible=False)
         if not name:
-            return "", "", None, [], "", "", last
+            return "", "", None, [], "", "", nothing, last
         if not has_run(name):
-            return f"no run named {html.escape(name)}", "", None, [], "", "", last
+            return f"no run named {html.escape(name)}", "", None, [], "", "", nothing, last
         v = runner.view(name)
-        signature = (name, v.step, len(v.samples), len(v.val_losses), v.state)
+        signature = (name, v.step, len(v.samples), len(v.val_losses), v.state, len(v.checkpoints),
+                     bool(v.recommendation))
         state = f"**{v.state}**" + (f": {html.escape(v.message)}" if v.message else "")
         if v.plan:
             state += f"\n\n{html.escape(v.plan[0].upper() + v.plan[1:])}"
@@ -237,10 +246,17 @@ def build(ctx: Ctx, saved_form) -> dict:
             state += f"\n\n**Recommended:** {html.escape(v.recommendation['message'])}"
         log_tail = newest_lines(v.log_tail)
         if signature == last:  # nothing new: leave the plot and gallery alone (no flicker, no traffic)
-            return state, progress_html(v), gr.skip(), gr.skip(), log_tail, v.command, last
-        return state, progress_html(v), loss_frame(v.losses, v.val_losses), list(v.samples), log_tail, v.command, signature
+            return state, progress_html(v), gr.skip(), gr.skip(), log_tail, v.command, gr.skip(), last
+        return (state, progress_html(v), loss_frame(v.losses, v.val_losses), list(v.samples), log_tail, v.command,
+                checkpoint_rows(v), signature)
 
-    live = [state_md, progress, loss, samples, log, command, seen]
+    def checkpoint_rows(v):
+        picked = (v.recommendation or {}).get("step")
+        rows = [[c.get("step"), _figure(c.get("validation_loss"), ".5f"), _figure(c.get("drift"), ".4f"),
+                 "recommended" if c.get("step") == picked else ""] for c in v.checkpoints]
+        return gr.Dataframe(value=rows, visible=bool(rows))
+
+    live = [state_md, progress, loss, samples, log, command, checkpoint_table, seen]
     timer.tick(refresh, [run_pick, seen], live)
 
     def sync_runs(current, known):
