@@ -61,7 +61,7 @@ def test_a_run_that_fits_is_left_alone_and_user_savings_stay():
 
 def test_refusals_say_why_and_what_to_do():
     p = make_plan(sdxl(), Budget("cuda", 3, 64.0, "3 GB"))
-    assert not p.fits and p.refused and "data.resolution" in p.text() and "with every saving" in p.text()
+    assert not p.fits and p.refused and "data.resolution (now 1024 px)" in p.text() and "with every saving" in p.text()
     host = make_plan(sdxl(), Budget("cuda", 24, 4.0, "24 GB"))
     assert host.refused and "system RAM" in host.text() and "4.0 GB is available" in host.text()
     off = make_plan(RunConfig.load(sdxl().to_dict(), overrides=["train.fit_memory=false"]), Budget("cuda", 6, 64.0, "6"))
@@ -86,7 +86,7 @@ def test_cli_refuses_before_any_model_loads(tiny_models, dataset, tmp_path, monk
                      "--output", str(tmp_path / "run"), "--set", "train.mixed_precision=bf16"])
     err = capsys.readouterr().err
     assert code == 2 and "memory plan for training on the CPU (1.0 GB of RAM available)" in err
-    assert "with every saving does not fit" in err
+    assert "with every saving: neither fits" in err
     assert not any(e["type"] == "start" for e in read_events(tmp_path / "run"))
 
 

@@ -15,7 +15,8 @@ import subprocess
 from dataclasses import dataclass, field
 from importlib import metadata
 
-from .estimate import estimate, host_load_gb
+from .estimate import NATIVE, estimate, host_load_gb
+from .model_info import peek_family
 
 GB = 1024 ** 3
 CUDA_CONTEXT_GB = 0.6  # the driver's and allocator's own share of the card, outside what the estimate counts
@@ -84,14 +85,17 @@ class Plan:
         return math.prod(c.factor for c in self.choices)
 
     def text(self) -> str:
-        head = f"memory plan for {self.budget.source}: "
+        return f"memory plan for {self.budget.source}: {self.verdict()}"
+
+    def verdict(self) -> str:
+        """What the plan says, without whom it is for."""
         if not self.fits:
-            return head + self.reason
+            return self.reason
         usable = f"{self.budget.usable_gb:.1f} GB usable"
         if not self.choices:
-            return head + f"fits as configured (~{self.peak_gb:.1f} GB of {usable})"
+            return f"fits as configured (~{self.peak_gb:.1f} GB of {usable})"
         chosen = "; ".join(f"{c.name} ({c.cost})" for c in self.choices)
-        return (head + f"~{self.before_gb:.1f} GB as configured does not fit {usable}, so: {chosen}. "
+        return (f"~{self.before_gb:.1f} GB as configured does not fit {usable}, so: {chosen}. "
                 f"~{self.peak_gb:.1f} GB, steps about {self.slowdown:.2f}x as long")
 
     def to_dict(self) -> dict:
@@ -197,10 +201,10 @@ def _make_plan(cfg, budget: Budget, n_samples: int | None) -> Plan:
         everything = _load(cfg, [o for c in offered for o in c.overrides] + (
             _batch_choices(cfg)[-1].overrides if cfg.train.batch_size > 1 else []))
         floor = estimate(everything, n_samples, host=host).peak_gb
-        res = cfg.data.resolution or "the model's native"
+        res = cfg.data.resolution or NATIVE.get(peek_family(cfg.model.source, cfg.model.family) or "sd1")
         return Plan(budget, False, floor, before, host_gb=host_gb, reason=(
-            f"~{before:.1f} GB as configured and ~{floor:.1f} GB with every saving does not fit {usable:.1f} GB "
-            f"usable; lower data.resolution (now {res}) or use a machine with more memory"))
+            f"~{before:.1f} GB as configured, ~{floor:.1f} GB with every saving: neither fits {usable:.1f} GB "
+            f"usable; lower data.resolution (now {res} px) or use a machine with more memory"))
     order = {c.name: i for i, c in enumerate(offered)}
     chosen = sorted(best[1], key=lambda c: order.get(c.name, len(order)))
     return Plan(budget, True, best[2], before, chosen, host_gb=host_gb)

@@ -160,8 +160,8 @@ def build(ctx: Ctx, saved_form) -> dict:
         guess = estimate(cfg, n)
         text = f"**Estimate:** {guess.text(speed_log.time_range(cfg, guess.steps))}"
         planned = memory_plan(cfg, v, n)
-        text += f"\n\n**{'Memory plan' if planned.fits else 'Does not fit'}:** " + \
-            html.escape(planned.text().split(": ", 1)[1]) + f" ({html.escape(planned.budget.source)})"
+        text += f"\n\n**{'Memory plan' if planned.fits else 'Does not fit'}** for " + \
+            html.escape(planned.budget.source) + ": " + html.escape(planned.verdict())
         saved = dict(zip(KEPT_KEYS, (m, d, r, p, v, s, k, l, pr)))
         return form.summary(cfg), text, cfg.to_toml(), form.training_resolution(cfg), saved
 
