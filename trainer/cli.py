@@ -349,12 +349,8 @@ def cmd_train(args) -> int:
                               "or --force to start over in it")
         (run_dir / EVENTS_FILE).unlink()
         shutil.rmtree(run_dir / STATE_DIR, ignore_errors=True)  # the old run's states must not be resumed
-    if os.environ.get("RANK", "0") == "0":
-        from .events import Events
-
-        Events(run_dir).emit("plan", **plan.to_dict())
     try:
-        result = train(cfg, resume=bool(args.resume))
+        result = train(cfg, resume=bool(args.resume), plan=plan.to_dict())
     except Exception as e:
         # The app reads the run folder, not our stderr: leave the reason where it looks.
         from .events import Events

@@ -48,7 +48,8 @@ class Result:
 NON_FINITE_PATIENCE = 3  # fp16 scalers skip a few overflowing steps by design; a streak is a real fault
 
 
-def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) -> Result:
+def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, plan: dict | None = None) -> Result:
+    """`plan`: the memory plan the CLI made for this run (trainer/plan.py), recorded as the first event."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
@@ -61,6 +62,8 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False) ->
     accelerator = Accelerator(cpu=no_gpu, log_with=_trackers(), project_dir=str(run_dir / "logs"))
     main = accelerator.is_main_process
     events = events or Events(run_dir, enabled=main)
+    if plan:
+        events.emit("plan", **plan)
     device = accelerator.device
     precision = Precision(cfg.train.mixed_precision, device)
     set_seed(cfg.train.seed)
