@@ -224,7 +224,7 @@ def build(ctx: Ctx) -> dict:
             return gr.skip()
         return ops.SUGGESTED.get(ops.CAPTIONERS.get(kind, "auto"), "")
 
-    cap_kind.change(suggest, [cap_kind, model], model)
+    cap_kind.input(suggest, [cap_kind, model], model)  # only when the user picks one, never on a load
 
     @guard
     def do_preview(name, *values):
