@@ -157,9 +157,9 @@ def build(ctx: Ctx, saved_form) -> dict:
             from trainer.data.scan import scan
 
             n = len(scan(ws.dataset(d)).items)
-        guess = estimate(cfg, n)
-        text = f"**Estimate:** {guess.text(speed_log.time_range(cfg, guess.steps))}"
         planned = memory_plan(cfg, v, n)
+        guess = estimate(cfg, n, host=planned.budget.device == "cpu")  # the same figure the plan weighs
+        text = f"**Estimate:** {guess.text(speed_log.time_range(cfg, guess.steps))}"
         text += f"\n\n**{'Memory plan' if planned.fits else 'Does not fit'}** for " + \
             html.escape(planned.budget.source) + ": " + html.escape(planned.verdict())
         saved = dict(zip(KEPT_KEYS, (m, d, r, p, v, s, k, l, pr)))
