@@ -419,3 +419,15 @@ def test_rslora_and_dora_export(tiny_models, dataset, tmp_path):
     for k in downs:
         up = sd[k.replace("lora_down.weight", "lora_up.weight")]
         assert sd[k.replace("lora_down.weight", "dora_scale")].shape == (up.shape[0], 1)  # per output row, as peft
+
+
+def test_an_error_of_the_unet_callback_is_not_called_a_loading_error(tiny_models):
+    """load_base's on_unet (LoRA injection, fp8) runs inside the loader; its errors keep their own words."""
+    from trainer.errors import TrainingError
+    from trainer.models import load_base
+
+    def fails(unet):
+        raise TrainingError("lora.unet_extra names no layer of this UNet")
+
+    with pytest.raises(TrainingError, match="names no layer"):
+        load_base(str(tiny_models["sd1"]), on_unet=fails)

@@ -193,6 +193,8 @@ def load_base(source: str, family: str = "auto", dtype: torch.dtype | None = Non
             file_hash = ""
     except ModelError:
         raise
+    except _CallerError as e:
+        raise e.error from None
     except Exception as e:  # diffusers raises many kinds; the user needs one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"could not load model {source}: {first}") from e
@@ -209,6 +211,14 @@ def load_base(source: str, family: str = "auto", dtype: torch.dtype | None = Non
         raise ModelError(f"{source} has {len(tes)} text encoder(s) but a {fam.name} model needs {len(fam.te_prefixes)}")
     name = path.stem if path.exists() else source
     return Base(fam, pipe.unet, pipe.vae, tes, toks, sched, source, name, file_hash)
+
+
+class _CallerError(Exception):
+    """Carries an exception raised by load_base's on_unet through its model-loading error handling."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
 
 
 def _pipeline_class_for(model_index: dict):
@@ -256,7 +266,10 @@ def _from_folder(path: Path, dtype=None, on_unet=None) -> SimpleNamespace:
         kwargs = {} if name.startswith("tokenizer") else {"dtype": dtype or torch.float32}
         parts[name] = cls.from_pretrained(str(path / name), **kwargs)
         if name == "unet" and on_unet is not None:
-            on_unet(parts[name])
+            try:
+                on_unet(parts[name])
+            except Exception as e:  # the caller's own error (a LoRA setting, say), not a loading one
+                raise _CallerError(e) from e
     for required in ("unet", "vae", "text_encoder", "tokenizer"):
         if required not in parts:
             raise ModelError(f"{path} has no {required}/ folder; a diffusers Stable Diffusion model needs one")
