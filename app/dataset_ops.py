@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import html
-
 import json
 import shutil
 import time
@@ -242,7 +241,7 @@ def caption_preview(ws: Workspace, dataset: str, spec: CaptionSpec) -> list[list
 
 
 def caption_backups(ws: Workspace, dataset: str) -> list[Path]:
-    """Backups of replaced captions for this dataset, oldest first (the folder names hold the time)."""
+    """Backups of replaced captions for this dataset, oldest first (by when they were written)."""
     folder = ws.trash / dataset
     return sorted((p for p in folder.glob(CAPTION_BACKUPS + "*") if p.is_dir() and any(p.iterdir())),
                   key=lambda p: p.stat().st_mtime) if folder.is_dir() else []

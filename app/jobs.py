@@ -108,7 +108,6 @@ def view(run_dir: Path, alive=pid_alive) -> RunView:
     job, events = read_job(run_dir), read_events(run_dir)
     v = RunView(run_dir.name, job.get("state", "unknown"), command=cli_equivalent(run_dir, job.get("resume", False)))
     since = job.get("queued_at", 0)  # a resumed run's folder also holds the previous attempt's end
-    figures: dict = {}  # step -> that checkpoint's validation loss and drift
     for e in events:
         if e.get("type") in ("done", "error", "end_samples", "recommendation") and e.get("time", since) < since:
             continue
@@ -122,12 +121,12 @@ def view(run_dir: Path, alive=pid_alive) -> RunView:
         elif t == "validation" and e.get("loss") is not None:
             v.val_losses.append((e["step"], e["loss"]))
         elif t == "checkpoint":
-            figures[e.get("step")] = e
             v.checkpoints = [c for c in v.checkpoints if c.get("step") != e.get("step")] + [e]  # a resume redoes one
         elif t == "plan":
             v.plan = e.get("text", "")
         elif t == "recommendation":
-            v.recommendation = {**figures.get(e.get("step"), {}), **e}
+            figures = next((c for c in v.checkpoints if c.get("step") == e.get("step")), {})
+            v.recommendation = {**figures, **e}
         elif t == "sample" and e.get("path"):
             v.samples.append(e["path"])
         elif t == "end_samples":

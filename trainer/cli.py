@@ -20,6 +20,7 @@ def _settings_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data.captioner import KINDS as captioner_kinds  # torch-free
     p = argparse.ArgumentParser(prog="lora-studio", description="Train and manage Stable Diffusion LoRAs.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "(the folder it printed)")
     dp.add_argument("--first", action="store_true", help="with --add: put the tag first")
     dp.add_argument("--trigger", default="", help="trigger word for --template and --auto (put first)")
-    dp.add_argument("--kind", choices=["auto", "wd", "florence", "vlm", "image-to-text"], default="auto",
+    dp.add_argument("--kind", choices=captioner_kinds, default="auto",
                     help="with --auto: what MODEL is (default: guessed from its files or name)")
     dp.add_argument("--tags", metavar="TAGGER", help="with --auto: also tag with this WD tagger; captions are "
                                                      "'tags, sentence'")
@@ -456,15 +457,9 @@ def _auto_caption(args) -> int:
     options = TaggerOptions(args.general_threshold, args.character_threshold,
                             [t for t in args.blacklist.split(",") if t.strip()], not args.keep_underscores)
     say = (lambda m: print(m, file=sys.stderr, flush=True))
-    try:
-        captioner = load_captioner(args.auto, args.kind, instruction=args.instruction, device=args.device,
-                                   tagger_options=options, progress=say)
-        if args.tags:
-            captioner = Combined(load_captioner(args.tags, "wd", device=args.device, tagger_options=options,
-                                                progress=say), captioner)
-    except Exception as e:
-        raise ConfigError(f"could not load captioning model {args.tags or args.auto}: "
-                          f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    captioner = _load_captioner(load_captioner, args.auto, args.kind, args, options, say)
+    if args.tags:
+        captioner = Combined(_load_captioner(load_captioner, args.tags, "wd", args, options, say), captioner)
     done = caption_dataset(args.dataset, captioner, trigger=args.trigger, overwrite=args.overwrite,
                            batch_size=args.batch_size, limit=args.preview, preview=args.preview is not None,
                            backup_dir=args.backup,
@@ -478,6 +473,15 @@ def _auto_caption(args) -> int:
     _emit(args, {"changed": 0 if args.preview is not None else len(done.written), "captions": done.written,
                  "empty": done.empty, "backup": done.backup, "captioner": captioner.name}, lines)
     return 0
+
+
+def _load_captioner(load, model: str, kind: str, args, options, say):
+    try:
+        return load(model, kind, instruction=args.instruction, device=args.device, tagger_options=options,
+                    progress=say)
+    except Exception as e:  # transformers, onnxruntime and the Hub raise many kinds; the user needs one line
+        raise ConfigError(f"could not load captioning model {model}: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
 
 
 def _check_resolution(resolution: int) -> None:

@@ -7,6 +7,7 @@ speed` measures the real figures they should match.
 """
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from dataclasses import dataclass
@@ -47,8 +48,8 @@ FP8_BYTES = 1.03
 # activations left, fitted on the H100 (checkpointing on): SD1.5 512 px 2.03 -> 1.16 GB, SDXL 1024 px
 # 6.81 -> 3.75 GB in all. sd2 takes sd1's share, not measured.
 FP8_ACTIVATION_SHARE = {"sd1": 0.75, "sd2": 0.75, "sdxl": 0.56}
-# On a CPU the activations do not shrink with fp8 and the run holds a fixed extra (dequantized weights of the
-# layer at hand and of a recomputed block, the allocator's share of them): fitted on the two fp8 rows of
+# On a CPU the activations do not shrink with fp8 and the run holds a fixed extra (the dequantized weights of
+# the layer at hand, the allocator's share of them): fitted on the two fp8 rows of
 # bench/results.md (SD1.5 512 px 2.62 GB, SDXL 1024 px 7.58 GB), so there it is a calibration.
 HOST_FP8_ACTIVATION_SHARE = 1.0
 HOST_FP8_EXTRA_GB = 0.47
@@ -95,6 +96,12 @@ def safetensors_params(folder: Path) -> int:
     return total
 
 
+@functools.cache
+def embedded_params() -> int:
+    """The embedded model's parameter count: package data, read once (settings and plans ask on every change)."""
+    return safetensors_params(EMBEDDED_DIR) if EMBEDDED_DIR.exists() else 5_000_000
+
+
 def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
     """Peak GPU memory of a run; with `host`, the peak RSS of a training process that runs on the CPU
     (what `bench speed` measures here): nothing can be offloaded there, and the runtime counts."""
@@ -104,7 +111,7 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
     steps = cfg.train.max_steps or max(1, (n_samples or 1) * cfg.data.repeats * cfg.train.epochs //
                                        max(1, cfg.train.batch_size * cfg.train.gradient_accumulation))
     if family == "tiny":
-        params = safetensors_params(EMBEDDED_DIR) if EMBEDDED_DIR.exists() else 5_000_000
+        params = embedded_params()
         weights = params * wbytes / GB
         lora = cfg.lora.rank * 20_000 * 16 / GB
         res = cfg.data.resolution or NATIVE["tiny"]
@@ -168,7 +175,7 @@ def host_load_gb(cfg) -> float:
     family = peek_family(cfg.model.source, cfg.model.family) or "sd1"
     wbytes = 2 if cfg.train.mixed_precision in ("fp16", "bf16") else 4
     if family == "tiny":
-        params = safetensors_params(EMBEDDED_DIR) if EMBEDDED_DIR.exists() else 5_000_000
+        params = embedded_params()
         return round(params * wbytes / GB + RUNTIME_GB, 2)
     fp8 = wbytes == 2 and cfg.train.frozen_dtype == "fp8"
     return round(_loading_gb(cfg, family, wbytes, fp8) + PARAMS_M[family]["vae"] * wbytes * 1e6 / GB + RUNTIME_GB, 2)

@@ -15,6 +15,8 @@ tensor itself and the backward pass casts it up again: gradients are exact for t
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -36,52 +38,30 @@ def dequantize(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) 
     return w.to(dtype) if scale is None else w.to(dtype) * scale.to(dtype)
 
 
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass, that is while a checkpointed block is recomputed: the block's
-    own backward follows at once, so its weights may be kept dequantized until then (one block's worth) instead
-    of being dequantized a third time."""
-    task = getattr(torch._C, "_current_graph_task_id", None)
-    return task is not None and task() != -1
-
-
-def _save(ctx, w, scale, full):
-    ctx.save_for_backward(w, scale)  # the same tensors in a first pass and a recompute, as checkpointing checks
-    # Not through save_for_backward: checkpointing compares what a recompute saves with the first pass.
-    ctx.full = full if _in_backward() else None
-
-
-def _weight_for_grad(ctx, dtype) -> torch.Tensor:
-    full, ctx.full = ctx.full, None
-    if full is not None:
-        return full.to(dtype)
-    w, scale = ctx.saved_tensors
-    return dequantize(w, scale, dtype)
-
-
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, scale, bias):
-        full = dequantize(w, scale, x.dtype)
-        _save(ctx, w, scale, full)
-        return F.linear(x, full, bias)
+        ctx.save_for_backward(w, scale)
+        return F.linear(x, dequantize(w, scale, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad @ _weight_for_grad(ctx, grad.dtype), None, None, None
+        w, scale = ctx.saved_tensors
+        return grad @ dequantize(w, scale, grad.dtype), None, None, None
 
 
 class _Conv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, scale, bias, stride, padding, dilation, groups):
-        full = dequantize(w, scale, x.dtype)
-        _save(ctx, w, scale, full)
+        ctx.save_for_backward(w, scale)
         ctx.conf = (x.shape, stride, padding, dilation, groups)
-        return F.conv2d(x, full, bias, stride, padding, dilation, groups)
+        return F.conv2d(x, dequantize(w, scale, x.dtype), bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
+        w, scale = ctx.saved_tensors
         shape, stride, padding, dilation, groups = ctx.conf
-        grad_x = torch.nn.grad.conv2d_input(shape, _weight_for_grad(ctx, grad.dtype), grad, stride, padding,
+        grad_x = torch.nn.grad.conv2d_input(shape, dequantize(w, scale, grad.dtype), grad, stride, padding,
                                             dilation, groups)
         return grad_x, None, None, None, None, None, None, None
 
@@ -187,19 +167,17 @@ def page_out(t: torch.Tensor) -> None:
 
 
 MADV_PAGEOUT = 21  # Linux 5.4+; older kernels answer EINVAL and nothing happens
-_LIBC: list = []
 
 
+@functools.cache
 def _libc():
-    if not _LIBC:
-        import ctypes
-        import ctypes.util
+    import ctypes
+    import ctypes.util
 
-        try:
-            _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True))
-        except OSError:
-            _LIBC.append(None)
-    return _LIBC[0]
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
 
 
 def _own_memory(model: torch.nn.Module) -> None:
