@@ -50,12 +50,25 @@ def run(*args: str, timeout: float = 3600) -> str:
 
 
 def start(*args: str) -> subprocess.Popen:
-    """`lora-studio ARGS` running in the background (text stdout and stderr pipes): for long jobs whose progress
-    lines the UI shows and which Stop ends."""
-    proc = subprocess.Popen(command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    """`lora-studio ARGS` running in the background, for long jobs whose progress lines (stderr, a text pipe) the
+    UI shows and which Stop ends. Its stdout goes to a temporary file, read with `result`: a pipe the caller
+    leaves unread while it follows stderr would fill up with a large JSON answer and stall the child."""
+    import tempfile
+
+    out = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
+    proc = subprocess.Popen(command(*args), stdout=out, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             text=True, bufsize=1)
+    proc.stdout_file = out
     lower_priority(proc.pid)
     return proc
+
+
+def result(proc: subprocess.Popen) -> str:
+    """What a `start`ed command printed on stdout, once it has ended."""
+    proc.wait()
+    with proc.stdout_file as out:
+        out.seek(0)
+        return out.read()
 
 
 def run_json(*args: str, timeout: float = 3600) -> dict:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from app import dataset_ops as ops
 from app import jobs
@@ -404,3 +405,23 @@ def test_run_view_lists_each_checkpoint_once_with_its_figures_and_the_plan(tmp_p
     v = jobs.view(run, alive=lambda pid, d: True)
     assert [(c["step"], c["validation_loss"]) for c in v.checkpoints] == [(100, 0.05), (200, 0.041)]
     assert v.plan.endswith("fits as configured") and v.recommendation["drift"] == 0.07
+
+
+@pytest.mark.timeout(120)
+def test_a_started_command_with_a_large_answer_does_not_stall(tmp_path):
+    """Captioning thousands of images answers with a JSON object far larger than a pipe's buffer (64 KB) while the
+    UI follows the progress lines on stderr; read from a pipe only at the end, that answer stalled the child."""
+    from app import trainer_cli
+
+    big = tmp_path / "big"
+    big.mkdir()
+    pixel = Image.new("RGB", (1, 1))
+    for i in range(400):
+        name = f"{i:04d}_{'x' * 200}"
+        pixel.save(big / f"{name}.png")
+        (big / f"{name}.txt").write_text("a, b")
+    proc = trainer_cli.start("dataset", "caption", str(big), "--find", "a", "--json")
+    lines = list(proc.stderr)
+    out = json.loads(trainer_cli.result(proc))
+    assert proc.returncode == 0 and lines == [] and len(out["images"]) == 400
+    assert len(json.dumps(out)) > 64 * 1024

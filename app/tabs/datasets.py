@@ -260,8 +260,7 @@ def build(ctx: Ctx) -> dict:
                 if line:
                     last = line
                     yield html.escape(line), gr.skip()
-            out = proc.stdout.read()
-            proc.wait()
+            out = trainer_cli.result(proc)
         finally:
             running.pop(name, None)
             backup = Path(args[args.index("--backup") + 1])
