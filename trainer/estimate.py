@@ -13,30 +13,38 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .model_info import EMBEDDED_DIR, peek_family
+from .model_info import EMBEDDED_DIR, peek_family, text_encoder_trained_by_default
 from .speed_log import duration
 
 GB = 1024 ** 3
+# SD 3.5 Medium at 1024 px, one image, bf16, no checkpointing: from `bench speed`'s full-size SD3 rows.
+SD3_ACTIVATION_GB = 12.0
 # Parameters (millions) of the published architectures.
 PARAMS_M = {
     "sd1": {"unet": 859.5, "text_encoders": 123.1, "vae": 83.7},
     "sd2": {"unet": 865.9, "text_encoders": 340.4, "vae": 83.7},
     "sdxl": {"unet": 2567.5, "text_encoders": 817.8, "vae": 83.7},
+    # SD 3.5 Medium: the MMDiT ("unet" here), CLIP-L + CLIP-G, and T5-XXL's encoder apart, as model.t5 may drop it.
+    # (SD 3.5 Large's transformer is 8056.6 M; a local folder is counted from its own files.)
+    "sd3": {"unet": 2243.2, "text_encoders": 818.3, "t5": 4762.3, "vae": 83.7},
 }
 # LoRA parameters per unit of rank with attention targets (sum of in+out over q, k, v, out).
-LORA_PER_RANK_M = {"sd1": (0.199, 0.074), "sd2": (0.215, 0.197), "sdxl": (1.45, 0.40)}  # (unet, text encoders)
+LORA_PER_RANK_M = {"sd1": (0.199, 0.074), "sd2": (0.215, 0.197), "sdxl": (1.45, 0.40),  # (unet, text encoders)
+                   "sd3": (0.746, 0.401)}  # SD 3.5 Medium: joint and attn2 attention; CLIP-L and CLIP-G
 # Calibrated against `lora-studio bench speed` (bench/results.md): peak RSS of the real training process
 # on full-size SD1.5 (512 px, 8 settings) and SDXL (1024 px) architectures, bf16 on a CPU. The same
 # tensors are alive on a GPU, so the device estimate reuses them without the host-only terms.
 # Activation GB of one image at the family's native resolution, half precision, SDPA, no checkpointing.
-ACTIVATION_GB = {"sd1": 1.41, "sd2": 3.5, "sdxl": 6.9}  # sd2 is scaled from sd1 by pixels, not measured
-NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "tiny": 64}
+ACTIVATION_GB = {"sd1": 1.41, "sd2": 3.5, "sdxl": 6.9,  # sd2 is scaled from sd1 by pixels, not measured
+                 "sd3": SD3_ACTIVATION_GB}
+NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "tiny": 64}
 CHECKPOINTED = 0.42  # share of those activations still alive at the peak with gradient checkpointing
 # On CUDA (max allocated, fp16, SDPA kernels, frozen convolutions keeping no inputs) a training step
 # keeps less than the CPU's RSS shows. Fitted on an H100 with the latent cache already filled
 # (bench/results-cuda-h100.md): SD1.5 512 px 2.69 GB without checkpointing and 2.03 GB with it,
 # SDXL 1024 px 6.81 GB with it. sd2 is scaled from sd1 as on the CPU, not measured.
-CUDA_ACTIVATION_GB = {"sd1": 1.04, "sd2": 2.58, "sdxl": 4.58}
+CUDA_ACTIVATION_GB = {"sd1": 1.04, "sd2": 2.58, "sdxl": 4.58,
+                      "sd3": SD3_ACTIVATION_GB * 4.58 / 6.9}  # sd3: the CPU figure at SDXL's CUDA/CPU ratio
 CUDA_CHECKPOINTED = 0.367
 # Encoding one image into the latent cache, half precision at 512 px (scales with pixels and VAE bytes).
 # Fitted on the same H100's first runs, when the UNet and text encoders still sat beside the VAE:
@@ -47,17 +55,17 @@ FP8_BYTES = 1.03
 # fp8 stand-ins also replace frozen Linear layers, and a step keeps less still. Share of the UNet
 # activations left, fitted on the H100 (checkpointing on): SD1.5 512 px 2.03 -> 1.16 GB, SDXL 1024 px
 # 6.81 -> 3.75 GB in all. sd2 takes sd1's share, not measured.
-FP8_ACTIVATION_SHARE = {"sd1": 0.75, "sd2": 0.75, "sdxl": 0.56}
+FP8_ACTIVATION_SHARE = {"sd1": 0.75, "sd2": 0.75, "sdxl": 0.56, "sd3": 0.56}  # sd3 takes sdxl's, not measured
 # On a CPU the activations do not shrink with fp8 and the run holds a fixed extra (the dequantized weights of
 # the layer at hand, the allocator's share of them): fitted on the two fp8 rows of
 # bench/results.md (SD1.5 512 px 2.62 GB, SDXL 1024 px 7.58 GB), so there it is a calibration.
 HOST_FP8_ACTIVATION_SHARE = 1.0
 HOST_FP8_EXTRA_GB = 0.47
-TE_ACTIVATION_GB = {"sd1": 0.05, "sd2": 0.1, "sdxl": 0.3}  # one 77-token caption through trained encoders
+TE_ACTIVATION_GB = {"sd1": 0.05, "sd2": 0.1, "sdxl": 0.3, "sd3": 0.3}  # one 77-token caption through trained encoders
 VAE_ENCODE_GB = 0.15  # what encoding a 512 px image on the fly adds to the peak, half precision
 RUNTIME_GB = 0.4  # python, torch, diffusers, transformers and peft loaded (host estimate only)
 # Seconds per step at batch 1, native resolution, fp16 on a mid-range consumer GPU (RTX 3060 class).
-STEP_S = {"sd1": 0.45, "sd2": 0.9, "sdxl": 1.6}
+STEP_S = {"sd1": 0.45, "sd2": 0.9, "sdxl": 1.6, "sd3": 1.6}  # sd3: SDXL's, not measured
 TINY_STEP_S_PER_IMAGE = 0.045  # the embedded model on a 2-core CPU, measured with bench learn
 
 
@@ -97,6 +105,31 @@ def safetensors_params(folder: Path) -> int:
 
 
 @functools.cache
+def folder_params_m(folder: str) -> dict | None:
+    """Millions of parameters per part of a local diffusers folder, from its safetensors headers; None when
+    `folder` is not one (a single file or a Hub id: the published figures stand in)."""
+    root = Path(folder).expanduser()
+    if not (root / "model_index.json").is_file():
+        return None
+    parts = {"unet": 0.0, "text_encoders": 0.0, "t5": 0.0, "vae": 0.0}
+    for sub in (d for d in root.iterdir() if d.is_dir()):
+        name = sub.name
+        key = {"unet": "unet", "transformer": "unet", "vae": "vae", "text_encoder_3": "t5"}.get(name)
+        key = key or ("text_encoders" if name.startswith("text_encoder") else None)
+        if key:
+            parts[key] += safetensors_params(sub) / 1e6
+    return parts
+
+
+def params_m(cfg, family: str) -> dict:
+    """unet / text_encoders / vae in millions for this run: the folder's own counts, else the family's; SD3's T5
+    counts only when model.t5 loads it."""
+    p = folder_params_m(str(cfg.model.source)) or PARAMS_M[family]
+    return {"unet": p["unet"], "vae": p["vae"],
+            "text_encoders": p["text_encoders"] + (p.get("t5", 0.0) if getattr(cfg.model, "t5", True) else 0.0)}
+
+
+@functools.cache
 def embedded_params() -> int:
     """The embedded model's parameter count: package data, read once (settings and plans ask on every change)."""
     return safetensors_params(EMBEDDED_DIR) if EMBEDDED_DIR.exists() else 5_000_000
@@ -118,8 +151,9 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
         act = 0.02 * cfg.train.batch_size * (res / NATIVE["tiny"]) ** 2
         secs = steps * TINY_STEP_S_PER_IMAGE * cfg.train.batch_size * (res / NATIVE["tiny"]) ** 2
         return Estimate(round(weights + lora + act + (RUNTIME_GB if host else 0), 2), weights, lora, act, steps, secs)
-    p = PARAMS_M[family]
-    train_te = cfg.lora.train_text_encoder if cfg.lora.train_text_encoder is not None else family != "sdxl"
+    p = params_m(cfg, family)
+    train_te = cfg.lora.train_text_encoder if cfg.lora.train_text_encoder is not None else \
+        text_encoder_trained_by_default(family)
     cached_text = cfg.data.cache_text and not train_te
     on_device = p["unet"]
     if host or not cached_text:
@@ -131,7 +165,7 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
     vae_gb = (p["vae"] * vae_bytes if vae_on_device else 0) * 1e6 / GB
     weights = on_device * frozen_bytes * 1e6 / GB + vae_gb
     # On the host the base is loaded in half precision before its layers turn to fp8: that moment can be the peak.
-    load_peak = _loading_gb(cfg, family, wbytes, fp8) + vae_gb if host else 0.0
+    load_peak = _loading_gb(cfg, p, wbytes, fp8) + vae_gb if host else 0.0
     per_rank = LORA_PER_RANK_M[family][0] * cfg.lora.train_unet + LORA_PER_RANK_M[family][1] * bool(train_te)
     state = 2 if cfg.optim.optimizer == "adamw8bit" else 8
     lora = per_rank * cfg.lora.rank * 1e6 * (4 + 4 + state) / GB  # fp32 weights + grads + optimizer state
@@ -158,11 +192,10 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
     return Estimate(round(peak, 2), weights, lora, act, steps, secs)
 
 
-def _loading_gb(cfg, family: str, wbytes: int, fp8: bool) -> float:
+def _loading_gb(cfg, p: dict, wbytes: int, fp8: bool) -> float:
     """Weights held while the base loads. From a folder the UNet turns to fp8 before the text encoders load
     (loop._ready_unet), so with fp8 the half-precision UNet never sits beside them; a single file or a Hub id
     loads every part at once."""
-    p = PARAMS_M[family]
     staged = fp8 and (cfg.model.source in ("", "tiny") or Path(cfg.model.source).expanduser().is_dir())
     if staged:
         return max(p["unet"] * wbytes, p["unet"] * FP8_BYTES + p["text_encoders"] * wbytes) * 1e6 / GB
@@ -178,4 +211,5 @@ def host_load_gb(cfg) -> float:
         params = embedded_params()
         return round(params * wbytes / GB + RUNTIME_GB, 2)
     fp8 = wbytes == 2 and cfg.train.frozen_dtype == "fp8"
-    return round(_loading_gb(cfg, family, wbytes, fp8) + PARAMS_M[family]["vae"] * wbytes * 1e6 / GB + RUNTIME_GB, 2)
+    p = params_m(cfg, family)
+    return round(_loading_gb(cfg, p, wbytes, fp8) + p["vae"] * wbytes * 1e6 / GB + RUNTIME_GB, 2)

@@ -65,8 +65,26 @@ def kohya_state_dict(models: dict[str, torch.nn.Module], dtype: torch.dtype = to
     return out
 
 
-PEFT_COMPONENTS = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
-                   "lora_te2": "text_encoder_2"}
+PEFT_COMPONENTS = {"lora_unet": "unet", "lora_transformer": "transformer", "lora_te": "text_encoder",
+                   "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
+
+
+def diffusers_state_dict(models: dict[str, torch.nn.Module], dtype: torch.dtype = torch.float16) -> dict:
+    """diffusers' own key layout (`transformer.<path>.lora_A.weight`, `text_encoder.text_model.<path>...`) with each
+    layer's scale folded into lora_B and no alpha keys: diffusers' SD3 loader accepts only keys that contain
+    "lora", and it and ComfyUI then apply W + B·A at scale 1, which is exactly W + up·down·alpha/rank."""
+    out: dict[str, torch.Tensor] = {}
+    for prefix, model in models.items():
+        component = PEFT_COMPONENTS[prefix]
+        for path, mod in lora_layers(model):
+            if getattr(mod, "lora_magnitude_vector", None) and ADAPTER in mod.lora_magnitude_vector:
+                raise ValueError("DoRA has no key layout SD3 loaders read; set lora.use_dora=false")
+            if prefix.startswith("lora_te") and not path.startswith("text_model."):
+                path = "text_model." + path  # ComfyUI's names; diffusers drops the level where a model lacks it
+            up = mod.lora_B[ADAPTER].weight.detach().float() * float(mod.scaling[ADAPTER])
+            out[f"{component}.{path}.lora_A.weight"] = mod.lora_A[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
+            out[f"{component}.{path}.lora_B.weight"] = up.to("cpu", dtype).contiguous()
+    return out
 
 
 def peft_state_dict(models: dict[str, torch.nn.Module], dtype: torch.dtype = torch.float16) -> tuple[dict, dict]:
@@ -119,7 +137,8 @@ def png_data_url(path: str | Path, max_side: int = 256) -> str:
 
 def build_metadata(*, name: str, family, cfg, resolution: int, prediction_type: str, train_text_encoder: bool,
                    tag_frequency: dict, num_images: int, steps: int, epoch: int, started: int, finished: int,
-                   base_name: str, base_hash: str, thumbnail: str | None = None) -> dict[str, str]:
+                   base_name: str, base_hash: str, thumbnail: str | None = None,
+                   architecture: str | None = None) -> dict[str, str]:
     conv = "conv" in cfg.lora.unet_extra
     network_args = {"conv_dim": str(cfg.lora.rank), "conv_alpha": str(cfg.lora.alpha)} if conv else {}
     if cfg.lora.use_dora:
@@ -157,7 +176,7 @@ def build_metadata(*, name: str, family, cfg, resolution: int, prediction_type: 
         "ss_v_parameterization": str(prediction_type == "v_prediction"),
         "ss_zero_terminal_snr": str(bool(cfg.model.zero_terminal_snr)),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{family.modelspec_architecture}/lora",
+        "modelspec.architecture": f"{architecture or family.modelspec_architecture}/lora",
         "modelspec.implementation": ("https://github.com/Stability-AI/generative-models"
                                      if family.name == "sdxl" else "diffusers"),
         "modelspec.title": name,

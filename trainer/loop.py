@@ -27,9 +27,9 @@ from .data.manifest import read_manifest
 from .data.scan import DatasetError, scan
 from .errors import TrainingError
 from .events import Events, read_events
-from .formats import (SAVE_DTYPES, build_metadata, kohya_state_dict, now_epoch, peft_state_dict, png_data_url,
-                      save_lora)
-from .model_info import is_embedded
+from .formats import (SAVE_DTYPES, build_metadata, diffusers_state_dict, kohya_state_dict, now_epoch,
+                      peft_state_dict, png_data_url, save_lora)
+from .model_info import is_embedded, text_encoder_trained_by_default
 from .models import load_base, sampling_schedule
 from .precision import Precision
 from .samples import render, save_png
@@ -52,9 +52,8 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
     """`plan`: the memory plan the CLI made for this run (trainer/plan.py), recorded as the first event."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params, compute_snr
+    from diffusers.training_utils import cast_training_params
 
     run_dir = Path(cfg.save.output_dir)
     # Without a GPU, accelerate only forms a multi-process (gloo) group when told it is on CPU.
@@ -83,31 +82,40 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
     # ---- model, family defaults, LoRA ----------------------------------------------------------
     fp8 = cfg.train.frozen_dtype == "fp8"
     base = load_base(cfg.model.source, cfg.model.family, dtype=precision.weight_dtype,
-                     on_unet=lambda unet: _ready_unet(unet, cfg, precision, fp8))
+                     on_unet=lambda unet: _ready_unet(unet, cfg, precision, fp8), t5=cfg.model.t5)
     fam = base.family
     resolve_auto(cfg, fam, base.prediction_type, native_resolution(base), base.zero_terminal_snr)
     if cfg.model.zero_terminal_snr and cfg.model.prediction_type == "epsilon":
         raise TrainingError("model.zero_terminal_snr needs model.prediction_type = v_prediction: at the last "
                             "timestep there is no signal left, so the noise cannot be predicted from it")
+    if cfg.lora.use_dora and fam.lora_layout == "diffusers":
+        raise TrainingError(f"lora.use_dora is not available for {fam.name}: its LoRA loaders read no DoRA keys; "
+                            "set it to false")
+    schedule = fam.schedule(base.scheduler_config, cfg.model.prediction_type, cfg.model.zero_terminal_snr,
+                            cfg.train.min_snr_gamma)
+    if cfg.train.min_snr_gamma and schedule.weight is None:
+        events.emit("warning", message=f"train.min_snr_gamma does not apply to {fam.name}'s flow matching; ignored")
     train_te = cfg.lora.train_text_encoder
     unet, vae, tes = base.unet, base.vae, base.text_encoders
+    te_trained = list(tes[:len(fam.te_prefixes)]) if train_te else []  # SD3's T5 is never trained
     for m in (vae, *tes):
         m.requires_grad_(False)
     for te in tes:  # a no-op when the loader honoured dtype; before LoRA exists, so only base weights cast
         _place(te, torch.device("cpu"), precision.weight_dtype)
-        if train_te:
+        if any(te is t for t in te_trained):
             lora_mod.inject(te, cfg.lora, lora_mod.text_encoder_targets(cfg.lora), "text-encoder")
         if fp8:
             frozen.freeze(te, precision.weight_dtype, fp8=True)
-    trained = ([unet] if cfg.lora.train_unet else []) + (list(tes) if train_te else [])
+    trained = ([unet] if cfg.lora.train_unet else []) + te_trained
     if not trained:
         raise TrainingError("nothing to train: set lora.train_unet or lora.train_text_encoder to true")
     cast_training_params(trained, dtype=torch.float32)  # LoRA weights stay fp32 under half-precision bases
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        for te in tes if train_te else []:
+        for te in te_trained:
             (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
-    unet.set_attn_processor(_sdpa_processor())
+    if fam.attention_processor() is not None:
+        unet.set_attn_processor(fam.attention_processor())
 
     # ---- data ------------------------------------------------------------------------------------
     data = TrainingSet(found, cfg.data, cfg.data.resolution, reg)
@@ -140,7 +148,8 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
     # ---- optimizer and schedule -----------------------------------------------------------------
     groups = [{"params": lora_mod.lora_parameters(unet), "lr": cfg.optim.lr}] if cfg.lora.train_unet else []
     if train_te:
-        groups.append({"params": [p for te in tes for p in lora_mod.lora_parameters(te)], "lr": cfg.optim.text_encoder_lr})
+        groups.append({"params": [p for te in te_trained for p in lora_mod.lora_parameters(te)],
+                       "lr": cfg.optim.text_encoder_lr})
     optimizer = make_optimizer(cfg, groups, device)
     world = accelerator.num_processes
     batches_per_epoch = len(data.epoch_batches(0, cfg.train.seed, cfg.train.batch_size)) // world
@@ -160,12 +169,10 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
         unet_fwd = torch.compile(unet_fwd)
 
     latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    noise_scheduler = DDPMScheduler.from_config(base.scheduler_config, prediction_type=cfg.model.prediction_type,
-                                                rescale_betas_zero_snr=cfg.model.zero_terminal_snr)
     val = None
     if main and held_out is not None:
         with _borrowed([vae, *tes], device):  # latents and frozen captions are made once, now
-            val = validation.Validation(held_out, cfg, fam, vae, base.tokenizers, tes, noise_scheduler,
+            val = validation.Validation(held_out, cfg, fam, vae, base.tokenizers, tes, schedule,
                                         encode_text=not train_te, precision=precision, device=device)
         events.emit("validation_set", images=len(val), problems=len(val.data.problems))
         if not len(val):
@@ -191,10 +198,8 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
         noise = torch.randn(latents.shape, generator=gen).to(device)
         if cfg.train.noise_offset:
             noise += cfg.train.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen).to(device)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(device)
-        noisy = noise_scheduler.add_noise(latents, noise, t)
-        target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
-            noise_scheduler.get_velocity(latents, noise, t)
+        t = schedule.sample(latents.shape[0], gen).to(device)
+        noisy, target, model_t = schedule.noised(latents, noise, t)
         if text_cache is not None:
             hidden = torch.stack([text_cache[c][0] for c in captions]).to(device)
             pooled = torch.stack([text_cache[c][1] for c in captions]).to(device) \
@@ -204,10 +209,10 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
                 hidden, pooled = fam.encode(tes_fwd, fam.tokenize(base.tokenizers, captions), cfg.model.clip_skip)
         sizes = [(e.size[1], e.size[0]) for e in (data.entries[i] for i in batch_idx)]
         targets = [(data.entries[i].bucket[1], data.entries[i].bucket[0]) for i in batch_idx]
-        added = fam.added_cond(pooled, sizes, crop_tl, targets) if pooled is not None else None
+        dtype = precision.weight_dtype
         with precision.autocast():
-            pred = unet_fwd(noisy.to(precision.weight_dtype), t, hidden.to(precision.weight_dtype),
-                            added_cond_kwargs=added).sample
+            pred = fam.denoise(unet_fwd, noisy.to(dtype), model_t, hidden.to(dtype),
+                               None if pooled is None else pooled.to(dtype), sizes, crop_tl, targets)
         loss = F.mse_loss(pred.float(), target.float(), reduction="none")
         if cfg.data.masked_loss:
             masks = torch.stack([data.mask(i, c, f, latent_factor) for i, c, f in zip(batch_idx, crops, flips)])
@@ -215,12 +220,8 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
         loss = loss.mean(dim=(1, 2, 3))
         loss = loss * torch.tensor([cfg.data.prior_loss_weight if data.entries[i].is_reg else 1.0
                                     for i in batch_idx], device=device)
-        if cfg.train.min_snr_gamma:
-            snr = compute_snr(noise_scheduler, t)
-            clipped = torch.clamp(snr, max=cfg.train.min_snr_gamma)
-            v_pred = noise_scheduler.config.prediction_type == "v_prediction"
-            loss = loss * (clipped / (snr + 1) if v_pred else clipped / snr)
-        return loss.mean()
+        weight = schedule.weight(t)
+        return (loss if weight is None else loss * weight).mean()
 
     def batch_stream():
         epoch = 0
@@ -238,8 +239,8 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
     name = cfg.save.name or run_dir.name
     final = run_dir / f"{name}.safetensors"
     started = now_epoch()
-    save_args = dict(cfg=cfg, base=base, data=data, models=_prefixed(fam, unet if cfg.lora.train_unet else None,
-                     tes if train_te else []), started=started)
+    save_args = dict(cfg=cfg, base=base, data=data, models=fam.models(unet if cfg.lora.train_unet else None,
+                     te_trained), started=started)
     params = state_mod.trainable(save_args["models"])
 
     def save_state():
@@ -410,10 +411,13 @@ def _ready_unet(unet, cfg: RunConfig, precision: Precision, fp8: bool) -> None:
     neither full-precision weights nor all the models at once reach the GPU, each model goes there for its
     own phase (VAE: latent cache; text encoders: caption cache; UNet: training), and with fp8 the half-precision
     UNet is gone before the encoders arrive, so neither phase's peak is the sum of all the models."""
+    from .models import FAMILIES, family_name
+
     unet.requires_grad_(False)
     _place(unet, torch.device("cpu"), precision.weight_dtype)  # a no-op when the loader honoured dtype
     if cfg.lora.train_unet:
-        lora_mod.inject(unet, cfg.lora, lora_mod.unet_targets(cfg.lora), "UNet")
+        fam = FAMILIES[family_name(dict(unet.config)) if cfg.model.family == "auto" else cfg.model.family]
+        lora_mod.inject(unet, cfg.lora, lora_mod.unet_targets(cfg.lora, fam.denoiser_prefix), "UNet")
     frozen.freeze(unet, precision.weight_dtype, fp8=fp8)  # after injection: peft wraps the original layers
 
 
@@ -427,7 +431,7 @@ def resolve_auto(cfg: RunConfig, fam, model_prediction_type: str, resolution: in
     if cfg.data.resolution is None:
         cfg.data.resolution = resolution
     if cfg.lora.train_text_encoder is None:
-        cfg.lora.train_text_encoder = fam.name != "sdxl"  # SDXL's two encoders rarely need it and cost memory
+        cfg.lora.train_text_encoder = text_encoder_trained_by_default(fam.name)
     if cfg.optim.text_encoder_lr is None:
         cfg.optim.text_encoder_lr = cfg.optim.lr / 2
     if cfg.data.cache_dir is None:
@@ -477,18 +481,6 @@ def _trackers():
     import importlib.util
 
     return "tensorboard" if importlib.util.find_spec("tensorboard") else None
-
-
-def _sdpa_processor():
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    return AttnProcessor2_0()
-
-
-def _prefixed(fam, unet, tes) -> dict:
-    models = {"lora_unet": unet} if unet is not None else {}
-    models.update(zip(fam.te_prefixes, tes))
-    return models
 
 
 @contextlib.contextmanager
@@ -627,7 +619,9 @@ def _borrowed(modules, device):
 def _save(path: Path, step: int, epoch: int, events: Events, *, cfg, base, data, models, started,
           thumbnail: Path | None = None) -> None:
     extra = {}
-    if cfg.save.layout == "peft":
+    if base.family.lora_layout == "diffusers":  # the one layout SD3's loaders share
+        tensors = diffusers_state_dict(models, SAVE_DTYPES[cfg.save.dtype])
+    elif cfg.save.layout == "peft":
         tensors, extra = peft_state_dict(models, SAVE_DTYPES[cfg.save.dtype])
     else:
         tensors = kohya_state_dict(models, SAVE_DTYPES[cfg.save.dtype], base.family.unet_namer(base.unet.config))
@@ -638,6 +632,7 @@ def _save(path: Path, step: int, epoch: int, events: Events, *, cfg, base, data,
         tag_frequency={Path(cfg.data.dataset).name: dict(tags)}, num_images=data.num_samples, steps=step,
         epoch=epoch + 1, started=started, finished=now_epoch(), base_name=base.name, base_hash=base.file_hash,
         thumbnail=png_data_url(thumbnail) if thumbnail else None,
+        architecture=base.family.architecture(base.unet.config),
     )
     ups = [t for k, t in tensors.items() if k.endswith((".lora_up.weight", ".lora_B.weight"))]
     if ups and not any(t.any() for t in ups):  # e.g. saved while warmup still held the learning rate at 0

@@ -14,13 +14,24 @@ UNET_EXTRA = {
     # LoCon: the ResNet and resampler convolutions, as kohya's LoCon targets them.
     "conv": ["conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"],
 }
+# SD3's joint attention: the image stream's projections and the text stream's (add_*), in every block's
+# attention and SD3.5's second, image-only one (attn2).
+MMDIT_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+MMDIT_EXTRA = {"ff": ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]}
+DENOISER_TARGETS = {"lora_unet": (UNET_ATTENTION, UNET_EXTRA), "lora_transformer": (MMDIT_ATTENTION, MMDIT_EXTRA)}
 TE_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 TE_MLP = ["fc1", "fc2"]
 ADAPTER = "default"
 
 
-def unet_targets(cfg: LoraConfig) -> list[str]:
-    return UNET_ATTENTION + [t for extra in cfg.unet_extra for t in UNET_EXTRA[extra]]
+def unet_targets(cfg: LoraConfig, denoiser_prefix: str = "lora_unet") -> list[str]:
+    """The denoiser's target layers (`denoiser_prefix` is the family's: a UNet's or SD3's transformer's)."""
+    attention, extras = DENOISER_TARGETS[denoiser_prefix]
+    unknown = [e for e in cfg.unet_extra if e not in extras]
+    if unknown:
+        raise ValueError(f"lora.unet_extra {unknown[0]!r} has no layers in this model's denoiser; allowed here: "
+                         f"{', '.join(extras) or 'none'}")
+    return attention + [t for extra in cfg.unet_extra for t in extras[extra]]
 
 
 def text_encoder_targets(cfg: LoraConfig) -> list[str]:

@@ -30,6 +30,7 @@ class Module:
     up: torch.Tensor
     alpha: float
     dora_scale: torch.Tensor | None = None
+    path: str | None = None  # the dotted diffusers key (`transformer.<module path>`) a peft-layout file used
 
     @property
     def rank(self) -> int:
@@ -143,7 +144,8 @@ def _kohya_modules(t: dict) -> dict[str, Module]:
     return out
 
 
-PEFT_PREFIXES = {"unet.": "lora_unet", "text_encoder.": "lora_te", "text_encoder_2.": "lora_te2"}
+PEFT_PREFIXES = {"unet.": "lora_unet", "transformer.": "lora_transformer", "text_encoder.": "lora_te",
+                 "text_encoder_2.": "lora_te2"}
 
 
 def _peft_modules(t: dict, metadata: dict) -> dict[str, Module]:
@@ -173,7 +175,7 @@ def _peft_modules(t: dict, metadata: dict) -> dict[str, Module]:
         name = f"{kohya_prefix}_{module_path.replace('.', '_')}"
         magnitude = t.get(key.replace(".lora_A.weight", ".lora_magnitude_vector"))
         out[name] = Module(down, t[up_key], scale * down.shape[0],
-                           None if magnitude is None else magnitude.reshape(-1, 1))
+                           None if magnitude is None else magnitude.reshape(-1, 1), prefix + module_path)
     return out
 
 
@@ -197,6 +199,8 @@ def _peft_alphas(metadata: dict) -> dict:
 
 def detect_family(modules: dict[str, Module], metadata: dict) -> tuple[str | None, str]:
     version = (metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")).lower()
+    if "sd3" in version or "diffusion-3" in version:
+        return "sd3", "metadata"
     if "xl" in version:
         return "sdxl", "metadata"
     if "v2" in version or "sd_2" in version:
@@ -204,6 +208,8 @@ def detect_family(modules: dict[str, Module], metadata: dict) -> tuple[str | Non
     if "v1" in version or "sd_1" in version:
         return "sd1", "metadata"
     names = list(modules)
+    if any(n.startswith("lora_transformer_transformer_blocks_") for n in names):
+        return "sd3", "keys"
     if any(n.startswith(("lora_te1_", "lora_te2_")) for n in names) or \
             any(re.match(r"lora_unet_(input_blocks|output_blocks|middle_block)_", n) for n in names):
         return "sdxl", "keys"
@@ -221,7 +227,7 @@ def detect_family(modules: dict[str, Module], metadata: dict) -> tuple[str | Non
     return None, "unknown"
 
 
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD 3"}
 
 
 def check_family(lora: LoraFile, base_family: str) -> None:

@@ -12,11 +12,19 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def family_name(unet_config: dict) -> str:
+    """sd1/sd2/sdxl from a UNet's config, sd3 from an SD3 transformer's."""
+    if "joint_attention_dim" in unet_config:
+        return "sd3"
     if unet_config.get("addition_embed_type") == "text_time":
         return "sdxl"
     if unet_config.get("cross_attention_dim") == 1024 or unet_config.get("use_linear_projection"):
         return "sd2"
     return "sd1"
+
+
+def text_encoder_trained_by_default(family: str | None) -> bool:
+    """lora.train_text_encoder = auto: yes for SD1/SD2; SDXL's and SD3's encoders rarely need it and cost memory."""
+    return family not in ("sdxl", "sd3")
 
 
 def is_embedded(source: str) -> bool:
@@ -35,11 +43,18 @@ def peek_family(source: str, family: str = "auto") -> str | None:
         return family
     if is_embedded(source):
         return "tiny"
-    try:
-        unet = json.loads((Path(source).expanduser() / "unet" / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return family_name(unet)
+    unet = denoiser_config(Path(source).expanduser())
+    return family_name(unet) if unet is not None else None
+
+
+def denoiser_config(folder: Path) -> dict | None:
+    """A diffusers folder's UNet config, or its transformer's (SD3)."""
+    for name in ("unet", "transformer"):
+        try:
+            return json.loads((folder / name / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def looks_like_path(source: str) -> bool:
@@ -48,7 +63,7 @@ def looks_like_path(source: str) -> bool:
             or source.endswith((".safetensors",) + PICKLE_SUFFIXES))
 
 
-FAMILY_RESOLUTION = {"tiny": 64, "sd1": 512, "sd2": 768, "sdxl": 1024}
+FAMILY_RESOLUTION = {"tiny": 64, "sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024}
 
 
 def peek_resolution(source: str, family: str = "auto") -> int | None:
@@ -56,7 +71,7 @@ def peek_resolution(source: str, family: str = "auto") -> int | None:
     trainer's own rule); the family default for a single file; None when nothing can be told."""
     folder = EMBEDDED_DIR if is_embedded(source) else Path(source).expanduser()
     try:
-        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        unet = denoiser_config(folder)
         vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
         return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
     except (OSError, ValueError, KeyError, TypeError):

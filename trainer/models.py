@@ -1,7 +1,8 @@
 """Load a base model and describe its family.
 
-Everything that differs between SD1, SD2 and SDXL lives in a `Family`: how captions become
-conditioning, the added conditioning, key prefixes, default resolution and file-format names.
+Everything that differs between SD1, SD2, SDXL and SD3 lives in a `Family`: how captions become
+conditioning, how the denoiser is called, how latents are noised (its schedule), key prefixes, default
+resolution and file-format names.
 """
 from __future__ import annotations
 
@@ -21,9 +22,55 @@ from .model_info import EMBEDDED_DIR, PICKLE_SUFFIXES, family_name, looks_like_p
 class Family:
     name: str
     default_resolution: int
-    te_prefixes: tuple[str, ...]
+    te_prefixes: tuple[str, ...]  # one per text encoder LoRA can train, in the base's order
     modelspec_architecture: str
     ss_base_model_version: str
+    denoiser_prefix: str = "lora_unet"  # the denoiser's key prefix in kohya-style names
+    text_encoder_count: int = 0  # text encoders the base holds; 0 = as many as te_prefixes
+    lora_layout: str = "kohya"  # how LoRA files of this family are written: kohya keys or diffusers/peft keys
+
+    @property
+    def encoders(self) -> int:
+        return self.text_encoder_count or len(self.te_prefixes)
+
+    def models(self, denoiser, text_encoders) -> dict:
+        """Key prefix -> model, for the denoiser (None: left out) and the text encoders LoRA can train."""
+        out = {self.denoiser_prefix: denoiser} if denoiser is not None else {}
+        out.update(zip(self.te_prefixes, text_encoders))
+        return out
+
+    def default_prediction(self, scheduler_config: dict) -> str:
+        return scheduler_config.get("prediction_type", "epsilon")
+
+    def architecture(self, denoiser_config) -> str:
+        """The modelspec architecture id of this base (SD3 tells Medium and Large apart by its config)."""
+        return self.modelspec_architecture
+
+    def schedule(self, scheduler_config: dict, prediction_type: str, zero_terminal_snr: bool, min_snr_gamma: float):
+        from .schedules import Diffusion
+
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ModelError(f"model.prediction_type {prediction_type!r} does not fit a {self.name} model; "
+                             "use epsilon or v_prediction (or leave it unset to read the model's own)")
+        return Diffusion(scheduler_config, prediction_type, zero_terminal_snr, min_snr_gamma)
+
+    def denoise(self, model, noisy, t, hidden, pooled, sizes, crops, targets):
+        """The denoiser's prediction. `sizes`, `crops` and `targets` are the (h, w) original sizes, crop corners
+        and bucket sizes of the batch, which only SDXL conditions on."""
+        return model(noisy, t, hidden, added_cond_kwargs=self.added_cond(pooled, sizes, crops, targets)
+                     if pooled is not None else None).sample
+
+    def attention_processor(self):
+        """The processor every attention layer of the denoiser is set to: torch's SDPA (diffusers' default for
+        SD3's joint attention already)."""
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        return AttnProcessor2_0()
+
+    def sampler(self, scheduler_config: dict):
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(scheduler_config)
 
     def tokenize(self, tokenizers, captions: list[str]) -> list[torch.Tensor]:
         return [tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -93,16 +140,111 @@ class SDXLFamily(Family):
                                          scheduler=scheduler)
 
 
+class NoT5(torch.nn.Module):
+    """Stands in for SD3's T5 encoder when it is left out: zero embeddings, as diffusers' SD3 pipeline uses
+    without text_encoder_3 (CLIP's token count, the transformer's joint width). SD3 was trained with each text
+    encoder dropped now and then, so it still follows the CLIP half of a prompt."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+        self.register_buffer("anchor", torch.zeros(0), persistent=False)  # gives it a device and a dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    def forward(self, input_ids, **_):
+        hidden = torch.zeros(*input_ids.shape, self.width, device=self.anchor.device, dtype=self.anchor.dtype)
+        return SimpleNamespace(last_hidden_state=hidden)
+
+
+@dataclass(frozen=True)
+class SD3Family(Family):
+    """SD 3 / 3.5: an MMDiT transformer trained by rectified flow, conditioned on CLIP-L and CLIP-G (penultimate
+    layers, concatenated and zero-padded to T5's width) followed in the sequence by T5-XXL, plus both CLIPs'
+    pooled projections. The text encoders LoRA can train are the two CLIPs (diffusers' SD3 loader has no T5)."""
+
+    T5_TOKENS = 256  # diffusers' SD3 default max_sequence_length
+
+    def tokenize(self, tokenizers, captions):
+        ids = [tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids for tok in tokenizers[:2]]
+        t5 = tokenizers[2] if len(tokenizers) > 2 else None
+        if t5 is None:
+            return ids + [torch.zeros(len(captions), tokenizers[0].model_max_length, dtype=torch.long)]
+        return ids + [t5(captions, padding="max_length", max_length=min(t5.model_max_length, self.T5_TOKENS),
+                         truncation=True, add_special_tokens=True, return_tensors="pt").input_ids]
+
+    def encode(self, text_encoders, input_ids, clip_skip: int = 1):
+        hidden, pooled = [], []
+        for te, ids in zip(text_encoders[:2], input_ids[:2]):
+            out = te(ids.to(te.device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled.append(out.text_embeds)
+        t5 = text_encoders[2](input_ids[2].to(text_encoders[2].device)).last_hidden_state
+        clip = torch.cat(hidden, dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1)
+
+    def default_prediction(self, scheduler_config: dict) -> str:
+        return "flow_matching"
+
+    def architecture(self, denoiser_config) -> str:
+        # kohya's sai_model_spec: "stable-diffusion-3" followed by the variant.
+        config = dict(denoiser_config)
+        if config.get("num_layers") == 38:
+            return "stable-diffusion-3-5-large"
+        if config.get("dual_attention_layers"):
+            return "stable-diffusion-3-5-medium"
+        return "stable-diffusion-3-medium" if config.get("num_layers") == 24 else self.modelspec_architecture
+
+    def schedule(self, scheduler_config, prediction_type, zero_terminal_snr, min_snr_gamma):
+        from .schedules import FlowMatching
+
+        if prediction_type != "flow_matching":
+            raise ModelError(f"model.prediction_type {prediction_type!r} does not fit an SD3 model, which trains by "
+                             "flow matching; leave model.prediction_type unset or set it to flow_matching")
+        if zero_terminal_snr:
+            raise ModelError("model.zero_terminal_snr does not apply to SD3: its flow schedule already ends in pure "
+                             "noise; leave it unset")
+        return FlowMatching(scheduler_config)
+
+    def attention_processor(self):
+        return None
+
+    def denoise(self, model, noisy, t, hidden, pooled, sizes, crops, targets):
+        return model(hidden_states=noisy, timestep=t, encoder_hidden_states=hidden, pooled_projections=pooled).sample
+
+    def sampler(self, scheduler_config: dict):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+
+    def pipeline(self, unet, vae, text_encoders, tokenizers, scheduler):
+        from diffusers import StableDiffusion3Pipeline
+
+        t5 = None if isinstance(text_encoders[2], NoT5) else text_encoders[2]
+        return StableDiffusion3Pipeline(transformer=unet, scheduler=scheduler, vae=vae,
+                                        text_encoder=text_encoders[0], tokenizer=tokenizers[0],
+                                        text_encoder_2=text_encoders[1], tokenizer_2=tokenizers[1],
+                                        text_encoder_3=t5, tokenizer_3=tokenizers[2] if t5 is not None else None)
+
+
 FAMILIES = {
     "sd1": Family("sd1", 512, ("lora_te",), "stable-diffusion-v1", "sd_v1"),
     "sd2": Family("sd2", 768, ("lora_te",), "stable-diffusion-v2-768-v", "sd_v2"),
     "sdxl": SDXLFamily("sdxl", 1024, ("lora_te1", "lora_te2"), "stable-diffusion-xl-v1-base", "sdxl_base_v1-0"),
+    # kohya's sai_model_spec names SD3.5 Medium/Large apart; one family trains both, so the id is SD3's.
+    "sd3": SD3Family("sd3", 1024, ("lora_te1", "lora_te2"), "stable-diffusion-3", "sd3",
+                     denoiser_prefix="lora_transformer", text_encoder_count=3, lora_layout="diffusers"),
 }
 
 
 @dataclass
 class Base:
-    """A loaded base model. Text encoders and tokenizers are lists (one for SD, two for SDXL)."""
+    """A loaded base model. `unet` is its denoiser: a UNet, or SD3's MMDiT transformer. Text encoders and
+    tokenizers are lists (one for SD, two for SDXL, three for SD3, whose T5 may be a NoT5 and its tokenizer None)."""
     family: Family
     unet: torch.nn.Module
     vae: torch.nn.Module
@@ -116,7 +258,7 @@ class Base:
 
     @property
     def prediction_type(self) -> str:
-        return self.scheduler_config.get("prediction_type", "epsilon")
+        return self.family.default_prediction(self.scheduler_config)
 
     @property
     def zero_terminal_snr(self) -> bool:
@@ -132,7 +274,7 @@ def sampling_schedule(scheduler_config: dict, prediction_type: str | None = None
     schedule must start at the last timestep (trailing spacing) and guidance is rescaled; otherwise samples
     come out washed out."""
     config = dict(scheduler_config)
-    if prediction_type:
+    if prediction_type and prediction_type != "flow_matching":  # a training target, not a flow scheduler setting
         config["prediction_type"] = prediction_type
     ztsnr = config.get("rescale_betas_zero_snr", False) if zero_terminal_snr is None else zero_terminal_snr
     if not ztsnr:
@@ -164,13 +306,14 @@ def resolve_source(source: str) -> str:
     return source
 
 
-def load_base(source: str, family: str = "auto", dtype: torch.dtype | None = None, on_unet=None) -> Base:
+def load_base(source: str, family: str = "auto", dtype: torch.dtype | None = None, on_unet=None,
+              t5: bool = True) -> Base:
     """Load a diffusers folder, a single-file checkpoint or a Hub id. Raises ModelError with one line.
 
     `dtype` loads the weights straight into that precision: a half-precision run then never holds an
     fp32 copy of the UNet, which for SDXL would be 10 GB on the way in. `on_unet(unet)` runs as soon as the
     UNet exists; from a folder that is before the text encoders load, so a UNet it shrinks (fp8) never sits
-    in half precision beside them."""
+    in half precision beside them. `t5=False` leaves SD3's T5-XXL encoder unloaded (a NoT5 stands in)."""
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()  # per-component bars are noise around our own progress
@@ -181,15 +324,15 @@ def load_base(source: str, family: str = "auto", dtype: torch.dtype | None = Non
             if not (path / "model_index.json").exists():
                 raise ModelError(f"{path} is a folder but not a diffusers model (no model_index.json); "
                                  "pass a diffusers folder, a .safetensors checkpoint or a Hub id")
-            pipe = _from_folder(path, dtype, on_unet)
+            pipe = _from_folder(path, dtype, on_unet, t5)
             file_hash = ""
         elif path.exists():
-            pipe = _from_single_file(path, dtype)
+            pipe = _from_single_file(path, dtype, t5)
             file_hash = sha256_file(path)
         elif looks_like_path(source):
             raise ModelError(f"model {source} does not exist; check the path")
         else:
-            pipe = _from_hub(source, dtype)
+            pipe = _from_hub(source, dtype, t5)
             file_hash = ""
     except ModelError:
         raise
@@ -199,18 +342,23 @@ def load_base(source: str, family: str = "auto", dtype: torch.dtype | None = Non
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"could not load model {source}: {first}") from e
 
+    denoiser = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
     if on_unet is not None and not isinstance(pipe, SimpleNamespace):  # a pipeline loads all parts at once
-        on_unet(pipe.unet)
+        on_unet(denoiser)
     sched = dict(pipe.scheduler.config)
     if path.is_file():
         sched = checkpoint_flags(checkpoint_keys(path), sched)
-    fam = detect_family(pipe.unet.config, sched) if family == "auto" else FAMILIES[family]
-    tes = [t for t in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if t is not None]
-    toks = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
-    if len(tes) != len(fam.te_prefixes):
-        raise ModelError(f"{source} has {len(tes)} text encoder(s) but a {fam.name} model needs {len(fam.te_prefixes)}")
+    fam = detect_family(denoiser.config, sched) if family == "auto" else FAMILIES[family]
+    slots = ("", "_2", "_3")[:fam.encoders]
+    tes = [getattr(pipe, f"text_encoder{s}", None) for s in slots]
+    toks = [getattr(pipe, f"tokenizer{s}", None) for s in slots]
+    if fam.encoders == 3 and tes[2] is None and None not in tes[:2]:
+        tes[2] = NoT5(denoiser.config.joint_attention_dim).to(tes[0].dtype)  # left out (t5=False) or absent
+    if None in tes or None in toks[:len(fam.te_prefixes)]:
+        found = sum(t is not None for t in tes)
+        raise ModelError(f"{source} has {found} text encoder(s) but a {fam.name} model needs {fam.encoders}")
     name = path.stem if path.exists() else source
-    return Base(fam, pipe.unet, pipe.vae, tes, toks, sched, source, name, file_hash)
+    return Base(fam, denoiser, pipe.vae, tes, toks, sched, source, name, file_hash)
 
 
 class _CallerError(Exception):
@@ -221,33 +369,36 @@ class _CallerError(Exception):
         self.error = error
 
 
-def _pipeline_class_for(model_index: dict):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def _pipeline_class_for(model_index: dict, t5: bool = True):
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if "transformer" in model_index or "3" in model_index.get("_class_name", ""):
+        return StableDiffusion3Pipeline, ({} if t5 else {"text_encoder_3": None, "tokenizer_3": None})
     if "XL" in model_index.get("_class_name", "") or "text_encoder_2" in model_index:
         return StableDiffusionXLPipeline, {}
     return StableDiffusionPipeline, {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
 
-def _from_pretrained(source: str, local_only: bool, dtype=None):
+def _from_pretrained(source: str, local_only: bool, dtype=None, t5: bool = True):
     from diffusers import DiffusionPipeline
 
     if Path(source).is_dir():
         index = json.loads((Path(source) / "model_index.json").read_text())
     else:
         index = DiffusionPipeline.load_config(source, local_files_only=local_only)
-    cls, kwargs = _pipeline_class_for(index)
+    cls, kwargs = _pipeline_class_for(index, t5)
     if dtype is not None:
         kwargs["dtype"] = dtype
     return cls.from_pretrained(source, local_files_only=local_only, **kwargs)
 
 
 # What training needs from a diffusers folder, and the only libraries its model_index.json may name.
-COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
+              "tokenizer_2", "tokenizer_3")
 LIBRARIES = ("diffusers", "transformers")
 
 
-def _from_folder(path: Path, dtype=None, on_unet=None) -> SimpleNamespace:
+def _from_folder(path: Path, dtype=None, on_unet=None, t5: bool = True) -> SimpleNamespace:
     """The components of a local diffusers folder, loaded one by one. Without the pipeline machinery
     the embedded model reaches its first step ~0.6 s sooner, and no safety checker or feature
     extractor a folder may name is ever imported."""
@@ -257,7 +408,7 @@ def _from_folder(path: Path, dtype=None, on_unet=None) -> SimpleNamespace:
     parts = {}
     for name in COMPONENTS:
         library, cls_name = (index.get(name) or [None, None])[:2]
-        if library is None or not (path / name).is_dir():
+        if library is None or not (path / name).is_dir() or (not t5 and name.endswith("_3")):
             continue
         if library not in LIBRARIES:
             raise ModelError(f"{path}: component {name} comes from {library!r}; only diffusers and transformers "
@@ -265,12 +416,14 @@ def _from_folder(path: Path, dtype=None, on_unet=None) -> SimpleNamespace:
         cls = getattr(importlib.import_module(library), cls_name)
         kwargs = {} if name.startswith("tokenizer") else {"dtype": dtype or torch.float32}
         parts[name] = cls.from_pretrained(str(path / name), **kwargs)
-        if name == "unet" and on_unet is not None:
+        if name in ("unet", "transformer") and on_unet is not None:
             try:
                 on_unet(parts[name])
             except Exception as e:  # the caller's own error (a LoRA setting, say), not a loading one
                 raise _CallerError(e) from e
-    for required in ("unet", "vae", "text_encoder", "tokenizer"):
+    if "transformer" in parts:
+        parts.pop("unet", None)
+    for required in ("unet" if "transformer" not in parts else "transformer", "vae", "text_encoder", "tokenizer"):
         if required not in parts:
             raise ModelError(f"{path} has no {required}/ folder; a diffusers Stable Diffusion model needs one")
     config_file = path / "scheduler" / "scheduler_config.json"
@@ -278,20 +431,20 @@ def _from_folder(path: Path, dtype=None, on_unet=None) -> SimpleNamespace:
     return SimpleNamespace(scheduler=SimpleNamespace(config=scheduler), **parts)
 
 
-def _from_hub(source: str, dtype=None):
+def _from_hub(source: str, dtype=None, t5: bool = True):
     try:
-        return _from_pretrained(source, local_only=True, dtype=dtype)
+        return _from_pretrained(source, local_only=True, dtype=dtype, t5=t5)
     except Exception:
         pass
     try:
-        return _from_pretrained(source, local_only=False, dtype=dtype)
+        return _from_pretrained(source, local_only=False, dtype=dtype, t5=t5)
     except Exception as e:
         raise ModelError(f"could not load Hub model {source}: not in the local cache and not downloadable "
                          f"({type(e).__name__}); download it first or pass a local folder") from e
 
 
-def _from_single_file(path: Path, dtype=None):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def _from_single_file(path: Path, dtype=None, t5: bool = True):
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
@@ -299,7 +452,11 @@ def _from_single_file(path: Path, dtype=None):
     elif suffix != ".safetensors":
         raise ModelError(f"{path.name}: unsupported model file type {suffix!r}; use .safetensors or a diffusers folder")
     keys = checkpoint_keys(path)
-    if any(k.startswith("conditioner.embedders.1") for k in keys):
+    if any(k.startswith("model.diffusion_model.joint_blocks.") for k in keys):
+        # SD3 files often leave out their text encoders: diffusers then fetches them from the model's Hub repo
+        # (gated: accept its licence and log in with `hf auth login` once).
+        cls, kwargs = StableDiffusion3Pipeline, ({} if t5 else {"text_encoder_3": None, "tokenizer_3": None})
+    elif any(k.startswith("conditioner.embedders.1") for k in keys):
         cls, kwargs = StableDiffusionXLPipeline, {}
     else:
         cls = StableDiffusionPipeline

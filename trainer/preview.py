@@ -19,6 +19,8 @@ from .models import load_base, sampling_schedule
 
 SAMPLERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
             "dpm++": "DPMSolverMultistepScheduler"}
+# A flow-matching model (SD3) samples along its flow: every choice maps onto a flow sampler.
+FLOW_SAMPLERS = {"euler": "FlowMatchEulerDiscreteScheduler", "heun": "FlowMatchHeunDiscreteScheduler"}
 
 
 @dataclass
@@ -63,12 +65,10 @@ class Previewer:
         if source != self.base_source:
             self.base = load_base(source)
             b = self.base
-            from diffusers import DDIMScheduler
-
             self.pipe = b.family.pipeline(b.unet, b.vae, b.text_encoders, b.tokenizers,
-                                          DDIMScheduler.from_config(sampling_schedule(b.scheduler_config)[0]))
+                                          b.family.sampler(sampling_schedule(b.scheduler_config)[0]))
             self.pipe.set_progress_bar_config(disable=True)
-            self.models = {"lora_unet": b.unet, **dict(zip(b.family.te_prefixes, b.text_encoders))}
+            self.models = b.family.models(b.unet, b.text_encoders)
             self.base_source, self.adapters = source, {}
         return self.pipe
 
@@ -95,15 +95,22 @@ class Previewer:
         for s in (s for s in slots if s.enabled):
             unet = s.weight if s.unet is None else s.unet
             te = s.weight if s.text_encoder is None else s.text_encoder
-            weights[self.adapter(s.path)] = {prefix: unet if prefix == "lora_unet" else te for prefix in self.models}
+            denoiser = self.base.family.denoiser_prefix
+            weights[self.adapter(s.path)] = {prefix: unet if prefix == denoiser else te for prefix in self.models}
         adapters.mix(self.models, weights)
+
+    def sampler_class(self, sampler: str) -> str:
+        if sampler not in SAMPLERS and sampler not in FLOW_SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+        if self.base.prediction_type == "flow_matching":
+            return FLOW_SAMPLERS.get(sampler, FLOW_SAMPLERS["euler"])
+        return SAMPLERS.get(sampler, SAMPLERS["euler"])
 
     def scheduler(self, sampler: str):
         import diffusers
 
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
-        return getattr(diffusers, SAMPLERS[sampler]).from_config(sampling_schedule(self.base.scheduler_config)[0])
+        name = self.sampler_class(sampler)
+        return getattr(diffusers, name).from_config(sampling_schedule(self.base.scheduler_config)[0])
 
     # ---- rendering ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -111,10 +118,12 @@ class Previewer:
         pipe = self.pipeline(req.base)
         self.apply(req.loras)
         pipe.scheduler = self.scheduler(req.sampler)
-        size = req.size or pipe.unet.config.sample_size * pipe.vae_scale_factor  # the model's native size
+        size = req.size or self.base.unet.config.sample_size * pipe.vae_scale_factor  # the model's native size
+        rescale = sampling_schedule(self.base.scheduler_config)[1]
         image = pipe(req.prompt, negative_prompt=req.negative or None, num_inference_steps=req.steps,
                      guidance_scale=req.guidance, height=size, width=size,
-                     guidance_rescale=sampling_schedule(self.base.scheduler_config)[1],
+                     **({"guidance_rescale": rescale} if rescale else {}),
                      generator=torch.Generator("cpu").manual_seed(req.seed)).images[0]
-        settings = {**asdict(req), "size": size, "family": self.base.family.name}
+        settings = {**asdict(req), "size": size, "family": self.base.family.name,
+                    "scheduler": type(pipe.scheduler).__name__}
         return image, settings

@@ -16,10 +16,7 @@ def render(family, unet, vae, text_encoders, tokenizers, scheduler_config: dict,
     """One image per prompt, prompt i at seed + i, with `scheduler_config` and `guidance_rescale` as
     models.sampling_schedule gives them. `stop()` is asked before each image: a user who stopped the run can
     skip the rest."""
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(scheduler_config)
-    pipe = family.pipeline(unet, vae, text_encoders, tokenizers, scheduler)
+    pipe = family.pipeline(unet, vae, text_encoders, tokenizers, family.sampler(scheduler_config))
     pipe.set_progress_bar_config(disable=True)
     was_training = [m.training for m in (unet, *text_encoders)]
     for m in (unet, *text_encoders):
@@ -32,8 +29,9 @@ def render(family, unet, vae, text_encoders, tokenizers, scheduler_config: dict,
                     break
                 kwargs = family.prompt_kwargs(text_encoders, tokenizers, [prompt], negative, clip_skip)
                 gen = torch.Generator("cpu").manual_seed(seed + i)
+                rescale = {"guidance_rescale": guidance_rescale} if guidance_rescale else {}  # SD3 has no such knob
                 out = pipe(**kwargs, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                           generator=gen, guidance_rescale=guidance_rescale)
+                           generator=gen, **rescale)
                 images.append(out.images[0])
     finally:
         for m, t in zip((unet, *text_encoders), was_training):

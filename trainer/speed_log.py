@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 
 from .atomic import write_text
-from .model_info import is_embedded, peek_family, peek_resolution
+from .model_info import is_embedded, peek_family, peek_resolution, text_encoder_trained_by_default
 from .resources import default_cache_dir
 
 FILE = "speed.json"
@@ -23,7 +23,8 @@ def shape(cfg) -> str:
     """What decides the cost of a step, from a config whether or not its 'auto' values are resolved yet."""
     source = "tiny" if is_embedded(cfg.model.source) else str(Path(cfg.model.source).expanduser())
     family = cfg.model.family if cfg.model.family != "auto" else peek_family(cfg.model.source)
-    te = cfg.lora.train_text_encoder if cfg.lora.train_text_encoder is not None else family != "sdxl"
+    te = cfg.lora.train_text_encoder if cfg.lora.train_text_encoder is not None else \
+        text_encoder_trained_by_default(family)
     resolution = cfg.data.resolution or peek_resolution(cfg.model.source, cfg.model.family)
     t = cfg.train
     return json.dumps([source, resolution, t.batch_size, t.gradient_accumulation, t.gradient_checkpointing,

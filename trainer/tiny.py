@@ -1,4 +1,4 @@
-"""Tiny SD1 / SDXL components built from config, for tests, benchmarks and the embedded model.
+"""Tiny SD1 / SD2 / SDXL / SD3 components built from config, for tests, benchmarks and the embedded model.
 
 The tokenizer is word-level: every word of the given vocabulary is one token, and words outside
 it fall back to single characters, so any prompt still encodes.
@@ -105,8 +105,21 @@ def sdxl_unet(cross_dim: int = 64, blocks=(32, 64), sample_size: int = 16, poole
     )
 
 
+def sd3_transformer(joint_dim: int = 48, pooled_dim: int = 64, dual_attention: bool = True):
+    """SD3.5 Medium's shape in miniature: joint blocks, the last one context-pre-only, the first with SD3.5's second
+    image-only attention (attn2) and qk RMS-norm; 16 latent channels, patch size 2."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=joint_dim, caption_projection_dim=32,
+        pooled_projection_dim=pooled_dim, pos_embed_max_size=32,
+        dual_attention_layers=(0,) if dual_attention else (), qk_norm="rms_norm" if dual_attention else None,
+    )
+
+
 def build_pipeline(family: str, folder: str | Path, seed: int = 0, scheduler: dict | None = None):
-    """Build a randomly initialised tiny pipeline of `family` ('sd1', 'sd2' or 'sdxl') and save it
+    """Build a randomly initialised tiny pipeline of `family` ('sd1', 'sd2', 'sdxl' or 'sd3') and save it
     in the diffusers layout under `folder`; `scheduler` adds to its scheduler's settings (a v-prediction,
     zero-terminal-SNR SDXL: {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}). Returns the folder."""
     from diffusers import (DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline)
@@ -118,7 +131,9 @@ def build_pipeline(family: str, folder: str | Path, seed: int = 0, scheduler: di
     sched_kwargs = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                         beta_schedule="scaled_linear", clip_sample=False,
                         steps_offset=1, **(scheduler or {}))
-    if family == "sdxl":
+    if family == "sd3":
+        pipe = _sd3_pipeline(tok, scheduler)
+    elif family == "sdxl":
         te1 = CLIPTextModel(text_encoder_config(tok, hidden=32))
         te2 = CLIPTextModelWithProjection(text_encoder_config(tok, hidden=32, projection_dim=32))
         pipe = StableDiffusionXLPipeline(
@@ -142,6 +157,30 @@ def build_pipeline(family: str, folder: str | Path, seed: int = 0, scheduler: di
 
     shutil.rmtree(folder / "_tok")
     return folder
+
+
+def _sd3_pipeline(tok, scheduler: dict | None):
+    """CLIP-L and CLIP-G (32 wide each, so their 64-wide concatenation is zero-padded to T5's 80, as SD3 pads 2048 to
+    4096), a T5 encoder, a 16-channel VAE with SD3's shift and scale, and the flow-matching scheduler (shift 3)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    te1 = CLIPTextModelWithProjection(text_encoder_config(tok, hidden=32, projection_dim=32))
+    te2 = CLIPTextModelWithProjection(text_encoder_config(tok, hidden=32, projection_dim=32))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=80, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8, pad_token_id=tok.pad_token_id,
+                                 decoder_start_token_id=0))
+    vae_model = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[32, 64],
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1,
+        norm_num_groups=16, sample_size=32, shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=sd3_transformer(joint_dim=80, pooled_dim=64), vae=vae_model,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, **(scheduler or {})),
+        text_encoder=te1, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok, text_encoder_3=t5, tokenizer_3=tok,
+    )
 
 
 def _sd2_unet():

@@ -59,8 +59,17 @@ def inspect(path: str | Path) -> dict:
     }
 
 
-def to_tensors(modules: dict[str, Module], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def to_tensors(modules: dict[str, Module], dtype: torch.dtype, paths: dict[str, str] | None = None) -> dict:
+    """kohya keys; with `paths` (a peft-layout source's module paths), diffusers keys with the scale folded into
+    lora_B, as the trainer writes SD3 files, so a merged or resized file loads where its source did."""
     out = {}
+    if paths is not None:
+        for name, m in sorted(modules.items()):
+            if m.dora_scale is not None:
+                raise LoraError("DoRA modules have no diffusers layout here; keep the file in kohya layout")
+            out[f"{paths[name]}.lora_A.weight"] = m.down.to(dtype).contiguous()
+            out[f"{paths[name]}.lora_B.weight"] = (m.up.float() * m.scale).to(dtype).contiguous()
+        return out
     for name, m in sorted(modules.items()):
         out[f"{name}.lora_down.weight"] = m.down.to(dtype).contiguous()
         out[f"{name}.lora_up.weight"] = m.up.to(dtype).contiguous()
@@ -127,10 +136,17 @@ def merge(paths: list, weights: list[float], out: str | Path, rank: int | None =
             delta = sum(m.delta() * w for m, w in parts)
             merged[name], losses[name] = factorize(delta, rank)
     md = _merged_metadata(loras, weights, family, rank)
-    save_lora(out, to_tensors(merged, SAVE_DTYPES[dtype]), md)
+    save_lora(out, to_tensors(merged, SAVE_DTYPES[dtype], _peft_paths(loras)), md)
     lost = sum(losses.values()) / len(losses) if losses else 0.0
     return {"file": str(out), "modules": len(merged), "exact": rank is None, "energy_lost": lost,
             "rank": rank or max(m.rank for m in merged.values())}
+
+
+def _peft_paths(loras: list[LoraFile]) -> dict[str, str] | None:
+    """Module name -> diffusers key path when every source is in the diffusers/peft layout, else None (kohya)."""
+    if not all(l.layout == "peft" for l in loras):
+        return None
+    return {name: m.path for l in loras for name, m in l.modules.items()}
 
 
 def _merged_metadata(loras, weights, family, rank) -> dict[str, str]:
@@ -189,7 +205,7 @@ def resize(path, out, rank: int | None = None, sv_ratio: float | None = None, sv
     md["ss_network_dim"] = str(new_ranks.most_common(1)[0][0]) if len(new_ranks) == 1 else "dynamic"
     md["ss_network_alpha"] = md["ss_network_dim"]
     md["lora_studio.resized_from"] = json.dumps({"file": lora.path.name, "ranks": dict(lora.ranks())})
-    save_lora(out, to_tensors(modules, SAVE_DTYPES[dtype]), md)
+    save_lora(out, to_tensors(modules, SAVE_DTYPES[dtype], _peft_paths([lora])), md)
     return {"file": str(out), "ranks": dict(new_ranks), "energy_lost_mean": sum(losses) / len(losses),
             "energy_lost_max": max(losses)}
 
@@ -279,7 +295,7 @@ def bake(base: str, loras: list, weights: list[float], out: str | Path, force: b
     for lora in files:
         lora.require_usable("bake")
     b = load_base(base)
-    models = {"lora_unet": b.unet, **dict(zip(b.family.te_prefixes, b.text_encoders))}
+    models = b.family.models(b.unet, b.text_encoders)
     index = module_index(models, b.family.unet_namer(b.unet.config))
     applied = 0
     for lora, w in zip(files, weights):
@@ -311,6 +327,9 @@ def bake(base: str, loras: list, weights: list[float], out: str | Path, force: b
 
 
 def _scheduler(config: dict):
-    from diffusers import DDPMScheduler
+    """The base's own scheduler class (SD3: its flow-matching one), DDPM when the config names none."""
+    import diffusers
 
-    return DDPMScheduler.from_config(config)
+    name = str(config.get("_class_name", ""))
+    cls = getattr(diffusers, name, None) if name.endswith("Scheduler") else None
+    return (cls or diffusers.DDPMScheduler).from_config(config)

@@ -45,16 +45,14 @@ def split(found: Scan, spec: float, seed: int) -> tuple[Scan, Scan | None]:
 class Validation:
     """Everything fixed at the start; `loss()` evaluates the current LoRA on it."""
 
-    def __init__(self, found: Scan, cfg, fam, vae, tokenizers, text_encoders, noise_scheduler, encode_text: bool,
+    def __init__(self, found: Scan, cfg, fam, vae, tokenizers, text_encoders, schedule, encode_text: bool,
                  precision, device):
         data_cfg = dataclasses.replace(cfg.data, random_crop=False, flip=False, shuffle_tags=False, tag_dropout=0.0,
                                        caption_dropout=0.0, repeats=1)
         self.data = TrainingSet(found, data_cfg, cfg.data.resolution)
-        self.fam, self.tokenizers, self.scheduler = fam, tokenizers, noise_scheduler
+        self.fam, self.tokenizers, self.schedule = fam, tokenizers, schedule
         self.precision, self.device, self.clip_skip = precision, device, cfg.model.clip_skip
-        self.v_pred = noise_scheduler.config.prediction_type == "v_prediction"
-        steps = noise_scheduler.config.num_train_timesteps
-        self.timesteps = torch.linspace(steps * 0.05, steps * 0.95, TIMESTEPS).round().long()
+        self.timesteps = schedule.spread(TIMESTEPS)
         gen = torch.Generator("cpu").manual_seed(cfg.train.seed + 7919)  # its own generator, never the training's
         with torch.no_grad():
             self.latents = [encode_latent(vae, self.data.pixels(i, CENTRE, False)[0], gen).float()
@@ -99,17 +97,14 @@ class Validation:
             n = len(t)
             latents = latent.to(self.device).expand(n, *latent.shape)
             eps = noise[start:start + CHUNK].to(self.device)
-            noisy = self.scheduler.add_noise(latents, eps, t)
-            target = self.scheduler.get_velocity(latents, eps, t) if self.v_pred else eps
-            added = None
-            if pooled is not None:
-                e = self.data.entries[i]
-                size, bucket = (e.size[1], e.size[0]), (e.bucket[1], e.bucket[0])
-                added = self.fam.added_cond(pooled.to(self.device, dtype).expand(n, *pooled.shape), [size] * n,
-                                            [self.data.crop_top_left(i, CENTRE)] * n, [bucket] * n)
+            noisy, target, model_t = self.schedule.noised(latents, eps, t)
+            e = self.data.entries[i]
+            size, bucket = (e.size[1], e.size[0]), (e.bucket[1], e.bucket[0])
+            pooled_n = None if pooled is None else pooled.to(self.device, dtype).expand(n, *pooled.shape)
             with self.precision.autocast():
-                pred = unet(noisy.to(dtype), t, hidden.to(self.device, dtype).expand(n, *hidden.shape),
-                            added_cond_kwargs=added).sample
+                pred = self.fam.denoise(unet, noisy.to(dtype), model_t,
+                                        hidden.to(self.device, dtype).expand(n, *hidden.shape), pooled_n, [size] * n,
+                                        [self.data.crop_top_left(i, CENTRE)] * n, [bucket] * n)
             total += F.mse_loss(pred.float(), target.float(), reduction="sum").item() / target[0].numel()
         value = total / TIMESTEPS
         return value if math.isfinite(value) else float("nan")

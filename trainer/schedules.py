@@ -1,0 +1,77 @@
+"""How a family noises latents and what its model learns to predict: DDPM diffusion (SD1, SD2, SDXL) or
+rectified flow (SD3). The loop and the validation loss ask their family's schedule; neither branches on it.
+
+A schedule draws training times (`sample`), spreads fixed ones for the validation loss (`spread`), noises a
+batch at given times (`noised`: the model's input, the target it regresses to, and the time value the model
+itself is fed) and weighs the per-sample losses (`weight`).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Diffusion:
+    """DDPM noising with an epsilon or v-prediction target, as diffusers' LoRA examples train SD1/SD2/SDXL."""
+
+    def __init__(self, scheduler_config: dict, prediction_type: str, zero_terminal_snr: bool, min_snr_gamma: float):
+        from diffusers import DDPMScheduler
+
+        self.scheduler = DDPMScheduler.from_config(scheduler_config, prediction_type=prediction_type,
+                                                   rescale_betas_zero_snr=zero_terminal_snr)
+        self.steps = self.scheduler.config.num_train_timesteps
+        self.v_pred = prediction_type == "v_prediction"
+        self.min_snr_gamma = min_snr_gamma
+
+    def sample(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, self.steps, (n,), generator=gen)
+
+    def spread(self, n: int) -> torch.Tensor:
+        return torch.linspace(self.steps * 0.05, self.steps * 0.95, n).round().long()
+
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        target = self.scheduler.get_velocity(latents, noise, t) if self.v_pred else noise
+        return noisy, target, t
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Min-SNR-γ: min(SNR, γ)/SNR for epsilon, min(SNR, γ)/(SNR+1) for v, which stays finite (0) at the
+        zero-terminal-SNR last step."""
+        if not self.min_snr_gamma:
+            return None
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(self.scheduler, t)
+        clipped = torch.clamp(snr, max=self.min_snr_gamma)
+        return clipped / (snr + 1) if self.v_pred else clipped / snr
+
+
+class FlowMatching:
+    """Rectified flow as SD3 trains: x_σ = (1-σ)·x0 + σ·ε and the model predicts the velocity ε - x0.
+
+    σ is drawn logit-normal (mean 0, std 1), the sampler the SD3 paper ranks best (section 5.1, "rf/lognorm(0.00,
+    1.00)"), then shifted by the scheduler's `shift` (3.0 for SD3; higher resolutions need more noise to destroy the
+    same signal, section 5.3.2). The loss weight is 1: the logit-normal density already is the weighting, as in
+    diffusers' SD3 example with weighting_scheme="logit_normal". σ is continuous rather than rounded onto the
+    scheduler's 1000 steps; the transformer embeds any time value, and so do the samplers."""
+
+    def __init__(self, scheduler_config: dict, logit_mean: float = 0.0, logit_std: float = 1.0):
+        self.shift = float(scheduler_config.get("shift", 1.0))
+        self.steps = int(scheduler_config.get("num_train_timesteps", 1000))
+        self.logit_mean, self.logit_std = logit_mean, logit_std
+
+    def _shifted(self, u: torch.Tensor) -> torch.Tensor:
+        return self.shift * u / (1 + (self.shift - 1) * u)
+
+    def sample(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        u = torch.sigmoid(torch.randn(n, generator=gen) * self.logit_std + self.logit_mean)
+        return self._shifted(u)
+
+    def spread(self, n: int) -> torch.Tensor:
+        return self._shifted(torch.linspace(0.05, 0.95, n))
+
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor):
+        s = sigma.to(latents.device, latents.dtype).view(-1, *([1] * (latents.ndim - 1)))
+        return (1 - s) * latents + s * noise, noise - latents, sigma * self.steps
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor | None:
+        return None
