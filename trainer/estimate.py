@@ -25,7 +25,7 @@ PARAMS_M = {
     "sd2": {"unet": 865.9, "text_encoders": 340.4, "vae": 83.7},
     "sdxl": {"unet": 2567.5, "text_encoders": 817.8, "vae": 83.7},
     # SD 3.5 Medium: the MMDiT ("unet" here), CLIP-L + CLIP-G, and T5-XXL's encoder apart, as model.t5 may drop it.
-    # (SD 3.5 Large's transformer is 8056.6 M; a local folder is counted from its own files.)
+    # (SD 3.5 Large's transformer is 8056.6 M.)
     "sd3": {"unet": 2243.2, "text_encoders": 818.3, "t5": 4762.3, "vae": 83.7},
 }
 # LoRA parameters per unit of rank with attention targets (sum of in+out over q, k, v, out).
@@ -104,27 +104,10 @@ def safetensors_params(folder: Path) -> int:
     return total
 
 
-@functools.cache
-def folder_params_m(folder: str) -> dict | None:
-    """Millions of parameters per part of a local diffusers folder, from its safetensors headers; None when
-    `folder` is not one (a single file or a Hub id: the published figures stand in)."""
-    root = Path(folder).expanduser()
-    if not (root / "model_index.json").is_file():
-        return None
-    parts = {"unet": 0.0, "text_encoders": 0.0, "t5": 0.0, "vae": 0.0}
-    for sub in (d for d in root.iterdir() if d.is_dir()):
-        name = sub.name
-        key = {"unet": "unet", "transformer": "unet", "vae": "vae", "text_encoder_3": "t5"}.get(name)
-        key = key or ("text_encoders" if name.startswith("text_encoder") else None)
-        if key:
-            parts[key] += safetensors_params(sub) / 1e6
-    return parts
-
-
 def params_m(cfg, family: str) -> dict:
-    """unet / text_encoders / vae in millions for this run: the folder's own counts, else the family's; SD3's T5
-    counts only when model.t5 loads it."""
-    p = folder_params_m(str(cfg.model.source)) or PARAMS_M[family]
+    """unet / text_encoders / vae in millions for this run, the family's published sizes; SD3's T5 counts only when
+    model.t5 loads it."""
+    p = PARAMS_M[family]
     return {"unet": p["unet"], "vae": p["vae"],
             "text_encoders": p["text_encoders"] + (p.get("t5", 0.0) if getattr(cfg.model, "t5", True) else 0.0)}
 

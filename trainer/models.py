@@ -148,7 +148,8 @@ class NoT5(torch.nn.Module):
     def __init__(self, width: int):
         super().__init__()
         self.width = width
-        self.register_buffer("anchor", torch.zeros(0), persistent=False)  # gives it a device and a dtype
+        # An empty parameter gives it a device and a dtype that move with .to(), as a real encoder's do.
+        self.anchor = torch.nn.Parameter(torch.zeros(0), requires_grad=False)
 
     @property
     def device(self) -> torch.device:
