@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a training setting for every preset")
     bl.add_argument("--fp8", action="store_true", help="the fp8 quality guard: each preset in bf16 at two seeds "
                                                       "and with fp8 frozen weights; prints both and the seed noise")
-    bs = bsub.add_parser("speed", help="time and measure the training step on full-size SD1.5 / SDXL architectures "
+    bs = bsub.add_parser("speed", help="time and measure the training step on full-size SD1.5 / SDXL / SD3.5 "
+                                       "Medium architectures "
                                        "(random weights) against a bare UNet floor; writes bench/results.md")
     bs.add_argument("--quick", action="store_true", help="only the target settings (a few minutes on a CPU)")
     bs.add_argument("--out", type=Path, default=Path("bench/results.md"), help="the results table to write")
@@ -148,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the raw measurements are saved")
     bs.add_argument("--from", dest="replay", type=Path, metavar="JSON",
                     help="measure nothing: rebuild the table from saved measurements with the current estimator")
+    bs.add_argument("--only", choices=["tiny", "sd15", "sdxl", "sd35m"],
+                    help="measure only this model's rows and keep every other row of the saved measurements")
     bc = bsub.add_parser("checkpoints", help="overfit the character preset on the embedded model, score every "
                                              "checkpoint, and check the recommended one against the best")
     bc.add_argument("--steps", type=int, default=1500, help="training steps (long enough to overfit)")
@@ -250,7 +253,7 @@ def cmd_bench(args) -> int:
     elif args.bench_command == "speed":
         from .bench.speed import main as bench_speed
 
-        bench_speed(args.quick, args.out, args.measurements, args.replay)
+        bench_speed(args.quick, args.out, args.measurements, args.replay, args.only)
     return 0
 
 

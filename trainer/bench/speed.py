@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 GB = 1024 ** 3
-FAMILY_OF = {"sd15": "sd1", "sdxl": "sdxl"}
+FAMILY_OF = {"sd15": "sd1", "sdxl": "sdxl", "sd35m": "sd3"}
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Setting:
     floor: bool = True  # False: memory only (an SDXL 1024 px step on a CPU takes minutes)
     launches: int = 1  # >1: time to first step is the median over that many launches (it is noisy)
     fp8: bool = False  # frozen UNet/text-encoder weights stored in float8 (train.frozen_dtype=fp8)
+    t5: bool = True  # SD3: T5-XXL loaded (model.t5)
 
     def precision(self, bench_precision: str) -> str:
         # The embedded model trains in fp32 by default: its first-step time is measured as users get it.
@@ -46,7 +47,7 @@ class Setting:
     def label(self) -> str:
         return (f"{self.model} {self.resolution}px, ckpt {'on' if self.checkpointing else 'off'}, "
                 f"cache {'on' if self.cache else 'off'}, TE {'trained' if self.train_te else 'frozen'}"
-                + (", fp8 frozen weights" if self.fp8 else ""))
+                + (", fp8 frozen weights" if self.fp8 else "") + (", no T5" if not self.t5 else ""))
 
     def overrides(self, precision: str) -> list[str]:
         return [f"data.resolution={self.resolution}", "train.batch_size=1", "lora.rank=16", "lora.alpha=16",
@@ -55,7 +56,8 @@ class Setting:
                 f"data.cache_latents={str(self.cache).lower()}", f"data.cache_text={str(self.cache).lower()}",
                 f"lora.train_text_encoder={str(self.train_te).lower()}", f"train.max_steps={self.warmup + self.steps}",
                 "sample.at_end=false", "sample.every_n_steps=0", "save.state_every_n_steps=0",
-                "data.min_bucket_side=64", "optim.optimizer=adamw", "train.fit_memory=false"] + (["train.frozen_dtype=fp8"] if self.fp8 else [])
+                "data.min_bucket_side=64", "optim.optimizer=adamw", "train.fit_memory=false"] + \
+            (["train.frozen_dtype=fp8"] if self.fp8 else []) + (["model.t5=false"] if not self.t5 else [])
 
 
 def matrix(quick: bool) -> list[Setting]:
@@ -71,8 +73,14 @@ def matrix(quick: bool) -> list[Setting]:
     fp8 = [Setting("sd15", 512, True, True, False, fp8=True), Setting("sdxl", 1024, True, True, False, steps=1,
                                                                       floor=False, fp8=True)]
     if quick:
-        return [tiny, sd15[0], Setting("sd15", 512, False, True, False), sdxl, *fp8]
-    return [tiny] + sd15 + [sdxl] + fp8
+        return [tiny, sd15[0], Setting("sd15", 512, False, True, False), sdxl, *fp8, *sd3_rows()]
+    return [tiny] + sd15 + [sdxl] + fp8 + sd3_rows()
+
+
+def sd3_rows() -> list[Setting]:
+    """SD 3.5 Medium with and without T5-XXL, memory only: one 512 px step of a 2.2 B transformer takes minutes on a
+    CPU and a 1024 px one over a quarter of an hour, so 512 px is measured and the estimator scales by pixels."""
+    return [Setting("sd35m", 512, True, True, False, steps=1, warmup=0, floor=False, t5=t5) for t5 in (True, False)]
 
 
 @dataclass
@@ -308,6 +316,8 @@ def summarise(results: list[Measured], device: str, precision: str, seconds: flo
         "sdxl_1024_peak_gb": peak_of("sdxl", 1024, **target),
         "sd15_512_fp8_peak_gb": peak_of("sd15", 512, **target_fp8),
         "sdxl_1024_fp8_peak_gb": peak_of("sdxl", 1024, **target_fp8),
+        "sd35m_512_peak_gb": peak_of("sd35m", 512, **target, t5=True),
+        "sd35m_512_no_t5_peak_gb": peak_of("sd35m", 512, **target, t5=False),
         "fp8_step_over_half_step": round(fp8_step / half_step, 3) if fp8_step and half_step else None,
         "estimator_max_rel_err": round(max(errs), 3) if errs else None,
         "second_run_vae_encodes": max(repeat_encodes) if repeat_encodes else None,
@@ -428,10 +438,22 @@ def load_measurements(path: Path) -> dict:
 
 
 def main(quick: bool = False, results_md: Path = Path("bench/results.md"),
-         measurements: Path = Path("bench/speed-measurements.json"), replay: Path | None = None) -> dict:
+         measurements: Path = Path("bench/speed-measurements.json"), replay: Path | None = None,
+         only: str | None = None) -> dict:
     if replay:
         out = load_measurements(replay)
         command = f"lora-studio bench speed --from {replay}"
+    elif only:  # these rows measured now, beside the saved ones of the other models
+        kept = load_measurements(measurements)
+        fresh = run(settings=[s for s in matrix(quick) if s.model == only], ablations=False)
+        results = [m for m in kept["results"] if m.setting.model != only] + fresh["results"]
+        summary = summarise(results, fresh["summary"]["device"], fresh["summary"]["precision"],
+                            kept["summary"]["seconds"] + fresh["summary"]["seconds"])
+        summary["ablations"] = kept["summary"]["ablations"]
+        summary["measured_at"] = f"{kept['summary'].get('measured_at')} ({only}: {time.strftime('%Y-%m-%d %H:%M')})"
+        out = {"results": results, "summary": summary}
+        save_measurements(out, measurements)
+        command = f"lora-studio bench speed --only {only}"
     else:
         out = run(quick=quick)
         out["summary"]["measured_at"] = time.strftime("%Y-%m-%d %H:%M")
