@@ -222,7 +222,7 @@ def _inject(name: str, monkeypatch):
         monkeypatch.setattr("trainer.state.torch.save", state_disk_full)
         monkeypatch.setattr("trainer.state.shutil.disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 4096))
     else:
-        monkeypatch.setattr("trainer.loop.F.mse_loss", nan_or_oom)
+        monkeypatch.setattr("trainer.step.F.mse_loss", nan_or_oom)
 
 
 FAULT_PHRASES = {FAULTS[0]: "No space left on device", FAULTS[1]: "disk full while saving the training state at step 4",

@@ -109,7 +109,7 @@ def test_out_of_memory_gives_tier_advice(tiny_models, tmp_path, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(*a, **k)
 
-    monkeypatch.setattr("trainer.loop.F.mse_loss", oom_on_second_step)
+    monkeypatch.setattr("trainer.step.F.mse_loss", oom_on_second_step)
     with pytest.raises(TrainingError, match=r"out of GPU memory at step 1 .*VRAM tier"):
         train(cfg)
 
@@ -153,7 +153,7 @@ def test_non_finite_loss_stops_with_advice_and_keeps_the_last_good_lora(tiny_mod
         out = real(*a, **k)
         return out * float("nan") if calls["n"] >= 5 else out
 
-    monkeypatch.setattr("trainer.loop.F.mse_loss", overflow_from_step_5)
+    monkeypatch.setattr("trainer.step.F.mse_loss", overflow_from_step_5)
     with pytest.raises(TrainingError, match=r"NaN/inf at step 7 .*lower optim.lr.*last saved LoRA is kept"):
         train(cfg)
     kept = sorted((tmp_path / "run" / "checkpoints").glob("*.safetensors"))

@@ -82,7 +82,8 @@ class Report:
             lines.append(f"{'device':<13} {d['kind']}: {d['name']}{memory}")
         for where, d in self.disk.items():
             lines.append(f"{where + ' disk':<13} {d['free_gb']} GB free at {d['path']}")
-        lines += [f"{model:<13} {text}" for model, text in self.plans.items()]
+        width = max(map(len, self.plans), default=0)
+        lines += [f"{model:<{width}} {text}" for model, text in self.plans.items()]
         lines += [f.line() for f in self.findings] or ["no problems found"]
         return "\n".join(lines)
 
@@ -232,7 +233,7 @@ def check(device: bool = True, versions: dict[str, str | None] | None = None, pl
 
 
 # What doctor plans for: the character preset on the families' full-size models at their native resolution.
-PLANNED = {"SD1.5 512px": "sd1", "SDXL 1024px": "sdxl"}
+PLANNED = {"SD1.5 512px": "sd1", "SDXL 1024px": "sdxl", "SD3.5 Medium 1024px": "sd3"}
 
 
 def memory_plans(device: dict, vram: float | None = None) -> dict[str, str]:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import frozen
 from . import lora as lora_mod
@@ -20,7 +19,7 @@ from . import speed_log
 from . import state as state_mod
 from . import validation
 from .config import RunConfig
-from .data.cache import LatentCache, default_cache_dir, encode_latent, fill_latent_cache, vae_identity
+from .data.cache import LatentCache, default_cache_dir, fill_latent_cache, vae_identity
 from .data.captions import sample_prompts, split_tags
 from .data.dataset import TrainingSet
 from .data.manifest import read_manifest
@@ -33,6 +32,7 @@ from .model_info import is_embedded, text_encoder_trained_by_default
 from .models import load_base, sampling_schedule
 from .precision import Precision
 from .samples import render, save_png
+from .step import Step
 from .world.score import drift  # mean pixel change, as bench learn measures it
 
 
@@ -53,7 +53,6 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
 
     run_dir = Path(cfg.save.output_dir)
     # Without a GPU, accelerate only forms a multi-process (gloo) group when told it is on CPU.
@@ -70,80 +69,16 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
         raise TrainingError("train.frozen_dtype=fp8 computes in half precision, but train.mixed_precision is 'no'; "
                             "set train.mixed_precision=bf16 (or fp16 on CUDA)")
 
-    try:  # the dataset is checked first: it is cheap, and a typo should not cost a model load
-        found = scan(cfg.data.dataset, cfg.data.caption_extension)
-        reg = scan(cfg.data.reg_dataset, cfg.data.caption_extension) if cfg.data.reg_dataset else None
-        held_out = scan(cfg.data.validation_dataset, cfg.data.caption_extension) if cfg.data.validation_dataset else None
-    except DatasetError as e:
-        raise TrainingError(str(e)) from None
-    if held_out is None:
-        found, held_out = validation.split(found, cfg.data.validation_split, cfg.train.seed)
+    found, reg, held_out = _scan_datasets(cfg)  # first: cheap, and a typo should not cost a model load
 
     # ---- model, family defaults, LoRA ----------------------------------------------------------
-    fp8 = cfg.train.frozen_dtype == "fp8"
-    base = load_base(cfg.model.source, cfg.model.family, dtype=precision.weight_dtype,
-                     on_unet=lambda unet: _ready_unet(unet, cfg, precision, fp8), t5=cfg.model.t5)
-    fam = base.family
-    resolve_auto(cfg, fam, base.prediction_type, native_resolution(base), base.zero_terminal_snr)
-    if cfg.model.zero_terminal_snr and cfg.model.prediction_type == "epsilon":
-        raise TrainingError("model.zero_terminal_snr needs model.prediction_type = v_prediction: at the last "
-                            "timestep there is no signal left, so the noise cannot be predicted from it")
-    if cfg.lora.use_dora and fam.lora_layout == "diffusers":
-        raise TrainingError(f"lora.use_dora is not available for {fam.name}: its LoRA loaders read no DoRA keys; "
-                            "set it to false")
-    schedule = fam.schedule(base.scheduler_config, cfg.model.prediction_type, cfg.model.zero_terminal_snr,
-                            cfg.train.min_snr_gamma)
-    if cfg.train.min_snr_gamma and schedule.weight is None:
-        events.emit("warning", message=f"train.min_snr_gamma does not apply to {fam.name}'s flow matching; ignored")
-    train_te = cfg.lora.train_text_encoder
-    unet, vae, tes = base.unet, base.vae, base.text_encoders
-    te_trained = list(tes[:len(fam.te_prefixes)]) if train_te else []  # SD3's T5 is never trained
-    for m in (vae, *tes):
-        m.requires_grad_(False)
-    for te in tes:  # a no-op when the loader honoured dtype; before LoRA exists, so only base weights cast
-        _place(te, torch.device("cpu"), precision.weight_dtype)
-        if any(te is t for t in te_trained):
-            lora_mod.inject(te, cfg.lora, lora_mod.text_encoder_targets(cfg.lora), "text-encoder")
-        if fp8:
-            frozen.freeze(te, precision.weight_dtype, fp8=True)
-    trained = ([unet] if cfg.lora.train_unet else []) + te_trained
-    if not trained:
-        raise TrainingError("nothing to train: set lora.train_unet or lora.train_text_encoder to true")
-    cast_training_params(trained, dtype=torch.float32)  # LoRA weights stay fp32 under half-precision bases
-    if cfg.train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        for te in te_trained:
-            (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
-    if fam.attention_processor() is not None:
-        unet.set_attn_processor(fam.attention_processor())
+    base, schedule, te_trained = _prepare_models(cfg, precision, events)
+    fam, unet, vae, tes, train_te = base.family, base.unet, base.vae, base.text_encoders, cfg.lora.train_text_encoder
+    trained = ([unet] if cfg.lora.train_unet else []) + te_trained  # the models carrying trainable LoRA weights
 
     # ---- data ------------------------------------------------------------------------------------
-    data = TrainingSet(found, cfg.data, cfg.data.resolution, reg)
-    for path, reason in data.problems.items():
-        events.emit("warning", message=f"skipped {path}: {reason}")
-    if not len(data):
-        raise TrainingError(f"dataset {cfg.data.dataset} has no usable images; run `lora-studio dataset check` on it")
-    events.emit("dataset", images=len(data), samples=data.num_samples, buckets=data.bucket_table())
-    if not cfg.sample.prompts:  # written into config.toml, so a resume or a re-run samples the same prompts
-        cfg.sample.prompts = sample_prompts([e.caption for e in data.entries if not e.is_reg], cfg.data.trigger)
-    use_cache = cfg.data.cache_latents and not (cfg.data.random_crop or cfg.data.flip)
-    cache = LatentCache(Path(cfg.data.cache_dir or default_cache_dir()) / "latents") if use_cache else None
-    vae_id = vae_identity(vae) if use_cache else ""
-    _place(vae, device, precision.vae_dtype(fam.name))
-    if use_cache:
-        _fill_latent_cache(data, cache, vae, vae_id, main, accelerator, events)
-        vae.to("cpu")  # every latent is cached now: the VAE comes back only to decode samples
-    static_captions = not (cfg.data.shuffle_tags or cfg.data.tag_dropout)
-    text_cache = None
-    for te in tes:
-        te.to(device)  # loaded in the weight dtype already; .to(dtype) would also cast fp8 and LoRA tensors
-    if cfg.data.cache_text and not train_te and static_captions:
-        captions = sorted({e.caption for e in data.entries} | ({""} if cfg.data.caption_dropout else set()))
-        text_cache = _encode_captions(fam, tes, base.tokenizers, captions, cfg.model.clip_skip, precision)
-        for te in tes:
-            te.to("cpu")  # its outputs are cached: free the GPU memory it held
-        events.emit("text_cache", captions=len(captions))
-    unet.to(device)
+    data, cache, vae_id, text_cache = _prepare_data(cfg, base, found, reg, bool(train_te), precision, device,
+                                                   events, accelerator)
 
     # ---- optimizer and schedule -----------------------------------------------------------------
     groups = [{"params": lora_mod.lora_parameters(unet), "lr": cfg.optim.lr}] if cfg.lora.train_unet else []
@@ -188,40 +123,8 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
                 device=str(device), processes=world, mixed_precision=cfg.train.mixed_precision,
                 frozen_dtype=cfg.train.frozen_dtype)
 
-    def loss_on(batch_idx: list[int]) -> torch.Tensor:
-        crops = [data.crop_position(rng) for _ in batch_idx]
-        flips = [cfg.data.flip and rng.random() < 0.5 for _ in batch_idx]
-        captions = [data.caption(i, rng) for i in batch_idx]
-        with torch.no_grad():
-            latents, crop_tl = _latents(data, batch_idx, crops, flips, cache, vae, vae_id, gen)
-        latents = latents.to(device, torch.float32)
-        noise = torch.randn(latents.shape, generator=gen).to(device)
-        if cfg.train.noise_offset:
-            noise += cfg.train.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen).to(device)
-        t = schedule.sample(latents.shape[0], gen).to(device)
-        noisy, target, model_t = schedule.noised(latents, noise, t)
-        if text_cache is not None:
-            hidden = torch.stack([text_cache[c][0] for c in captions]).to(device)
-            pooled = torch.stack([text_cache[c][1] for c in captions]).to(device) \
-                if text_cache[captions[0]][1] is not None else None
-        else:
-            with precision.autocast(), (contextlib.nullcontext() if train_te else torch.no_grad()):
-                hidden, pooled = fam.encode(tes_fwd, fam.tokenize(base.tokenizers, captions), cfg.model.clip_skip)
-        sizes = [(e.size[1], e.size[0]) for e in (data.entries[i] for i in batch_idx)]
-        targets = [(data.entries[i].bucket[1], data.entries[i].bucket[0]) for i in batch_idx]
-        dtype = precision.weight_dtype
-        with precision.autocast():
-            pred = fam.denoise(unet_fwd, noisy.to(dtype), model_t, hidden.to(dtype),
-                               None if pooled is None else pooled.to(dtype), sizes, crop_tl, targets)
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none")
-        if cfg.data.masked_loss:
-            masks = torch.stack([data.mask(i, c, f, latent_factor) for i, c, f in zip(batch_idx, crops, flips)])
-            loss = loss * masks.to(device) / masks.mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-3).to(device)
-        loss = loss.mean(dim=(1, 2, 3))
-        loss = loss * torch.tensor([cfg.data.prior_loss_weight if data.entries[i].is_reg else 1.0
-                                    for i in batch_idx], device=device)
-        weight = schedule.weight(t)
-        return (loss if weight is None else loss * weight).mean()
+    step_loss = Step(cfg, data, fam, schedule, precision, device, cache, vae, vae_id, base.tokenizers, tes_fwd,
+                     unet_fwd, text_cache, bool(train_te), latent_factor, rng, gen).loss
 
     def batch_stream():
         epoch = 0
@@ -307,7 +210,7 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
                 consumed += 1
                 last = micro == cfg.train.gradient_accumulation - 1
                 with _no_sync(accelerator, prepared, enabled=not last):
-                    loss = loss_on(batch)
+                    loss = step_loss(batch)
                     precision.scaler.scale(loss / cfg.train.gradient_accumulation).backward()
             precision.scaler.unscale_(optimizer)
             if cfg.optim.max_grad_norm:
@@ -396,6 +299,99 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
 
 
 # ---- pieces the loop reads as one line each ------------------------------------------------------
+
+def _scan_datasets(cfg: RunConfig):
+    """(training, regularisation or None, held-out or None) scans; the held-out images come from
+    data.validation_dataset or are split off the training set by data.validation_split."""
+    try:
+        found = scan(cfg.data.dataset, cfg.data.caption_extension)
+        reg = scan(cfg.data.reg_dataset, cfg.data.caption_extension) if cfg.data.reg_dataset else None
+        held_out = scan(cfg.data.validation_dataset, cfg.data.caption_extension) if cfg.data.validation_dataset else None
+    except DatasetError as e:
+        raise TrainingError(str(e)) from None
+    if held_out is None:
+        found, held_out = validation.split(found, cfg.data.validation_split, cfg.train.seed)
+    return found, reg, held_out
+
+
+def _prepare_models(cfg: RunConfig, precision: Precision, events: Events):
+    """The base loaded in the run's precision, its 'auto' settings filled in, LoRA injected (the denoiser's as soon
+    as it loads), frozen weights in their dtype, LoRA weights in fp32, checkpointing on where asked. Returns
+    (base, the family's noise schedule, the text encoders being trained)."""
+    from diffusers.training_utils import cast_training_params
+
+    fp8 = cfg.train.frozen_dtype == "fp8"
+    base = load_base(cfg.model.source, cfg.model.family, dtype=precision.weight_dtype,
+                     on_unet=lambda unet: _ready_unet(unet, cfg, precision, fp8), t5=cfg.model.t5)
+    fam = base.family
+    resolve_auto(cfg, fam, base.prediction_type, native_resolution(base), base.zero_terminal_snr)
+    if cfg.model.zero_terminal_snr and cfg.model.prediction_type == "epsilon":
+        raise TrainingError("model.zero_terminal_snr needs model.prediction_type = v_prediction: at the last "
+                            "timestep there is no signal left, so the noise cannot be predicted from it")
+    if cfg.lora.use_dora and fam.lora_layout == "diffusers":
+        raise TrainingError(f"lora.use_dora is not available for {fam.name}: its LoRA loaders read no DoRA keys; "
+                            "set it to false")
+    schedule = fam.schedule(base.scheduler_config, cfg.model.prediction_type, cfg.model.zero_terminal_snr,
+                            cfg.train.min_snr_gamma)
+    if cfg.train.min_snr_gamma and schedule.weight is None:
+        events.emit("warning", message=f"train.min_snr_gamma does not apply to {fam.name}'s flow matching; ignored")
+    unet, vae, tes = base.unet, base.vae, base.text_encoders
+    te_trained = list(tes[:len(fam.te_prefixes)]) if cfg.lora.train_text_encoder else []  # SD3's T5 is never trained
+    for m in (vae, *tes):
+        m.requires_grad_(False)
+    for te in tes:  # a no-op when the loader honoured dtype; before LoRA exists, so only base weights cast
+        _place(te, torch.device("cpu"), precision.weight_dtype)
+        if any(te is t for t in te_trained):
+            lora_mod.inject(te, cfg.lora, lora_mod.text_encoder_targets(cfg.lora), "text-encoder")
+        if fp8:
+            frozen.freeze(te, precision.weight_dtype, fp8=True)
+    trained = ([unet] if cfg.lora.train_unet else []) + te_trained
+    if not trained:
+        raise TrainingError("nothing to train: set lora.train_unet or lora.train_text_encoder to true")
+    cast_training_params(trained, dtype=torch.float32)  # LoRA weights stay fp32 under half-precision bases
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        for te in te_trained:
+            (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
+    if fam.attention_processor() is not None:
+        unet.set_attn_processor(fam.attention_processor())
+    return base, schedule, te_trained
+
+
+def _prepare_data(cfg: RunConfig, base, found, reg, train_te: bool, precision: Precision, device, events: Events,
+                  accelerator):
+    """The training set with its latent cache filled (then the VAE leaves the device) and, for frozen encoders
+    and fixed captions, every caption encoded once (then the encoders leave too); the denoiser goes to the
+    device last. Returns (data, latent cache or None, VAE identity, text cache or None)."""
+    fam, unet, vae, tes, main = base.family, base.unet, base.vae, base.text_encoders, accelerator.is_main_process
+    data = TrainingSet(found, cfg.data, cfg.data.resolution, reg)
+    for path, reason in data.problems.items():
+        events.emit("warning", message=f"skipped {path}: {reason}")
+    if not len(data):
+        raise TrainingError(f"dataset {cfg.data.dataset} has no usable images; run `lora-studio dataset check` on it")
+    events.emit("dataset", images=len(data), samples=data.num_samples, buckets=data.bucket_table())
+    if not cfg.sample.prompts:  # written into config.toml, so a resume or a re-run samples the same prompts
+        cfg.sample.prompts = sample_prompts([e.caption for e in data.entries if not e.is_reg], cfg.data.trigger)
+    use_cache = cfg.data.cache_latents and not (cfg.data.random_crop or cfg.data.flip)
+    cache = LatentCache(Path(cfg.data.cache_dir or default_cache_dir()) / "latents") if use_cache else None
+    vae_id = vae_identity(vae) if use_cache else ""
+    _place(vae, device, precision.vae_dtype(fam.name))
+    if use_cache:
+        _fill_latent_cache(data, cache, vae, vae_id, main, accelerator, events)
+        vae.to("cpu")  # every latent is cached now: the VAE comes back only to decode samples
+    static_captions = not (cfg.data.shuffle_tags or cfg.data.tag_dropout)
+    text_cache = None
+    for te in tes:
+        te.to(device)  # loaded in the weight dtype already; .to(dtype) would also cast fp8 and LoRA tensors
+    if cfg.data.cache_text and not train_te and static_captions:
+        captions = sorted({e.caption for e in data.entries} | ({""} if cfg.data.caption_dropout else set()))
+        text_cache = _encode_captions(fam, tes, base.tokenizers, captions, cfg.model.clip_skip, precision)
+        for te in tes:
+            te.to("cpu")  # its outputs are cached: free the GPU memory it held
+        events.emit("text_cache", captions=len(captions))
+    unet.to(device)
+    return data, cache, vae_id, text_cache
+
 
 def native_resolution(base) -> int:
     """The size the model was trained at: its latent size times the VAE's downscale (SD1.5 512, SD2-768
@@ -523,21 +519,6 @@ def _oom_message(step: int, cfg: RunConfig) -> str:
             f"{'on' if t.gradient_checkpointing else 'off'}, {t.mixed_precision}): pick the next smaller VRAM "
             "tier (--vram), or set train.batch_size=1, train.gradient_checkpointing=true, "
             "train.mixed_precision=fp16, optim.optimizer=adamw8bit, lora.train_text_encoder=false")
-
-
-def _latents(data, batch_idx, crops, flips, cache, vae, vae_id, gen):
-    out, crop_tl = [], []
-    for i, crop, flip in zip(batch_idx, crops, flips):
-        key = data.cache_key(i, crop, vae_id) if cache else None
-        latent = cache.get(key) if cache else None
-        if latent is None:
-            pixels, _ = data.pixels(i, crop, flip)
-            latent = encode_latent(vae, pixels, gen)
-            if cache:
-                cache.put(key, latent)
-        out.append(latent)
-        crop_tl.append(data.crop_top_left(i, crop))
-    return torch.stack(out), crop_tl
 
 
 @torch.no_grad()

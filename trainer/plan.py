@@ -136,7 +136,14 @@ def candidates(cfg, device: str) -> list[Choice]:
     if cfg.lora.train_text_encoder:
         out.append(Choice("text encoder not trained", ["lora.train_text_encoder=false"],
                           "changes what is learned: the UNet alone learns the trigger", 1.0, changes_training=True))
+    if _keeps_t5(cfg):
+        out.append(Choice("T5-XXL left out", ["model.t5=false"], "changes the conditioning: prompts rest on the two "
+                          "CLIP encoders, which follow long or text-heavy prompts less well", 1.0, changes_training=True))
     return out
+
+
+def _keeps_t5(cfg) -> bool:
+    return cfg.model.t5 and peek_family(cfg.model.source, cfg.model.family) == "sd3"
 
 
 def _batch_choices(cfg) -> list[Choice | None]:
@@ -174,7 +181,8 @@ def _make_plan(cfg, budget: Budget, n_samples: int | None) -> Plan:
         if ram is not None and host_gb > ram:
             return Plan(budget, False, before, before, host_gb=host_gb, reason=(
                 f"loading this model needs ~{host_gb:.1f} GB of system RAM and {ram:.1f} GB is available; close "
-                "other programs or add swap"))
+                "other programs or add swap" + (", or set model.t5=false (T5-XXL is 9.5 GB of it)"
+                                                if _keeps_t5(cfg) else "")))
     if before <= usable:
         return Plan(budget, True, before, before, host_gb=host_gb)
     if not cfg.train.fit_memory:
