@@ -21,12 +21,12 @@ GB = 1024 ** 3
 SD3_ACTIVATION_GB = 12.0
 # Parameters (millions) of the published architectures.
 PARAMS_M = {
-    "sd1": {"unet": 859.5, "text_encoders": 123.1, "vae": 83.7},
-    "sd2": {"unet": 865.9, "text_encoders": 340.4, "vae": 83.7},
-    "sdxl": {"unet": 2567.5, "text_encoders": 817.8, "vae": 83.7},
+    "sd1": {"unet": 859.5, "text_encoders": 123.1, "largest_te": 123.1, "vae": 83.7},
+    "sd2": {"unet": 865.9, "text_encoders": 340.4, "largest_te": 340.4, "vae": 83.7},
+    "sdxl": {"unet": 2567.5, "text_encoders": 817.8, "largest_te": 694.7, "vae": 83.7},
     # SD 3.5 Medium: the MMDiT ("unet" here), CLIP-L + CLIP-G, and T5-XXL's encoder apart, as model.t5 may drop it.
     # (SD 3.5 Large's transformer is 8056.6 M.)
-    "sd3": {"unet": 2243.2, "text_encoders": 818.3, "t5": 4762.3, "vae": 83.7},
+    "sd3": {"unet": 2243.2, "text_encoders": 818.3, "largest_te": 694.7, "t5": 4762.3, "vae": 83.7},
 }
 # LoRA parameters per unit of rank with attention targets (sum of in+out over q, k, v, out).
 LORA_PER_RANK_M = {"sd1": (0.199, 0.074), "sd2": (0.215, 0.197), "sdxl": (1.45, 0.40),  # (unet, text encoders)
@@ -108,8 +108,9 @@ def params_m(cfg, family: str) -> dict:
     """unet / text_encoders / vae in millions for this run, the family's published sizes; SD3's T5 counts only when
     model.t5 loads it."""
     p = PARAMS_M[family]
-    return {"unet": p["unet"], "vae": p["vae"],
-            "text_encoders": p["text_encoders"] + (p.get("t5", 0.0) if getattr(cfg.model, "t5", True) else 0.0)}
+    t5 = p.get("t5", 0.0) if cfg.model.t5 else 0.0
+    return {"unet": p["unet"], "vae": p["vae"], "text_encoders": p["text_encoders"] + t5,
+            "largest_te": max(p["largest_te"], t5)}
 
 
 @functools.cache
@@ -169,8 +170,8 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
     if not host:  # the models visit the GPU one phase at a time (see loop.train); the largest phase is the peak
         if cfg.data.cache_latents:  # a first run encodes every image with the VAE alone on the device
             phases.append(p["vae"] * vae_bytes * 1e6 / GB + CUDA_VAE_ENCODE_GB * (res / 512) ** 2 * vae_bytes / 2)
-        if cached_text:
-            phases.append(p["text_encoders"] * frozen_bytes * 1e6 / GB + TE_ACTIVATION_GB[family])
+        if cached_text:  # the encoders visit the GPU one at a time to fill the caption cache
+            phases.append(p["largest_te"] * frozen_bytes * 1e6 / GB + TE_ACTIVATION_GB[family])
     peak = max(phases) + (RUNTIME_GB if host else 0.0)
     return Estimate(round(peak, 2), weights, lora, act, steps, secs)
 

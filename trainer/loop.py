@@ -106,7 +106,7 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
     latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     val = None
     if main and held_out is not None:
-        with _borrowed([vae, *tes], device):  # latents and frozen captions are made once, now
+        with _borrowed([vae], device, visiting=tes):  # latents and frozen captions are made once, now
             val = validation.Validation(held_out, cfg, fam, vae, base.tokenizers, tes, schedule,
                                         encode_text=not train_te, precision=precision, device=device)
         events.emit("validation_set", images=len(val), problems=len(val.data.problems))
@@ -381,14 +381,14 @@ def _prepare_data(cfg: RunConfig, base, found, reg, train_te: bool, precision: P
         vae.to("cpu")  # every latent is cached now: the VAE comes back only to decode samples
     static_captions = not (cfg.data.shuffle_tags or cfg.data.tag_dropout)
     text_cache = None
-    for te in tes:
-        te.to(device)  # loaded in the weight dtype already; .to(dtype) would also cast fp8 and LoRA tensors
-    if cfg.data.cache_text and not train_te and static_captions:
+    if cfg.data.cache_text and not train_te and static_captions:  # the encoders visit the device one at a time
         captions = sorted({e.caption for e in data.entries} | ({""} if cfg.data.caption_dropout else set()))
-        text_cache = _encode_captions(fam, tes, base.tokenizers, captions, cfg.model.clip_skip, precision)
-        for te in tes:
-            te.to("cpu")  # its outputs are cached: free the GPU memory it held
+        with _borrowed([], device, visiting=tes):
+            text_cache = _encode_captions(fam, tes, base.tokenizers, captions, cfg.model.clip_skip, precision)
         events.emit("text_cache", captions=len(captions))
+    else:  # encoded at every step
+        for te in tes:
+            te.to(device)  # loaded in the weight dtype already; .to(dtype) would also cast fp8 and LoRA tensors
     unet.to(device)
     return data, cache, vae_id, text_cache
 
@@ -523,12 +523,15 @@ def _oom_message(step: int, cfg: RunConfig) -> str:
 
 @torch.no_grad()
 def _encode_captions(fam, tes, tokenizers, captions, clip_skip, precision) -> dict:
-    """caption -> (hidden states, pooled or None), on CPU, for frozen text encoders."""
-    out = {}
+    """caption -> (hidden states, pooled or None), on CPU, for frozen text encoders. Captions go 16 at a time,
+    so an encoder visiting the GPU (see _borrowed) moves once per chunk rather than once per caption."""
+    out, chunk = {}, 16  # captions per encoder pass
     with precision.autocast():
-        for c in captions:
-            hidden, pooled = fam.encode(tes, fam.tokenize(tokenizers, [c]), clip_skip)
-            out[c] = (hidden[0].cpu(), None if pooled is None else pooled[0].cpu())
+        for start in range(0, len(captions), chunk):
+            part = captions[start:start + chunk]
+            hidden, pooled = fam.encode(tes, fam.tokenize(tokenizers, part), clip_skip)
+            for i, c in enumerate(part):
+                out[c] = (hidden[i].cpu(), None if pooled is None else pooled[i].cpu())
     return out
 
 
@@ -565,7 +568,7 @@ def _checkpoint_grid(run_dir: Path, steps: list[int], events: Events) -> None:
 def _render(cfg, base, unet, tes, precision, prompts, stop=None) -> list:
     """Prompts at the sample settings and seeds, with the VAE and text encoders borrowed back to the device."""
     schedule, rescale = sampling_schedule(base.scheduler_config, cfg.model.prediction_type, cfg.model.zero_terminal_snr)
-    with _borrowed([base.vae, *tes], precision.device):
+    with _borrowed([base.vae], precision.device, visiting=tes):
         return render(base.family, unet, base.vae, tes, base.tokenizers, schedule, prompts,
                       negative=cfg.sample.negative_prompt, seed=cfg.sample.seed, steps=cfg.sample.steps,
                       guidance=cfg.sample.guidance_scale, size=cfg.data.resolution, guidance_rescale=rescale,
@@ -584,17 +587,42 @@ def _sample(cfg, base, unet, tes, precision, run_dir, step, events, stop=None) -
 
 
 @contextlib.contextmanager
-def _borrowed(modules, device):
-    """Modules offloaded to the CPU once their outputs were cached come back to the device for
-    sampling, and leave again after."""
+def _borrowed(modules, device, visiting=()):
+    """Modules offloaded to the CPU once their outputs were cached come back to the device for sampling, and
+    leave again after. The `visiting` ones (text encoders) come one at a time, each only for its own forward
+    call: SD3's T5-XXL (9.5 GB in bf16) and its two CLIPs need not fit on the card together, nor beside the
+    denoiser. On a CPU, or for modules already on the device, nothing moves."""
     homes = [next(m.parameters()).device for m in modules]
     for m in modules:
         m.to(device)
+    hooks = [h for m in visiting for h in _visit(m, device)]
     try:
         yield
     finally:
+        for h in hooks:
+            h.remove()
         for m, home in zip(modules, homes):
             m.to(home)
+
+
+def _visit(module, device) -> list:
+    """Hooks that bring `module` (and its tensor inputs) to `device` for each forward call and send it home
+    after; its outputs stay on the device."""
+    home = next(module.parameters()).device
+    if home.type == device.type and (home.index or 0) == (device.index or 0):
+        return []
+
+    def arrive(mod, args, kwargs):
+        mod.to(device)
+        move = lambda x: x.to(device) if torch.is_tensor(x) else x  # noqa: E731
+        return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+    def leave(mod, args, kwargs, output):
+        mod.to(home)
+        return output
+
+    return [module.register_forward_pre_hook(arrive, with_kwargs=True),
+            module.register_forward_hook(leave, with_kwargs=True)]
 
 
 def _save(path: Path, step: int, epoch: int, events: Events, *, cfg, base, data, models, started,
