@@ -17,8 +17,9 @@ from .model_info import EMBEDDED_DIR, peek_family, text_encoder_trained_by_defau
 from .speed_log import duration
 
 GB = 1024 ** 3
-# SD 3.5 Medium at 1024 px, one image, bf16, no checkpointing: from `bench speed`'s full-size SD3 rows.
-SD3_ACTIVATION_GB = 12.0
+# SD 3.5 Medium at 1024 px, one image, bf16, no checkpointing. Fitted on `bench speed`'s two full-size SD3 rows
+# (checkpointing on: 18.07 GB with T5-XXL and 9.08 GB without, i.e. ~2.7 GB above the weights and runtime).
+SD3_ACTIVATION_GB = 6.43
 # Parameters (millions) of the published architectures.
 PARAMS_M = {
     "sd1": {"unet": 859.5, "text_encoders": 123.1, "largest_te": 123.1, "vae": 83.7},
@@ -44,7 +45,7 @@ CHECKPOINTED = 0.42  # share of those activations still alive at the peak with g
 # (bench/results-cuda-h100.md): SD1.5 512 px 2.69 GB without checkpointing and 2.03 GB with it,
 # SDXL 1024 px 6.81 GB with it. sd2 is scaled from sd1 as on the CPU, not measured.
 CUDA_ACTIVATION_GB = {"sd1": 1.04, "sd2": 2.58, "sdxl": 4.58,
-                      "sd3": SD3_ACTIVATION_GB * 4.58 / 6.9}  # sd3: the CPU figure at SDXL's CUDA/CPU ratio
+                      "sd3": SD3_ACTIVATION_GB * 4.58 / 6.9}  # sd3: the CPU figure at SDXL's CUDA/CPU ratio, not measured
 CUDA_CHECKPOINTED = 0.367
 # Encoding one image into the latent cache, half precision at 512 px (scales with pixels and VAE bytes).
 # Fitted on the same H100's first runs, when the UNet and text encoders still sat beside the VAE:
