@@ -23,8 +23,8 @@ def measure(model: str, resolution: int, precision: str, checkpointing: bool, ra
     from diffusers.training_utils import cast_training_params
 
     from ..config import LoraConfig
-    from ..loop import _sdpa_processor
     from ..lora import inject, unet_targets
+    from ..models import FAMILIES
     from ..precision import Precision
 
     prec = Precision(precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -37,7 +37,7 @@ def measure(model: str, resolution: int, precision: str, checkpointing: bool, ra
     if checkpointing:
         unet.enable_gradient_checkpointing()
     if attention == "sdpa":
-        unet.set_attn_processor(_sdpa_processor())
+        unet.set_attn_processor(FAMILIES["sd1"].attention_processor())  # what the loop sets on a UNet
     else:  # the pre-SDPA path that materialises every attention matrix: only to show what SDPA saves
         from diffusers.models.attention_processor import AttnProcessor
 
