@@ -180,7 +180,7 @@ def test_preview_inspect_resize_and_merge_know_sd3(sd3, trained, tmp_path):
     assert settings["scheduler"] == "FlowMatchEulerDiscreteScheduler" and settings["family"] == "sd3"
     with_lora, _ = p.generate(Request(**{**req.__dict__, "loras": [Slot(str(path), weight=1.0)]}))
     off, _ = p.generate(Request(**{**req.__dict__, "loras": [Slot(str(path), weight=0.0)]}))
-    assert list(off.getdata()) == list(plain.getdata()) and list(with_lora.getdata()) != list(plain.getdata())
+    assert off.tobytes() == plain.tobytes() and with_lora.tobytes() != plain.tobytes()
 
     small = tools.resize(path, tmp_path / "r2.safetensors", rank=2, dtype="fp32")
     merged = tools.merge([path, path], [0.5, 0.5], tmp_path / "m.safetensors", dtype="fp32")
@@ -198,3 +198,24 @@ def test_preview_inspect_resize_and_merge_know_sd3(sd3, trained, tmp_path):
     a, b = read_lora(path), read_lora(merged["file"])
     for name, m in a.modules.items():
         assert torch.allclose(b.modules[name].delta(), m.delta(), atol=1e-6)
+
+
+def test_a_stopped_sd3_run_resumes_to_the_same_file(sd3, dataset, tmp_path):
+    """The flow-matching sigmas come from the run's own generator, so Stop and Resume give the uninterrupted file."""
+    from trainer import state
+    from trainer.events import Events
+
+    settings = {"train.max_steps": 6, "save.state_every_n_steps": 0, "sample.at_end": False}
+    ref = loop.train(tiny_config(sd3, dataset, tmp_path / "a" / "run", **settings)).lora_path.read_bytes()
+    run = tmp_path / "b" / "run"
+
+    class StopAt(Events):  # presses Stop after step 2, as the UI's Stop button does
+        def step(self, step, *a, **k):
+            if step == 2:
+                (self.run_dir / "STOP").touch()
+            return super().step(step, *a, **k)
+
+    first = loop.train(tiny_config(sd3, dataset, run, **settings), events=StopAt(run))
+    assert first.stopped_early and first.steps == 2 and state.latest(run).name == "step-000002"
+    second = loop.train(RunConfig.load(run / "config.toml"), resume=True)
+    assert second.steps == 6 and second.lora_path.read_bytes() == ref
