@@ -219,3 +219,17 @@ def test_a_stopped_sd3_run_resumes_to_the_same_file(sd3, dataset, tmp_path):
     assert first.stopped_early and first.steps == 2 and state.latest(run).name == "step-000002"
     second = loop.train(RunConfig.load(run / "config.toml"), resume=True)
     assert second.steps == 6 and second.lora_path.read_bytes() == ref
+
+
+def test_bake_fuses_an_sd3_lora_into_a_loadable_sd3_folder(sd3, trained, tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    path, tensors, _ = _file(trained)
+    out = tools.bake(str(sd3), [str(path)], [1.0], tmp_path / "baked")
+    baked = models.load_base(out["folder"])
+    assert baked.family.name == "sd3" and out["modules_changed"] == len(read_lora(path).modules)
+    before = SD3Transformer2DModel.from_pretrained(str(sd3 / "transformer"))
+    for key in (k for k in tensors if k.startswith("transformer.") and k.endswith(".lora_A.weight")):
+        module_path = key[len("transformer."): -len(".lora_A.weight")]
+        expected = before.get_submodule(module_path).weight + tensors[key.replace("lora_A", "lora_B")] @ tensors[key]
+        assert torch.allclose(baked.unet.get_submodule(module_path).weight, expected, atol=1e-6), key
