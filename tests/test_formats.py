@@ -176,6 +176,24 @@ def test_files_from_other_tools_import(trained, tiny_models, tmp_path):
     for name, m in kohya.modules.items():
         torch.testing.assert_close(peft_file.modules[name].delta(), m.delta(), atol=1e-6, rtol=1e-5)
 
+    # Resized or merged, a peft-layout file stays in that layout with its scale folded in: its adapter metadata
+    # (the old alphas) is not carried over, or every loader would scale it a second time.
+    meta = json.loads(peft_file.metadata["lora_adapter_metadata"])
+    meta["unet.lora_alpha"] = meta["unet.r"] / 2  # a scale that is not 1
+    tensors = load_file(str(peft_file.path))
+    halved = tmp_path / "halved.safetensors"
+    save_file(tensors, str(halved), metadata={"lora_adapter_metadata": json.dumps(meta), "format": "pt"})
+    source = read_lora(halved)
+    rank = max(m.rank for m in source.modules.values())
+    for out in (tools.resize(halved, tmp_path / "r.safetensors", rank=rank, dtype="fp32")["file"],
+                tools.merge([halved], [1.0], tmp_path / "m.safetensors", dtype="fp32")["file"]):
+        with safe_open(out, "pt") as f:
+            assert "lora_adapter_metadata" not in (f.metadata() or {}) and all(".lora_A." in k or ".lora_B." in k
+                                                                              for k in f.keys())
+        again = read_lora(out)
+        for name, m in source.modules.items():
+            torch.testing.assert_close(again.modules[name].delta(), m.delta(), atol=1e-5, rtol=1e-4)
+
 
 def test_wrong_family_unsupported_and_truncated(trained, tiny_models, tmp_path):
     with pytest.raises(LoraError, match="SD 1.x LoRA but the base model is SDXL"):

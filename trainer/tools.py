@@ -205,6 +205,7 @@ def resize(path, out, rank: int | None = None, sv_ratio: float | None = None, sv
     md["ss_network_dim"] = str(new_ranks.most_common(1)[0][0]) if len(new_ranks) == 1 else "dynamic"
     md["ss_network_alpha"] = md["ss_network_dim"]
     md["lora_studio.resized_from"] = json.dumps({"file": lora.path.name, "ranks": dict(lora.ranks())})
+    md.pop("lora_adapter_metadata", None)  # its ranks and alphas are the old ones; the new file's scale is folded in
     save_lora(out, to_tensors(modules, SAVE_DTYPES[dtype], _peft_paths([lora])), md)
     return {"file": str(out), "ranks": dict(new_ranks), "energy_lost_mean": sum(losses) / len(losses),
             "energy_lost_max": max(losses)}
