@@ -383,7 +383,8 @@ def gpu_savings() -> list[str]:
     from ..estimate import estimate
 
     targets = {"SD1.5 512 px": ["model.family=sd1", "data.resolution=512"],
-               "SDXL 1024 px": ["model.family=sdxl", "data.resolution=1024"]}
+               "SDXL 1024 px": ["model.family=sdxl", "data.resolution=1024"],
+               "SD3.5 Medium 1024 px": ["model.family=sd3", "data.resolution=1024"]}
     base = ["train.mixed_precision=fp16", "train.gradient_checkpointing=true", "data.cache_latents=true",
             "data.cache_text=true", "lora.train_text_encoder=false", "lora.rank=16", "train.batch_size=1"]
     flips = [("VAE and text encoders leave the GPU once cached", ["data.cache_latents=false", "data.cache_text=false"]),

@@ -65,6 +65,8 @@ def token_counter(model_source: str | None = None) -> TokenCounter:
         try:
             tok = _load_tokenizer(tok_dir)
             label = "the embedded model's tokenizer" if folder == EMBEDDED_DIR else f"{folder.name}'s tokenizer"
+            if (folder / "text_encoder_3").is_dir():  # SD3: the window is the CLIPs'; T5 reads on to 256 tokens
+                label = f"{folder.name}'s CLIP tokenizer; its T5 encoder reads up to 256 tokens"
             return TokenCounter(label, min(window, CLIP_WINDOW), tok)
         except (OSError, ValueError):
             pass
