@@ -158,31 +158,9 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
             raise state_mod.save_failed(run_dir, step, e, params) from None
         accelerator.wait_for_everyone()
 
-    validated = {"step": None, "loss": None}
-    checkpoints: list[validation.Checkpoint] = []  # saved LoRAs with their figures, for the recommendation
-    drift_base: list = []  # renders of the base model for the drift figure, made once
-
-    def validate(saved: Path | None = None):
-        """The held-out loss of the LoRA as it is now (once per step however many reasons ask), and for a saved
-        LoRA also its drift from the base, so the end of the run can recommend one."""
-        if val is None:
-            return
-        if validated["step"] != step:
-            validated.update(step=step, loss=val.loss(unet, tes))
-            events.emit("validation", step=step, loss=validated["loss"])
-            accelerator.log({"validation_loss": validated["loss"]}, step=step)
-        if saved is not None:
-            prompts = validation.drift_prompts(cfg, is_embedded(cfg.model.source))
-            if prompts and not drift_base:
-                with validation.lora_disabled([unet, *tes]):
-                    drift_base.extend(_render(cfg, base, unet, tes, precision, prompts))
-            moved = drift(drift_base, _render(cfg, base, unet, tes, precision, prompts)) if prompts else None
-            checkpoints.append(validation.Checkpoint(step, str(saved), validated["loss"], moved))
-            events.emit("checkpoint", step=step, path=str(saved), validation_loss=validated["loss"], drift=moved)
-            sampled = (cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0) or \
-                (saved == final and cfg.sample.at_end)
-            if cfg.sample.prompts and not sampled:
-                _sample(cfg, base, unet, tes, precision, run_dir, step, events)  # every checkpoint has its samples
+    judge = _Judge(cfg, val, events, accelerator, final, models=[unet, *tes],
+                   render=lambda prompts: _render(cfg, base, unet, tes, precision, prompts),
+                   sample=lambda at: _sample(cfg, base, unet, tes, precision, run_dir, at, events))
 
     if resume:
         folder = state_mod.latest(run_dir)
@@ -196,7 +174,7 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
             next(stream)
         # The checkpoints saved before the interruption still count for the recommendation (not the run's own
         # file: it is written again at the end).
-        checkpoints.extend(validation.Checkpoint(e["step"], e["path"], e["validation_loss"], e["drift"])
+        judge.checkpoints.extend(validation.Checkpoint(e["step"], e["path"], e["validation_loss"], e["drift"])
                            for e in read_events(run_dir) if e["type"] == "checkpoint" and e["step"] <= step
                            and e["path"] != str(final) and e["validation_loss"] is not None)
         events.emit("resumed", step=step, state=folder.name)
@@ -212,15 +190,8 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
                 with _no_sync(accelerator, prepared, enabled=not last):
                     loss = step_loss(batch)
                     precision.scaler.scale(loss / cfg.train.gradient_accumulation).backward()
-            precision.scaler.unscale_(optimizer)
-            if cfg.optim.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.optim.max_grad_norm)
-            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-            if math.isfinite(loss_value):  # a non-finite step is skipped, as GradScaler does, so the LoRA stays good
-                precision.scaler.step(optimizer)
-            precision.scaler.update()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss_value = _optimizer_step(loss, optimizer, lr_scheduler, groups, precision, accelerator,
+                                         cfg.optim.max_grad_norm)
             step += 1
             step_seconds.append(time.monotonic() - step_started)
 
@@ -240,9 +211,9 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
             if cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0 and step < total and main:
                 _save(checkpoint := run_dir / "checkpoints" / f"{name}-step{step:06d}.safetensors", step, epoch, events,
                       **save_args)
-                validate(checkpoint)
+                judge(step, checkpoint)
             if cfg.train.validate_every_n_steps and step % cfg.train.validate_every_n_steps == 0 and step < total:
-                validate()
+                judge(step)
             if cfg.save.state_every_n_steps and step % cfg.save.state_every_n_steps == 0 and step < total:
                 save_state()
             if _stop_everywhere(accelerator, events):
@@ -253,7 +224,7 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
                     and (step // steps_per_epoch) % cfg.save.every_n_epochs == 0:
                 _save(checkpoint := run_dir / "checkpoints" / f"{name}-epoch{step // steps_per_epoch:04d}.safetensors",
                       step, epoch, events, **save_args)
-                validate(checkpoint)
+                judge(step, checkpoint)
     except KeyboardInterrupt:
         stopped = True
         events.emit("stopping", step=step, message="interrupted: saving the LoRA before exiting")
@@ -281,11 +252,11 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
     if main and step > 0 and (thumb or not stopped):
         _save(final, step, epoch, events, thumbnail=thumb, **save_args)
     if step > 0 and main:
-        validate(final)
-        picked = validation.recommend(checkpoints, cfg.train.drift_bound)
+        judge(step, final)
+        picked = validation.recommend(judge.checkpoints, cfg.train.drift_bound)
         if picked:
             events.emit("recommendation", step=picked[0].step, path=picked[0].path, message=picked[1])
-        _checkpoint_grid(run_dir, [c.step for c in checkpoints], events)
+        _checkpoint_grid(run_dir, [c.step for c in judge.checkpoints], events)
     if main:
         speed_log.record(cfg, step_seconds, _device_name(device))
     in_sync = _ranks_in_sync(accelerator, groups)
@@ -391,6 +362,56 @@ def _prepare_data(cfg: RunConfig, base, found, reg, train_te: bool, precision: P
             te.to(device)  # loaded in the weight dtype already; .to(dtype) would also cast fp8 and LoRA tensors
     unet.to(device)
     return data, cache, vae_id, text_cache
+
+
+def _optimizer_step(loss, optimizer, lr_scheduler, groups, precision, accelerator, max_grad_norm) -> float:
+    """Unscale, clip, step (skipped when the loss is not finite, as GradScaler skips overflows, so the LoRA stays
+    good), advance the schedule and clear the gradients. Returns the loss averaged over processes."""
+    precision.scaler.unscale_(optimizer)
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], max_grad_norm)
+    loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+    if math.isfinite(loss_value):
+        precision.scaler.step(optimizer)
+    precision.scaler.update()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value
+
+
+class _Judge:
+    """The figures the end of the run recommends a checkpoint from: the held-out loss of the LoRA as it is now
+    (once per step however many reasons ask), and for a saved LoRA also its drift from the base (renders of the
+    trigger-free prompts against the base's, made once). A checkpoint that was not sampled gets its samples."""
+
+    def __init__(self, cfg, val, events, accelerator, final: Path, models, render, sample):
+        self.cfg, self.val, self.events, self.accelerator, self.final = cfg, val, events, accelerator, final
+        self.models, self.render, self.sample = models, render, sample
+        self.checkpoints: list[validation.Checkpoint] = []  # saved LoRAs with their figures
+        self.loss_at: tuple[int | None, float | None] = (None, None)
+        self.base_renders: list = []
+
+    def __call__(self, step: int, saved: Path | None = None) -> None:
+        cfg = self.cfg
+        if self.val is None:
+            return
+        if self.loss_at[0] != step:
+            self.loss_at = (step, self.val.loss(self.models[0], self.models[1:]))
+            self.events.emit("validation", step=step, loss=self.loss_at[1])
+            self.accelerator.log({"validation_loss": self.loss_at[1]}, step=step)
+        if saved is None:
+            return
+        prompts = validation.drift_prompts(cfg, is_embedded(cfg.model.source))
+        if prompts and not self.base_renders:
+            with validation.lora_disabled(self.models):
+                self.base_renders.extend(self.render(prompts))
+        moved = drift(self.base_renders, self.render(prompts)) if prompts else None
+        self.checkpoints.append(validation.Checkpoint(step, str(saved), self.loss_at[1], moved))
+        self.events.emit("checkpoint", step=step, path=str(saved), validation_loss=self.loss_at[1], drift=moved)
+        sampled = (cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0) or \
+            (saved == self.final and cfg.sample.at_end)
+        if cfg.sample.prompts and not sampled:
+            self.sample(step)
 
 
 def native_resolution(base) -> int:
