@@ -233,3 +233,27 @@ def test_bake_fuses_an_sd3_lora_into_a_loadable_sd3_folder(sd3, trained, tmp_pat
         module_path = key[len("transformer."): -len(".lora_A.weight")]
         expected = before.get_submodule(module_path).weight + tensors[key.replace("lora_A", "lora_B")] @ tensors[key]
         assert torch.allclose(baked.unet.get_submodule(module_path).weight, expected, atol=1e-6), key
+
+
+def test_an_sd3_single_file_is_recognised_and_a_hub_failure_says_what_to_do(tmp_path, monkeypatch):
+    """No download here: the loader must pick diffusers' SD3 single-file loader for joint_blocks keys, and when that
+    cannot reach the gated config repo, say how to get access in one line."""
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import save_file
+
+    from trainer.errors import ModelError
+
+    path = tmp_path / "sd3.5_medium.safetensors"
+    save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(6, 2)}, str(path))
+    called = {}
+
+    def offline(cls, source, **kwargs):
+        called.update(kwargs, source=source)
+        raise OSError("You are trying to access a gated repo.\nMake sure to have access to it.")
+
+    monkeypatch.setattr(StableDiffusion3Pipeline, "from_single_file", classmethod(offline))
+    with pytest.raises(ModelError, match=r"gated repo\. An SD3 single file.*hf auth login") as e:
+        models.load_base(str(path), dtype=torch.bfloat16, t5=False)
+    assert "\n" not in str(e.value)
+    assert called["source"] == str(path) and called["torch_dtype"] == torch.bfloat16
+    assert called["text_encoder_3"] is None and called["tokenizer_3"] is None  # model.t5=false loads no T5

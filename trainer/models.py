@@ -454,8 +454,6 @@ def _from_single_file(path: Path, dtype=None, t5: bool = True):
         raise ModelError(f"{path.name}: unsupported model file type {suffix!r}; use .safetensors or a diffusers folder")
     keys = checkpoint_keys(path)
     if any(k.startswith("model.diffusion_model.joint_blocks.") for k in keys):
-        # SD3 files often leave out their text encoders: diffusers then fetches them from the model's Hub repo
-        # (gated: accept its licence and log in with `hf auth login` once).
         cls, kwargs = StableDiffusion3Pipeline, ({} if t5 else {"text_encoder_3": None, "tokenizer_3": None})
     elif any(k.startswith("conditioner.embedders.1") for k in keys):
         cls, kwargs = StableDiffusionXLPipeline, {}
@@ -467,7 +465,15 @@ def _from_single_file(path: Path, dtype=None, t5: bool = True):
                          "a LoRA file goes under Preview, not as a base model")
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
-    return cls.from_single_file(str(path), **kwargs)
+    if cls is not StableDiffusion3Pipeline:
+        return cls.from_single_file(str(path), **kwargs)
+    try:
+        return cls.from_single_file(str(path), **kwargs)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"could not load SD3 checkpoint {path.name}: {first.rstrip('.')}. An SD3 single file takes its configs, and "
+                         "any text encoder it lacks, from Stability AI's gated Hub repo: accept the licence on "
+                         "huggingface.co, run `hf auth login` once, or pass a diffusers folder instead") from e
 
 
 def checkpoint_keys(path: Path) -> list[str]:
