@@ -257,3 +257,24 @@ def test_an_sd3_single_file_is_recognised_and_a_hub_failure_says_what_to_do(tmp_
     assert "\n" not in str(e.value)
     assert called["source"] == str(path) and called["torch_dtype"] == torch.bfloat16
     assert called["text_encoder_3"] is None and called["tokenizer_3"] is None  # model.t5=false loads no T5
+
+
+def test_sd3_trains_with_fp8_frozen_weights_checkpointing_and_trained_clips(sd3, dataset, tmp_path):
+    """The memory savings work on the MMDiT and T5 too: frozen bulk in float8, LoRA weights fp32, finite losses."""
+    from trainer import frozen
+
+    cfg = tiny_config(sd3, dataset, tmp_path / "run", **{"train.max_steps": 3, "train.mixed_precision": "bf16",
+                                                       "train.frozen_dtype": "fp8", "train.gradient_checkpointing": True,
+                                                       "lora.train_text_encoder": True, "sample.at_end": False})
+    result = loop.train(cfg)
+    transformer = result.models["lora_transformer"]
+    assert frozen.stored_bytes(transformer)["float8_e4m3fn"] > 0
+    for name, mod in transformer.named_modules():  # the attention and MLP bulk in float8; adaptive norms and
+        if name.endswith(("attn.to_q.base_layer", "ff.net.2", "attn2.to_k.base_layer")):  # embeddings half, as
+            assert mod.stored_weight.dtype == frozen.STORAGE, name  # diffusers' layerwise casting keeps "norm"
+        if name.endswith(("norm1.linear", "context_embedder")):
+            assert not hasattr(mod, "stored_weight") and mod.weight.dtype == torch.bfloat16, name
+    for model in result.models.values():
+        assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+    losses = [e["loss"] for e in read_events(tmp_path / "run") if e["type"] == "step"]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)

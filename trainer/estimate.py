@@ -53,6 +53,10 @@ CUDA_CHECKPOINTED = 0.367
 CUDA_VAE_ENCODE_GB = 0.38
 # float8 storage: one byte a weight, plus per-row scales and the small layers frozen.KEEP_HALF leaves in half.
 FP8_BYTES = 1.03
+# Share of the denoiser frozen.KEEP_HALF leaves in half precision beyond that: SD3's adaptive-norm modulation
+# Linears (norm1.linear, ~1/3 of SD 3.5 Medium's 2.24 B) stay half, as diffusers' layerwise casting skips "norm".
+# Counted on the full-size architectures (SD1.5 3.3%, SDXL 1.0% are inside FP8_BYTES already).
+FP8_HALF_SHARE = {"sd3": 0.349}
 # fp8 stand-ins also replace frozen Linear layers, and a step keeps less still. Share of the UNet
 # activations left, fitted on the H100 (checkpointing on): SD1.5 512 px 2.03 -> 1.16 GB, SDXL 1024 px
 # 6.81 -> 3.75 GB in all. sd2 takes sd1's share, not measured.
@@ -140,17 +144,16 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
     train_te = cfg.lora.train_text_encoder if cfg.lora.train_text_encoder is not None else \
         text_encoder_trained_by_default(family)
     cached_text = cfg.data.cache_text and not train_te
-    on_device = p["unet"]
-    if host or not cached_text:
-        on_device += p["text_encoders"]  # frozen encoders leave the GPU once their outputs are cached
+    te_on_device = p["text_encoders"] if host or not cached_text else 0.0  # cached: they leave the GPU
     fp8 = half and cfg.train.frozen_dtype == "fp8"
     frozen_bytes = FP8_BYTES if fp8 else wbytes
+    unet_bytes = _fp8_unet_bytes(family, wbytes) if fp8 else wbytes
     vae_bytes = 4 if (family == "sdxl" and cfg.train.mixed_precision == "fp16") or not half else 2
     vae_on_device = host or not cfg.data.cache_latents
     vae_gb = (p["vae"] * vae_bytes if vae_on_device else 0) * 1e6 / GB
-    weights = on_device * frozen_bytes * 1e6 / GB + vae_gb
+    weights = (p["unet"] * unet_bytes + te_on_device * frozen_bytes) * 1e6 / GB + vae_gb
     # On the host the base is loaded in half precision before its layers turn to fp8: that moment can be the peak.
-    load_peak = _loading_gb(cfg, p, wbytes, fp8) + vae_gb if host else 0.0
+    load_peak = _loading_gb(cfg, family, p, wbytes, fp8) + vae_gb if host else 0.0
     per_rank = LORA_PER_RANK_M[family][0] * cfg.lora.train_unet + LORA_PER_RANK_M[family][1] * bool(train_te)
     state = 2 if cfg.optim.optimizer == "adamw8bit" else 8
     lora = per_rank * cfg.lora.rank * 1e6 * (4 + 4 + state) / GB  # fp32 weights + grads + optimizer state
@@ -177,13 +180,19 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
     return Estimate(round(peak, 2), weights, lora, act, steps, secs)
 
 
-def _loading_gb(cfg, p: dict, wbytes: int, fp8: bool) -> float:
+def _fp8_unet_bytes(family: str, wbytes: int) -> float:
+    share = FP8_HALF_SHARE.get(family, 0.0)
+    return share * wbytes + (1 - share) * FP8_BYTES
+
+
+def _loading_gb(cfg, family: str, p: dict, wbytes: int, fp8: bool) -> float:
     """Weights held while the base loads. From a folder the UNet turns to fp8 before the text encoders load
     (loop._ready_unet), so with fp8 the half-precision UNet never sits beside them; a single file or a Hub id
     loads every part at once."""
     staged = fp8 and (cfg.model.source in ("", "tiny") or Path(cfg.model.source).expanduser().is_dir())
     if staged:
-        return max(p["unet"] * wbytes, p["unet"] * FP8_BYTES + p["text_encoders"] * wbytes) * 1e6 / GB
+        return max(p["unet"] * wbytes, p["unet"] * _fp8_unet_bytes(family, wbytes) + p["text_encoders"] * wbytes) \
+            * 1e6 / GB
     return (p["unet"] + p["text_encoders"]) * wbytes * 1e6 / GB
 
 
@@ -197,4 +206,4 @@ def host_load_gb(cfg) -> float:
         return round(params * wbytes / GB + RUNTIME_GB, 2)
     fp8 = wbytes == 2 and cfg.train.frozen_dtype == "fp8"
     p = params_m(cfg, family)
-    return round(_loading_gb(cfg, p, wbytes, fp8) + p["vae"] * wbytes * 1e6 / GB + RUNTIME_GB, 2)
+    return round(_loading_gb(cfg, family, p, wbytes, fp8) + p["vae"] * wbytes * 1e6 / GB + RUNTIME_GB, 2)
