@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .model_info import EMBEDDED_DIR, peek_family, text_encoder_trained_by_default
+from .model_info import EMBEDDED_DIR, FP32_VAE_UNDER_FP16, peek_family, text_encoder_trained_by_default
 from .speed_log import duration
 
 GB = 1024 ** 3
@@ -148,7 +148,7 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
     fp8 = half and cfg.train.frozen_dtype == "fp8"
     frozen_bytes = FP8_BYTES if fp8 else wbytes
     unet_bytes = _fp8_unet_bytes(family, wbytes) if fp8 else wbytes
-    vae_bytes = 4 if (family == "sdxl" and cfg.train.mixed_precision == "fp16") or not half else 2
+    vae_bytes = 4 if (family in FP32_VAE_UNDER_FP16 and cfg.train.mixed_precision == "fp16") or not half else 2
     vae_on_device = host or not cfg.data.cache_latents
     vae_gb = (p["vae"] * vae_bytes if vae_on_device else 0) * 1e6 / GB
     weights = (p["unet"] * unet_bytes + te_on_device * frozen_bytes) * 1e6 / GB + vae_gb

@@ -22,6 +22,10 @@ def family_name(unet_config: dict) -> str:
     return "sd1"
 
 
+# Families whose VAE overflows in fp16 (SDXL: black images, NaN latents; SD3 is published in bf16 only).
+FP32_VAE_UNDER_FP16 = ("sdxl", "sd3")
+
+
 def text_encoder_trained_by_default(family: str | None) -> bool:
     """lora.train_text_encoder = auto: yes for SD1/SD2; SDXL's and SD3's encoders rarely need it and cost memory."""
     return family not in ("sdxl", "sd3")

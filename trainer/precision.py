@@ -9,6 +9,8 @@ import contextlib
 
 import torch
 
+from .model_info import FP32_VAE_UNDER_FP16
+
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -25,7 +27,7 @@ class Precision:
         return torch.autocast(self.device.type, dtype=self.weight_dtype)
 
     def vae_dtype(self, family_name: str) -> torch.dtype:
-        # SDXL's VAE overflows in fp16 (black images, NaN latents); it stays fp32 there.
-        if self.mode == "fp16" and family_name == "sdxl":
+        # These VAEs overflow in fp16 (black images, NaN latents): they stay fp32 there.
+        if self.mode == "fp16" and family_name in FP32_VAE_UNDER_FP16:
             return torch.float32
         return self.weight_dtype
