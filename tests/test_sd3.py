@@ -265,7 +265,8 @@ def test_sd3_trains_with_fp8_frozen_weights_checkpointing_and_trained_clips(sd3,
 
     cfg = tiny_config(sd3, dataset, tmp_path / "run", **{"train.max_steps": 3, "train.mixed_precision": "bf16",
                                                        "train.frozen_dtype": "fp8", "train.gradient_checkpointing": True,
-                                                       "lora.train_text_encoder": True, "sample.at_end": False})
+                                                       "lora.train_text_encoder": True, "sample.at_end": False,
+                                                       "train.min_snr_gamma": 5.0})
     result = loop.train(cfg)
     transformer = result.models["lora_transformer"]
     assert frozen.stored_bytes(transformer)["float8_e4m3fn"] > 0
@@ -276,5 +277,7 @@ def test_sd3_trains_with_fp8_frozen_weights_checkpointing_and_trained_clips(sd3,
             assert not hasattr(mod, "stored_weight") and mod.weight.dtype == torch.bfloat16, name
     for model in result.models.values():
         assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
-    losses = [e["loss"] for e in read_events(tmp_path / "run") if e["type"] == "step"]
+    events = read_events(tmp_path / "run")
+    losses = [e["loss"] for e in events if e["type"] == "step"]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert any(e["type"] == "warning" and "min_snr_gamma does not apply" in e["message"] for e in events)

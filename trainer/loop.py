@@ -304,7 +304,7 @@ def _prepare_models(cfg: RunConfig, precision: Precision, events: Events):
                             "set it to false")
     schedule = fam.schedule(base.scheduler_config, cfg.model.prediction_type, cfg.model.zero_terminal_snr,
                             cfg.train.min_snr_gamma)
-    if cfg.train.min_snr_gamma and schedule.weight is None:
+    if cfg.train.min_snr_gamma and not schedule.weights_by_snr:
         events.emit("warning", message=f"train.min_snr_gamma does not apply to {fam.name}'s flow matching; ignored")
     unet, vae, tes = base.unet, base.vae, base.text_encoders
     te_trained = list(tes[:len(fam.te_prefixes)]) if cfg.lora.train_text_encoder else []  # SD3's T5 is never trained

@@ -13,6 +13,8 @@ import torch
 class Diffusion:
     """DDPM noising with an epsilon or v-prediction target, as diffusers' LoRA examples train SD1/SD2/SDXL."""
 
+    weights_by_snr = True  # train.min_snr_gamma applies
+
     def __init__(self, scheduler_config: dict, prediction_type: str, zero_terminal_snr: bool, min_snr_gamma: float):
         from diffusers import DDPMScheduler
 
@@ -53,6 +55,8 @@ class FlowMatching:
     same signal, section 5.3.2). The loss weight is 1: the logit-normal density already is the weighting, as in
     diffusers' SD3 example with weighting_scheme="logit_normal". σ is continuous rather than rounded onto the
     scheduler's 1000 steps; the transformer embeds any time value, and so do the samplers."""
+
+    weights_by_snr = False  # min-SNR weighting is for DDPM schedules
 
     def __init__(self, scheduler_config: dict, logit_mean: float = 0.0, logit_std: float = 1.0):
         self.shift = float(scheduler_config.get("shift", 1.0))
