@@ -43,6 +43,14 @@ def _file(run):
         return path, {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
+def _layer(model, module_path: str):
+    """A module by the file's path; diffusers drops the `text_model.` level where transformers 5's CLIP lacks it."""
+    try:
+        return model.get_submodule(module_path)
+    except AttributeError:
+        return model.get_submodule(module_path.removeprefix("text_model."))
+
+
 def test_flow_matching_noises_along_the_line_and_shifts_sigma():
     fm = FlowMatching({"shift": 3.0, "num_train_timesteps": 1000})
     x0, eps = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
@@ -86,11 +94,7 @@ def test_every_key_is_consumed_by_diffusers_and_fused_weights_are_w_plus_scaled_
     for key, value in tensors.items():  # every key landed on a peft layer with exactly its values
         component, _, rest = key.partition(".")
         module_path, kind = rest.rsplit(".lora_", 1)
-        model = getattr(pipe, component)
-        try:
-            layer = model.get_submodule(module_path)
-        except AttributeError:
-            layer = model.get_submodule(module_path.removeprefix("text_model."))
+        layer = _layer(getattr(pipe, component), module_path)
         assert torch.equal(getattr(layer, "lora_" + kind.split(".")[0])["x"].weight, value), key
     # The trained run's own layers: alpha 2 over rank 4 gives scale 0.5, folded into lora_B.
     run_cfg = RunConfig.load(str(trained / "config.toml"))
@@ -103,11 +107,7 @@ def test_every_key_is_consumed_by_diffusers_and_fused_weights_are_w_plus_scaled_
         name = f"{module_path}.weight"
         base = before[component].get(name) if name in before[component] else \
             before[component][name.removeprefix("text_model.")]
-        model = getattr(pipe, component)
-        try:
-            layer = model.get_submodule(module_path)
-        except AttributeError:
-            layer = model.get_submodule(module_path.removeprefix("text_model."))
+        layer = _layer(getattr(pipe, component), module_path)
         fused = layer.base_layer.weight if hasattr(layer, "base_layer") else layer.weight
         up = tensors[key.replace(".lora_A.", ".lora_B.")]
         assert torch.allclose(fused, base + up @ tensors[key], atol=1e-6), key

@@ -169,8 +169,7 @@ class SD3Family(Family):
     T5_TOKENS = 256  # diffusers' SD3 default max_sequence_length
 
     def tokenize(self, tokenizers, captions):
-        ids = [tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids for tok in tokenizers[:2]]
+        ids = super().tokenize(tokenizers[:2], captions)
         t5 = tokenizers[2] if len(tokenizers) > 2 else None
         if t5 is None:
             return ids + [torch.zeros(len(captions), tokenizers[0].model_max_length, dtype=torch.long)]
@@ -340,8 +339,7 @@ def load_base(source: str, family: str = "auto", dtype: torch.dtype | None = Non
     except _CallerError as e:
         raise e.error from None
     except Exception as e:  # diffusers raises many kinds; the user needs one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"could not load model {source}: {first}") from e
+        raise ModelError(f"could not load model {source}: {_first_line(e)}") from e
 
     denoiser = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
     if on_unet is not None and not isinstance(pipe, SimpleNamespace):  # a pipeline loads all parts at once
@@ -465,15 +463,19 @@ def _from_single_file(path: Path, dtype=None, t5: bool = True):
                          "a LoRA file goes under Preview, not as a base model")
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
-    if cls is not StableDiffusion3Pipeline:
-        return cls.from_single_file(str(path), **kwargs)
     try:
         return cls.from_single_file(str(path), **kwargs)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"could not load SD3 checkpoint {path.name}: {first.rstrip('.')}. An SD3 single file takes its configs, and "
-                         "any text encoder it lacks, from Stability AI's gated Hub repo: accept the licence on "
-                         "huggingface.co, run `hf auth login` once, or pass a diffusers folder instead") from e
+        if cls is not StableDiffusion3Pipeline:
+            raise
+        raise ModelError(f"could not load SD3 checkpoint {path.name}: {_first_line(e).rstrip('.')}. An SD3 single "
+                         "file takes its configs, and any text encoder it lacks, from Stability AI's gated Hub repo: "
+                         "accept the licence on huggingface.co, run `hf auth login` once, or pass a diffusers folder "
+                         "instead") from e
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def checkpoint_keys(path: Path) -> list[str]:
