@@ -38,6 +38,20 @@ def test_outputs_and_input_gradients_equal_a_half_layer_with_the_rounded_weights
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_upcast_equals_torchs_float8_conversion_for_every_byte_and_scale(dtype):
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    finite = ~codes.float().isnan()
+    assert torch.equal(frozen.dequantize(codes, None, dtype)[finite], codes.to(dtype)[finite])
+    torch.manual_seed(0)  # a weight with rows of very different sizes, subnormal codes among them
+    weight = torch.randn(64, 48) * torch.logspace(-6, 1, 64)[:, None]
+    weight[:, :8] *= 1e-5  # below e4m3's smallest normal once scaled to the row's largest
+    stored, scale = frozen.quantize(weight)
+    scale = scale.to(dtype)
+    assert ((stored.view(torch.uint8) & 0x78) == 0).any()  # exponent bits 0: subnormal codes are covered
+    assert torch.equal(frozen.dequantize(stored, scale, dtype), stored.to(dtype) * scale)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_half_conv_stand_in_equals_the_conv_and_keeps_no_input(dtype):
     torch.manual_seed(0)

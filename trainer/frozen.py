@@ -16,6 +16,7 @@ tensor itself and the backward pass casts it up again: gradients are exact for t
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -34,20 +35,59 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w / scale).to(STORAGE), scale
 
 
-def dequantize(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+def dequantize(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, scratch: bool = False) -> torch.Tensor:
+    """fp8 · scale in `dtype`. With `scratch` (on a CPU) the result lives in a buffer that the next call with scratch
+    overwrites: only for a weight used at once and dropped, as the stand-ins' forward and backward do."""
+    if w.dtype == STORAGE and w.device.type == "cpu" and dtype in _BITS:
+        return _cpu_upcast(w, scale, dtype, scratch)
     return w.to(dtype) if scale is None else w.to(dtype) * scale.to(dtype)
+
+
+# float8 e4m3 (s eeee mmm) -> bf16 / fp16 by moving bits: (left shift, mask of sign + exponent/mantissa bits kept,
+# power of two that turns e4m3's exponent bias 7 into the target's). Exact for every finite byte (tested); e4m3's
+# subnormals land on the target's subnormals, which the same multiply scales right.
+_BITS = {torch.bfloat16: (4, -30736, 2.0 ** 120),  # 0x87F0: sign, then e4m3's 7 bits at bf16's bits 10..4
+         torch.float16: (7, -16512, 2.0 ** 8)}  # 0xBF80: sign, then at fp16's bits 13..7
+
+
+def _cpu_upcast(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, scratch: bool) -> torch.Tensor:
+    """w.to(dtype) * scale, on a CPU about 15x faster than torch's float8 conversion there, which goes one element
+    at a time (measured on 2 cores, a 1280x5120 weight: 11.6 ms -> 0.73 ms). CUDA converts natively and fast.
+
+    Why the scratch buffer: every frozen layer's pass allocates and frees a weight-sized buffer, between the
+    activations. The C allocator keeps such freed holes that the next, differently sized tensors cannot fill, and
+    the process grows by far more than any one step holds (SDXL 1024 px: ~3 GB over the weights where a GPU holds
+    ~1). One reused buffer per thread takes that churn away."""
+    shift, mask, bias = _BITS[dtype]
+    if scratch:
+        bits = _scratch(w.numel()).view(w.shape)
+        bits.copy_(w.view(torch.int8))  # int8 -> int16 sign-extends: the sign lands on bit 15, the mask clears bits 14..
+    else:
+        bits = w.view(torch.int8).to(torch.int16)
+    bits = bits.bitwise_left_shift_(shift).bitwise_and_(mask).view(dtype)
+    return bits.mul_(bias if scale is None else scale.to(dtype) * bias)
+
+
+_local = threading.local()
+
+
+def _scratch(numel: int) -> torch.Tensor:
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.numel() < numel:
+        _local.buf = buf = torch.empty(numel, dtype=torch.int16)
+    return buf[:numel]
 
 
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, scale, bias):
         ctx.save_for_backward(w, scale)
-        return F.linear(x, dequantize(w, scale, x.dtype), bias)
+        return F.linear(x, dequantize(w, scale, x.dtype, scratch=True), bias)
 
     @staticmethod
     def backward(ctx, grad):
         w, scale = ctx.saved_tensors
-        return grad @ dequantize(w, scale, grad.dtype), None, None, None
+        return grad @ dequantize(w, scale, grad.dtype, scratch=True), None, None, None
 
 
 class _Conv2d(torch.autograd.Function):
@@ -55,13 +95,13 @@ class _Conv2d(torch.autograd.Function):
     def forward(ctx, x, w, scale, bias, stride, padding, dilation, groups):
         ctx.save_for_backward(w, scale)
         ctx.conf = (x.shape, stride, padding, dilation, groups)
-        return F.conv2d(x, dequantize(w, scale, x.dtype), bias, stride, padding, dilation, groups)
+        return F.conv2d(x, dequantize(w, scale, x.dtype, scratch=True), bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
         w, scale = ctx.saved_tensors
         shape, stride, padding, dilation, groups = ctx.conf
-        grad_x = torch.nn.grad.conv2d_input(shape, dequantize(w, scale, grad.dtype), grad, stride, padding,
+        grad_x = torch.nn.grad.conv2d_input(shape, dequantize(w, scale, grad.dtype, scratch=True), grad, stride, padding,
                                             dilation, groups)
         return grad_x, None, None, None, None, None, None, None
 
