@@ -104,6 +104,7 @@ class Family:
     def pipeline(self, unet, vae, text_encoders, tokenizers, scheduler):
         from diffusers import StableDiffusionPipeline
 
+        text_encoders = text_encoders or [None]  # None: the caller passes prompt embeddings
         return StableDiffusionPipeline(vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
@@ -135,6 +136,7 @@ class SDXLFamily(Family):
     def pipeline(self, unet, vae, text_encoders, tokenizers, scheduler):
         from diffusers import StableDiffusionXLPipeline
 
+        text_encoders = text_encoders or [None, None]
         return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
                                          tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
                                          scheduler=scheduler)
@@ -224,6 +226,7 @@ class SD3Family(Family):
     def pipeline(self, unet, vae, text_encoders, tokenizers, scheduler):
         from diffusers import StableDiffusion3Pipeline
 
+        text_encoders = text_encoders or [None, None, None]
         t5 = None if isinstance(text_encoders[2], NoT5) else text_encoders[2]
         return StableDiffusion3Pipeline(transformer=unet, scheduler=scheduler, vae=vae,
                                         text_encoder=text_encoders[0], tokenizer=tokenizers[0],

@@ -12,11 +12,14 @@ from .atomic import write_bytes
 @torch.no_grad()
 def render(family, unet, vae, text_encoders, tokenizers, scheduler_config: dict, prompts: list[str], *,
            negative: str, seed: int, steps: int, guidance: float, size: int, clip_skip: int, autocast, stop=None,
-           guidance_rescale: float = 0.0):
+           guidance_rescale: float = 0.0, encoded: dict | None = None):
     """One image per prompt, prompt i at seed + i, with `scheduler_config` and `guidance_rescale` as
     models.sampling_schedule gives them. `stop()` is asked before each image: a user who stopped the run can
-    skip the rest."""
-    pipe = family.pipeline(unet, vae, text_encoders, tokenizers, family.sampler(scheduler_config))
+    skip the rest. `encoded`: prompt -> pipeline arguments (its embeddings and `negative`'s), made before the
+    text encoders were let go; then no encoder runs."""
+    if encoded is not None:
+        text_encoders = []
+    pipe = family.pipeline(unet, vae, text_encoders or None, tokenizers, family.sampler(scheduler_config))
     pipe.set_progress_bar_config(disable=True)
     was_training = [m.training for m in (unet, *text_encoders)]
     for m in (unet, *text_encoders):
@@ -27,7 +30,8 @@ def render(family, unet, vae, text_encoders, tokenizers, scheduler_config: dict,
             for i, prompt in enumerate(prompts):
                 if stop is not None and stop():
                     break
-                kwargs = family.prompt_kwargs(text_encoders, tokenizers, [prompt], negative, clip_skip)
+                kwargs = encoded[prompt] if encoded is not None else \
+                    family.prompt_kwargs(text_encoders, tokenizers, [prompt], negative, clip_skip)
                 gen = torch.Generator("cpu").manual_seed(seed + i)
                 rescale = {"guidance_rescale": guidance_rescale} if guidance_rescale else {}  # SD3 has no such knob
                 out = pipe(**kwargs, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
