@@ -53,7 +53,6 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
     """`plan`: the memory plan the CLI made for this run (trainer/plan.py), recorded as the first event."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
 
     run_dir = Path(cfg.save.output_dir)
     # Without a GPU, accelerate only forms a multi-process (gloo) group when told it is on CPU.
@@ -82,37 +81,14 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
                                                    events, accelerator)
 
     # ---- optimizer and schedule -----------------------------------------------------------------
-    groups = [{"params": lora_mod.lora_parameters(unet), "lr": cfg.optim.lr}] if cfg.lora.train_unet else []
-    if train_te:
-        groups.append({"params": [p for te in te_trained for p in lora_mod.lora_parameters(te)],
-                       "lr": cfg.optim.text_encoder_lr})
-    optimizer = make_optimizer(cfg, groups, device)
     world = accelerator.num_processes
-    batches_per_epoch = len(data.epoch_batches(0, cfg.train.seed, cfg.train.batch_size)) // world
-    if batches_per_epoch == 0:
-        raise TrainingError(f"{data.num_samples} samples make fewer batches than {world} processes; "
-                            "lower train.batch_size or add images or repeats")
-    steps_per_epoch = max(1, batches_per_epoch // cfg.train.gradient_accumulation)
-    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    lr_scheduler = get_scheduler(cfg.optim.scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
-                                 num_training_steps=total)
-    prepared = accelerator.prepare(*trained)  # DDP wrapping only; data order and AMP stay ours
-    prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
-    model_of = dict(zip(map(id, trained), prepared))
-    unet_fwd = model_of.get(id(unet), unet)
-    tes_fwd = [model_of.get(id(te), te) for te in tes]
-    if cfg.train.compile and device.type == "cuda":
-        unet_fwd = torch.compile(unet_fwd)
+    groups, optimizer, lr_scheduler, batches_per_epoch, steps_per_epoch, total = _optimization(
+        cfg, unet, te_trained, data, device, world)
+    prepared, unet_fwd, tes_fwd = _wrapped(cfg, accelerator, trained, unet, tes, device)
 
     latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    val = None
-    if main and held_out is not None:
-        with _borrowed([vae], device, visiting=tes):  # latents and frozen captions are made once, now
-            val = validation.Validation(held_out, cfg, fam, vae, base.tokenizers, tes, schedule,
-                                        encode_text=not train_te, precision=precision, device=device)
-        events.emit("validation_set", images=len(val), problems=len(val.data.problems))
-        if not len(val):
-            val = None
+    val = _validation_set(cfg, base, held_out, schedule, bool(train_te), precision, device, events) \
+        if main and held_out is not None else None
     # Frozen encoders whose captions are all cached: only the samples would still run them.
     encoded = _let_encoders_go(cfg, base, precision, device, main, events) if text_cache is not None else None
     gen = torch.Generator("cpu").manual_seed(cfg.train.seed + accelerator.process_index)
@@ -166,21 +142,8 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
                    sample=lambda at: _sample(cfg, base, unet, tes, precision, run_dir, at, events, encoded=encoded))
 
     if resume:
-        folder = state_mod.latest(run_dir)
-        if folder is None:
-            raise TrainingError(f"nothing to resume: {run_dir / state_mod.STATE_DIR} holds no complete training "
-                                "state; start a new run instead")
-        counters = state_mod.load(folder, params, optimizer, lr_scheduler, precision.scaler, rng, gen,
-                                  accelerator.process_index)
-        step, epoch, consumed = counters["step"], counters["epoch"], counters["consumed"]
-        for _ in range(consumed):  # the same shuffled order, continued where the state left it
-            next(stream)
-        # The checkpoints saved before the interruption still count for the recommendation (not the run's own
-        # file: it is written again at the end).
-        judge.checkpoints.extend(validation.Checkpoint(e["step"], e["path"], e["validation_loss"], e["drift"])
-                           for e in read_events(run_dir) if e["type"] == "checkpoint" and e["step"] <= step
-                           and e["path"] != str(final) and e["validation_loss"] is not None)
-        events.emit("resumed", step=step, state=folder.name)
+        step, epoch, consumed = _resume(run_dir, params, optimizer, lr_scheduler, precision, rng, gen, accelerator,
+                                        stream, judge, final, events)
     bar = tqdm(total=total, initial=step, disable=not main, desc="train", dynamic_ncols=True)
     step_seconds = []  # the optimizer steps alone (no samples, no saves): what speed_log keeps for estimates
     try:
@@ -239,27 +202,9 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
     accelerator.wait_for_everyone()
     if stopped and step > 0 and step < total:
         save_state()  # Stop or Ctrl-C: Resume continues exactly from here
-    thumb = None
-    if main and step > 0 and stopped:
-        # Stopped means stopped: the LoRA is saved now, and the end samples (minutes on a CPU) become their
-        # own phase that a second Stop skips.
-        _save(final, step, epoch, events, **save_args)
-        events.clear_stop()
-        if cfg.sample.at_end:
-            events.emit("end_samples", step=step, prompts=len(cfg.sample.prompts),
-                        message="the LoRA is saved; rendering the end samples (Stop again skips them)")
-    if main and cfg.sample.at_end and step > 0:
-        written = _sample(cfg, base, unet, tes, precision, run_dir, step, events,
-                          stop=events.stop_requested if stopped else None, encoded=encoded)
-        thumb = written[0] if written else None
-    if main and step > 0 and (thumb or not stopped):
-        _save(final, step, epoch, events, thumbnail=thumb, **save_args)
-    if step > 0 and main:
-        judge(step, final)
-        picked = validation.recommend(judge.checkpoints, cfg.train.drift_bound)
-        if picked:
-            events.emit("recommendation", step=picked[0].step, path=picked[0].path, message=picked[1])
-        _checkpoint_grid(run_dir, [c.step for c in judge.checkpoints], events)
+    if main and step > 0:
+        _finish(cfg, run_dir, final, step, epoch, stopped, events, save_args, judge,
+                sample=lambda stop: _sample(cfg, base, unet, tes, precision, run_dir, step, events, stop, encoded))
     if main:
         speed_log.record(cfg, step_seconds, _device_name(device))
     in_sync = _ranks_in_sync(accelerator, groups)
@@ -273,6 +218,95 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
 
 
 # ---- pieces the loop reads as one line each ------------------------------------------------------
+
+def _wrapped(cfg: RunConfig, accelerator, trained, unet, tes, device):
+    """(the trained models as accelerate prepared them, the denoiser and the text encoders as the forward pass calls
+    them): DDP-wrapped on several processes, the denoiser compiled when asked on CUDA. Data order and AMP stay ours."""
+    prepared = accelerator.prepare(*trained)
+    prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
+    model_of = dict(zip(map(id, trained), prepared))
+    unet_fwd = model_of.get(id(unet), unet)
+    if cfg.train.compile and device.type == "cuda":
+        unet_fwd = torch.compile(unet_fwd)
+    return prepared, unet_fwd, [model_of.get(id(te), te) for te in tes]
+
+
+def _validation_set(cfg: RunConfig, base, held_out, schedule, train_te: bool, precision, device, events: Events):
+    """The held-out images' latents, noise and (for frozen encoders) captions, made once now; None when none is
+    usable."""
+    with _borrowed([base.vae], device, visiting=base.text_encoders):
+        val = validation.Validation(held_out, cfg, base.family, base.vae, base.tokenizers, base.text_encoders,
+                                    schedule, encode_text=not train_te, precision=precision, device=device)
+    events.emit("validation_set", images=len(val), problems=len(val.data.problems))
+    return val if len(val) else None
+
+
+def _finish(cfg: RunConfig, run_dir: Path, final: Path, step: int, epoch: int, stopped: bool, events: Events,
+            save_args: dict, judge, sample) -> None:
+    """The main process's end of a run that trained: the end samples (the first one the LoRA's thumbnail), the
+    LoRA, its validation, the recommended checkpoint and every checkpoint's samples side by side. Stopped means
+    stopped: the LoRA is saved first, and the end samples (minutes on a CPU) become their own phase that a second
+    Stop skips (`sample(stop)` asks it before each image)."""
+    thumb = None
+    if stopped:
+        _save(final, step, epoch, events, **save_args)
+        events.clear_stop()
+        if cfg.sample.at_end:
+            events.emit("end_samples", step=step, prompts=len(cfg.sample.prompts),
+                        message="the LoRA is saved; rendering the end samples (Stop again skips them)")
+    if cfg.sample.at_end:
+        written = sample(events.stop_requested if stopped else None)
+        thumb = written[0] if written else None
+    if thumb or not stopped:
+        _save(final, step, epoch, events, thumbnail=thumb, **save_args)
+    judge(step, final)
+    picked = validation.recommend(judge.checkpoints, cfg.train.drift_bound)
+    if picked:
+        events.emit("recommendation", step=picked[0].step, path=picked[0].path, message=picked[1])
+    _checkpoint_grid(run_dir, [c.step for c in judge.checkpoints], events)
+
+
+def _resume(run_dir: Path, params, optimizer, lr_scheduler, precision, rng, gen, accelerator, stream, judge,
+            final: Path, events: Events) -> tuple[int, int, int]:
+    """Everything the newest saved state holds put back, the batch stream advanced to where it was, and the
+    checkpoints saved before the interruption counted again. Returns (step, epoch, batches consumed)."""
+    folder = state_mod.latest(run_dir)
+    if folder is None:
+        raise TrainingError(f"nothing to resume: {run_dir / state_mod.STATE_DIR} holds no complete training "
+                            "state; start a new run instead")
+    counters = state_mod.load(folder, params, optimizer, lr_scheduler, precision.scaler, rng, gen,
+                              accelerator.process_index)
+    step, epoch, consumed = counters["step"], counters["epoch"], counters["consumed"]
+    for _ in range(consumed):  # the same shuffled order, continued where the state left it
+        next(stream)
+    # Not the run's own file among those checkpoints: it is written again at the end.
+    judge.checkpoints.extend(validation.Checkpoint(e["step"], e["path"], e["validation_loss"], e["drift"])
+                             for e in read_events(run_dir) if e["type"] == "checkpoint" and e["step"] <= step
+                             and e["path"] != str(final) and e["validation_loss"] is not None)
+    events.emit("resumed", step=step, state=folder.name)
+    return step, epoch, consumed
+
+
+def _optimization(cfg: RunConfig, unet, te_trained, data, device, world: int):
+    """(parameter groups, optimizer, learning-rate schedule, batches per epoch on each process, steps per epoch,
+    total steps)."""
+    from diffusers.optimization import get_scheduler
+
+    groups = [{"params": lora_mod.lora_parameters(unet), "lr": cfg.optim.lr}] if cfg.lora.train_unet else []
+    if te_trained:
+        groups.append({"params": [p for te in te_trained for p in lora_mod.lora_parameters(te)],
+                       "lr": cfg.optim.text_encoder_lr})
+    optimizer = make_optimizer(cfg, groups, device)
+    batches_per_epoch = len(data.epoch_batches(0, cfg.train.seed, cfg.train.batch_size)) // world
+    if batches_per_epoch == 0:
+        raise TrainingError(f"{data.num_samples} samples make fewer batches than {world} processes; "
+                            "lower train.batch_size or add images or repeats")
+    steps_per_epoch = max(1, batches_per_epoch // cfg.train.gradient_accumulation)
+    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    lr_scheduler = get_scheduler(cfg.optim.scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+                                 num_training_steps=total)
+    return groups, optimizer, lr_scheduler, batches_per_epoch, steps_per_epoch, total
+
 
 def _scan_datasets(cfg: RunConfig):
     """(training, regularisation or None, held-out or None) scans; the held-out images come from
