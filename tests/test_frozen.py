@@ -118,3 +118,44 @@ def test_fp8_without_half_precision_is_refused(tiny_models, dataset, tmp_path):
     cfg = tiny_config(tiny_models["sd1"], dataset, tmp_path / "run", **{"train.frozen_dtype": "fp8"})
     with pytest.raises(TrainingError, match="train.mixed_precision=bf16"):
         train(cfg)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_streamed_weights_are_no_buffers_and_give_the_same_outputs_and_gradients(fp8):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(8 * 36, 5))
+    model.requires_grad_(False).to(torch.bfloat16)  # as the loop loads a base: in the weight dtype
+    kept, streamed = copy.deepcopy(model), copy.deepcopy(model)
+    assert frozen.freeze(kept, torch.bfloat16, fp8=fp8) == (2 if fp8 else 1)
+    assert frozen.freeze(streamed, torch.bfloat16, fp8=fp8, stream=True) == 2  # every frozen Linear and Conv2d
+    layers = [m for m in streamed.modules() if isinstance(m, (frozen.FrozenLinear, frozen.FrozenConv2d))]
+    assert all(m.streamed for m in layers)
+    # Module.to() moves parameters and buffers only: a weight that is neither stays in host RAM.
+    held = {id(t) for t in (*streamed.parameters(), *streamed.buffers())}
+    assert not any(id(m.stored_weight) in held for m in layers)
+    assert layers[0].stored_weight.dtype == (torch.float8_e4m3fn if fp8 else torch.bfloat16)
+    x = torch.randn(3, 4, 6, 6, dtype=torch.bfloat16)
+    outs = []
+    for m in (kept, streamed):
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        y.float().pow(2).sum().backward()
+        outs.append((y.detach(), xi.grad))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def test_an_offloaded_run_streams_every_frozen_unet_layer_and_trains_the_same_lora(tiny_models, dataset, tmp_path):
+    sets = {"train.max_steps": 3, "sample.at_end": False, "train.mixed_precision": "bf16",
+            "train.frozen_dtype": "fp8", "train.gradient_checkpointing": True}
+    plain = train(tiny_config(tiny_models["sd1"], dataset, tmp_path / "a", **sets))
+    offloaded = train(tiny_config(tiny_models["sd1"], dataset, tmp_path / "b", **sets, **{"train.offload": True}))
+    unet = offloaded.models["lora_unet"]
+    left = [n for n, m in unet.named_modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d)
+            and not m.weight.requires_grad and "lora_" not in n]
+    assert left == [] and all(m.streamed for m in unet.modules() if isinstance(m, frozen.FrozenLinear))
+    warned = [e["message"] for e in read_events(tmp_path / "b") if e["type"] == "warning"]
+    assert any("train.offload" in w and "changes nothing" in w for w in warned)  # a CPU has nothing to offload to
+    a, b = read_lora(plain.lora_path).modules, read_lora(offloaded.lora_path).modules
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k].up.float(), b[k].up.float(), atol=1e-4, rtol=1e-3)

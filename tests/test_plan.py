@@ -45,10 +45,29 @@ def test_plan_fits_and_nothing_cheaper_does(gb):
 
 
 def test_sdxl_at_1024_fits_a_6_gb_card_with_fp8_and_checkpointing():
-    p = make_plan(sdxl(), Budget("cuda", 6, 32.0, "6 GB"))
-    assert {c.name for c in p.choices} == {"fp8 frozen weights", "gradient checkpointing", "text encoder not trained"}
+    frozen_te = RunConfig.load(sdxl().to_dict(), overrides=["lora.train_text_encoder=false"])
+    p = make_plan(frozen_te, Budget("cuda", 6, 32.0, "6 GB"))
+    assert {c.name for c in p.choices} == {"fp8 frozen weights", "gradient checkpointing"}
     assert p.peak_gb <= 4.5  # the target for SDXL 1024 px; 3.75 GB measured on an H100
     assert "steps about" in p.text() and "1.13x" in p.text() and "1.65x" in p.text()
+    # With its text encoder trained, streaming the frozen UNet weights keeps what is trained as asked.
+    trained_te = make_plan(sdxl(), Budget("cuda", 6, 32.0, "6 GB"))
+    assert {c.name for c in trained_te.choices} == {"fp8 frozen weights", "frozen UNet weights streamed from system RAM"}
+
+
+def test_sdxl_at_1024_fits_a_4_gb_card_only_with_its_frozen_weights_streamed_from_system_ram():
+    cfg, budget = RunConfig.load({"model": {"family": "sdxl"}, "train": {"mixed_precision": "bf16"}}), \
+        Budget("cuda", 4, 32.0, "4 GB")
+    p = make_plan(cfg, budget)
+    streamed = "frozen UNet weights streamed from system RAM"
+    assert p.fits and streamed in [c.name for c in p.choices] and "not measured" in p.text()
+    others = [o for c in plan.candidates(cfg, "cuda") if c.name != streamed for o in c.overrides]
+    assert not fits(cfg, budget, others)  # every other saving together does not get there
+    on = RunConfig.load(cfg.to_dict(), overrides=p.overrides)
+    off = RunConfig.load(on.to_dict(), overrides=["train.offload=false"])
+    assert estimate(off).weights_gb - estimate(on).weights_gb > 2.3  # the UNet's 2.5 GB in fp8 stay on the host
+    assert estimate(on, host=True).peak_gb == estimate(off, host=True).peak_gb  # a CPU run has nowhere to offload to
+    assert streamed not in [c.name for c in plan.candidates(cfg, "cpu")]
 
 
 def test_a_run_that_fits_is_left_alone_and_user_savings_stay():

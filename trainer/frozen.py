@@ -78,16 +78,22 @@ def _scratch(numel: int) -> torch.Tensor:
     return buf[:numel]
 
 
+def _weight_for(w: torch.Tensor, scale: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The stored weight in `like`'s dtype on `like`'s device, for one use: a weight streamed from host RAM (see
+    freeze's `stream`) is copied to the GPU here, each pass, and dropped after."""
+    return dequantize(w.to(like.device), scale, like.dtype, scratch=True)
+
+
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, scale, bias):
         ctx.save_for_backward(w, scale)
-        return F.linear(x, dequantize(w, scale, x.dtype, scratch=True), bias)
+        return F.linear(x, _weight_for(w, scale, x), bias)
 
     @staticmethod
     def backward(ctx, grad):
         w, scale = ctx.saved_tensors
-        return grad @ dequantize(w, scale, grad.dtype, scratch=True), None, None, None
+        return grad @ _weight_for(w, scale, grad), None, None, None
 
 
 class _Conv2d(torch.autograd.Function):
@@ -95,31 +101,39 @@ class _Conv2d(torch.autograd.Function):
     def forward(ctx, x, w, scale, bias, stride, padding, dilation, groups):
         ctx.save_for_backward(w, scale)
         ctx.conf = (x.shape, stride, padding, dilation, groups)
-        return F.conv2d(x, dequantize(w, scale, x.dtype, scratch=True), bias, stride, padding, dilation, groups)
+        return F.conv2d(x, _weight_for(w, scale, x), bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
         w, scale = ctx.saved_tensors
         shape, stride, padding, dilation, groups = ctx.conf
-        grad_x = torch.nn.grad.conv2d_input(shape, dequantize(w, scale, grad.dtype, scratch=True), grad, stride, padding,
-                                            dilation, groups)
+        grad_x = torch.nn.grad.conv2d_input(shape, _weight_for(w, scale, grad), grad, stride, padding, dilation, groups)
         return grad_x, None, None, None, None, None, None, None
 
 
 class _Frozen(torch.nn.Module):
     """The stored weight (half, or fp8 with `scale`) and bias of a frozen layer, computed in the autocast
-    dtype (else the storage dtype)."""
+    dtype (else the storage dtype). A streamed weight is a plain attribute, not a buffer, so moving the model to
+    the GPU leaves it in host RAM."""
 
-    def _store(self, layer: torch.nn.Module, compute_dtype: torch.dtype, fp8: bool) -> None:
+    def _store(self, layer: torch.nn.Module, compute_dtype: torch.dtype, fp8: bool, stream: bool) -> None:
         w, scale = quantize(layer.weight) if fp8 else (layer.weight.detach().to(compute_dtype), None)
-        self.register_buffer("stored_weight", w)
+        if stream:
+            self.stored_weight = w
+        else:
+            self.register_buffer("stored_weight", w)
         self.register_buffer("scale", None if scale is None else scale.to(compute_dtype))
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().to(compute_dtype))
+        self.register_buffer("anchor", torch.zeros(0, dtype=compute_dtype))  # where the layer computes: moves with .to()
         self.compute_dtype = compute_dtype
 
     @property
-    def weight(self) -> torch.Tensor:  # for code that reads a layer's weight (shapes, dtype, device)
-        return dequantize(self.stored_weight, self.scale, self.compute_dtype)
+    def streamed(self) -> bool:
+        return "stored_weight" not in self._buffers
+
+    @property
+    def weight(self) -> torch.Tensor:  # for code that reads a layer's weight (shapes, dtype, device; DoRA's norm)
+        return dequantize(self.stored_weight.to(self.anchor.device), self.scale, self.compute_dtype)
 
     def _inputs(self, x):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else self.compute_dtype
@@ -129,10 +143,10 @@ class _Frozen(torch.nn.Module):
 class FrozenLinear(_Frozen):
     """Stands in for a frozen nn.Linear wherever it sat (peft's base_layer included)."""
 
-    def __init__(self, linear: torch.nn.Linear, compute_dtype: torch.dtype, fp8: bool):
+    def __init__(self, linear: torch.nn.Linear, compute_dtype: torch.dtype, fp8: bool, stream: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._store(linear, compute_dtype, fp8)
+        self._store(linear, compute_dtype, fp8, stream)
 
     def forward(self, x):
         x, bias = self._inputs(x)
@@ -140,11 +154,11 @@ class FrozenLinear(_Frozen):
 
 
 class FrozenConv2d(_Frozen):
-    def __init__(self, conv: torch.nn.Conv2d, compute_dtype: torch.dtype, fp8: bool):
+    def __init__(self, conv: torch.nn.Conv2d, compute_dtype: torch.dtype, fp8: bool, stream: bool = False):
         super().__init__()
         self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        self._store(conv, compute_dtype, fp8)
+        self._store(conv, compute_dtype, fp8, stream)
 
     def forward(self, x):
         x, bias = self._inputs(x)
@@ -152,31 +166,46 @@ class FrozenConv2d(_Frozen):
                              self.groups)
 
 
-def _replaceable(name: str, mod: torch.nn.Module, fp8: bool) -> bool:
+def _replaceable(name: str, mod: torch.nn.Module, fp8: bool, stream: bool) -> bool:
     if "lora_" in name or type(mod) not in (torch.nn.Linear, torch.nn.Conv2d) or mod.weight.requires_grad:
         return False
     if isinstance(mod, torch.nn.Conv2d) and (mod.padding_mode != "zeros" or isinstance(mod.padding, str)):
         return False
+    if stream:
+        return True
     if fp8:
-        return not any(k in name for k in KEEP_HALF)
+        return not _keeps_half(name)
     return isinstance(mod, torch.nn.Conv2d)  # a frozen Linear keeps only its weight already
 
 
-def freeze(model: torch.nn.Module, compute_dtype: torch.dtype, fp8: bool = False) -> int:
-    """Replace `model`'s frozen Conv2d layers (and with fp8 its frozen Linear layers, bar KEEP_HALF) by
-    stand-ins that keep no input for the backward pass; returns how many. Call after LoRA injection
-    (peft must see the original layers) and, with fp8, before moving to the GPU, so the half-precision
-    weights never reach it."""
+def _keeps_half(name: str) -> bool:
+    return any(k in name for k in KEEP_HALF)
+
+
+def freeze(model: torch.nn.Module, compute_dtype: torch.dtype, fp8: bool = False, stream: bool = False) -> int:
+    """Replace `model`'s frozen Conv2d layers (and with fp8 or `stream` its frozen Linear layers) by stand-ins that
+    keep no input for the backward pass; returns how many. With fp8 they store float8, bar KEEP_HALF's layers.
+    With `stream` their weights stay in host RAM when the model moves to the GPU, and go there one layer at a
+    time, for that layer's forward and backward pass: the GPU holds the activations, the LoRA and one layer.
+
+    Why not accelerate's or diffusers' offloading: their hooks swap a parameter's data back to the CPU right after
+    the forward, while autograd still holds that parameter for the backward pass, which then meets a CPU tensor
+    (SimpleTuner #1975: "mat2 is on cpu" in backward; it removed diffusers' group offload in #3150), and they move
+    the trained LoRA weights too. Here the backward pass copies the stored weight again itself.
+
+    Call after LoRA injection (peft must see the original layers) and before moving to the GPU, so the
+    half-precision weights never reach it."""
     if fp8 and compute_dtype not in (torch.bfloat16, torch.float16):
         raise ValueError("fp8 frozen weights compute in bf16 or fp16: set train.mixed_precision to bf16 or fp16")
-    names = [name for name, mod in model.named_modules() if _replaceable(name, mod, fp8)]
+    names = [name for name, mod in model.named_modules() if _replaceable(name, mod, fp8, stream)]
     for name in names:  # names, not modules: each replaced layer is freed at once, not after the last one
         parent, _, leaf = name.rpartition(".")
         holder = model.get_submodule(parent) if parent else model
         mod = getattr(holder, leaf)
         cls = FrozenLinear if isinstance(mod, torch.nn.Linear) else FrozenConv2d
-        setattr(holder, leaf, cls(mod, compute_dtype, fp8))
-        if fp8:
+        in_fp8 = fp8 and not _keeps_half(name)
+        setattr(holder, leaf, cls(mod, compute_dtype, in_fp8, stream))
+        if in_fp8:
             page_out(mod.weight)
         del mod
     if fp8 and names:

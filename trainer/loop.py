@@ -339,6 +339,9 @@ def _prepare_models(cfg: RunConfig, precision: Precision, events: Events):
     if cfg.lora.use_dora and fam.lora_layout == "diffusers":
         raise TrainingError(f"lora.use_dora is not available for {fam.name}: its LoRA loaders read no DoRA keys; "
                             "set it to false")
+    if cfg.train.offload and precision.device.type != "cuda":
+        events.emit("warning", message="train.offload streams frozen weights to a CUDA GPU; on this "
+                    f"{precision.device.type} they are in RAM already, so it changes nothing")
     schedule = fam.schedule(base.scheduler_config, cfg.model.prediction_type, cfg.model.zero_terminal_snr,
                             cfg.train.min_snr_gamma)
     if cfg.train.min_snr_gamma and not schedule.weights_by_snr:
@@ -472,7 +475,8 @@ def _ready_unet(unet, cfg: RunConfig, precision: Precision, fp8: bool) -> None:
     if cfg.lora.train_unet:
         fam = FAMILIES[family_name(dict(unet.config)) if cfg.model.family == "auto" else cfg.model.family]
         lora_mod.inject(unet, cfg.lora, lora_mod.unet_targets(cfg.lora, fam.denoiser_prefix), "UNet")
-    frozen.freeze(unet, precision.weight_dtype, fp8=fp8)  # after injection: peft wraps the original layers
+    # After injection: peft wraps the original layers. Streamed weights stay on the host when the UNet moves.
+    frozen.freeze(unet, precision.weight_dtype, fp8=fp8, stream=cfg.train.offload)
 
 
 def resolve_auto(cfg: RunConfig, fam, model_prediction_type: str, resolution: int, zero_terminal_snr: bool = False) -> None:

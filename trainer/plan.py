@@ -32,6 +32,10 @@ STEP_COST = {
     "adamw8bit": {"cuda": 1.0, "cpu": 1.0},
     "half": {"cuda": 1.0, "cpu": 1.0},
     "text_encoder_frozen": {"cuda": 1.0, "cpu": 1.0},
+    # Not measured (no GPU since it was built): every frozen weight crosses PCIe in each pass, e.g. SDXL's 2.6 GB in
+    # fp8 three times a checkpointed step, ~1 s at 8 GB/s beside a ~2 s step. Counted high so that the measured
+    # savings come first.
+    "offload": {"cuda": 2.0, "cpu": 1.0},
 }
 # Halving the batch and doubling gradient accumulation trains on the same images per step; each micro-batch
 # uses the device less fully. Not measured here: a rule of thumb, said as such in the plan.
@@ -130,6 +134,11 @@ def candidates(cfg, device: str) -> list[Choice]:
     if not t.gradient_checkpointing:
         f = STEP_COST["checkpointing"][device]
         out.append(Choice("gradient checkpointing", ["train.gradient_checkpointing=true"], f"steps {f:.2f}x", f))
+    if device == "cuda" and not t.offload:
+        f = STEP_COST["offload"][device]
+        out.append(Choice("frozen UNet weights streamed from system RAM", ["train.offload=true"],
+                          f"steps slower: each layer's weights cross to the GPU in every pass (not measured; "
+                          f"counted as {f:.1f}x so it comes last)", f))
     if device == "cuda" and cfg.optim.optimizer == "adamw" and _has("bitsandbytes"):
         out.append(Choice("8-bit AdamW", ["optim.optimizer=adamw8bit"], "no measurable slow-down",
                           STEP_COST["adamw8bit"][device]))
