@@ -17,9 +17,10 @@ from .model_info import EMBEDDED_DIR, FP32_VAE_UNDER_FP16, peek_family, text_enc
 from .speed_log import duration
 
 GB = 1024 ** 3
-# SD 3.5 Medium at 1024 px, one image, bf16, no checkpointing. Fitted on `bench speed`'s two full-size SD3 rows
-# (checkpointing on: 18.07 GB with T5-XXL and 9.08 GB without, i.e. ~2.7 GB above the weights and runtime).
-SD3_ACTIVATION_GB = 6.43
+# SD 3.5 Medium at 1024 px, one image, bf16, no checkpointing, on a CPU. Fitted on `bench speed`'s SD3 row without
+# T5-XXL, whose peak is the training step (checkpointing on: 9.74 GB; 8.93 GB in a second run: the CPU allocator's
+# share varies by ~0.8 GB), so this is a calibration. With T5 the caption phase is the peak (see _loading_gb).
+SD3_ACTIVATION_GB = 10.5
 # Parameters (millions) of the published architectures.
 PARAMS_M = {
     "sd1": {"unet": 859.5, "text_encoders": 123.1, "largest_te": 123.1, "vae": 83.7},
@@ -45,7 +46,7 @@ CHECKPOINTED = 0.42  # share of those activations still alive at the peak with g
 # (bench/results-cuda-h100.md): SD1.5 512 px 2.69 GB without checkpointing and 2.03 GB with it,
 # SDXL 1024 px 6.81 GB with it. sd2 is scaled from sd1 as on the CPU, not measured.
 CUDA_ACTIVATION_GB = {"sd1": 1.04, "sd2": 2.58, "sdxl": 4.58,
-                      "sd3": SD3_ACTIVATION_GB * 4.58 / 6.9}  # sd3: the CPU figure at SDXL's CUDA/CPU ratio, not measured
+                      "sd3": 4.27}  # sd3: the first CPU fit (6.43) at SDXL's CUDA/CPU ratio, not measured
 CUDA_CHECKPOINTED = 0.367
 # Encoding one image into the latent cache, half precision at 512 px (scales with pixels and VAE bytes).
 # Fitted on the same H100's first runs, when the UNet and text encoders still sat beside the VAE:
@@ -61,11 +62,11 @@ FP8_HALF_SHARE = {"sd3": 0.349}
 # activations left, fitted on the H100 (checkpointing on): SD1.5 512 px 2.03 -> 1.16 GB, SDXL 1024 px
 # 6.81 -> 3.75 GB in all. sd2 takes sd1's share, not measured.
 FP8_ACTIVATION_SHARE = {"sd1": 0.75, "sd2": 0.75, "sdxl": 0.56, "sd3": 0.56}  # sd3 takes sdxl's, not measured
-# On a CPU the activations do not shrink with fp8 and the run holds a fixed extra (the dequantized weights of
-# the layer at hand, the allocator's share of them): fitted on the two fp8 rows of
-# bench/results.md (SD1.5 512 px 2.62 GB, SDXL 1024 px 7.58 GB), so there it is a calibration.
-HOST_FP8_ACTIVATION_SHARE = 1.0
-HOST_FP8_EXTRA_GB = 0.47
+# On a CPU fp8 keeps less of the activations too, and the run holds a fixed extra (the dequantized weights of the
+# layer at hand, the allocator's share): both fitted on the two fp8 rows of bench/results.md (SD1.5 512 px 2.37 GB,
+# SDXL 1024 px 5.81 GB), so there they are a calibration.
+HOST_FP8_ACTIVATION_SHARE = 0.65
+HOST_FP8_EXTRA_GB = 0.56
 # train.offload on a GPU: the UNet's frozen weights stay in host RAM and one layer at a time visits (the largest,
 # SDXL's 2560x1280x3x3 convolution, is 59 MB in half precision and 29 MB in fp8 beside it); norms stay (0.02% of
 # the parameters). Counted from the architectures, not measured on a GPU.
@@ -193,13 +194,18 @@ def _fp8_unet_bytes(family: str, wbytes: int) -> float:
 
 
 def _loading_gb(cfg, family: str, p: dict, wbytes: int, fp8: bool) -> float:
-    """Weights held while the base loads. From a folder the UNet turns to fp8 before the text encoders load
-    (loop._ready_unet), so with fp8 the half-precision UNet never sits beside them; a single file or a Hub id
-    loads every part at once."""
-    staged = fp8 and (cfg.model.source in ("", "tiny") or Path(cfg.model.source).expanduser().is_dir())
-    if staged:
+    """Weights resident while the base loads and the captions are encoded. A diffusers folder stored in the run's
+    precision (as SDXL and SD 3.5 are published) is mapped from its files, and a model's pages arrive when it is
+    first used: the encoders' while they encode, the denoiser's when training starts, so the two do not add up
+    (SD 3.5 Medium with T5-XXL: 10.81 GB measured, not the 15.6 GB of all its weights). With fp8 the UNet turns to
+    fp8 before the encoders load (loop._ready_unet), which reads all of it. A single file or a Hub id loads every
+    part at once."""
+    folder = cfg.model.source in ("", "tiny") or Path(cfg.model.source).expanduser().is_dir()
+    if folder and fp8:
         return max(p["unet"] * wbytes, p["unet"] * _fp8_unet_bytes(family, wbytes) + p["text_encoders"] * wbytes) \
             * 1e6 / GB
+    if folder:
+        return max(p["unet"], p["text_encoders"]) * wbytes * 1e6 / GB
     return (p["unet"] + p["text_encoders"]) * wbytes * 1e6 / GB
 
 

@@ -22,12 +22,12 @@ GB = 1024 ** 3
 CUDA_CONTEXT_GB = 0.6  # the driver's and allocator's own share of the card, outside what the estimate counts
 MARGIN = 0.10  # the plan leaves this share of the budget free: the estimate is within 10% of measured peaks
 # Slow-down of a step from each saving, as measured by `lora-studio bench speed` (bench/results*.md):
-# gradient checkpointing SD1.5 512 px 0.26 -> 0.43 s on an H100, 4.52 -> 6.33 s on 2 CPU cores; fp8 frozen
-# weights 1.13x the fp16 step on the H100, 6.33 -> 10.87 s (SD1.5) and 41.8 -> 56.5 s (SDXL) on 2 CPU cores (a
-# CPU has no fp8 arithmetic: each pass converts every weight back to bf16); caching makes steps faster.
+# gradient checkpointing SD1.5 512 px 0.26 -> 0.43 s on an H100, 5.15 -> 6.70 s on 2 CPU cores; fp8 frozen
+# weights 1.13x the fp16 step on the H100, 6.70 -> 7.67 s (SD1.5) and 43.6 -> 47.1 s (SDXL) on 2 CPU cores (a
+# CPU has no fp8 arithmetic: each pass turns every weight back into bf16, by moving bits); caching makes steps faster.
 STEP_COST = {
-    "checkpointing": {"cuda": 1.65, "cpu": 1.40},
-    "fp8": {"cuda": 1.13, "cpu": 1.72},
+    "checkpointing": {"cuda": 1.65, "cpu": 1.30},
+    "fp8": {"cuda": 1.13, "cpu": 1.14},
     "cache": {"cuda": 1.0, "cpu": 1.0},
     "adamw8bit": {"cuda": 1.0, "cpu": 1.0},
     "half": {"cuda": 1.0, "cpu": 1.0},
