@@ -641,7 +641,7 @@ def _render(cfg, base, unet, tes, precision, prompts, stop=None, encoded=None) -
 def _let_encoders_go(cfg, base, precision, device, main, events) -> dict:
     """Encode the prompts the run will still sample (its sample prompts and the drift prompts, with the negative
     prompt), then let the frozen text encoders' weights go: moved to the meta device, which keeps no data, so a
-    stray use fails loudly instead of reading garbage. They hold host RAM the whole run otherwise: SDXL's two 1.6 GB
+    stray use fails loudly instead of reading garbage. They hold host RAM the whole run otherwise: SDXL's pair 1.6 GB
     in bf16, SD3's T5-XXL 9.5 GB. Returns prompt -> pipeline arguments, for samples.render."""
     prompts = list(dict.fromkeys([*cfg.sample.prompts, *validation.drift_prompts(cfg, is_embedded(cfg.model.source))]))
     encoded = {}
