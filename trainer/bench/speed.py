@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class Setting:
     launches: int = 1  # >1: time to first step is the median over that many launches (it is noisy)
     fp8: bool = False  # frozen UNet/text-encoder weights stored in float8 (train.frozen_dtype=fp8)
     t5: bool = True  # SD3: T5-XXL loaded (model.t5)
+    offload: bool = False  # frozen UNet weights streamed from system RAM (train.offload; CUDA only)
 
     def precision(self, bench_precision: str) -> str:
         # The embedded model trains in fp32 by default: its first-step time is measured as users get it.
@@ -47,7 +49,8 @@ class Setting:
     def label(self) -> str:
         return (f"{self.model} {self.resolution}px, ckpt {'on' if self.checkpointing else 'off'}, "
                 f"cache {'on' if self.cache else 'off'}, TE {'trained' if self.train_te else 'frozen'}"
-                + (", fp8 frozen weights" if self.fp8 else "") + (", no T5" if not self.t5 else ""))
+                + (", fp8 frozen weights" if self.fp8 else "") + (", no T5" if not self.t5 else "")
+                + (", offload" if self.offload else ""))
 
     def overrides(self, precision: str) -> list[str]:
         return [f"data.resolution={self.resolution}", "train.batch_size=1", "lora.rank=16", "lora.alpha=16",
@@ -57,14 +60,16 @@ class Setting:
                 f"lora.train_text_encoder={str(self.train_te).lower()}", f"train.max_steps={self.warmup + self.steps}",
                 "sample.at_end=false", "sample.every_n_steps=0", "save.state_every_n_steps=0",
                 "data.min_bucket_side=64", "optim.optimizer=adamw", "train.fit_memory=false"] + \
-            (["train.frozen_dtype=fp8"] if self.fp8 else []) + (["model.t5=false"] if not self.t5 else [])
+            (["train.frozen_dtype=fp8"] if self.fp8 else []) + (["model.t5=false"] if not self.t5 else []) + \
+            (["train.offload=true"] if self.offload else [])
 
 
-def matrix(quick: bool) -> list[Setting]:
+def matrix(quick: bool, device: str = "cpu") -> list[Setting]:
     """SD1.5 at 512 over checkpointing x caching x text encoder; SDXL at 1024 in its target setting.
 
     SDXL is memory-only on a CPU (one step after warm-up): a 1024 px step of a 2.6 B UNet takes minutes
-    there. `quick` keeps the two target settings and the SD1.5 step/floor pair.
+    there. `quick` keeps the two target settings and the SD1.5 step/floor pair. On CUDA the fp8 rows are measured
+    again with the frozen weights streamed from system RAM (train.offload), which changes nothing on a CPU.
     """
     sd15 = [Setting("sd15", 512, ck, cache, te) for ck in (True, False) for cache in (True, False)
             for te in (False, True)]
@@ -72,9 +77,10 @@ def matrix(quick: bool) -> list[Setting]:
     tiny = Setting("tiny", 64, False, True, False, steps=10, warmup=2, launches=3)
     fp8 = [Setting("sd15", 512, True, True, False, fp8=True), Setting("sdxl", 1024, True, True, False, steps=1,
                                                                       floor=False, fp8=True)]
+    offload = [dataclasses.replace(s, offload=True) for s in fp8] if device == "cuda" else []
     if quick:
-        return [tiny, sd15[0], Setting("sd15", 512, False, True, False), sdxl, *fp8, *sd3_rows()]
-    return [tiny] + sd15 + [sdxl] + fp8 + sd3_rows()
+        return [tiny, sd15[0], Setting("sd15", 512, False, True, False), sdxl, *fp8, *offload, *sd3_rows()]
+    return [tiny] + sd15 + [sdxl] + fp8 + offload + sd3_rows()
 
 
 def sd3_rows() -> list[Setting]:
@@ -218,7 +224,7 @@ def run(quick: bool = False, work: Path | None = None, models_dir: Path | None =
         settings: list[Setting] | None = None, model_dirs: dict | None = None, ablations: bool = True) -> dict:
     t_start = time.time()
     device, precision = device_precision()
-    settings = settings or matrix(quick)
+    settings = settings or matrix(quick, device)
     work = Path(work or tempfile.mkdtemp(prefix="lora-studio-bench-"))
     models_dir = Path(models_dir or Path.home() / ".cache" / "lora-studio" / "bench-models")
     model_dirs = dict(model_dirs or {})
@@ -293,12 +299,14 @@ def summarise(results: list[Measured], device: str, precision: str, seconds: flo
         m = row(model, res, **want)
         return round(m.peak_gb, 2) if m else None
 
-    target = dict(checkpointing=True, cache=True, train_te=False, fp8=False)
+    target = dict(checkpointing=True, cache=True, train_te=False, fp8=False, offload=False)
     target_fp8 = {**target, "fp8": True}
+    target_offload = {**target_fp8, "offload": True}
     full = [m for m in results if m.setting.model != "tiny"]  # the tiny model's step is all overhead
     ratios = [m.over_floor for m in full if m.over_floor and m.setting.cache and not m.setting.train_te
               and not m.setting.fp8]  # the floor is a half-precision UNet: fp8 rows are compared to half rows
-    half_step, fp8_step = (getattr(row("sd15", 512, **want), "step_s", None) for want in (target, target_fp8))
+    half_step, fp8_step, offload_step = (getattr(row("sd15", 512, **want), "step_s", None)
+                                         for want in (target, target_fp8, target_offload))
     errs = [m.estimate_err for m in full if m.estimate_err is not None]
     repeat_encodes, seen = [], set()
     for m in results:  # every cached run after the first on the same data must encode nothing
@@ -318,6 +326,8 @@ def summarise(results: list[Measured], device: str, precision: str, seconds: flo
         "sd35m_1024_peak_gb": peak_of("sd35m", 1024, **target, t5=True),
         "sd35m_1024_no_t5_peak_gb": peak_of("sd35m", 1024, **target, t5=False),
         "fp8_step_over_half_step": round(fp8_step / half_step, 3) if fp8_step and half_step else None,
+        "sdxl_1024_offload_peak_gb": peak_of("sdxl", 1024, **target_offload),
+        "offload_step_over_fp8_step": round(offload_step / fp8_step, 3) if offload_step and fp8_step else None,
         "estimator_max_rel_err": round(max(errs), 3) if errs else None,
         "second_run_vae_encodes": max(repeat_encodes) if repeat_encodes else None,
         "tiny_first_step_s": round(tiny.first_step_s, 2) if tiny else None,
@@ -445,7 +455,7 @@ def main(quick: bool = False, results_md: Path = Path("bench/results.md"),
         command = f"lora-studio bench speed --from {replay}"
     elif only:  # these rows measured now, beside the saved ones of the other models
         kept = load_measurements(measurements)
-        fresh = run(settings=[s for s in matrix(quick) if s.model == only], ablations=False)
+        fresh = run(settings=[s for s in matrix(quick, device_precision()[0]) if s.model == only], ablations=False)
         results = [m for m in kept["results"] if m.setting.model != only] + fresh["results"]
         summary = summarise(results, fresh["summary"]["device"], fresh["summary"]["precision"],
                             kept["summary"]["seconds"] + fresh["summary"]["seconds"])
