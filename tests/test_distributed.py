@@ -1,3 +1,4 @@
+import contextlib
 import os
 import shutil
 import signal
@@ -22,17 +23,24 @@ def _free_port() -> int:
 
 
 def _launch(cmd, env, timeout):
-    """Run in its own session so a hang can kill the launcher and its workers (which hold the pipes).
-    Returns (returncode, stdout, stderr), with returncode None on a timeout."""
+    """Run the launcher; on a hang kill it and its workers (which hold the pipes). torchrun starts each worker in
+    a session of its own, so a process-group kill misses them: every descendant is listed while the launcher
+    still lives (after it, they belong to init) and signalled one by one. Returns (returncode, stdout, stderr),
+    with returncode None on a timeout."""
+    import psutil
+
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
         return proc.returncode, out, err
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGABRT)  # faulthandler prints every thread's stack first
-        time.sleep(3)
-        os.killpg(proc.pid, signal.SIGKILL)
+        family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        for sig in (signal.SIGABRT, signal.SIGKILL):  # SIGABRT first: faulthandler prints every thread's stack
+            for pid in family:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            time.sleep(3)
         out, err = proc.communicate()
         return None, out, err
 
@@ -54,8 +62,10 @@ def test_two_process_accelerate_launch_on_cpu(tiny_models, dataset, tmp_path):
         rc, stdout, stderr = _launch(cmd, env, timeout)
         if rc is not None:
             break
-        # A rare hang at start-up was seen once in CI and once in ~30 local runs, never reproduced with
-        # stacks; keep the evidence and try once more rather than fail the whole suite on it.
+        # Rare hangs: at start-up once in CI and once in ~30 local runs, never reproduced with stacks; and once
+        # (a fresh-clone CI run, 2026-11-30) rank 0 blocked in C code as train() returned, after its done event,
+        # in a worker the old process-group kill did not reach. Keep the evidence and try once more rather than
+        # fail the whole suite on it.
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / f"ddp_hang_{attempt}.txt").write_text(stderr)
         warnings.warn(f"2-process run hung (attempt {attempt}); stacks in {ARTIFACTS}")

@@ -208,7 +208,8 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
     if main:
         speed_log.record(cfg, step_seconds, _device_name(device))
     in_sync = _ranks_in_sync(accelerator, groups)
-    accelerator.end_training()
+    del step_loss, prepared, unet_fwd, tes_fwd  # the DDP wrappers, which _end_processes lets go first
+    _end_processes(accelerator)
     if main:
         events.clear_stop()
         peak = {"cuda_peak_gb": round(torch.cuda.max_memory_allocated() / 1024 ** 3, 3)} if device.type == "cuda" else {}
@@ -549,6 +550,15 @@ def _no_sync(accelerator, models, enabled: bool):
             for m in models:
                 stack.enter_context(accelerator.no_sync(m))
         yield
+
+
+def _end_processes(accelerator) -> None:
+    """Let DDP's reducers go while the process group is still registered, then end it. A reducer holding the
+    group's last reference destroys it with the GIL held, and that joins gloo's threads, one of which may need the
+    GIL to finish cleaning up the last collective: a deadlock (rank 0 hung after its done event, 2 of 12
+    two-process CPU runs on a loaded machine). The group's own destructor releases the GIL."""
+    accelerator.free_memory()  # drops accelerate's references to the prepared (DDP-wrapped) models
+    accelerator.end_training()
 
 
 def _ranks_in_sync(accelerator, groups) -> bool:
