@@ -32,7 +32,8 @@ def test_samples_from_the_encoded_prompts_equal_those_of_the_encoders(family, ti
     cfg.sample.prompts = ["a red circle", "a blue circle, on grey"]
     kept, let_go = (load_base(str(model), dtype=torch.float32) for _ in range(2))
     events = Events(tmp_path / "run")
-    encoded = loop._let_encoders_go(cfg, let_go, Precision("no", torch.device("cpu")), torch.device("cpu"), True, events)
+    encoded = loop._let_encoders_go(cfg, let_go, Precision("no", torch.device("cpu")), torch.device("cpu"), True, events,
+                                     drift=True)
     assert all(p.device.type == "meta" for te in let_go.text_encoders for p in te.parameters())
     assert set(encoded) >= set(cfg.sample.prompts)
     got, want = _render(cfg, let_go, encoded), _render(cfg, kept)

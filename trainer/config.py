@@ -86,7 +86,7 @@ class DataConfig:
     cache_latents: bool = opt(True, "Encode images with the VAE once and cache the latents on disk")
     cache_dir: Optional[str] = opt(None, "Latent cache folder; auto = $LORA_STUDIO_CACHE or ~/.cache/lora-studio")
     cache_text: bool = opt(True, "Encode captions once when the text encoders are frozen and captions are static, "
-                                 "then move the text encoders off the GPU")
+                                 "then let the text encoders go (off the GPU and out of memory)")
     masked_loss: bool = opt(False, "Weight the loss by each image's <name>.mask.png (kept from transparent imports)")
     validation_split: float = opt(0.0, "Images held out of training for the validation loss: a fraction (0.1) or a "
                                        "count (4), chosen with train.seed; 0 = none", min=0.0)
@@ -94,6 +94,11 @@ class DataConfig:
     reg_dataset: str = opt("", "Regularization (class) images folder, e.g. generic photos of the class; empty = none")
     prior_loss_weight: float = opt(1.0, "Loss weight of regularization images", min=0.0, max=10.0)
     num_workers: int = opt(0, "Data-loader worker processes", min=0, max=32)
+
+    def caches_text(self, text_encoder_trained: bool) -> bool:
+        """Captions are encoded once (and the encoders then let go) when the encoders are frozen and no caption
+        changes from step to step: the loop and the estimator both ask this."""
+        return self.cache_text and not text_encoder_trained and not (self.shuffle_tags or self.tag_dropout)
 
 
 @dataclass

@@ -90,7 +90,8 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
     val = _validation_set(cfg, base, held_out, schedule, bool(train_te), precision, device, events) \
         if main and held_out is not None else None
     # Frozen encoders whose captions are all cached: only the samples would still run them.
-    encoded = _let_encoders_go(cfg, base, precision, device, main, events) if text_cache is not None else None
+    encoded = _let_encoders_go(cfg, base, precision, device, main, events, drift=val is not None) \
+        if text_cache is not None else None
     gen = torch.Generator("cpu").manual_seed(cfg.train.seed + accelerator.process_index)
     rng = random.Random(cfg.train.seed + accelerator.process_index)
     if main:
@@ -391,9 +392,8 @@ def _prepare_data(cfg: RunConfig, base, found, reg, train_te: bool, precision: P
     if use_cache:
         _fill_latent_cache(data, cache, vae, vae_id, main, accelerator, events)
         vae.to("cpu")  # every latent is cached now: the VAE comes back only to decode samples
-    static_captions = not (cfg.data.shuffle_tags or cfg.data.tag_dropout)
     text_cache = None
-    if cfg.data.cache_text and not train_te and static_captions:  # the encoders visit the device one at a time
+    if cfg.data.caches_text(train_te):  # the encoders visit the device one at a time
         captions = sorted({e.caption for e in data.entries} | ({""} if cfg.data.caption_dropout else set()))
         with _borrowed([], device, visiting=tes):
             text_cache = _encode_captions(fam, tes, base.tokenizers, captions, cfg.model.clip_skip, precision)
@@ -648,12 +648,13 @@ def _render(cfg, base, unet, tes, precision, prompts, stop=None, encoded=None) -
                       clip_skip=cfg.model.clip_skip, autocast=precision.autocast(), stop=stop, encoded=encoded)
 
 
-def _let_encoders_go(cfg, base, precision, device, main, events) -> dict:
-    """Encode the prompts the run will still sample (its sample prompts and the drift prompts, with the negative
-    prompt), then let the frozen text encoders' weights go: moved to the meta device, which keeps no data, so a
+def _let_encoders_go(cfg, base, precision, device, main, events, drift: bool) -> dict:
+    """Encode the prompts the run will still sample (its sample prompts and, when `drift` is judged, i.e. with a
+    validation set, the drift prompts; with the negative prompt), then let the frozen text encoders' weights go: moved to the meta device, which keeps no data, so a
     stray use fails loudly instead of reading garbage. They hold host RAM the whole run otherwise: SDXL's pair 1.6 GB
     in bf16, SD3's T5-XXL 9.5 GB. Returns prompt -> pipeline arguments, for samples.render."""
-    prompts = list(dict.fromkeys([*cfg.sample.prompts, *validation.drift_prompts(cfg, is_embedded(cfg.model.source))]))
+    drifts = validation.drift_prompts(cfg, is_embedded(cfg.model.source)) if drift else []
+    prompts = list(dict.fromkeys([*cfg.sample.prompts, *drifts]))
     encoded = {}
     if main:  # the only process that samples
         with torch.no_grad(), precision.autocast(), _borrowed([], device, visiting=base.text_encoders):
