@@ -4,7 +4,7 @@ dataset size, as a single config layer between the defaults and the user's own f
 A preset file holds config sections plus three optional tables that are not config:
 - `[derive]`: how repeats and rank follow from the number of images;
 - `[overlay.<family>.<section>]`: values for sd1, sd2, sdxl, sd3 or the embedded tiny model;
-VRAM tiers live in `trainer/presets/vram.toml` as `[<GB>.<section>]`, with `[<GB>.sdxl.<section>]` on top
+VRAM tiers live in `presets/vram.toml` as `[<GB>.<section>]`, with `[<GB>.sdxl.<section>]` on top
 for SDXL, which needs about twice the memory at the same settings.
 """
 from __future__ import annotations

@@ -1,15 +1,26 @@
-"""Where the files that ship inside the package live: the embedded model, the presets and the sample
-datasets. They are package data, so a wheel installed anywhere has them (no path outside the package)."""
+"""Where the files that ship with LoRA Studio live: the embedded model, the presets and the sample datasets.
+
+The embedded model is package data (`trainer/assets/tiny-sd`). The presets and sample datasets sit at the top of
+a checkout (`presets/`, `sample_datasets/`, where people look for them); building a wheel copies them into the
+package (`trainer/presets`, `trainer/assets/sample_datasets`: see setup.py), so an installed wheel has them too.
+Each is looked up inside the package first, then beside it in the checkout."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
+CHECKOUT = PACKAGE.parent
 ASSETS = PACKAGE / "assets"
 EMBEDDED_MODEL = ASSETS / "tiny-sd"
-SAMPLE_DATASETS = ASSETS / "sample_datasets"
-PRESETS = PACKAGE / "presets"
+
+
+def _shipped(in_package: Path, in_checkout: Path) -> Path:
+    return in_package if in_package.is_dir() else in_checkout
+
+
+PRESETS = _shipped(PACKAGE / "presets", CHECKOUT / "presets")
+SAMPLE_DATASETS = _shipped(ASSETS / "sample_datasets", CHECKOUT / "sample_datasets")
 
 
 def default_cache_dir() -> Path:

@@ -1,6 +1,6 @@
-"""Generate `trainer/assets/sample_datasets/`: three small datasets that teach the tiny model something new.
+"""Generate `sample_datasets/`: three small datasets that teach the tiny model something new.
 
-    python -m trainer.world.datasets --out trainer/assets/sample_datasets
+    python -m trainer.world.datasets --out sample_datasets
 
 - character: `zorb`, a figure (purple body, yellow head, one eye) the base world never shows, in
   different places, sizes and backgrounds;
