@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shlex
-import signal
 import subprocess
 import sys
 import threading
@@ -23,7 +21,8 @@ from trainer.atomic import write_text
 from trainer.events import STOP_FILE, read_events
 from trainer.state_files import latest as latest_state
 
-from .trainer_cli import command, lower_priority
+from . import portable
+from .trainer_cli import command
 
 JOB_FILE = "job.json"
 LOG_FILE = "trainer.log"
@@ -49,6 +48,7 @@ class RunView:
     recommendation: dict | None = None  # the checkpoint to keep and why (trainer/validation.py recommend)
     plan: str = ""  # the memory plan the trainer chose, in one line
     checkpoints: list[dict] = field(default_factory=list)  # checkpoint events: step, validation_loss, drift, path
+    alert: str = ""  # a warning the run's page shows above all else (VRAM spilling into system memory)
 
 
 def train_command(run_dir: Path, resume: bool = False) -> list[str]:
@@ -59,7 +59,12 @@ def train_command(run_dir: Path, resume: bool = False) -> list[str]:
 def cli_equivalent(run_dir: Path, resume: bool = False) -> str:
     """The command a user types to do the same from a terminal."""
     cmd = ["lora-studio", "train", "--config", str(run_dir / "config.toml"), "--output", str(run_dir)]
-    return shlex.join(cmd + (["--resume", str(run_dir)] if resume else []))
+    return quote_command(cmd + (["--resume", str(run_dir)] if resume else []))
+
+
+def quote_command(cmd: list[str], windows: bool = portable.WINDOWS) -> str:
+    """`cmd` as the user's shell reads it: cmd.exe's quoting on Windows, POSIX shell quoting elsewhere."""
+    return subprocess.list2cmdline(cmd) if windows else shlex.join(cmd)
 
 
 def read_job(run_dir: Path) -> dict:
@@ -75,21 +80,7 @@ def write_job(run_dir: Path, job: dict) -> None:
 
 def pid_alive(pid: int | None, run_dir: Path) -> bool:
     """True when `pid` is still our trainer for `run_dir` (a recycled pid does not count)."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    except OSError:
-        return False
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if cmdline.exists():
-        try:
-            return str(run_dir) in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            return False
-    return True
+    return portable.running_with(pid, str(run_dir))
 
 
 def tail(path: Path, lines: int = 30) -> str:
@@ -124,6 +115,8 @@ def view(run_dir: Path, alive=pid_alive) -> RunView:
             v.checkpoints = [c for c in v.checkpoints if c.get("step") != e.get("step")] + [e]  # a resume redoes one
         elif t == "plan":
             v.plan = e.get("text", "")
+        elif t == "warning" and e.get("kind") == "vram_spill":
+            v.alert = e.get("message", "")
         elif t == "recommendation":
             figures = next((c for c in v.checkpoints if c.get("step") == e.get("step")), {})
             v.recommendation = {**figures, **e}
@@ -228,27 +221,31 @@ class JobRunner:
 
     @contextlib.contextmanager
     def paused(self):
-        """Pause the training run this runner started (SIGSTOP to its process group) for the duration, so
-        something the user waits for (a preview) gets the CPU or GPU; nested uses pause once."""
+        """Pause the training run this runner started (the trainer and every process under it, suspended through
+        psutil on any OS) for the duration, so something the user waits for (a preview) gets the CPU or GPU;
+        nested uses pause once."""
         with self.lock:
             self._pauses += 1
             if self._pauses == 1:
-                self._signal_children(signal.SIGSTOP)
+                self._each_child(portable.suspend)
         try:
             yield
         finally:
             with self.lock:
                 self._pauses -= 1
                 if self._pauses == 0:
-                    self._signal_children(signal.SIGCONT)
+                    self._each_child(portable.resume)
 
-    def _signal_children(self, sig) -> None:
+    def _each_child(self, action) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, sig)  # the trainer leads its own session (start_new_session)
-                except (ProcessLookupError, PermissionError):
-                    pass
+                action(proc.pid)
+
+    def active_runs(self) -> list[str]:
+        """Runs whose trainer is alive now (they keep going when the app closes)."""
+        with self.lock:
+            self._reap()
+            return [d.name for d in self._run_dirs() if view(d, self._alive).state in ("running", "stopping")]
 
     def is_active(self, run_dir: Path) -> bool:
         return view(run_dir, self._alive).state in ACTIVE
@@ -282,10 +279,10 @@ class JobRunner:
         cmd = train_command(run_dir, job.get("resume", False))
         cmd[0] = self.python
         with open(run_dir / LOG_FILE, "ab") as log:
-            # A new session: a crash or Ctrl-C in the UI does not take the training down with it.
+            # Detached: a crash, Ctrl-C or closed console of the UI does not take the training down with it.
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=self.cwd, start_new_session=True)
-        lower_priority(proc.pid)  # a CPU run must not starve the page that watches it
+                                    cwd=self.cwd, **portable.detached())
+        portable.lower_priority(proc.pid)  # a CPU run must not starve the page that watches it
         self.procs[name] = proc
         job.update(state="running", pid=proc.pid, started_at=time.time())
         write_job(run_dir, job)

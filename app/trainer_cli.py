@@ -9,22 +9,11 @@ background work nothing when the cores are free.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
+from .portable import lower_priority
 from .workspace import WorkspaceError
-
-BACKGROUND_NICENESS = 10
-
-
-def lower_priority(pid: int) -> None:
-    """Niceness at least BACKGROUND_NICENESS; never raises a priority (the app itself may run niced)."""
-    if hasattr(os, "setpriority"):  # POSIX only; elsewhere the child keeps the default priority
-        try:
-            os.setpriority(os.PRIO_PROCESS, pid, max(os.getpriority(os.PRIO_PROCESS, pid), BACKGROUND_NICENESS))
-        except OSError:  # it already ended, or the system refuses: run at the default priority
-            pass
 
 
 def command(*args: str) -> list[str]:

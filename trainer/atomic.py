@@ -1,8 +1,13 @@
-"""Atomic writes: a temp file in the same folder, fsync, then rename, so a file is whole or untouched."""
+"""Atomic writes: a temp file in the same folder, fsync, then rename, so a file is whole or untouched.
+
+On Windows a rename onto a file that another process holds open (an antivirus scan, the app reading a caption, a
+viewer showing an image) fails with PermissionError for as long as it is open; such a replace is retried for a few
+seconds before it gives up with one line naming the file."""
 from __future__ import annotations
 
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,7 +39,7 @@ def atomic_path(path: str | Path):
         except OSError:
             mode = 0o666 & ~UMASK
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
         try:
@@ -42,6 +47,26 @@ def atomic_path(path: str | Path):
         except FileNotFoundError:
             pass
         raise
+
+
+WINDOWS = os.name == "nt"
+REPLACE_TRIES = 40  # 0.05 s apart at first, then 0.25 s: about eight seconds in all
+
+
+def replace(src: str | Path, dst: str | Path, windows: bool | None = None, sleep=time.sleep) -> None:
+    """os.replace, retried while Windows says the target is in use by another process."""
+    windows = WINDOWS if windows is None else windows
+    for attempt in range(REPLACE_TRIES if windows else 1):
+        try:
+            os.replace(src, dst)
+            return
+        except PermissionError:
+            if not windows:
+                raise
+            if attempt == REPLACE_TRIES - 1:
+                raise PermissionError(f"{dst} is held open by another program (an editor, viewer or virus scan); "
+                                      "close it and try again") from None
+            sleep(0.05 if attempt < 10 else 0.25)
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

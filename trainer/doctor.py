@@ -183,12 +183,14 @@ def device_info(versions: dict[str, str | None]) -> tuple[dict, list[Finding]]:
         if torch.version.cuda is None and _nvidia_driver_present():
             findings.append(Finding(False, "an NVIDIA GPU is present but this torch is a CPU-only build, so "
                                            "training runs on the CPU", "install torch 2.13.0's CUDA build for "
-                                           "your driver (pytorch.org lists the command), then run doctor again"))
+                                           "your driver: python launch.py --reinstall (it picks the build for the driver), then run doctor again"))
     return info, findings
 
 
 def _nvidia_driver_present() -> bool:
-    return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
+    if sys.platform.startswith("linux") and Path("/proc/driver/nvidia/version").exists():
+        return True
+    return shutil.which("nvidia-smi") is not None
 
 
 def _existing(path: Path) -> Path:

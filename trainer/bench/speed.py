@@ -158,14 +158,24 @@ def run_process(cmd: list[str], log: Path, env: dict | None = None) -> tuple[int
 
 
 def _vm_hwm_kb(pid: int) -> int:
+    """The process's peak resident size so far: VmHWM on Linux; elsewhere psutil's peak working set (Windows) or, on
+    macOS, which keeps no peak, its resident size now (polled, so the peak between polls can be missed)."""
+    if sys.platform.startswith("linux"):
+        try:
+            with open(f"/proc/{pid}/status", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            pass  # gone, or a zombie that no longer has a memory map
+        return 0
+    import psutil
+
     try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass  # gone, or a zombie that no longer has a memory map
-    return 0
+        info = psutil.Process(pid).memory_info()
+    except psutil.Error:
+        return 0
+    return int(getattr(info, "peak_wset", info.rss)) // 1024
 
 
 def trainer_command() -> list[str]:
