@@ -8,14 +8,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .desktop import closing_note
+
 TRAINER_COMMANDS = ("train", "dataset", "lora", "bench", "doctor")
+COMMANDS = {
+    "ui": "the web UI (the default): Datasets, Train, Preview and Library",
+    "train": "train a LoRA from a preset, a config file and --set overrides",
+    "dataset": "import, check, caption and count a dataset",
+    "lora": "inspect, merge, resize, analyze, bake LoRA files; write a model card",
+    "bench": "measure speed and memory, learning, checkpoints, and the data path",
+    "doctor": "versions, device, disk, known-bad combinations and the memory plan here",
+}
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="lora-studio", description="Train and manage Stable Diffusion LoRAs. With no command, start the "
-        "web UI on 127.0.0.1. Commands: ui, train, dataset, lora, bench, doctor (`lora-studio train --help`).")
-    p.add_argument("command", nargs="?", choices=["ui"], help="the web UI (the default)")
+        prog="lora-studio", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train and manage LoRAs for image models. With no command, start the web UI on 127.0.0.1.",
+        epilog="commands (each has its own --help, e.g. lora-studio train --help):\n" + "\n".join(
+            f"  {name:<9} {what}" for name, what in COMMANDS.items()))
+    p.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="COMMAND", help="ui (the default), "
+                   + ", ".join(TRAINER_COMMANDS))
     p.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
     p.add_argument("--workspace", type=Path, help="folder for datasets/, runs/ and loras/ "
                    "(default $LORA_STUDIO_HOME or ~/lora-studio)")
@@ -24,6 +37,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--auth", metavar="USER:PASSWORD", help="require this login")
     p.add_argument("--auth-file", type=Path, help="file with one USER:PASSWORD per line")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser (scripts, servers, tests)")
+    p.add_argument("--window", action="store_true", help="open the UI in a native window (pywebview, the optional "
+                   "'window' extra: python launch.py --window installs it); the browser when it is missing")
+    p.add_argument("--shortcut", action="store_true", help="add a desktop and start-menu entry that starts LoRA "
+                   "Studio, then exit")
     p.add_argument("--allow-path", type=Path, action="append", default=[], metavar="DIR",
                    help="a folder outside the workspace that the UI may read and write (a models folder, datasets "
                         "kept elsewhere); repeatable. Without it the UI stays inside the workspace and the cache")
@@ -74,11 +91,24 @@ def run_trainer(argv: list[str]) -> int:
     return subprocess.call(cmd)
 
 
+def make_shortcut() -> int:
+    from .desktop import start_command, write_shortcut
+    from .launcher import detect_os
+
+    command = start_command()
+    for path in write_shortcut(detect_os(), command, Path(command[-1]).parent if command[-1].endswith(".py")
+                               else Path.cwd()):
+        print(f"LoRA Studio: wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in TRAINER_COMMANDS:
         return run_trainer(argv)
     args = parser().parse_args(argv)
+    if args.shortcut:
+        return make_shortcut()
     auth = read_auth(args)
     host = "127.0.0.1"
     if args.listen:
@@ -103,9 +133,30 @@ def main(argv: list[str] | None = None) -> int:
         allowed.append(folder)
     ws = Workspace((args.workspace or default_root()).expanduser().resolve(), allowed_paths=tuple(allowed))
     print(f"LoRA Studio: workspace {ws.root}; serving on http://{host}:{args.port}", flush=True)
-    serve(ws, host=host, port=args.port, auth=auth or None, open_browser=not args.no_browser,
-          allowed_hosts=tuple(args.allow_host), allowed_origins=tuple(args.allow_origin))
+    window = args.window and not args.no_browser
+    demo, runner = serve(ws, host=host, port=args.port, auth=auth or None, open_browser=not (args.no_browser or window),
+                         block=not window, allowed_hosts=tuple(args.allow_host), allowed_origins=tuple(args.allow_origin))
+    if window:
+        show_window(demo, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{args.port}/")
+    note = closing_note(runner.active_runs(), ws.runs)
+    if note:
+        print(note, flush=True)
     return 0
+
+
+def show_window(demo, url: str) -> None:
+    """The UI in a native window until it is closed; the browser (until Ctrl-C) when no window can open."""
+    from .desktop import open_window
+
+    why_not = open_window(url)
+    if why_not:
+        import webbrowser
+
+        print(f"LoRA Studio: {why_not}; opening the browser instead", flush=True)
+        webbrowser.open(url)
+        demo.block_thread()
+    else:
+        demo.close()
 
 
 if __name__ == "__main__":
