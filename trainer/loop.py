@@ -16,7 +16,7 @@ import torch
 
 from . import frozen
 from . import lora as lora_mod
-from . import speed_log
+from . import speed_log, spill
 from . import state as state_mod
 from . import validation
 from .config import RunConfig
@@ -147,6 +147,7 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
                                         stream, judge, final, events)
     bar = tqdm(total=total, initial=step, disable=not main, desc="train", dynamic_ncols=True)
     step_seconds = []  # the optimizer steps alone (no samples, no saves): what speed_log keeps for estimates
+    watch = _spill_watch(device) if main else None
     try:
         while step < total:
             step_started = time.monotonic()
@@ -161,6 +162,8 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
                                          cfg.optim.max_grad_norm)
             step += 1
             step_seconds.append(time.monotonic() - step_started)
+            if watch is not None:
+                _check_spill(watch, step_seconds[-1], cfg, events)
 
             bad_streak = 0 if math.isfinite(loss_value) else bad_streak + 1
             if bad_streak >= NON_FINITE_PATIENCE:
@@ -566,6 +569,23 @@ def _ranks_in_sync(accelerator, groups) -> bool:
     total = torch.stack([p.detach().double().sum() for g in groups for p in g["params"]]).sum().reshape(1)
     sums = accelerator.gather(total.to(accelerator.device))
     return bool(torch.allclose(sums, sums[0].expand_as(sums), rtol=0, atol=1e-9))
+
+
+def _spill_watch(device):
+    """On CUDA, a watch for memory past the card's own (Windows' driver then spills into system RAM); else None."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return spill.SpillWatch(props.name, props.total_memory / 1024 ** 3, windows=sys.platform == "win32",
+                            held_gb=lambda: torch.cuda.memory_reserved(device) / 1024 ** 3)
+
+
+def _check_spill(watch, step_s: float, cfg: RunConfig, events: Events) -> None:
+    seen = watch.observe(step_s)
+    if seen:
+        message = f"{seen[0]}. {spill.advice(cfg, watch, seen[1])}"
+        events.emit("warning", kind="vram_spill", message=message)
+        print(f"lora-studio: warning: {message}", file=sys.stderr)
 
 
 def _device_name(device) -> str:
