@@ -84,7 +84,9 @@ def parse_edited(text: str) -> RunConfig:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"the settings are not valid TOML: {e}") from None
+        hint = ("; a Windows path goes in single quotes ('C:\\Users\\me\\pics'), which keep backslashes as they are, "
+                "or with forward slashes") if "\\" in text else ""
+        raise ConfigError(f"the settings are not valid TOML: {e}{hint}") from None
     cfg = RunConfig.load(data)
     if not cfg.data.dataset:
         raise ConfigError("pick a dataset first")

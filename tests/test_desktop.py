@@ -396,3 +396,71 @@ def test_launcher_installs_into_a_fresh_copy_and_a_run_finishes_from_the_train_t
                            capture_output=True, text=True, timeout=60)
     assert json.loads(again.stdout.strip().splitlines()[-1])["install"] is None
     time.sleep(0.1)
+
+
+# ---- Windows paths, files held open, pausing through psutil ---------------------------------------------------------
+def test_windows_paths_in_settings_keep_their_backslashes(tmp_path):
+    from app.train_form import parse_edited
+    from trainer.config import ConfigError, RunConfig
+
+    quoted = RunConfig.load(overrides=['data.dataset="D:\\new folder\\pics"', "data.reg_dataset=C:\\Users\\me\\reg"])
+    assert quoted.data.dataset == "D:\\new folder\\pics"  # not D:<newline>ew folder
+    assert quoted.data.reg_dataset == "C:\\Users\\me\\reg"
+    again = RunConfig.load(parse_edited(quoted.to_toml()).to_dict())  # config.toml round trip
+    assert again.data.dataset == "D:\\new folder\\pics"
+    assert parse_edited("[data]\ndataset = 'C:\\Users\\me\\pics'\n").data.dataset == "C:\\Users\\me\\pics"
+    with pytest.raises(ConfigError, match="single quotes"):
+        parse_edited('[data]\ndataset = "C:\\Users\\me\\pics"\n')
+
+
+def test_a_replace_onto_a_file_held_open_is_retried_on_windows(tmp_path, monkeypatch):
+    from trainer import atomic
+
+    src, dst = tmp_path / "new.txt", tmp_path / "caption.txt"
+    src.write_text("new")
+    dst.write_text("old")
+    real, calls, naps = os.replace, [], []
+
+    def held_twice(a, b):
+        calls.append(b)
+        if len(calls) <= 2:
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+        real(a, b)
+
+    monkeypatch.setattr(atomic.os, "replace", held_twice)
+    atomic.replace(src, dst, windows=True, sleep=naps.append)
+    assert dst.read_text() == "new" and len(calls) == 3 and naps == [0.05, 0.05]
+    src.write_text("newer")
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: (_ for _ in ()).throw(PermissionError(13, "in use")))
+    with pytest.raises(PermissionError, match="held open by another program"):
+        atomic.replace(src, dst, windows=True, sleep=lambda s: None)
+    with pytest.raises(PermissionError):  # elsewhere a PermissionError is a real one: no retry
+        atomic.replace(src, dst, windows=False, sleep=lambda s: pytest.fail("retried"))
+
+
+def test_preview_pause_suspends_the_trainer_and_its_children_through_psutil(tmp_path):
+    import psutil
+
+    from app import jobs, portable
+    from tests.test_ui_e2e import wait_until
+
+    child = tmp_path / "child.py"
+    child.write_text("import subprocess, sys, time\n"
+                     "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                     "print(p.pid, flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, str(child)], stdout=subprocess.PIPE, text=True, **portable.detached())
+    grandchild = int(proc.stdout.readline())
+    runner = jobs.JobRunner(tmp_path / "runs")
+    runner.procs["r"] = proc
+    statuses = lambda: {psutil.Process(p).status() for p in (proc.pid, grandchild)}  # noqa: E731
+    try:
+        with runner.paused():
+            wait_until(lambda: statuses() == {psutil.STATUS_STOPPED}, "both processes stopped", timeout_s=10)
+        wait_until(lambda: psutil.STATUS_STOPPED not in statuses(), "both processes running again", timeout_s=10)
+        assert portable.running_with(proc.pid, str(child)) and not portable.running_with(proc.pid, "another-run")
+    finally:
+        for p in (grandchild, proc.pid):
+            psutil.Process(p).kill()
+        proc.wait(timeout=10)
+    assert not portable.running_with(proc.pid, str(child))
+    assert portable.detached(windows=True) == {"creationflags": 0x200 | 0x8000000}

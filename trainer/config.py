@@ -245,7 +245,11 @@ def to_toml_value(v):
 
 
 def parse_literal(raw: str):
-    """Parse a `--set` value as TOML (numbers, booleans, lists, quoted strings), else as a bare string."""
+    """Parse a `--set` value as TOML (numbers, booleans, lists, quoted strings), else as a bare string. One double-
+    quoted string with a backslash in it is taken literally: it is a Windows path ("D:\\new\\pics"), and TOML would
+    read its \\n as a line break or refuse its \\U."""
+    if len(raw) >= 2 and raw[0] == raw[-1] == '"' and "\\" in raw and '"' not in raw[1:-1]:
+        return raw[1:-1]
     try:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
