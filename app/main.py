@@ -15,6 +15,15 @@ CSS = """#run-state p {font-size: 1.05em} footer {display: none !important}
 #preview-image img, #compare-grid img, #samples img {width: 100%; height: 100%; object-fit: contain}
 #preview-image img, #samples img {image-rendering: pixelated}"""
 
+# Closing or reloading the page while a run trains: the browser asks first (it words the question itself). The
+# run keeps going either way, as the run's state on the page says.
+HEAD = """<script>
+window.addEventListener('beforeunload', function (e) {
+  var s = document.querySelector('#run-state');
+  if (s && /\\b(running|stopping)\\b/.test(s.innerText)) { e.preventDefault(); e.returnValue = ''; }
+});
+</script>"""
+
 
 def build_app(ctx: Ctx) -> gr.Blocks:
     with gr.Blocks(title="LoRA Studio") as demo:
@@ -71,7 +80,7 @@ def serve(ws: Workspace, *, host: str = "127.0.0.1", port: int = 7860, auth=None
     demo = build_app(Ctx(ws, runner, PreviewClient(ws.root / "preview")))
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=host, server_port=port, auth=auth, inbrowser=open_browser, prevent_thread_lock=not block,
-                allowed_paths=[str(ws.root)], css=CSS, quiet=False, show_error=True, footer_links=[],
+                allowed_paths=[str(ws.root)], css=CSS, head=HEAD, quiet=False, show_error=True, footer_links=[],
                 max_file_size="200mb",  # per upload; the importer adds count and total limits
                 app_kwargs={"middleware": [Middleware(RequestGuard, check_host=is_loopback(host),
                                                       allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)]})

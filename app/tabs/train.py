@@ -240,6 +240,8 @@ def build(ctx: Ctx, saved_form) -> dict:
         signature = (name, v.step, len(v.samples), len(v.val_losses), v.state, len(v.checkpoints),
                      bool(v.recommendation))
         state = f"**{v.state}**" + (f": {html.escape(v.message)}" if v.message else "")
+        if v.state == "running":
+            state += " (closing this page or the app does not stop it)"
         if v.alert and v.state in ("running", "stopping"):
             state += f"\n\n**Warning:** {html.escape(v.alert)}"
         if v.plan:
