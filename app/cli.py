@@ -134,8 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     ws = Workspace((args.workspace or default_root()).expanduser().resolve(), allowed_paths=tuple(allowed))
     print(f"LoRA Studio: workspace {ws.root}; serving on http://{host}:{args.port}", flush=True)
     window = args.window and not args.no_browser
-    demo, runner = serve(ws, host=host, port=args.port, auth=auth or None, open_browser=not (args.no_browser or window),
-                         block=not window, allowed_hosts=tuple(args.allow_host), allowed_origins=tuple(args.allow_origin))
+    from .main import StartupError
+
+    try:
+        demo, runner = serve(ws, host=host, port=args.port, auth=auth or None,
+                             open_browser=not (args.no_browser or window), block=not window,
+                             allowed_hosts=tuple(args.allow_host), allowed_origins=tuple(args.allow_origin))
+    except StartupError as e:
+        print(f"lora-studio: error: {e}", file=sys.stderr)
+        return 1
     if window:
         show_window(demo, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{args.port}/")
     note = closing_note(runner.active_runs(), ws.runs)

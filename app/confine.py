@@ -16,13 +16,19 @@ RUN_PATHS = ("data.dataset", "data.reg_dataset", "data.validation_dataset", "dat
 
 
 def roots(ws: Workspace) -> list[Path]:
-    return [p.expanduser().resolve() for p in (ws.root, default_cache_dir(), EMBEDDED_MODEL, *ws.allowed_paths)]
+    """Where a request may read and write. The installed embedded model is not among them: it is a read-only root
+    for model.source alone (a cache or run folder inside the package would write into it)."""
+    return [p.expanduser().resolve() for p in (ws.root, default_cache_dir(), *ws.allowed_paths)]
 
 
 def path(ws: Workspace, key: str, value: str | Path) -> Path:
     """`value` resolved (relative to the workspace, symlinks followed), refused unless it lies in an allowed root."""
     p = Path(value).expanduser()
     p = (p if p.is_absolute() else ws.root / p).resolve()
+    embedded = EMBEDDED_MODEL.resolve()
+    if p.is_relative_to(embedded):
+        raise WorkspaceError(f"{key} = {str(value)!r} is inside the installed embedded model, which is read only; "
+                             "pick a folder in the workspace")
     if any(p.is_relative_to(r) for r in roots(ws)):
         return p
     folder = p if p.is_dir() or not p.suffix else p.parent

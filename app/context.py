@@ -25,11 +25,12 @@ class Ctx:
     runner: JobRunner
     preview: PreviewClient | None = None
 
-    def render(self, op: str, **fields) -> dict:
+    def render(self, op: str, on_progress=None, **fields) -> dict:
         """A preview request, with any training run paused meanwhile: on a 2-core CPU a run beside it made
-        one 64 px image take minutes. The run continues where it was as soon as the image is done."""
+        one 64 px image take minutes. The run continues where it was as soon as the image is done. `on_progress`
+        gets the worker's phases ("loading the base model", "denoising: step 3 of 20")."""
         with self.runner.paused():
-            return self.preview.call(op, **fields)
+            return self.preview.call(op, on_progress=on_progress, **fields)
 
 
 LOG = logging.getLogger("lora_studio")

@@ -29,13 +29,38 @@ def create_dataset(ws: Workspace, name: str) -> str:
 
 
 def import_uploads(ws: Workspace, dataset: str, paths: list[str]) -> list[list[str]]:
-    """Import uploaded files or zips by the dataset rules; one report row per file."""
+    """Import uploaded files or zips by the dataset rules; one report row per file. A .txt dropped with them is the
+    caption of the image with the same name (the browser uploads each file to a folder of its own, so the importer
+    would not find it beside its image): each such pair is put side by side first."""
+    import tempfile
+
     lim = UPLOAD_LIMITS
-    result = trainer_cli.run_json("dataset", "import", "--json", "--to", str(ws.dataset(dataset)),
-                                  "--max-files", str(lim.max_files), "--max-file-mb", str(lim.max_file_bytes // 2**20),
-                                  "--max-total-mb", str(lim.max_total_bytes // 2**20), "--", *map(str, paths))
-    rows = [[Path(r["source"]).name, "imported", _saved_as(r["source"], r["file"])] for r in result["imported"]]
+    by_stem = {Path(p).stem: Path(p) for p in paths if Path(p).suffix.lower() == ".txt"}
+    sources, paired = [], set()
+    with tempfile.TemporaryDirectory(prefix="lora-studio-upload-") as tmp:
+        for i, p in enumerate(map(Path, paths)):
+            if p.suffix.lower() == ".txt":
+                continue
+            caption = by_stem.get(p.stem)
+            if caption is None or p.suffix.lower() == ".zip":
+                sources.append(str(p))
+                continue
+            pair = Path(tmp) / str(i)
+            pair.mkdir()
+            shutil.copyfile(p, pair / p.name)
+            shutil.copyfile(caption, pair / f"{p.stem}.txt")
+            sources.append(str(pair / p.name))
+            paired.add(p.stem)
+        result = trainer_cli.run_json("dataset", "import", "--json", "--to", str(ws.dataset(dataset)),
+                                      "--max-files", str(lim.max_files), "--max-file-mb",
+                                      str(lim.max_file_bytes // 2**20), "--max-total-mb",
+                                      str(lim.max_total_bytes // 2**20), "--", *sources) if sources else \
+            {"imported": [], "skipped": []}
+    rows = [[Path(r["source"]).name, "imported", _saved_as(r["source"], r["file"])
+             + (" (with its caption)" if Path(r["source"]).stem in paired else "")] for r in result["imported"]]
     rows += [[Path(r["source"]).name, "skipped", r["reason"]] for r in result["skipped"]]
+    rows += [[f"{stem}.txt", "skipped", f"no image named {stem}.* among the dropped files"]
+             for stem in sorted(set(by_stem) - paired)]
     return rows
 
 
@@ -170,6 +195,8 @@ def validation(ws: Workspace, dataset: str, resolution: int = 512, model: str = 
     for tag in c["always"]:
         text += (f"\n\n**{html.escape(tag)}** is in every caption besides the trigger: it will be learned as part "
                  "of the trigger (remove it where it is not what the trigger means)")
+    for note in c.get("notes", []):
+        text += f"\n\nNote: {html.escape(note)}"
     return rows, buckets, text
 
 

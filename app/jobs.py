@@ -124,9 +124,11 @@ def view(run_dir: Path, alive=pid_alive) -> RunView:
             v.samples.append(e["path"])
         elif t == "end_samples":
             v.phase, v.message = "end samples", e.get("message", "")
+        elif t == "end_skipped":
+            v.phase, v.message = "", e.get("message", "")
         elif t == "done":
             v.state, v.lora = ("stopped" if e.get("stopped") else "finished"), e.get("path")
-            v.message = f"{v.state} after {e.get('step', v.step)} steps"
+            v.message = e.get("message") or f"{v.state} after {e.get('step', v.step)} steps"
         elif t == "error":
             v.state, v.message = "failed", e.get("message", "")
     v.log_tail = tail(run_dir / LOG_FILE)

@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.atomic import write_bytes
+from trainer import lora_header
+from trainer.atomic import copy_file, write_bytes
 from trainer.data.importer import sanitize_name
 from trainer.file_hashes import file_hashes
 
@@ -90,7 +91,8 @@ def entries(ws: Workspace) -> list[Entry]:
         found.append(_safe_entry(p, "library"))
     for run in sorted(p for p in ws.runs.iterdir() if p.is_dir()) if ws.runs.is_dir() else []:
         for p in sorted(run.glob("*.safetensors")):
-            found.append(_safe_entry(p, f"run {run.name}"))
+            # "run" when the LoRA carries its run's name (the usual case), else which run: never "run run"
+            found.append(_safe_entry(p, "run" if p.stem == run.name else f"run {run.name}"))
     return [e for e in found if e is not None]
 
 
@@ -188,19 +190,19 @@ def trash(ws: Workspace, e: Entry) -> Path:
 
 
 def import_file(ws: Workspace, path: str) -> Path:
-    """Validate an uploaded LoRA with the trainer's reader, then copy it into the library."""
+    """Check an uploaded LoRA from its header and bytes (torch-free, milliseconds), then copy it into the library
+    atomically (a full disk leaves no half file)."""
     src = Path(path)
     if src.suffix.lower() != ".safetensors":
         raise WorkspaceError(f"{src.name}: only .safetensors LoRA files are imported (no pickles)")
-    read_header(src)
-    info = trainer_cli.run_json("lora", "inspect", str(src), "--json")  # refuses truncated files, unknown kinds
-    if info.get("defects"):
-        raise WorkspaceError(f"{src.name} was not imported: {info['defects'][0]}")
-    dst = ws.loras / f"{sanitize_name(src.stem)}.safetensors"
-    n = 2
-    while dst.exists():
-        dst, n = ws.loras / f"{sanitize_name(src.stem)}-{n}.safetensors", n + 1
-    shutil.copyfile(src, dst)
+    try:
+        defects = lora_header.check(src)  # refuses truncated files and kinds LoRA Studio does not read
+    except lora_header.HeaderError as e:
+        raise WorkspaceError(str(e)) from None
+    if defects:
+        raise WorkspaceError(f"{src.name} was not imported: {defects[0]}")
+    dst = new_path(ws, sanitize_name(src.stem))
+    copy_file(src, dst)
     return dst
 
 

@@ -2,6 +2,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from trainer import tiny
@@ -39,6 +40,9 @@ def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_STUDIO_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("LORA_STUDIO_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    # Plans must not depend on which CPU CI lands on (one without AVX512-BF16/AMX switches bf16 runs to fp32):
+    # tests of that switch set it to slow themselves.
+    monkeypatch.setenv("LORA_STUDIO_CPU_BF16", "fast")
 
 
 def tiny_config(model: Path, dataset: Path, out: Path, **overrides) -> RunConfig:
@@ -67,3 +71,26 @@ def pytest_terminal_summary(terminalreporter):
         shots = list(folder.glob("*.png"))
         if shots:
             terminalreporter.write_line(f"browser screenshots: {folder} ({len(shots)} png)")
+
+
+def step_gradients(cfg: RunConfig, monkeypatch) -> list[list]:
+    """The LoRA gradients of each optimizer step of a run, as the loop has them just before it steps (after
+    unscaling, before clipping): a comparison far tighter than the trained files, which Adam's first steps make
+    nearly sign(gradient) whatever the gradient's size."""
+    from trainer import loop
+
+    real, steps = loop._optimizer_step, []
+
+    def capture(loss, optimizer, lr_scheduler, groups, *a, **k):
+        steps.append([p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                      for g in groups for p in g["params"]])
+        return real(loss, optimizer, lr_scheduler, groups, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "_optimizer_step", capture)
+        loop.train(cfg)
+    return steps
+
+
+def first_step_gradients(cfg: RunConfig, monkeypatch) -> list:
+    return step_gradients(cfg, monkeypatch)[0]

@@ -41,7 +41,9 @@ def test_trigger_duplicates_and_tags_in_every_caption():
     }, "glorp", counter)
     assert set(found.files) == {"b.png"}
     b = " / ".join(found.files["b.png"])
-    assert "no trigger 'glorp': training puts it first (the caption has Glorp_girl)" in b
+    assert "no trigger 'glorp' but Glorp_girl: a typo?" in b  # a near miss is a warning on that file ...
+    assert found.notes == ["1 of 3 captions do not start with the trigger 'glorp'; training puts it first, so nothing "
+                           "needs changing"]  # ... a plain missing trigger is one note for the set
     assert "duplicate tag(s): red shirt" in b
     assert found.always == ["red shirt"]
     assert found.frequency[0] == ("red shirt", 3) and ("glorp", 2) in found.frequency

@@ -106,7 +106,7 @@ CASES = [
     ("duplicate: the bare copy sorts first (import)", lambda u, m, w: ["dataset", "import", str(duplicates_with_one_caption(u / "dups")), "--to", str(w / "ds7")], 0, "its caption was given to dup_of_good_01.png"),
     ("duplicate: the captioned copy is kept (check)", lambda u, m, w: ["dataset", "check", str(u / "dups"), "--resolution", "64"], 0, "exact duplicate of good_01.png (that copy has a caption)"),
     ("image hidden by a leading dot (check)", lambda u, m, w: ["dataset", "check", str(dataset_with_hidden_image(u / "hidden")), "--resolution", "64"], 0, ".hidden.png: hidden file"),
-    ("import a source that does not exist", lambda u, m, w: ["dataset", "import", str(u / "gone.png"), "--to", str(w / "ds8")], 0, "gone.png: does not exist"),
+    ("import a source that does not exist", lambda u, m, w: ["dataset", "import", str(u / "gone.png"), "--to", str(w / "ds8")], 2, "source(s) do not exist"),
     ("import into a file", lambda u, m, w: ["dataset", "import", str(u / "good"), "--to", str(u / "good" / "img0.txt")], 2, "is a file, not a dataset folder"),
     ("import with a background that is no colour", lambda u, m, w: ["dataset", "import", str(u / "good"), "--to", str(w / "ds9"), "--background", "plaid"], 2, "--background"),
     ("check a folder that does not exist", lambda u, m, w: ["dataset", "check", str(u / "nowhere")], 2, "does not exist"),
@@ -137,6 +137,12 @@ CASES = [
     ("unknown preset", lambda u, m, w: _train(u, m, w, "r18", "--preset", "portrait"), 2, "unknown preset"),
     ("VRAM tier that does not exist", lambda u, m, w: _train(u, m, w, "r19", "--vram", "3"), 2, "VRAM tier 3"),
     ("rank larger than a layer", lambda u, m, w: _train(u, m, w, "r7", "--set", "lora.rank=512"), 2, "rank"),
+    ("a learning rate that is NaN", lambda u, m, w: _train(u, m, w, "r22", "--set", "optim.lr=nan"), 2, "a finite number"),
+    ("an infinite noise offset", lambda u, m, w: _train(u, m, w, "r23", "--set", "train.noise_offset=inf"), 2, "train.noise_offset"),
+    ("Adam betas that are not numbers", lambda u, m, w: _train(u, m, w, "r24", "--set", 'optim.betas=["a", 5, 7]'), 2, "a list of 2 numbers"),
+    ("an Adam beta of 1", lambda u, m, w: _train(u, m, w, "r25", "--set", "optim.betas=[0.9, 1.0]"), 2, "< 1.0"),
+    ("sample prompts that are numbers", lambda u, m, w: _train(u, m, w, "r26", "--set", "sample.prompts=[1, 2]"), 2, "a list of strings"),
+    ("a validation split that leaves nothing to train on", lambda u, m, w: _train(u, m, w, "r27", "--set", "data.validation_split=100"), 2, ("holds out 2 of 2 images", "leaves 0 to train on")),
     ("fp8 frozen weights without mixed precision", lambda u, m, w: _train(u, m, w, "r20", "--set", 'train.frozen_dtype="fp8"'), 2, "frozen_dtype=fp8"),
     ("output folder is a file", lambda u, m, w: ["train", "--model", m["sd1"], "--dataset", str(u / "good"), "--output", str(u / "good" / "img0.png" / "run"), *FAST], 2, "img0.png"),
     ("resume with no state", lambda u, m, w: ["train", "--resume", str(_mkdir(w / "r8"))], 2, "nothing to resume"),
@@ -186,7 +192,8 @@ def _truncated(user: Path) -> Path:
 
 
 FAULTS = ["disk full while saving the LoRA", "disk full while saving the training state", "NaN loss from step 2",
-          "CUDA out of memory at step 1"]
+          "CUDA out of memory at step 1", "disk full in safetensors while saving the training state",
+          "LoRA weights NaN after step 3"]
 
 
 def _inject(name: str, monkeypatch):
@@ -216,8 +223,36 @@ def _inject(name: str, monkeypatch):
         out = real_mse(*a, **k)
         return out * float("nan") if name.startswith("NaN") and calls["n"] >= 2 else out
 
+    def safetensors_disk_full(tensors, filename, *a, **k):
+        """safetensors reports a full disk with its own exception type, which is no OSError."""
+        from safetensors import SafetensorError
+
+        Path(filename).write_bytes(b"\0" * 16)
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                              "\"No space left on device\" })")
+
+    real_step = None
+
+    def poison_after_3(*a, **k):
+        out = real_step(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the weights, not the loss: every later step sees NaN
+            with torch.no_grad():
+                for group in a[3]:
+                    for p in group["params"]:
+                        p.fill_(float("nan"))
+        return out
+
     if name == FAULTS[0]:
         monkeypatch.setattr(Path, "write_bytes", disk_full)
+    elif name == FAULTS[4]:
+        monkeypatch.setattr("trainer.state.save_file", safetensors_disk_full)
+        monkeypatch.setattr("trainer.state.shutil.disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 20, 4096))
+    elif name == FAULTS[5]:
+        import trainer.loop
+
+        real_step = trainer.loop._optimizer_step
+        monkeypatch.setattr("trainer.loop._optimizer_step", poison_after_3)
     elif name == FAULTS[1]:
         monkeypatch.setattr("trainer.state.torch.save", state_disk_full)
         monkeypatch.setattr("trainer.state.shutil.disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 4096))
@@ -226,7 +261,8 @@ def _inject(name: str, monkeypatch):
 
 
 FAULT_PHRASES = {FAULTS[0]: "No space left on device", FAULTS[1]: "disk full while saving the training state at step 4",
-                 FAULTS[2]: "NaN/inf", FAULTS[3]: "VRAM tier"}
+                 FAULTS[2]: "NaN/inf", FAULTS[3]: "VRAM tier", FAULTS[4]: "disk full while saving the training state",
+                 FAULTS[5]: "NaN or infinite"}
 
 
 def _run_cli(args: list[str], capsys) -> tuple[object, str, str, int]:

@@ -18,7 +18,7 @@ from trainer.formats import kohya_name
 from trainer.loop import train
 from trainer.models import ModelError, load_base
 
-from .conftest import make_dataset, tiny_config
+from .conftest import first_step_gradients, make_dataset, tiny_config
 
 
 def load_pipe(model_dir):
@@ -227,17 +227,20 @@ def test_half_precision_paths_run_on_cpu(precision, tiny_models, dataset, tmp_pa
     assert any(v.abs().sum() > 0 for v in ups)  # B starts at zero: it moved, so gradients flowed
 
 
-def test_gradient_checkpointing_and_accumulation_give_same_lora(tiny_models, dataset, tmp_path):
-    """Checkpointing recomputes activations; it must not change what is learned."""
-    files = []
+def test_gradient_checkpointing_and_accumulation_give_the_same_gradients(tiny_models, dataset, tmp_path, monkeypatch):
+    """Checkpointing recomputes activations; it must not change what is learned. Compared on the first step's
+    gradients (accumulated over two micro-batches), tightly: the files after a few Adam steps differ little even when
+    the gradients differ a lot."""
+    grads = []
     for gc in (False, True):
         out = tmp_path / ("gc" if gc else "plain") / "run"
-        train(tiny_config(tiny_models["sd1"], dataset, out, **{"train.max_steps": 3, "train.gradient_accumulation": 2,
-                                                               "train.gradient_checkpointing": gc,
-                                                               "sample.at_end": False}))
-        files.append(load_file(str(out / "run.safetensors")))
-    for k in files[0]:
-        torch.testing.assert_close(files[0][k].float(), files[1][k].float(), atol=2e-3, rtol=1e-2)
+        grads.append(first_step_gradients(tiny_config(tiny_models["sd1"], dataset, out, **{
+            "train.max_steps": 1, "train.gradient_accumulation": 2, "train.gradient_checkpointing": gc,
+            "sample.at_end": False}), monkeypatch))
+    assert len(grads[0]) == len(grads[1]) > 0
+    assert any(g.abs().sum() > 0 for g in grads[0])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 
 class StopAfter(Events):
@@ -318,9 +321,13 @@ def test_a_run_records_its_step_time_and_the_estimate_becomes_a_measured_range(t
 
 
 def test_stale_stop_file_does_not_end_a_new_run(tiny_models, dataset, tmp_path):
+    import os
+    import time
+
     out = tmp_path / "r"
     out.mkdir()
     (out / "STOP").write_text("")
+    os.utime(out / "STOP", (time.time() - 3600,) * 2)  # left by a run that crashed before this process started
     result = train(tiny_config(tiny_models["sd1"], dataset, out, **{"train.max_steps": 3, "sample.at_end": False}))
     assert not result.stopped_early and result.steps == 3
     assert not (out / "STOP").exists()
@@ -393,7 +400,7 @@ def test_v_prediction_and_min_snr_train(tiny_models, dataset, tmp_path):
                                                            "train.noise_offset": 0.05, "sample.at_end": False}))
     with safe_open(str(out / "v.safetensors"), "pt") as f:
         meta = f.metadata()
-    assert meta["ss_v_parameterization"] == "True" and meta["modelspec.prediction_type"] == "v_prediction"
+    assert meta["ss_v_parameterization"] == "True" and meta["modelspec.prediction_type"] == "v"  # the spec's word
     cfg = json.loads(meta["lora_studio.config"])
     assert cfg["train"]["min_snr_gamma"] == 5.0 and "output_dir" not in cfg["save"]
 

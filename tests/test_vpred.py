@@ -73,14 +73,25 @@ def test_vpred_ztsnr_sdxl_trains_on_the_rescaled_schedule_and_samples_trailing(v
 
 
 def test_min_snr_weight_for_v_is_finite_at_the_terminal_timestep():
+    """The schedule the loop uses (trainer/schedules.py), not a copy of its formula."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
 
-    s = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True,
-                      prediction_type="v_prediction")
-    snr = compute_snr(s, torch.tensor([0, 500, 999]))
-    weight = torch.clamp(snr, max=5.0) / (snr + 1)  # loop.train's weighting for v-prediction
-    assert torch.isfinite(weight).all() and weight[-1] == 0
+    from trainer.schedules import Diffusion
+
+    config = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config
+    t = torch.tensor([0, 500, 999])
+    v = Diffusion(config, "v_prediction", zero_terminal_snr=True, min_snr_gamma=5.0)
+    weight = v.weight(t)
+    assert torch.isfinite(weight).all() and weight[-1] == 0  # zero terminal SNR: nothing left to weigh at t=999
+    snr = compute_snr(v.scheduler, t)
+    assert weight[0] == pytest.approx(5.0 / (snr[0].item() + 1), rel=1e-5)  # clipped at gamma, over SNR + 1 for v
+    assert weight[1] == pytest.approx(min(snr[1].item(), 5.0) / (snr[1].item() + 1), rel=1e-5)
+    eps = Diffusion(config, "epsilon", zero_terminal_snr=False, min_snr_gamma=5.0).weight(t)
+    eps_snr = compute_snr(Diffusion(config, "epsilon", False, 5.0).scheduler, t)
+    assert eps[0] == pytest.approx(5.0 / eps_snr[0].item(), rel=1e-5)  # epsilon: over SNR, not SNR + 1
+    assert eps[-1] == pytest.approx(1.0)  # SNR below gamma: weight 1
+    assert Diffusion(config, "v_prediction", zero_terminal_snr=True, min_snr_gamma=0.0).weight(t) is None
 
 
 def test_zero_terminal_snr_with_epsilon_is_refused(vpred_sdxl, dataset, tmp_path):

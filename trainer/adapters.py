@@ -56,7 +56,8 @@ def _inject(model: torch.nn.Module, modules: dict, name: str) -> None:
             b.copy_(m.up.reshape(b.shape).to(b.dtype))
             if m.dora_scale is not None:
                 magnitude = layer.lora_magnitude_vector[name].weight
-                magnitude.copy_(m.dora_scale.reshape(magnitude.shape).to(magnitude.dtype))
+                base = layer.get_base_layer().weight
+                magnitude.copy_(m.magnitude(base).reshape(magnitude.shape).to(magnitude.dtype))
     model.requires_grad_(False)
 
 

@@ -40,7 +40,7 @@ def atomic_path(path: str | Path):
             mode = 0o666 & ~UMASK
         os.chmod(tmp, mode)
         replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -74,11 +74,20 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         Path(tmp).write_bytes(data)
 
 
+def copy_file(src: str | Path, dst: str | Path) -> None:
+    """A copy that is whole at `dst` or not there at all (a full disk leaves no half file under the name)."""
+    import shutil
+
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
 def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """The folder's entries (a rename, a new file) on disk too; a no-op where folders cannot be opened (Windows)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # not possible on every platform; the rename is still atomic

@@ -389,6 +389,11 @@ def cmd_dataset(args) -> int:
         lines = [f"imported {len(res.imported)} file(s) into {args.to}, skipped {len(res.skipped)}"]
         lines += [f"  skipped {s['source']}: {s['reason']}" for s in res.skipped]
         _emit(args, {"imported": res.imported, "skipped": res.skipped}, lines)
+        missing = [s["source"] for s in res.skipped if s["reason"] == "does not exist"]
+        if missing:  # a mistyped folder is an error, not a quiet "imported 0"
+            print(f"lora-studio: error: {len(missing)} source(s) do not exist, e.g. {missing[0]}; check the path",
+                  file=sys.stderr)
+            return 2
         return 0
     if args.dataset_command in ("check", "stats"):
         _check_resolution(args.resolution)

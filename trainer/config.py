@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
@@ -26,8 +27,10 @@ class ConfigError(ValueError):
     """A bad config key or value; the message names the key, the value and what is allowed."""
 
 
-def opt(default, help: str, choices=None, min=None, max=None):
-    meta = {"help": help, "choices": choices, "min": min, "max": max}
+def opt(default, help: str, choices=None, min=None, max=None, items=None, length=None, below=None):
+    """A setting: its default, its help (the CLI's and the UI's words), and what values are allowed. For a list,
+    `items` is its elements' type, `length` their number, and min/max/below bound each element."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "items": items, "length": length, "below": below}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -59,7 +62,7 @@ class LoraConfig:
     dropout: float = opt(0.0, "Dropout on the LoRA path", min=0.0, max=0.9)
     train_unet: bool = opt(True, "Train LoRA on the UNet")
     train_text_encoder: Optional[bool] = opt(None, "Train LoRA on the text encoder(s); auto = yes for SD1/SD2, no for SDXL")
-    unet_extra: list = opt([], "Extra UNet targets besides attention", choices=["proj", "ff", "conv"])
+    unet_extra: list = opt([], "Extra UNet targets besides attention", choices=["proj", "ff", "conv"], items=str)
     text_encoder_mlp: bool = opt(False, "Also target the text-encoder MLP layers (fc1, fc2)")
     use_dora: bool = opt(False, "Weight-decomposed LoRA (DoRA)")
     use_rslora: bool = opt(False, "Rank-stabilised scaling: alpha / sqrt(rank) instead of alpha / rank")
@@ -107,7 +110,8 @@ class OptimConfig:
     lr: float = opt(1e-4, "UNet learning rate", min=0.0, max=10.0)
     text_encoder_lr: Optional[float] = opt(None, "Text-encoder learning rate; auto = half the UNet rate", min=0.0, max=10.0)
     weight_decay: float = opt(1e-2, "AdamW weight decay", min=0.0, max=1.0)
-    betas: list = opt([0.9, 0.999], "Adam betas")
+    betas: list = opt([0.9, 0.999], "Adam betas: two numbers from 0 to below 1", items=float, length=2, min=0.0,
+                      below=1.0)
     eps: float = opt(1e-8, "Adam epsilon", min=0.0)
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 = off)", min=0.0)
     scheduler: str = opt("constant_with_warmup", "Learning-rate schedule",
@@ -140,14 +144,18 @@ class TrainConfig:
     validate_every_n_steps: int = opt(0, "Validation loss every N steps, besides each saved checkpoint and the end "
                                          "(needs data.validation_split or data.validation_dataset; 0 = only those)",
                                       min=0)
-    drift_bound: float = opt(0.09, "Largest drift (mean pixel change 0..1 on prompts without the trigger, against "
-                                   "the base) a recommended checkpoint may have", min=0.0, max=1.0)
+    drift_bound: Optional[float] = opt(None, "Largest drift (mean pixel change 0..1 on prompts without the trigger, "
+                                             "against the base) a recommended checkpoint may have; auto = 0.8x the "
+                                             "base model's own change between two seeds on those prompts, measured "
+                                             "in the run, so the bound scales with the model (0.09 on the embedded "
+                                             "model)", min=0.0, max=1.0)
 
 
 @dataclass
 class SampleConfig:
     every_n_steps: int = opt(0, "Render sample images every N steps (0 = only at the end)", min=0)
-    prompts: list = opt([], "Sample prompts; empty = the dataset's first two distinct captions, with the trigger")
+    prompts: list = opt([], "Sample prompts; empty = the dataset's first two distinct captions, with the trigger",
+                        items=str)
     negative_prompt: str = opt("", "Negative prompt for samples")
     seed: int = opt(1234, "Seed of the first sample; each next prompt uses seed + index", min=0)
     steps: int = opt(20, "Sampling steps", min=1, max=200)
@@ -308,23 +316,48 @@ def coerce(dotted: str, f: dataclasses.Field, value: Any):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad(_range_text("a number", meta, optional))
         value = float(value)
+        if not math.isfinite(value):  # NaN passes every comparison below; inf is no learning rate either
+            raise bad(_range_text("a finite number", meta, optional))
     elif t is str:
         if not isinstance(value, str):
             raise bad("a string")
     elif t is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise bad("a list")
-        if choices and any(v not in choices for v in value):
-            raise bad("a list of " + ", ".join(map(str, choices)))
-        return value
+        return _coerce_list(dotted, meta, value, bad)
     if choices and value not in choices:
         raise bad(", ".join("auto" if c is None else str(c) for c in choices))
     lo, hi = meta.get("min"), meta.get("max")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise bad(_range_text("a whole number" if t is int else "a number", meta, optional))
     return value
+
+
+def _coerce_list(dotted: str, meta, value, bad) -> list:
+    """A list setting: each element of the declared type (a number as a number, a string as a string), within its
+    bounds, in the declared number. A bare string is one element, or comma-separated names where there are choices."""
+    items, choices, length = meta.get("items"), meta.get("choices"), meta.get("length")
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()] if choices else [value]
+    if not isinstance(value, list):
+        raise bad("a list")
+    kind = {float: "numbers", int: "whole numbers", str: "strings"}.get(items, "values")
+    if length is not None and len(value) != length:
+        raise bad(f"a list of {length} {kind}")
+    out = []
+    for v in value:
+        if items is float and not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v):
+            v = float(v)
+        elif items is not None and (isinstance(v, bool) or not isinstance(v, items)):
+            raise bad(f"a list of {kind}" + (f" ({', '.join(map(str, choices))})" if choices else ""))
+        lo, hi, below = meta.get("min"), meta.get("max"), meta.get("below")
+        if items in (int, float) and ((lo is not None and v < lo) or (hi is not None and v > hi)
+                                      or (below is not None and v >= below)):
+            bounds = [f">= {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else "",
+                      f"< {below}" if below is not None else ""]
+            raise bad(f"a list of {kind}, each {' and '.join(b for b in bounds if b)}")
+        if choices and v not in choices:
+            raise bad("a list of " + ", ".join(map(str, choices)))
+        out.append(v)
+    return out
 
 
 def _range_text(kind: str, meta, optional: bool) -> str:

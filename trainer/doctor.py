@@ -179,7 +179,16 @@ def device_info(versions: dict[str, str | None]) -> tuple[dict, list[Finding]]:
     elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         info = {"kind": "mps", "name": "Apple GPU"}
     else:
-        info = {"kind": "cpu", "name": f"{os.cpu_count()} CPU cores"}
+        from . import cpu_features
+
+        cpu_features.record_from_torch()
+        info = {"kind": "cpu", "name": f"{os.cpu_count()} CPU cores", "capability": torch.backends.cpu.get_cpu_capability(),
+                "bf16_fast": cpu_features.bf16_fast()}
+        if not info["bf16_fast"]:
+            findings.append(Finding(False, f"this CPU (torch capability {info['capability']}) has no AVX512-BF16 or "
+                                           "AMX: bf16 runs 15-30x slower than fp32 there, so CPU runs train in fp32 "
+                                           "(the memory plan switches bf16 off)",
+                                    "nothing to do; a GPU trains much faster (python launch.py installs its torch)"))
         if torch.version.cuda is None and _nvidia_driver_present():
             findings.append(Finding(False, "an NVIDIA GPU is present but this torch is a CPU-only build, so "
                                            "training runs on the CPU", "install torch 2.13.0's CUDA build for "

@@ -8,3 +8,11 @@ class ModelError(RuntimeError):
 
 class TrainingError(RuntimeError):
     """A run cannot go on; the message says why and what to try."""
+
+
+class StopRequested(Exception):
+    """The user asked the run to stop (a STOP file) before training started: nothing to save."""
+
+    def __init__(self, phase: str):
+        super().__init__(phase)
+        self.phase = phase

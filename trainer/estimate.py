@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .model_info import EMBEDDED_DIR, FP32_VAE_UNDER_FP16, peek_family, text_encoder_trained_by_default
@@ -87,15 +87,17 @@ class Estimate:
     activations_gb: float
     steps: int
     seconds: float
+    unmeasured: list[str] = field(default_factory=list)  # what the figures rest on that nobody measured
 
     def text(self, measured_time: str | None = None) -> str:
         """With `measured_time` (speed_log.time_range: steps timed on this machine) the time is that range."""
         memory = (f"~{self.peak_gb:.1f} GB peak (weights {self.weights_gb:.1f}, LoRA+optimizer {self.lora_gb:.2f}, "
                   f"activations {self.activations_gb:.1f})")
+        notes = f" Not measured: {'; '.join(self.unmeasured)}." if self.unmeasured else ""
         if measured_time:
-            return f"{memory}; {self.steps} steps: {measured_time}"
+            return f"{memory}; {self.steps} steps: {measured_time}.{notes}"
         return (f"{memory}; {self.steps} steps: not measured on this machine yet (a rule of thumb says "
-                f"~{duration(self.seconds)}; Measure speed times a few steps here)")
+                f"~{duration(self.seconds)}; Measure speed times a few steps here).{notes}")
 
 
 def safetensors_params(folder: Path) -> int:
@@ -185,7 +187,23 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
         if cached_text:  # the encoders visit the GPU one at a time to fill the caption cache
             phases.append(p["largest_te"] * frozen_bytes * 1e6 / GB + TE_ACTIVATION_GB[family])
     peak = max(phases) + (RUNTIME_GB if host else 0.0)
-    return Estimate(round(peak, 2), weights, lora, act, steps, secs)
+    return Estimate(round(peak, 2), weights, lora, act, steps, secs, _unmeasured(cfg, family, host, fp8))
+
+
+def _unmeasured(cfg, family: str, host: bool, fp8: bool) -> list[str]:
+    """The figures an estimate of this run takes from somewhere else, said beside it."""
+    notes = []
+    if family == "sd2":
+        notes.append("SD2's memory (SD1.5's scaled by pixels)")
+    if family == "sd3" and not host:
+        notes.append("SD3 on a GPU (the CPU fit at SDXL's GPU/CPU ratio)")
+    if fp8 and not host and family in ("sd2", "sd3"):
+        notes.append(f"fp8's saving for {family} (taken from {'SD1.5' if family == 'sd2' else 'SDXL'})")
+    if cfg.train.offload and not host:
+        notes.append("train.offload (counted from the architecture; its speed cost is a guess of 2x)")
+    if family in ("sd2", "sd3"):
+        notes.append(f"the rule-of-thumb step time for {family} (SD{'1.5' if family == 'sd2' else 'XL'}'s, scaled)")
+    return notes
 
 
 def _fp8_unet_bytes(family: str, wbytes: int) -> float:

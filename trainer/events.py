@@ -49,6 +49,20 @@ class Events:
         if self.enabled:
             (self.run_dir / STOP_FILE).unlink(missing_ok=True)
 
+    def clear_stale_stop(self) -> None:
+        """A STOP file older than this process was left by an earlier run (crashed or killed) and goes; one written
+        since (a Stop pressed while this run was queued or loading) is this run's, and every phase honours it."""
+        if not self.enabled:
+            return
+        import psutil
+
+        stop = self.run_dir / STOP_FILE
+        try:
+            if stop.stat().st_mtime < psutil.Process().create_time():
+                stop.unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
+
 
 def _clean(v):
     # JSON has no NaN: a non-finite loss is written as null plus the event's own message.

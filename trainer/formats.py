@@ -61,8 +61,24 @@ def kohya_state_dict(models: dict[str, torch.nn.Module], dtype: torch.dtype = to
             out[f"{key}.alpha"] = torch.tensor(alpha, dtype=dtype)
             magnitude = getattr(mod, "lora_magnitude_vector", None)
             if magnitude is not None and ADAPTER in magnitude:
-                out[f"{key}.dora_scale"] = magnitude[ADAPTER].weight.detach().to("cpu", dtype).reshape(-1, 1).contiguous()
+                scale = comfyui_dora_scale(mod).reshape(up.shape[0], *[1] * (down.ndim - 1))  # (out, 1[, 1, 1])
+                out[f"{key}.dora_scale"] = scale.to("cpu", dtype).contiguous()
     return out
+
+
+DORA_NORM_KEY = "lora_studio.dora_norm"  # metadata: "base" = dora_scale is written for ComfyUI's formula (below)
+
+
+def comfyui_dora_scale(mod) -> torch.Tensor:
+    """The dora_scale that makes ComfyUI apply exactly the weight peft trained. peft's DoRA weight is
+    m * (W + dW) / ||W + dW|| (a norm per output row). ComfyUI (comfy/weight_adapter/base.py weight_decompose) reads a
+    dora_scale shaped (out, 1, ...) as per-output and divides by the norm of the base weight W instead (its PR #15458
+    would change that), so the file carries m * ||W|| / ||W + dW||: ComfyUI's product is then peft's weight."""
+    w = mod.get_base_layer().weight.detach().float()
+    merged = w + mod.get_delta_weight(ADAPTER).detach().float().reshape(w.shape)
+    m = mod.lora_magnitude_vector[ADAPTER].weight.detach().float().reshape(-1)
+    rows = w.shape[0]
+    return m * w.reshape(rows, -1).norm(dim=1) / merged.reshape(rows, -1).norm(dim=1)
 
 
 PEFT_COMPONENTS = {"lora_unet": "unet", "lora_transformer": "transformer", "lora_te": "text_encoder",
@@ -135,14 +151,55 @@ def png_data_url(path: str | Path, max_side: int = 256) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v_prediction": "v"}  # the spec's words; flow matching has none (kohya
+# writes none for Flux either)
+
+
+def dataset_metadata(entries, cfg, resolution: int) -> dict[str, str]:
+    """kohya's dataset keys, counted as kohya counts them: per image folder (a kohya `N_name` folder is its own),
+    each image once whatever its repeats. `entries`: the training set's (path, caption, repeats, is_reg)."""
+    from collections import Counter, defaultdict
+
+    from .data.captions import split_tags
+
+    folders: dict[str, dict] = defaultdict(lambda: {"tags": Counter(), "images": 0, "repeats": 1, "is_reg": False})
+    for e in entries:
+        f = folders[Path(e.path).parent.name]
+        f["images"] += 1
+        f["repeats"], f["is_reg"] = e.repeats, e.is_reg
+        f["tags"].update(set(split_tags(e.caption)))
+    train = {k: v for k, v in folders.items() if not v["is_reg"]}
+    subsets = [{"img_count": v["images"], "num_repeats": v["repeats"], "image_dir": k, "is_reg": v["is_reg"],
+                "shuffle_caption": cfg.data.shuffle_tags, "keep_tokens": cfg.data.keep_tokens,
+                "flip_aug": cfg.data.flip, "random_crop": cfg.data.random_crop, "color_aug": False,
+                "class_tokens": None} for k, v in folders.items()]
+    dataset = {"is_dreambooth": True, "batch_size_per_device": cfg.train.batch_size,
+               "num_train_images": sum(v["images"] * v["repeats"] for v in train.values()),
+               "num_reg_images": sum(v["images"] for v in folders.values() if v["is_reg"]),
+               "resolution": [resolution, resolution], "enable_bucket": True,
+               "min_bucket_reso": cfg.data.min_bucket_side, "max_bucket_reso": cfg.data.max_bucket_side,
+               "bucket_reso_steps": cfg.data.bucket_step, "bucket_no_upscale": cfg.data.no_upscale,
+               "tag_frequency": {k: dict(v["tags"]) for k, v in train.items()}, "subsets": subsets}
+    return {"ss_tag_frequency": json.dumps(dataset["tag_frequency"], ensure_ascii=False),
+            "ss_dataset_dirs": json.dumps({k: {"n_repeats": v["repeats"], "img_count": v["images"]}
+                                           for k, v in train.items()}, ensure_ascii=False),
+            "ss_datasets": json.dumps([dataset], ensure_ascii=False),
+            "ss_num_train_images": str(dataset["num_train_images"]),
+            "ss_num_reg_images": str(dataset["num_reg_images"])}
+
+
 def build_metadata(*, name: str, family, cfg, resolution: int, prediction_type: str, train_text_encoder: bool,
-                   tag_frequency: dict, num_images: int, steps: int, epoch: int, started: int, finished: int,
+                   datasets: dict[str, str], steps: int, epoch: int, started: int, finished: int,
                    base_name: str, base_hash: str, thumbnail: str | None = None,
                    architecture: str | None = None) -> dict[str, str]:
+    """`datasets`: dataset_metadata's keys. A file in diffusers' layout (SD3) has each layer's alpha/rank folded into
+    lora_B, so it claims kohya's networks.lora module and alpha neither: its alpha is the rank (scale 1)."""
+    folded = family.lora_layout == "diffusers"
     conv = "conv" in cfg.lora.unet_extra
     network_args = {"conv_dim": str(cfg.lora.rank), "conv_alpha": str(cfg.lora.alpha)} if conv else {}
     if cfg.lora.use_dora:
         network_args["dora_wd"] = "True"
+        network_args["wd_on_output"] = "True"
     if cfg.lora.use_rslora:
         network_args["rs_lora"] = "True"
     te_lr = cfg.optim.text_encoder_lr if train_text_encoder else 0.0
@@ -151,13 +208,14 @@ def build_metadata(*, name: str, family, cfg, resolution: int, prediction_type: 
     md = {
         "ss_output_name": name,
         "ss_base_model_version": family.ss_base_model_version,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "diffusers" if folded else "networks.lora",
         "ss_network_dim": str(cfg.lora.rank),
-        "ss_network_alpha": str(cfg.lora.alpha),
+        "ss_network_alpha": str(float(cfg.lora.rank) if folded else cfg.lora.alpha),
         "ss_network_args": json.dumps(network_args),
         "ss_resolution": f"({resolution}, {resolution})",
-        "ss_tag_frequency": json.dumps(tag_frequency, ensure_ascii=False),
-        "ss_num_train_images": str(num_images),
+        **datasets,
+        "ss_batch_size_per_device": str(cfg.train.batch_size),
+        "ss_gradient_accumulation_steps": str(cfg.train.gradient_accumulation),
         "ss_steps": str(steps),
         "ss_epoch": str(epoch),
         "ss_learning_rate": str(cfg.optim.lr),
@@ -182,7 +240,6 @@ def build_metadata(*, name: str, family, cfg, resolution: int, prediction_type: 
         "modelspec.title": name,
         "modelspec.date": iso_date(finished),
         "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.prediction_type": prediction_type,
         "modelspec.trigger_phrase": cfg.data.trigger,
         "modelspec.description": f"LoRA trained with LoRA Studio on {base_name}",
         "modelspec.author": "",
@@ -190,8 +247,14 @@ def build_metadata(*, name: str, family, cfg, resolution: int, prediction_type: 
         "modelspec.tags": "lora",
         "lora_studio.config": json.dumps(config, sort_keys=True),
     }
+    if prediction_type in MODELSPEC_PREDICTION:
+        md["modelspec.prediction_type"] = MODELSPEC_PREDICTION[prediction_type]
+    if folded:
+        md["lora_studio.trained_alpha"] = str(cfg.lora.alpha)  # folded into lora_B; kept for the record
     if thumbnail:
         md["modelspec.thumbnail"] = thumbnail
+    if cfg.lora.use_dora and cfg.save.layout == "kohya":
+        md[DORA_NORM_KEY] = "base"
     return md
 
 
@@ -208,8 +271,25 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     return len(text).to_bytes(8, "little") + text + blob[8 + n:]
 
 
+class NonFiniteError(ValueError):
+    """Tensors with NaN or infinite values: such a file is never written."""
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+
+
 def save_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Write atomically, with kohya's tensor hashes added to the metadata."""
+    """Write atomically, with kohya's tensor hashes added to the metadata. A file with NaN/Inf values is refused
+    (whatever was at `path` stays): every loader would apply it as garbage. Metadata values must be strings, as the
+    safetensors format and every reader (kohya, A1111, ComfyUI) take them."""
+    bad = non_finite(tensors)
+    if bad:
+        raise NonFiniteError(f"{len(bad)} of {len(tensors)} tensors hold NaN or infinite values (e.g. {bad[0]}); "
+                             f"{Path(path).name} was not written")
+    not_text = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if not_text:
+        raise TypeError(f"metadata values must be strings: {not_text[:3]}")
     md = dict(metadata)
     md["sshs_model_hash"], md["sshs_legacy_hash"] = tensor_hashes(tensors)
     write_bytes(path, safetensors_bytes(tensors, md))

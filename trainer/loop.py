@@ -8,11 +8,11 @@ import os
 import random
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from . import frozen
 from . import lora as lora_mod
@@ -21,13 +21,13 @@ from . import state as state_mod
 from . import validation
 from .config import RunConfig
 from .data.cache import LatentCache, default_cache_dir, fill_latent_cache, vae_identity
-from .data.captions import sample_prompts, split_tags
+from .data.captions import sample_prompts
 from .data.dataset import TrainingSet
 from .data.manifest import read_manifest
 from .data.scan import DatasetError, scan
-from .errors import TrainingError
+from .errors import StopRequested, TrainingError
 from .events import Events, read_events
-from .formats import (SAVE_DTYPES, build_metadata, diffusers_state_dict, kohya_state_dict, now_epoch,
+from .formats import (SAVE_DTYPES, NonFiniteError, build_metadata, dataset_metadata, diffusers_state_dict, kohya_state_dict, now_epoch,
                       peft_state_dict, png_data_url, save_lora)
 from .model_info import is_embedded, text_encoder_trained_by_default
 from .models import load_base, sampling_schedule
@@ -60,6 +60,7 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
     accelerator = Accelerator(cpu=no_gpu, log_with=_trackers(), project_dir=str(run_dir / "logs"))
     main = accelerator.is_main_process
     events = events or Events(run_dir, enabled=main)
+    events.clear_stale_stop()
     if plan:
         events.emit("plan", **plan)
     device = accelerator.device
@@ -70,15 +71,32 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
                             "set train.mixed_precision=bf16 (or fp16 on CUDA)")
 
     found, reg, held_out = _scan_datasets(cfg)  # first: cheap, and a typo should not cost a model load
+    try:
+        return _train(cfg, events, accelerator, resume, precision, found, reg, held_out)
+    except StopRequested as stop:  # a Stop pressed while loading or caching: nothing was trained, nothing is saved
+        events.emit("stopping", step=0, message=f"STOP found while {stop.phase}: stopped before training started")
+        _end_processes(accelerator)
+        if main:
+            events.clear_stop()
+            events.emit("done", step=0, total=None, stopped=True, path=None, processes=accelerator.num_processes,
+                        message=f"stopped while {stop.phase}, before training started; nothing was saved")
+        return Result(run_dir / f"{cfg.save.name or run_dir.name}.safetensors", 0, True, main)
+
+
+def _train(cfg: RunConfig, events: Events, accelerator, resume: bool, precision: Precision, found, reg,
+           held_out) -> Result:
+    run_dir, main, device = Path(cfg.save.output_dir), accelerator.is_main_process, accelerator.device
 
     # ---- model, family defaults, LoRA ----------------------------------------------------------
     base, schedule, te_trained = _prepare_models(cfg, precision, events)
+    _stop_point(accelerator, events, "loading the model")
     fam, unet, vae, tes, train_te = base.family, base.unet, base.vae, base.text_encoders, cfg.lora.train_text_encoder
     trained = ([unet] if cfg.lora.train_unet else []) + te_trained  # the models carrying trainable LoRA weights
 
     # ---- data ------------------------------------------------------------------------------------
     data, cache, vae_id, text_cache = _prepare_data(cfg, base, found, reg, bool(train_te), precision, device,
                                                    events, accelerator)
+    _stop_point(accelerator, events, "caching latents and captions")
 
     # ---- optimizer and schedule -----------------------------------------------------------------
     world = accelerator.num_processes
@@ -92,11 +110,11 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
     # Frozen encoders whose captions are all cached: only the samples would still run them.
     encoded = _let_encoders_go(cfg, base, precision, device, main, events, drift=val is not None) \
         if text_cache is not None else None
+    _stop_point(accelerator, events, "preparing validation and samples")
     gen = torch.Generator("cpu").manual_seed(cfg.train.seed + accelerator.process_index)
     rng = random.Random(cfg.train.seed + accelerator.process_index)
     if main:
         write_config(cfg, run_dir)
-        events.clear_stop()  # a STOP left by an earlier, crashed run must not end this one
         accelerator.init_trackers("lora-studio")
     trainable = sum(p.numel() for g in groups for p in g["params"])
     events.emit("start", total=total, family=fam.name, resolution=cfg.data.resolution, trainable_params=trainable,
@@ -134,12 +152,13 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
                 folder = state_mod.commit(run_dir, step, params, optimizer, lr_scheduler, precision.scaler,
                                           {"step": step, "epoch": epoch, "consumed": consumed}, cfg.save.keep_states)
                 events.emit("state", step=step, path=str(folder))
-        except (OSError, RuntimeError) as e:  # a full disk; torch.save reports it as a RuntimeError
+        except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: torch.save says RuntimeError
             raise state_mod.save_failed(run_dir, step, e, params) from None
         accelerator.wait_for_everyone()
 
     judge = _Judge(cfg, val, events, accelerator, final, models=[unet, *tes],
-                   render=lambda prompts: _render(cfg, base, unet, tes, precision, prompts, encoded=encoded),
+                   render=lambda prompts, offset=0: _render(cfg, base, unet, tes, precision, prompts, encoded=encoded,
+                                                            seed_offset=offset),
                    sample=lambda at: _sample(cfg, base, unet, tes, precision, run_dir, at, events, encoded=encoded))
 
     if resume:
@@ -151,6 +170,7 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
     try:
         while step < total:
             step_started = time.monotonic()
+            losses = []
             for micro in range(cfg.train.gradient_accumulation):
                 epoch, batch = next(stream)
                 consumed += 1
@@ -158,14 +178,19 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
                 with _no_sync(accelerator, prepared, enabled=not last):
                     loss = step_loss(batch)
                     precision.scaler.scale(loss / cfg.train.gradient_accumulation).backward()
-            loss_value = _optimizer_step(loss, optimizer, lr_scheduler, groups, precision, accelerator,
-                                         cfg.optim.max_grad_norm)
+                losses.append(loss.detach())
+            loss_value, stepped = _optimizer_step(torch.stack(losses).mean(), optimizer, lr_scheduler, groups,
+                                                  precision, accelerator, cfg.optim.max_grad_norm)
             step += 1
             step_seconds.append(time.monotonic() - step_started)
+            if not stepped and math.isfinite(loss_value) and not precision.scaler.is_enabled():
+                events.emit("warning", step=step, message=f"step {step} skipped: its gradients were NaN or "
+                            "infinite, so the LoRA was left as it was")
             if watch is not None:
                 _check_spill(watch, step_seconds[-1], cfg, events)
 
-            bad_streak = 0 if math.isfinite(loss_value) else bad_streak + 1
+            # fp16's scaler skips overflowing steps by design; any other skipped step is a fault if it repeats
+            bad_streak = 0 if stepped or precision.scaler.is_enabled() and math.isfinite(loss_value) else bad_streak + 1
             if bad_streak >= NON_FINITE_PATIENCE:
                 raise TrainingError(_non_finite_message(step, cfg.train.mixed_precision))
             if math.isfinite(loss_value):
@@ -264,8 +289,12 @@ def _finish(cfg: RunConfig, run_dir: Path, final: Path, step: int, epoch: int, s
         thumb = written[0] if written else None
     if thumb or not stopped:
         _save(final, step, epoch, events, thumbnail=thumb, **save_args)
-    judge(step, final)
-    picked = validation.recommend(judge.checkpoints, cfg.train.drift_bound)
+    if stopped and events.stop_requested():  # a second Stop: the LoRA is saved; skip what is left of the end
+        events.emit("end_skipped", step=step, message="second Stop: skipped the rest of the end samples and the "
+                    "final LoRA's validation and drift")
+    else:
+        judge(step, final)
+    picked = validation.recommend(judge.checkpoints, *validation.drift_bound(cfg.train.drift_bound, judge.seed_spread))
     if picked:
         events.emit("recommendation", step=picked[0].step, path=picked[0].path, message=picked[1])
     _checkpoint_grid(run_dir, [c.step for c in judge.checkpoints], events)
@@ -323,7 +352,10 @@ def _scan_datasets(cfg: RunConfig):
     except DatasetError as e:
         raise TrainingError(str(e)) from None
     if held_out is None:
-        found, held_out = validation.split(found, cfg.data.validation_split, cfg.train.seed)
+        try:
+            found, held_out = validation.split(found, cfg.data.validation_split, cfg.train.seed)
+        except validation.SplitError as e:
+            raise TrainingError(str(e)) from None
     return found, reg, held_out
 
 
@@ -399,7 +431,8 @@ def _prepare_data(cfg: RunConfig, base, found, reg, train_te: bool, precision: P
     if cfg.data.caches_text(train_te):  # the encoders visit the device one at a time
         captions = sorted({e.caption for e in data.entries} | ({""} if cfg.data.caption_dropout else set()))
         with _borrowed([], device, visiting=tes):
-            text_cache = _encode_captions(fam, tes, base.tokenizers, captions, cfg.model.clip_skip, precision)
+            text_cache = _encode_captions(fam, tes, base.tokenizers, captions, cfg.model.clip_skip, precision,
+                                          stop=events.stop_requested)
         events.emit("text_cache", captions=len(captions))
     else:  # encoded at every step
         for te in tes:
@@ -408,19 +441,21 @@ def _prepare_data(cfg: RunConfig, base, found, reg, train_te: bool, precision: P
     return data, cache, vae_id, text_cache
 
 
-def _optimizer_step(loss, optimizer, lr_scheduler, groups, precision, accelerator, max_grad_norm) -> float:
-    """Unscale, clip, step (skipped when the loss is not finite, as GradScaler skips overflows, so the LoRA stays
-    good), advance the schedule and clear the gradients. Returns the loss averaged over processes."""
+def _optimizer_step(loss, optimizer, lr_scheduler, groups, precision, accelerator, max_grad_norm) -> tuple[float, bool]:
+    """Unscale, clip, step, advance the schedule and clear the gradients. The step is skipped when the loss (the
+    mean over the micro-batches) or any gradient is not finite, as GradScaler skips fp16 overflows, so the LoRA stays
+    good: the gradient norm, which clipping computes anyway, is NaN/inf when any micro-batch's gradient was. Returns
+    (the loss averaged over processes, whether the optimizer stepped)."""
     precision.scaler.unscale_(optimizer)
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], max_grad_norm)
+    norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], max_grad_norm or math.inf)
     loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-    if math.isfinite(loss_value):
+    stepped = math.isfinite(loss_value) and math.isfinite(float(norm))
+    if stepped:
         precision.scaler.step(optimizer)
     precision.scaler.update()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_value
+    return loss_value, stepped
 
 
 class _Judge:
@@ -434,6 +469,7 @@ class _Judge:
         self.checkpoints: list[validation.Checkpoint] = []  # saved LoRAs with their figures
         self.loss_at: tuple[int | None, float | None] = (None, None)
         self.base_renders: list = []
+        self.seed_spread: float | None = None  # the base's own change between two seeds: the auto drift bound
 
     def __call__(self, step: int, saved: Path | None = None) -> None:
         cfg = self.cfg
@@ -449,6 +485,10 @@ class _Judge:
         if prompts and not self.base_renders:
             with validation.lora_disabled(self.models):
                 self.base_renders.extend(self.render(prompts))
+                if cfg.train.drift_bound is None:
+                    other = self.render(prompts, validation.SPREAD_SEED_OFFSET)
+                    self.seed_spread = drift(self.base_renders, other)
+                    self.events.emit("seed_spread", value=self.seed_spread, prompts=len(prompts))
         moved = drift(self.base_renders, self.render(prompts)) if prompts else None
         self.checkpoints.append(validation.Checkpoint(step, str(saved), self.loss_at[1], moved))
         self.events.emit("checkpoint", step=step, path=str(saved), validation_loss=self.loss_at[1], drift=moved)
@@ -594,6 +634,12 @@ def _device_name(device) -> str:
     return f"{device.type} ({os.cpu_count()} cores)" if device.type == "cpu" else device.type
 
 
+def _stop_point(accelerator, events: Events, phase: str) -> None:
+    """Between the phases before training: a Stop pressed since the run was queued ends it here, on every process."""
+    if _stop_everywhere(accelerator, events):
+        raise StopRequested(phase)
+
+
 def _stop_everywhere(accelerator, events: Events) -> bool:
     flag = torch.tensor([1.0 if events.stop_requested() else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
@@ -614,12 +660,15 @@ def _oom_message(step: int, cfg: RunConfig) -> str:
 
 
 @torch.no_grad()
-def _encode_captions(fam, tes, tokenizers, captions, clip_skip, precision) -> dict:
+def _encode_captions(fam, tes, tokenizers, captions, clip_skip, precision, stop=None) -> dict:
     """caption -> (hidden states, pooled or None), on CPU, for frozen text encoders. Captions go 16 at a time,
-    so an encoder visiting the GPU (see _borrowed) moves once per chunk rather than once per caption."""
+    so an encoder visiting the GPU (see _borrowed) moves once per chunk rather than once per caption; `stop()` is
+    asked between chunks."""
     out, chunk = {}, 16  # captions per encoder pass
     with precision.autocast():
         for start in range(0, len(captions), chunk):
+            if stop is not None and stop():
+                break
             part = captions[start:start + chunk]
             hidden, pooled = fam.encode(tes, fam.tokenize(tokenizers, part), clip_skip)
             for i, c in enumerate(part):
@@ -630,7 +679,7 @@ def _encode_captions(fam, tes, tokenizers, captions, clip_skip, precision) -> di
 def _fill_latent_cache(data, cache, vae, vae_id, main, accelerator, events) -> None:
     """Encode every image once on the main process; the other ranks then read the cache."""
     if main:
-        cached, encoded = fill_latent_cache(data, cache, vae, vae_id)
+        cached, encoded = fill_latent_cache(data, cache, vae, vae_id, stop=events.stop_requested)
         events.emit("cache", cached=cached, to_encode=encoded)
     accelerator.wait_for_everyone()
 
@@ -657,13 +706,13 @@ def _checkpoint_grid(run_dir: Path, steps: list[int], events: Events) -> None:
                 seed=None, grid=True)
 
 
-def _render(cfg, base, unet, tes, precision, prompts, stop=None, encoded=None) -> list:
+def _render(cfg, base, unet, tes, precision, prompts, stop=None, encoded=None, seed_offset: int = 0) -> list:
     """Prompts at the sample settings and seeds, with the VAE and text encoders borrowed back to the device;
     `encoded`: the prompts' embeddings, made before the encoders were let go (see _let_encoders_go)."""
     schedule, rescale = sampling_schedule(base.scheduler_config, cfg.model.prediction_type, cfg.model.zero_terminal_snr)
     with _borrowed([base.vae], precision.device, visiting=tes if encoded is None else ()):
         return render(base.family, unet, base.vae, tes, base.tokenizers, schedule, prompts,
-                      negative=cfg.sample.negative_prompt, seed=cfg.sample.seed, steps=cfg.sample.steps,
+                      negative=cfg.sample.negative_prompt, seed=cfg.sample.seed + seed_offset, steps=cfg.sample.steps,
                       guidance=cfg.sample.guidance_scale, size=cfg.data.resolution, guidance_rescale=rescale,
                       clip_skip=cfg.model.clip_skip, autocast=precision.autocast(), stop=stop, encoded=encoded)
 
@@ -748,11 +797,10 @@ def _save(path: Path, step: int, epoch: int, events: Events, *, cfg, base, data,
         tensors, extra = peft_state_dict(models, SAVE_DTYPES[cfg.save.dtype])
     else:
         tensors = kohya_state_dict(models, SAVE_DTYPES[cfg.save.dtype], base.family.unet_namer(base.unet.config))
-    tags = Counter(t for e in data.entries for t in split_tags(e.caption) for _ in range(e.repeats))
     metadata = build_metadata(
         name=path.stem, family=base.family, cfg=cfg, resolution=cfg.data.resolution,
         prediction_type=cfg.model.prediction_type, train_text_encoder=bool(cfg.lora.train_text_encoder),
-        tag_frequency={Path(cfg.data.dataset).name: dict(tags)}, num_images=data.num_samples, steps=step,
+        datasets=dataset_metadata(data.entries, cfg, cfg.data.resolution), steps=step,
         epoch=epoch + 1, started=started, finished=now_epoch(), base_name=base.name, base_hash=base.file_hash,
         thumbnail=png_data_url(thumbnail) if thumbnail else None,
         architecture=base.family.architecture(base.unet.config),
@@ -765,6 +813,9 @@ def _save(path: Path, step: int, epoch: int, events: Events, *, cfg, base, data,
         print(f"lora-studio: warning: {note}", file=sys.stderr)
     try:
         save_lora(path, tensors, {**metadata, **extra})
+    except NonFiniteError as e:  # never a file every loader would apply as garbage; an earlier one stays
+        raise TrainingError(f"the LoRA's weights became NaN or infinite by step {step}: {e} (any earlier "
+                            f"{path.name} and the checkpoints before are kept; try a lower optim.lr)") from None
     except OSError as e:  # written to a temp file first: the previous file at `path` is untouched
         raise TrainingError(f"could not save {path.name}: {e.strerror or e} (free disk space or pick another "
                             f"save.output_dir; any earlier {path.name} is intact)") from None

@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-UNSUPPORTED = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "oft_blocks": "OFT", "oft_diag": "OFT", ".a1.weight": "GLoRA",
-               "diff_b": "full-difference", "on_input": "IA3", ".diff": "full-difference"}
+from .lora_header import UNSUPPORTED  # one list, shared with the torch-free check
 
 
 class LoraError(ValueError):
@@ -31,6 +30,9 @@ class Module:
     alpha: float
     dora_scale: torch.Tensor | None = None
     path: str | None = None  # the dotted diffusers key (`transformer.<module path>`) a peft-layout file used
+    # What a DoRA module's dora_scale is divided by: "merged" ||W + dW|| (peft, LyCORIS: dora_scale is the magnitude),
+    # or "base" ||W|| (ComfyUI's formula; LoRA Studio's kohya files say so in metadata: formats.DORA_NORM_KEY).
+    dora_norm: str = "merged"
 
     @property
     def rank(self) -> int:
@@ -49,6 +51,30 @@ class Module:
         d, u = self.down.float(), self.up.float()
         w = (u.flatten(1) @ d.flatten(1)) * self.scale
         return w.reshape(u.shape[0], *d.shape[1:]) if d.ndim == 4 else w
+
+    def _norms(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W + ΔW, per-row ||W||, per-row ||W + ΔW||) in float32."""
+        w = weight.float()
+        merged = w + self.delta().reshape(w.shape)
+        rows = w.shape[0]
+        return merged, w.reshape(rows, -1).norm(dim=1), merged.reshape(rows, -1).norm(dim=1)
+
+    def fused(self, weight: torch.Tensor) -> torch.Tensor:
+        """The layer's weight with this module applied at full strength: W + ΔW, or for DoRA the magnitude times
+        the direction, as the file's convention says (see `dora_norm`)."""
+        merged, base_norm, merged_norm = self._norms(weight)
+        if self.dora_scale is None:
+            return merged
+        norm = base_norm if self.dora_norm == "base" else merged_norm
+        return merged * (self.dora_scale.float().reshape(-1) / norm).reshape(-1, *[1] * (merged.dim() - 1))
+
+    def magnitude(self, weight: torch.Tensor) -> torch.Tensor:
+        """peft's DoRA magnitude vector m (its weight is m * (W + ΔW) / ||W + ΔW||) for base weight `weight`."""
+        scale = self.dora_scale.float().reshape(-1)
+        if self.dora_norm == "merged":
+            return scale
+        _, base_norm, merged_norm = self._norms(weight)
+        return scale * merged_norm / base_norm
 
 
 @dataclass
@@ -119,7 +145,7 @@ def read_lora(path: str | Path) -> LoraFile:
         if any(marker in k for k in tensors):
             raise LoraError(f"{path.name} is a {kind} file; LoRA Studio reads LoRA, LoCon and DoRA only")
     if any(k.endswith(".lora_down.weight") for k in tensors):
-        modules, layout = _kohya_modules(tensors), "kohya"
+        modules, layout = _kohya_modules(tensors, metadata.get("lora_studio.dora_norm") == "base"), "kohya"
     elif any(".lora_A." in k or ".lora.down." in k for k in tensors):
         modules, layout = _peft_modules(tensors, metadata), "peft"
     else:
@@ -129,7 +155,7 @@ def read_lora(path: str | Path) -> LoraFile:
     return LoraFile(path, family, source, layout, modules, metadata)
 
 
-def _kohya_modules(t: dict) -> dict[str, Module]:
+def _kohya_modules(t: dict, dora_base_norm: bool = False) -> dict[str, Module]:
     out = {}
     for key in t:
         if key.endswith(".lora_down.weight"):
@@ -139,8 +165,12 @@ def _kohya_modules(t: dict) -> dict[str, Module]:
                 raise LoraError(f"{name} has lora_down but no lora_up: the file is incomplete")
             down = t[key]
             alpha = t.get(f"{name}.alpha")
-            out[name] = Module(down, up, float(alpha) if alpha is not None else float(down.shape[0]),
-                               t.get(f"{name}.dora_scale"))
+            dora = t.get(f"{name}.dora_scale")
+            if dora is not None and dora.shape[0] != up.shape[0]:
+                raise LoraError(f"{name}: its DoRA magnitudes are per input channel (LyCORIS wd_on_out=false), which "
+                                "no peft layer can hold; LoRA Studio reads per-output DoRA only")
+            out[name] = Module(down, up, float(alpha) if alpha is not None else float(down.shape[0]), dora,
+                               dora_norm="base" if dora is not None and dora_base_norm else "merged")
     return out
 
 

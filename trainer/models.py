@@ -6,7 +6,6 @@ resolution and file-format names.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from types import SimpleNamespace
 import torch
 
 from .errors import ModelError
+from .file_hashes import cached_file_sha256, model_folder_sha256
 from .model_info import EMBEDDED_DIR, PICKLE_SUFFIXES, family_name, looks_like_path
 
 
@@ -328,10 +328,10 @@ def load_base(source: str, family: str = "auto", dtype: torch.dtype | None = Non
                 raise ModelError(f"{path} is a folder but not a diffusers model (no model_index.json); "
                                  "pass a diffusers folder, a .safetensors checkpoint or a Hub id")
             pipe = _from_folder(path, dtype, on_unet, t5)
-            file_hash = ""
+            file_hash = model_folder_sha256(path)
         elif path.exists():
             pipe = _from_single_file(path, dtype, t5)
-            file_hash = sha256_file(path)
+            file_hash = cached_file_sha256(path)
         elif looks_like_path(source):
             raise ModelError(f"model {source} does not exist; check the path")
         else:
@@ -434,15 +434,18 @@ def _from_folder(path: Path, dtype=None, on_unet=None, t5: bool = True) -> Simpl
 
 
 def _from_hub(source: str, dtype=None, t5: bool = True):
+    """The Hugging Face cache first; only a model that is not there (huggingface_hub and diffusers say so with an
+    OSError: LocalEntryNotFoundError is one) is downloaded. A cached model that fails to load for another reason
+    says that reason instead of being downloaded again."""
     try:
         return _from_pretrained(source, local_only=True, dtype=dtype, t5=t5)
-    except Exception:
-        pass
+    except OSError as e:
+        not_cached = _first_line(e)
     try:
         return _from_pretrained(source, local_only=False, dtype=dtype, t5=t5)
     except Exception as e:
-        raise ModelError(f"could not load Hub model {source}: not in the local cache and not downloadable "
-                         f"({type(e).__name__}); download it first or pass a local folder") from e
+        raise ModelError(f"could not load Hub model {source}: not in the local cache ({not_cached}) and the download "
+                         f"failed ({type(e).__name__}: {_first_line(e)}); download it first or pass a local folder") from e
 
 
 def _from_single_file(path: Path, dtype=None, t5: bool = True):
@@ -506,10 +509,3 @@ def check_pickle_is_weights_only(path: Path) -> dict:
         raise ModelError(f"{path.name} does not hold a state dict")
     return sd
 
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -15,6 +15,7 @@ import subprocess
 from dataclasses import dataclass, field
 from importlib import metadata
 
+from . import cpu_features
 from .estimate import NATIVE, estimate, host_load_gb
 from .model_info import peek_family
 
@@ -62,6 +63,7 @@ class Choice:
     cost: str  # what it costs, in words, for the plan
     factor: float  # step-time multiplier
     changes_training: bool = False  # changes what is learned, not only how it is computed
+    saving: bool = True  # False: a choice about the CPU's precision, not a memory saving
 
 
 @dataclass
@@ -96,11 +98,13 @@ class Plan:
         if not self.fits:
             return self.reason
         usable = f"{self.budget.usable_gb:.1f} GB usable"
-        if not self.choices:
-            return f"fits as configured (~{self.peak_gb:.1f} GB of {usable})"
-        chosen = "; ".join(f"{c.name} ({c.cost})" for c in self.choices)
+        savings = [c for c in self.choices if c.saving]
+        notes = "".join(f"; {c.name}: {c.cost}" for c in self.choices if not c.saving)
+        if not savings:
+            return f"fits as configured (~{self.peak_gb:.1f} GB of {usable}){notes}"
+        chosen = "; ".join(f"{c.name} ({c.cost})" for c in savings)
         return (f"~{self.before_gb:.1f} GB as configured does not fit {usable}, so: {chosen}. "
-                f"~{self.peak_gb:.1f} GB, steps about {self.slowdown:.2f}x as long")
+                f"~{self.peak_gb:.1f} GB, steps about {math.prod(c.factor for c in savings):.2f}x as long{notes}")
 
     def to_dict(self) -> dict:
         return {"source": self.budget.source, "device": self.budget.device, "memory_gb": self.budget.memory_gb,
@@ -121,14 +125,15 @@ def candidates(cfg, device: str) -> list[Choice]:
     """Savings that would change this config (one already on is not offered), cheapest kind first."""
     t, d = cfg.train, cfg.data
     out = []
-    if t.mixed_precision == "no":
+    slow_half = device == "cpu" and not cpu_features.bf16_fast()  # bf16 would cost 15-30x there: never offered
+    if t.mixed_precision == "no" and not slow_half:
         half = "fp16" if device == "cuda" else "bf16"
         out.append(Choice(f"{half} frozen weights", [f"train.mixed_precision={half}"], "no slower; LoRA stays fp32",
                           STEP_COST["half"][device]))
     if not (d.cache_latents and d.cache_text) and not (d.random_crop or d.flip):  # augmentations need live latents
         out.append(Choice("latent and caption caches", ["data.cache_latents=true", "data.cache_text=true"],
                           "faster (14.4 -> 10.1 s a step measured)", STEP_COST["cache"][device]))
-    if t.frozen_dtype != "fp8":
+    if t.frozen_dtype != "fp8" and not (slow_half and t.mixed_precision == "no"):
         f = STEP_COST["fp8"][device]
         out.append(Choice("fp8 frozen weights", ["train.frozen_dtype=fp8"], f"steps {f:.2f}x", f))
     if not t.gradient_checkpointing:
@@ -173,9 +178,27 @@ def _load(cfg, overrides: list[str]):
     return type(cfg).load(cfg.to_dict(), overrides=overrides) if overrides else cfg
 
 
+FP32_ON_THIS_CPU = ["train.mixed_precision=no", "train.frozen_dtype=auto"]
+
+
 def make_plan(cfg, budget: Budget, n_samples: int | None = None) -> Plan:
+    """The plan for `cfg` on `budget`. On a CPU without fast bf16 a bf16 run trains in fp32 instead when fp32 fits
+    (bf16 steps would take 15-30x as long), said in the plan; when it does not fit, bf16 stays and the plan says
+    how slow that is."""
+    slow_half = budget.device == "cpu" and cfg.train.mixed_precision != "no" and not cpu_features.bf16_fast()
+    if slow_half and cfg.train.fit_memory:  # fit_memory off: exactly as configured, bf16 included
+        fp32 = _make_plan(_load(cfg, FP32_ON_THIS_CPU), budget, n_samples)
+        if fp32.fits:
+            fp32.choices.insert(0, Choice("fp32 on this CPU", FP32_ON_THIS_CPU, "bf16 is 15-30x slower than fp32 on a "
+                                          "CPU without AVX512-BF16 or AMX, so the run trains in fp32", 1.0,
+                                          saving=False))
+            fp32.fit_memory = cfg.train.fit_memory
+            return fp32
     plan = _make_plan(cfg, budget, n_samples)
     plan.fit_memory = cfg.train.fit_memory
+    if slow_half and plan.fits:
+        plan.choices.append(Choice("bf16 kept", [], "fp32 does not fit, so steps take 15-30x as long on this CPU, "
+                                   "which has no AVX512-BF16 or AMX", 20.0, saving=False))
     return plan
 
 

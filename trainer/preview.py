@@ -52,7 +52,8 @@ class Request:
 
 
 class Previewer:
-    def __init__(self):
+    def __init__(self, say=None):
+        self.say = say or (lambda text: None)  # a phase, for the page ("loading the pipeline", "step 12 of 20")
         self.base_source: str | None = None
         self.base = None
         self.pipe = None
@@ -63,6 +64,7 @@ class Previewer:
     # ---- pipeline and adapters ---------------------------------------------------------------------
     def pipeline(self, source: str):
         if source != self.base_source:
+            self.say(f"loading the base model ({Path(source).name or source})")
             self.base = load_base(source)
             b = self.base
             self.pipe = b.family.pipeline(b.unet, b.vae, b.text_encoders, b.tokenizers,
@@ -80,6 +82,7 @@ class Previewer:
         known = self.adapters.get(str(p))
         if known and known[1] == mtime:
             return known[0]
+        self.say(f"loading {p.name}")
         lora = read_lora(p)  # refuses broken files and unsupported kinds by name
         check_family(lora, self.base.family.name)
         name = f"lora{len(self.adapters) + self.loads}"
@@ -120,9 +123,15 @@ class Previewer:
         pipe.scheduler = self.scheduler(req.sampler)
         size = req.size or self.base.unet.config.sample_size * pipe.vae_scale_factor  # the model's native size
         rescale = sampling_schedule(self.base.scheduler_config)[1]
+
+        def on_step(pipe, i, t, kwargs):
+            self.say(f"denoising: step {i + 1} of {req.steps}")
+            return kwargs
+
+        self.say(f"denoising: step 0 of {req.steps}")
         image = pipe(req.prompt, negative_prompt=req.negative or None, num_inference_steps=req.steps,
                      guidance_scale=req.guidance, height=size, width=size,
-                     **({"guidance_rescale": rescale} if rescale else {}),
+                     **({"guidance_rescale": rescale} if rescale else {}), callback_on_step_end=on_step,
                      generator=torch.Generator("cpu").manual_seed(req.seed)).images[0]
         settings = {**asdict(req), "size": size, "family": self.base.family.name,
                     "scheduler": type(pipe.scheduler).__name__}

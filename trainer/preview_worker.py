@@ -58,9 +58,14 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     from .preview import Previewer
 
-    previewer = Previewer()
     reply_to = sys.stdout
     sys.stdout = sys.stderr  # library prints must never corrupt the reply channel
+
+    def say(text: str) -> None:  # a progress line before the reply: the page shows what the worker is doing
+        reply_to.write(json.dumps({"progress": text}) + "\n")
+        reply_to.flush()
+
+    previewer = Previewer(say)
     for line in sys.stdin:
         if not line.strip():
             continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import write_text
+from .atomic import fsync_dir, replace, write_text
 from .errors import TrainingError
 
 from .state_files import COMPLETE, STATE_DIR, folders, latest  # noqa: F401  (the layout, re-exported)
@@ -63,18 +64,33 @@ def commit(run_dir: Path, step: int, params: dict, optimizer, lr_scheduler, scal
     """Write the shared part of the state, mark it complete, rename it into place, drop old states."""
     tmp = temp_folder(run_dir, step)
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file({k: p.detach().float().cpu().contiguous() for k, p in params.items()}, str(tmp / "lora.safetensors"))
+    weights = {k: p.detach().float().cpu().contiguous() for k, p in params.items()}
+    bad = [k for k, t in weights.items() if not bool(torch.isfinite(t).all())]
+    if bad:  # a state to resume from must be one worth resuming: the last good one stays the latest
+        raise TrainingError(f"the LoRA weights hold NaN or infinite values ({len(bad)} of {len(weights)} tensors, "
+                            f"e.g. {bad[0]}); try a lower optim.lr")
+    save_file(weights, str(tmp / "lora.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                 "scaler": scaler.state_dict()}, tmp / "optim.pt")
     write_text(tmp / "counters.json", json.dumps(counters))
+    _fsync_tree(tmp)  # every file on disk before COMPLETE says the state is whole: a power cut cannot tear it
     write_text(tmp / COMPLETE, f"step {step}\n")
     final = Path(run_dir) / STATE_DIR / f"step-{step:06d}"
     if final.exists():
         shutil.rmtree(final)
-    tmp.rename(final)
+    replace(tmp, final)
+    fsync_dir(final.parent)
     for old in folders(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb+") as handle:
+                os.fsync(handle.fileno())
+    fsync_dir(folder)
 
 
 def save_failed(run_dir: Path, step: int, error: Exception, params: dict) -> TrainingError:
@@ -89,7 +105,8 @@ def save_failed(run_dir: Path, step: int, error: Exception, params: dict) -> Tra
     last = latest(run_dir)
     kept = (f"the last good state ({last.name}) and the LoRA files are kept" if last
             else "the LoRA files already written are kept")
-    if getattr(error, "errno", None) == errno.ENOSPC or (free is not None and free < needed):
+    said_full = any(w in str(error) for w in ("No space left", "StorageFull", "not enough space"))
+    if getattr(error, "errno", None) == errno.ENOSPC or said_full or (free is not None and free < needed):
         room = f"{_size(free)} free at {run_dir}, about {_size(needed)} needed" if free is not None else str(run_dir)
         return TrainingError(f"disk full while saving the training state at step {step} ({room}); the partial state "
                              f"was removed and {kept}. Free some space, then Resume")

@@ -307,13 +307,16 @@ def bake(base: str, loras: list, weights: list[float], out: str | Path, force: b
         with torch.no_grad():
             for name, m in lora.modules.items():
                 weight = index[name].weight
-                weight += (m.delta() * w).to(weight.dtype).reshape(weight.shape)
+                # At strength w, as ComfyUI and A1111 apply any adapter: W + w * (fused - W); for plain LoRA w * ΔW.
+                change = m.fused(weight) - weight.float() if m.dora_scale is not None else m.delta()
+                weight += (change * w).to(weight.dtype).reshape(weight.shape)
                 applied += 1
     pipe = b.family.pipeline(b.unet, b.vae, b.text_encoders, b.tokenizers, _scheduler(b.scheduler_config))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o777 & ~UMASK)  # mkdtemp's 0700 would make the finished model private to this user
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        clip_keys_for_loaders(tmp)
         if out.exists():  # only with force; the old folder goes only once the new one is whole
             old = out.with_name(f".{out.name}.old")
             out.rename(old)
@@ -325,6 +328,34 @@ def bake(base: str, loras: list, weights: list[float], out: str | Path, force: b
         if tmp.exists():
             shutil.rmtree(tmp)
     return {"folder": str(out), "modules_changed": applied}
+
+
+def clip_keys_for_loaders(folder: Path) -> list[Path]:
+    """transformers 5 saves a CLIPTextModel without its `text_model.` level (`encoder.layers.0...`), which ComfyUI
+    and A1111 read as every CLIP weight missing. Put the level back in each text encoder's files (transformers and
+    diffusers load either form). Returns the files rewritten."""
+    from safetensors.torch import load_file, save_file
+
+    done = []
+    for te in sorted(folder.glob("text_encoder*")):
+        config = te / "config.json"
+        if not config.exists() or json.loads(config.read_text(encoding="utf-8")).get("model_type") != "clip_text_model":
+            continue  # T5 keeps its own names
+        for f in sorted(te.glob("*.safetensors")):
+            tensors = load_file(str(f))
+            if all(k.startswith(("text_model.", "text_projection.")) for k in tensors):
+                continue
+            fixed = {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v
+                     for k, v in tensors.items()}
+            save_file(fixed, str(f), metadata={"format": "pt"})
+            done.append(f)
+        index = te / "model.safetensors.index.json"
+        if index.exists():
+            data = json.loads(index.read_text(encoding="utf-8"))
+            data["weight_map"] = {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v
+                                  for k, v in data.get("weight_map", {}).items()}
+            index.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    return done
 
 
 def _scheduler(config: dict):

@@ -29,13 +29,28 @@ CHUNK = 4
 CENTRE = (0.5, 0.5)
 
 
+MIN_TRAINING_IMAGES = 3  # a split that leaves fewer trains on next to nothing
+
+
+class SplitError(ValueError):
+    """A validation split that would leave too little to train on; the message has the numbers."""
+
+
 def split(found: Scan, spec: float, seed: int) -> tuple[Scan, Scan | None]:
     """(training scan, validation scan): `spec` < 1 is a fraction of the images, >= 1 a count; 0 = none.
-    The same seed holds out the same images; at least one image always stays for training."""
-    if not spec or len(found.items) < 2:
+    The same seed holds out the same images. A split that would keep fewer images for training than it holds out,
+    or fewer than MIN_TRAINING_IMAGES, is refused with the numbers and the largest split that works."""
+    if not spec:
         return found, None
-    n = max(1, round(spec * len(found.items))) if spec < 1 else int(spec)
-    n = min(n, len(found.items) - 1)
+    total = len(found.items)
+    n = max(1, round(spec * total)) if spec < 1 else int(spec)
+    if total - n < max(n, MIN_TRAINING_IMAGES):
+        most = min(total // 2, total - MIN_TRAINING_IMAGES)
+        fix = (f"hold out at most {most} (data.validation_split={most}, or a fraction such as 0.1)" if most >= 1
+               else f"add images (a validation set needs at least {MIN_TRAINING_IMAGES + 1}), or set "
+                    "data.validation_split=0 or name a data.validation_dataset folder")
+        raise SplitError(f"data.validation_split={spec:g} holds out {min(n, total)} of {total} images and leaves "
+                         f"{max(total - n, 0)} to train on; {fix}")
     held = set(random.Random(f"validation-{seed}").sample(range(len(found.items)), n))
     train = dataclasses.replace(found, items=[it for i, it in enumerate(found.items) if i not in held])
     val = dataclasses.replace(found, items=[it for i, it in enumerate(found.items) if i in held], problems={})
@@ -144,9 +159,25 @@ class Checkpoint:
     drift: float | None
 
 
-def recommend(checkpoints: list[Checkpoint], drift_bound: float) -> tuple[Checkpoint, str] | None:
+SPREAD_SHARE = 0.8  # auto drift bound: this share of the base's own seed-to-seed change (0.09 on the embedded model)
+SPREAD_SEED_OFFSET = 1000  # the second seed the base renders the drift prompts at
+
+
+def drift_bound(configured: float | None, seed_spread: float | None) -> tuple[float, str]:
+    """(the bound, what it rests on): train.drift_bound when set, else SPREAD_SHARE of the base model's own change
+    between two seeds on the drift prompts (a LoRA should change trigger-free images less than a new seed does)."""
+    if configured is not None:
+        return configured, "train.drift_bound"
+    if seed_spread is None:
+        return 1.0, "no drift measured"
+    return SPREAD_SHARE * seed_spread, f"{SPREAD_SHARE:g}x the base model's own change between two seeds, " \
+                                       f"{seed_spread:.3f}"
+
+
+def recommend(checkpoints: list[Checkpoint], drift_bound: float, basis: str = "") -> tuple[Checkpoint, str] | None:
     """The checkpoint to keep and why, in one line: the lowest validation loss among those whose drift stays
-    within the bound (all of them when none does), and how much worse the ones after it got."""
+    within the bound (all of them when none does), and how much worse the ones after it got. `basis`: what the
+    bound rests on, said beside it."""
     usable = [c for c in checkpoints if math.isfinite(c.validation_loss)]
     if not usable:
         return None
@@ -155,7 +186,7 @@ def recommend(checkpoints: list[Checkpoint], drift_bound: float) -> tuple[Checkp
     why = [f"step {best.step}: lowest validation loss ({best.validation_loss:.4g})"]
     if best.drift is not None:
         within = "within" if best.drift <= drift_bound else "above"
-        why.append(f"drift {best.drift:.3f} {within} the {drift_bound:g} bound")
+        why.append(f"drift {best.drift:.3f} {within} the {drift_bound:.3g} bound" + (f" ({basis})" if basis else ""))
     passed_over = [c for c in usable if c not in calm and c.validation_loss < best.validation_loss]
     if passed_over:
         why.append(f"{len(passed_over)} checkpoint(s) with lower loss drift past the bound")

@@ -28,8 +28,8 @@ def build(ctx: Ctx) -> dict:
             create = gr.Button("Create", scale=1, elem_id="create-dataset")
         message = gr.Markdown(elem_id="dataset-message")
         with gr.Row():
-            upload = gr.File(file_count="multiple", file_types=["image", ".zip"], type="filepath",
-                             label="Drop images or .zip files here", elem_id="upload")
+            upload = gr.File(file_count="multiple", file_types=["image", ".zip", ".txt"], type="filepath",
+                             label="Drop images (with their .txt captions) or .zip files here", elem_id="upload")
             with gr.Column(scale=0, min_width=160):
                 import_btn = gr.Button("Import", variant="primary", elem_id="import")
         import_report = gr.Dataframe(headers=["file", "result", "detail"], interactive=False, label="Import report",
@@ -191,11 +191,12 @@ def build(ctx: Ctx) -> dict:
     save_settings.click(*said(do_settings, [ds, trigger, repeats, kind], [message]))
 
     @guard
-    def do_apply(name, act, t, new):
+    def do_apply(name, act, t, new, image):
         msg = ops.bulk_edit(ws, name, act, t, new)
-        return msg, ops.tag_table(ws, name)
+        # The open caption is shown as it is now: saving the old text would undo the bulk edit for that image.
+        return msg, ops.tag_table(ws, name), ops.caption(ws, name, image) if image else gr.skip()
 
-    apply.click(*said(do_apply, [ds, action, tag, new_tag], [message, tags]))
+    apply.click(*said(do_apply, [ds, action, tag, new_tag, image_name], [message, tags, caption]))
 
     @guard
     def do_check(name, res, model):

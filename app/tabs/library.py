@@ -91,9 +91,12 @@ def build(ctx: Ctx) -> dict:
 
     @guard
     def do_export(path):
-        return library.export(ws, find(path))
+        e = find(path)
+        files = library.export(ws, e)
+        return files, (f"exported **{e.name}**: {Path(files[0]).name} and its model card {Path(files[1]).name} are "
+                       "ready under Download (click a file there to save it)")
 
-    export.click(do_export, chosen, download)
+    export.click(*said(do_export, chosen, [download, message]))
 
     @guard
     def do_import(path, q, fam):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from pathlib import Path
 
 import gradio as gr
 from PIL import Image
@@ -37,7 +38,7 @@ def parse_weights(text: str) -> list[float]:
 
 def build(ctx: Ctx) -> dict:
     ws = ctx.ws
-    with gr.Tab("Preview", id="preview"):
+    with gr.Tab("Preview", id="preview") as tab:
         with gr.Row():
             base = gr.Dropdown([form.EMBEDDED], value=form.EMBEDDED, allow_custom_value=True, scale=3,
                                label="Base model", elem_id="preview-base")
@@ -115,10 +116,15 @@ def build(ctx: Ctx) -> dict:
 
     common = [base, prompt, negative, seed, steps, cfg, size, sampler]
 
+    def shown(progress, prefix=""):
+        """The worker's phase on the busy image ("loading the base model", "image 2 of 4: denoising: step 3 of 20")."""
+        return lambda text: progress(None, desc=f"{prefix}{text}") if text else None
+
     @guard
-    def do_generate(b, pr, neg, sd, st, cf, sz, smp, *slot_values):
+    def do_generate(b, pr, neg, sd, st, cf, sz, smp, *slot_values, progress=gr.Progress()):
         pr, values = apply_tags(pr, slot_values)
-        reply = ctx.render("generate", request=request(b, pr, neg, sd, st, cf, sz, smp, *values))
+        reply = ctx.render("generate", request=request(b, pr, neg, sd, st, cf, sz, smp, *values),
+                           on_progress=shown(progress))
         return (reply["image"], json.dumps(reply["settings"], indent=1), pr, *values)
 
     # Only the image shows "processing": the slots and the prompt stay usable while it renders.
@@ -129,7 +135,7 @@ def build(ctx: Ctx) -> dict:
                    **one_worker)
 
     @guard
-    def do_compare(m, x, y, b, pr, neg, sd, st, cf, sz, smp, *slot_values):
+    def do_compare(m, x, y, b, pr, neg, sd, st, cf, sz, smp, *slot_values, progress=gr.Progress()):
         """Cell by cell: the sheet is shown after each one, so a grid fills in instead of arriving at the end."""
         pr, values = apply_tags(pr, slot_values)
         req = request(b, pr, neg, sd, st, cf, sz, smp, *values)
@@ -148,7 +154,8 @@ def build(ctx: Ctx) -> dict:
         folder.mkdir(parents=True, exist_ok=True)
         stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"  # two compares in one second differ
         for i, (_, loras) in enumerate(cells):
-            reply = ctx.render("generate", request={**req, "loras": loras})
+            reply = ctx.render("generate", request={**req, "loras": loras},
+                               on_progress=shown(progress, f"image {i + 1} of {len(cells)}: "))
             with Image.open(reply["image"]) as im:
                 images.append(im.convert("RGB"))
             sheet = folder / f"{stem}-{i + 1}-of-{len(cells)}.png"
@@ -200,11 +207,34 @@ def build(ctx: Ctx) -> dict:
 
     drop.upload(do_drop, [drop, *slot_inputs], [s[0] for s in slots])
 
-    def refresh(*files):
+    def refresh(*files_and_settings):
         """The LoRAs there are now; a slot whose file was renamed or trashed meanwhile is emptied rather than
-        left pointing at a path that a later Generate would fail on."""
+        left pointing at a path that a later Generate would fail on, and the last settings say which of their
+        files are gone since."""
+        *files, shown_settings = files_and_settings
         choices = lora_choices(ws)
         there = {path for _, path in choices}
-        return tuple(gr.Dropdown(choices=choices, value=f if f in there else None) for f in files)
+        return (*(gr.Dropdown(choices=choices, value=f if f in there else None) for f in files),
+                gone_since(shown_settings))
 
-    return {"refresh": (refresh, [s[0] for s in slots], [s[0] for s in slots])}
+    files_and_settings = [*(s[0] for s in slots), settings]
+    # LoRAs a run saved, or the Library renamed, since the page loaded: there when the tab opens.
+    tab.select(refresh, files_and_settings, files_and_settings, show_progress="hidden")
+    return {"refresh": (refresh, files_and_settings, files_and_settings)}
+
+
+def gone_since(text: str | None):
+    """The settings JSON with each LoRA file that no longer exists marked as renamed or moved since the render."""
+    if not text:
+        return gr.skip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return gr.skip()
+    changed = False
+    for slot in data.get("loras", []) if isinstance(data, dict) else []:
+        path = slot.get("path", "")
+        if path and not slot.get("since") and not Path(path).exists():
+            slot["since"] = "renamed, moved or trashed since this render"
+            changed = True
+    return json.dumps(data, indent=1) if changed else gr.skip()

@@ -261,7 +261,16 @@ def build(ctx: Ctx, saved_form) -> dict:
         return gr.Dataframe(value=rows, visible=bool(rows))
 
     live = [state_md, progress, loss, samples, log, command, checkpoint_table, seen]
-    timer.tick(refresh, [run_pick, seen], live)
+    # hidden: a tick is bookkeeping; gradio's queue text ("queue: 1/1 | 1.3/0.6s") is no part of a run's state
+    timer.tick(refresh, [run_pick, seen], live, show_progress="hidden")
+    # A run that ends has timed its steps (speed_log): the estimate becomes the measured range at once.
+    ended = gr.State(0)
+
+    def count_ended(sig, n):
+        return n + 1 if sig and sig[4] in ("finished", "stopped") else gr.skip()
+
+    seen.change(count_ended, [seen, ended], ended, show_progress="hidden")
+    ended.change(settings, form_inputs, settings_outputs, show_progress="hidden")
 
     def sync_runs(current, known):
         """Runs started from another tab or the CLI appear here too; the picked one stays picked."""
@@ -270,7 +279,7 @@ def build(ctx: Ctx, saved_form) -> dict:
             return gr.skip(), known
         return gr.Dropdown(choices=names, value=current if current in names else (names[0] if names else None)), names
 
-    timer.tick(sync_runs, [run_pick, known_runs], [run_pick, known_runs])
+    timer.tick(sync_runs, [run_pick, known_runs], [run_pick, known_runs], show_progress="hidden")
     # Named, so scripts (and the load test) can read a run's state: /run_state(run name).
     run_pick.change(refresh, [run_pick, never_seen], live, api_name="run_state")
 
@@ -303,6 +312,6 @@ def build(ctx: Ctx, saved_form) -> dict:
         return f"kept **{kept.name}** in the Library ({html.escape(rec['message'])})"
 
     keep.click(said_in(start_msg, [start_msg], do_keep), run_pick, start_msg)
-    return {"refresh_datasets": (dataset, reg), "model": model,
+    return {"refresh_datasets": (dataset, reg), "model": model, "active": lambda: bool(runner.running() or runner.queued()),
             "load_form": (load_form, [saved_form, *form_inputs], [*kept, *settings_outputs]), "resolution": resolution,
             "runs": (run_pick, known_runs), "run_name": run_name}

@@ -69,13 +69,16 @@ def encode_latent(vae, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tens
 
 
 @torch.no_grad()
-def fill_latent_cache(data, cache: LatentCache, vae, vae_id: str, progress: bool = True) -> tuple[int, int]:
-    """Encode every centre-cropped image of `data` that the cache lacks. Returns (already cached, encoded)."""
+def fill_latent_cache(data, cache: LatentCache, vae, vae_id: str, progress: bool = True, stop=None) -> tuple[int, int]:
+    """Encode every centre-cropped image of `data` that the cache lacks; `stop()` is asked before each image (a user
+    who pressed Stop does not wait for the rest). Returns (already cached, encoded)."""
     from tqdm.auto import tqdm
 
     gen = torch.Generator("cpu").manual_seed(0)
     todo = [i for i in range(len(data)) if cache.get(data.cache_key(i, CENTRE, vae_id)) is None]
     for i in tqdm(todo, desc="cache latents", disable=not (todo and progress)):
+        if stop is not None and stop():
+            break
         pixels, _ = data.pixels(i, CENTRE, False)
         cache.put(data.cache_key(i, CENTRE, vae_id), encode_latent(vae, pixels, gen))
     cache.hits = cache.misses = 0

@@ -96,11 +96,12 @@ class Lint:
     window: int
     files: dict[str, list[str]] = field(default_factory=dict)  # path -> findings
     always: list[str] = field(default_factory=list)  # tags in every caption, the trigger aside
+    notes: list[str] = field(default_factory=list)  # about the whole set, not a problem with any one file
     frequency: list[tuple[str, int]] = field(default_factory=list)  # tag, captions it is in; most first
 
     def to_dict(self) -> dict:
         return {"tokenizer": self.tokenizer, "window": self.window, "files": self.files, "always": self.always,
-                "frequency": [list(x) for x in self.frequency]}
+                "frequency": [list(x) for x in self.frequency], "notes": self.notes}
 
 
 def lint(captions: dict[str, str], trigger: str, counter: TokenCounter) -> Lint:
@@ -109,6 +110,7 @@ def lint(captions: dict[str, str], trigger: str, counter: TokenCounter) -> Lint:
     out = Lint(counter.name, counter.window)
     written = {p: c for p, c in captions.items() if c.strip()}
     seen = Counter()
+    without_trigger = 0
     for path, caption in written.items():
         found = []
         trained = with_trigger(caption, trigger)  # what training feeds the text encoder
@@ -118,9 +120,11 @@ def lint(captions: dict[str, str], trigger: str, counter: TokenCounter) -> Lint:
             found.append(f"caption is {n} tokens, over the text encoder's {counter.room} ({counter.name}): cut off at "
                          f"training: {', '.join(cut)}")
         if trigger and trained != caption:
+            without_trigger += 1  # normal (training puts it first): one note for the set, not a warning per file
             near = [t for t in tags if t.lower().replace("_", " ").startswith(trigger.lower())]
-            found.append(f"no trigger {trigger!r}: training puts it first" +
-                         (f" (the caption has {', '.join(near)})" if near else ""))
+            if near:  # but a near miss is likely a typo, and then the caption holds two different words
+                found.append(f"no trigger {trigger!r} but {', '.join(near)}: a typo? training puts {trigger!r} "
+                             "first and keeps the other word too")
         dupes = sorted(t for t, k in Counter(t.lower() for t in tags).items() if k > 1)
         if dupes:
             found.append(f"duplicate tag(s): {', '.join(dupes)}")
@@ -128,6 +132,9 @@ def lint(captions: dict[str, str], trigger: str, counter: TokenCounter) -> Lint:
             out.files[path] = found
         seen.update({t.lower() for t in tags})
     out.frequency = sorted(seen.items(), key=lambda x: (-x[1], x[0]))
+    if without_trigger:
+        out.notes.append(f"{without_trigger} of {len(written)} captions do not start with the trigger {trigger!r}; "
+                         "training puts it first, so nothing needs changing")
     if len(written) >= MIN_FILES_FOR_ALWAYS:
         out.always = [t for t, k in out.frequency if k == len(written) and t != trigger.lower()]
     return out
@@ -152,6 +159,7 @@ def add_to_report(rep: dict, dataset: str | Path, trigger: str | None = None, mo
 
 def summary_lines(found: Lint, top: int = 12) -> list[str]:
     lines = [f"captions ({found.tokenizer}, {found.window - 2} tokens fit):"]
+    lines += [f"  note: {n}" for n in found.notes]
     for tag in found.always:
         lines.append(f"  {tag!r} is in every caption besides the trigger: it will be learned as part of the trigger "
                      "(remove it where it is not what the trigger means)")
