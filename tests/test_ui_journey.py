@@ -180,7 +180,7 @@ def test_a_new_users_first_hour(tmp_path):
         j.tab("Preview")
         page.locator("#preview-drop input[type=file]").set_input_files(str(shared))
         wait_until(lambda: "style" in field(page, "slot0-file").input_value(), "the dropped LoRA in slot 1", 30)
-        pick(page, "slot1-file", "glorp-run (run glorp-run)")
+        pick(page, "slot1-file", "glorp-run (run)")  # not "glorp-run (run glorp-run)"
         set_slider(page, "slot0-weight", 0.6)
         set_slider(page, "slot1-weight", 0.8)
         field(page, "preview-prompt").fill("glorp, a large figure on a blue background")

@@ -130,6 +130,7 @@ def build(ctx: Ctx, saved_form) -> dict:
         never_seen = gr.State(None)  # a picked run always renders in full
         known_runs = gr.State(runs)
         resolution = gr.State(None)  # what the chosen model and preset train at; the Datasets tab checks at it
+        ended = gr.State(0)  # runs seen finishing: each refreshes the estimate with the steps it measured
         timer = gr.Timer(1.5)
 
     # ---- settings ------------------------------------------------------------------------------
@@ -264,8 +265,6 @@ def build(ctx: Ctx, saved_form) -> dict:
     # hidden: a tick is bookkeeping; gradio's queue text ("queue: 1/1 | 1.3/0.6s") is no part of a run's state
     timer.tick(refresh, [run_pick, seen], live, show_progress="hidden")
     # A run that ends has timed its steps (speed_log): the estimate becomes the measured range at once.
-    ended = gr.State(0)
-
     def count_ended(sig, n):
         return n + 1 if sig and sig[4] in ("finished", "stopped") else gr.skip()
 
