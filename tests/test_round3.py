@@ -517,3 +517,44 @@ def test_cpu_bf16_detection_reads_the_flags(monkeypatch, tmp_path):
     cpu_features._detected.cache_clear()
     assert cpu_features.bf16_fast() is True
     cpu_features._detected.cache_clear()
+
+
+# ---- 17. Preview says what it is doing ---------------------------------------------------------------------------
+def test_preview_reports_its_phases(tmp_path):
+    from trainer.preview import Previewer, Request
+
+    said = []
+    image, settings = Previewer(said.append).generate(Request(base="tiny", prompt="a red circle", steps=3))
+    assert said[0].startswith("loading the base model") and said[-1] == "denoising: step 3 of 3"
+    assert "denoising: step 1 of 3" in said and image.size[0] > 0
+
+
+def test_the_lora_check_the_app_runs_needs_no_torch(tmp_path):
+    """Dropping a LoRA into Preview or the Library checks it without torch, as thoroughly as lora inspect."""
+    from safetensors.torch import save_file
+
+    from trainer import lora_header
+
+    good, bad = tmp_path / "good.safetensors", tmp_path / "bad.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(2, 4, dtype=torch.bfloat16),
+               "lora_unet_x.lora_up.weight": torch.ones(4, 2, dtype=torch.bfloat16)}, str(good))
+    assert lora_header.check(good) == []
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(2, 4, dtype=torch.bfloat16),
+               "lora_unet_x.lora_up.weight": torch.full((4, 3), float("nan"), dtype=torch.bfloat16)}, str(bad))
+    defects = lora_header.check(bad)
+    assert any("ranks that do not match" in d for d in defects) and any("NaN" in d for d in defects)
+    loha = tmp_path / "loha.safetensors"
+    save_file({"lora_unet_x.hada_w1_a": torch.ones(2, 2)}, str(loha))
+    with pytest.raises(lora_header.HeaderError, match="LoHa"):
+        lora_header.check(loha)
+    (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:-4])
+    with pytest.raises(lora_header.HeaderError, match="truncated"):
+        lora_header.check(tmp_path / "cut.safetensors")
+    code = "import sys, trainer.lora_header; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_lora_studio_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "app", "--help"], capture_output=True, text=True, timeout=60).stdout
+    for command in ("ui", "train", "dataset", "lora", "bench", "doctor"):
+        assert f"\n  {command} " in out, out

@@ -7,6 +7,7 @@ resolution and file-format names.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -309,6 +310,23 @@ def resolve_source(source: str) -> str:
     return source
 
 
+class _NotForUs(logging.Filter):
+    """transformers 5 says at import, for every image processor diffusers' pipelines import for their safety
+    checkers, that it would rather have torchvision. No LoRA Studio pipeline uses an image processor; the lines
+    only buried what users need to read (issue 30: Preview's log)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+def quiet_transformers() -> None:
+    import transformers.utils.logging  # noqa: F401  (configures the library's handler)
+
+    for handler in logging.getLogger("transformers").handlers:
+        if not any(isinstance(f, _NotForUs) for f in handler.filters):
+            handler.addFilter(_NotForUs())
+
+
 def load_base(source: str, family: str = "auto", dtype: torch.dtype | None = None, on_unet=None,
               t5: bool = True) -> Base:
     """Load a diffusers folder, a single-file checkpoint or a Hub id. Raises ModelError with one line.
@@ -319,6 +337,7 @@ def load_base(source: str, family: str = "auto", dtype: torch.dtype | None = Non
     in half precision beside them. `t5=False` leaves SD3's T5-XXL encoder unloaded (a NoT5 stands in)."""
     from diffusers.utils import logging as diffusers_logging
 
+    quiet_transformers()
     diffusers_logging.disable_progress_bar()  # per-component bars are noise around our own progress
     source = resolve_source(source)
     path = Path(source).expanduser()

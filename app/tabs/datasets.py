@@ -50,12 +50,12 @@ def build(ctx: Ctx) -> dict:
                 repeats = gr.Number(1, precision=0, minimum=1, label="Repeats per epoch")
                 kind = gr.Dropdown(KINDS, value="", label="Kind (picks the caption template)")
                 save_settings = gr.Button("Save", elem_id="save-settings")
-        with gr.Accordion("Tags", open=False):
+        with gr.Accordion("Tags", open=False, elem_id="tags-accordion"):
             with gr.Row():
                 action = gr.Radio(["add", "add first", "remove", "replace"], value="add", label="Bulk action")
-                tag = gr.Textbox(label="Tag")
+                tag = gr.Textbox(label="Tag", elem_id="bulk-tag")
                 new_tag = gr.Textbox(label="Replace with")
-                apply = gr.Button("Apply to all captions")
+                apply = gr.Button("Apply to all captions", elem_id="bulk-apply")
             tags = gr.Dataframe(headers=["tag", "images"], interactive=False, label="Tag frequency")
         with gr.Accordion("Trash", open=False):
             with gr.Row():
