@@ -49,6 +49,8 @@ class RunView:
     plan: str = ""  # the memory plan the trainer chose, in one line
     checkpoints: list[dict] = field(default_factory=list)  # checkpoint events: step, validation_loss, drift, path
     alert: str = ""  # a warning the run's page shows above all else (VRAM spilling into system memory)
+    progress: dict | None = None  # the open phase: {"phase", "done", "total", "started", "time"} (trainer/progress.py)
+    ahead: dict | None = None  # latents encoded during training (cache-ahead), likewise
 
 
 def train_command(run_dir: Path, resume: bool = False) -> list[str]:
@@ -107,6 +109,8 @@ def view(run_dir: Path, alive=pid_alive) -> RunView:
             v.total = e.get("total", 0)
         elif t == "step":
             v.step, v.total, v.eta_s = e["step"], e.get("total", v.total), e.get("eta_s")
+            if v.progress and v.progress.get("phase") == "caching latents":  # cache-ahead: caching goes on beside
+                v.ahead, v.progress = v.progress, None
             if e.get("loss") is not None:
                 v.losses.append((e["step"], e["loss"]))
         elif t == "validation" and e.get("loss") is not None:
@@ -117,6 +121,14 @@ def view(run_dir: Path, alive=pid_alive) -> RunView:
             v.plan = e.get("text", "")
         elif t == "warning" and e.get("kind") == "vram_spill":
             v.alert = e.get("message", "")
+        elif t == "progress":
+            slot = "ahead" if e.get("phase") == "caching latents" and v.step else "progress"
+            current = getattr(v, slot)
+            if e.get("finished"):
+                setattr(v, slot, None)
+            else:
+                started = current["started"] if current and current["phase"] == e.get("phase") else e.get("time", 0)
+                setattr(v, slot, {**e, "started": started})
         elif t == "recommendation":
             figures = next((c for c in v.checkpoints if c.get("step") == e.get("step")), {})
             v.recommendation = {**figures, **e}

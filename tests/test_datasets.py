@@ -230,9 +230,9 @@ def test_latent_cache_hits_misses_and_recovers(tiny_models, tmp_path):
     ds = make_dataset(tmp_path / "ds")
     model = tiny_models["sd1"]
 
-    def run(name):
+    def run(name):  # the cache filled before the first step (cache-ahead would encode only what one step takes)
         out = tmp_path / name
-        train(tiny_config(model, ds, out, **{"train.max_steps": 1, "sample.at_end": False}))
+        train(tiny_config(model, ds, out, **{"train.max_steps": 1, "sample.at_end": False, "data.cache_ahead": False}))
         return next(e for e in read_events(out) if e["type"] == "cache")
 
     first = run("r1")
@@ -244,6 +244,53 @@ def test_latent_cache_hits_misses_and_recovers(tiny_models, tmp_path):
     for f in (tmp_path / "cache" / "latents").rglob("*.safetensors"):
         f.write_bytes(f.read_bytes()[:20])  # truncated by a crash
     assert run("r4")["to_encode"] == 4  # recomputed, not fatal
+
+
+def test_cache_ahead_trains_the_same_lora_as_caching_first_and_encodes_in_the_samplers_order(tiny_models, tmp_path,
+                                                                                           monkeypatch):
+    from trainer.data import cache as cache_mod
+
+    ds = make_dataset(tmp_path / "ds", n=4)
+    make_dataset(tmp_path / "ds" / "2_more", n=2, size=(56, 40))  # six distinct images, two of them repeated
+    order = []
+    real_put = cache_mod.LatentCache.put
+    monkeypatch.setattr(cache_mod.LatentCache, "put", lambda self, key, latent: order.append(key) or
+                        real_put(self, key, latent))
+    files, kinds = [], []
+    for ahead in (True, False):
+        order.clear()
+        out = tmp_path / f"ahead-{ahead}" / "run"
+        monkeypatch.setenv("LORA_STUDIO_CACHE", str(tmp_path / f"cache-{ahead}"))  # each encodes from nothing
+        cfg = tiny_config(tiny_models["sd1"], ds, out, **{"train.max_steps": 8, "sample.at_end": False,
+                                                           "data.cache_ahead": ahead, "data.cache_dir": "auto"})
+        loop_result = train(cfg)
+        files.append(load_file(str(loop_result.lora_path)))
+        events = read_events(out)
+        kinds.append([e["type"] for e in events if e["type"] in ("cache", "step", "cache_filled")])
+        if ahead:  # encoded in the order the seeded sampler takes the images
+            from trainer.data.cache import CENTRE
+            from trainer.data.dataset import TrainingSet
+
+            data = TrainingSet(scan(ds), cfg.data, 32)
+            first_seen = list(dict.fromkeys(i for b in data.epoch_batches(0, cfg.train.seed, 1) for i in b))
+            keys = [data.cache_key(i, CENTRE, _vae_id(tiny_models["sd1"])) for i in first_seen]
+            assert len(order) == 6 and order == keys
+    # cache-ahead: the first step comes after one latent, not six; the rest while training
+    assert kinds[0][:2] == ["cache", "step"] and "cache_filled" in kinds[0]
+    assert kinds[1][:2] == ["cache", "step"]  # caching first: every latent before the first step
+    assert files[0].keys() == files[1].keys()
+    for k in files[0]:
+        assert torch.equal(files[0][k], files[1][k]), k  # bit-identical: latents are seeded by their keys
+    out = tmp_path / "again" / "run"
+    train(tiny_config(tiny_models["sd1"], ds, out, **{"train.max_steps": 2, "sample.at_end": False}))
+    assert next(e for e in read_events(out) if e["type"] == "cache")["to_encode"] == 0  # a re-run encodes none
+
+
+def _vae_id(model_dir) -> str:
+    from trainer.data.cache import vae_identity
+    from trainer.models import load_base
+
+    return vae_identity(load_base(str(model_dir)).vae)
 
 
 def test_text_cache_gives_the_same_gradients_as_encoding_every_step(tiny_models, dataset, tmp_path, monkeypatch):

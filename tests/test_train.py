@@ -84,7 +84,7 @@ def test_run_writes_a_lora_that_diffusers_loads_fully(family, tiny_models, datas
     assert len(samples) == 4  # 2 prompts at step 3 and at the end
 
     events = read_events(out)
-    kinds = [e["type"] for e in events]
+    kinds = [e["type"] for e in events if e["type"] != "progress"]  # progress events come in every phase
     assert kinds[0] == "dataset" and kinds[-1] == "done" and "saved" in kinds and "sample" in kinds
     steps = [e for e in events if e["type"] == "step"]
     assert [e["step"] for e in steps] == list(range(1, 7))

@@ -230,7 +230,8 @@ def cmd_lora(args) -> int:
         _emit(args, a, lines)
     elif c == "bake":
         files, weights = _weighted(args.files)
-        r = tools.bake(args.model, files, weights, args.out, force=args.force)
+        with _Said("baking") as said:
+            r = tools.bake(args.model, files, weights, args.out, force=args.force, progress=said)
         print(f"wrote {r['folder']}: {r['modules_changed']} layers changed")
     elif c == "card":
         print(f"wrote {tools.card(args.file, force=args.force)}")
@@ -366,6 +367,30 @@ def cmd_train(args) -> int:
     return 0
 
 
+class _Said:
+    """A long command's progress on stderr ("lora-studio: importing: 340 / 1000"), at most every 2 s and at its end;
+    stdout keeps only the result (one JSON object with --json)."""
+
+    def __init__(self, phase: str):
+        from .progress import Progress, printer
+
+        self.phase, self.started = phase, False
+        self.progress = Progress(printer("lora-studio: "), every_s=2.0, heartbeat_s=float("inf"))
+
+    def __call__(self, done: int, total: int | None = None) -> None:
+        if not self.started:
+            self.progress.start(self.phase, total)
+            self.started = True
+        self.progress.update(done, total)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.started:
+            self.progress.finish()
+
+
 def _emit(args, data: dict, text_lines: list[str]) -> None:
     print(json.dumps(data, ensure_ascii=False) if args.json else "\n".join(text_lines))
 
@@ -385,7 +410,8 @@ def cmd_dataset(args) -> int:
             raise ConfigError(f"--background {args.background!r} is not a colour; use a name or #rrggbb") from None
         limits = Limits(max_files=args.max_files, max_file_bytes=args.max_file_mb * 2**20,
                         max_total_bytes=args.max_total_mb * 2**20)
-        res = import_files(args.sources, args.to, background=background, limits=limits)
+        with _Said("importing") as said:
+            res = import_files(args.sources, args.to, background=background, limits=limits, progress=said)
         lines = [f"imported {len(res.imported)} file(s) into {args.to}, skipped {len(res.skipped)}"]
         lines += [f"  skipped {s['source']}: {s['reason']}" for s in res.skipped]
         _emit(args, {"imported": res.imported, "skipped": res.skipped}, lines)
@@ -400,7 +426,8 @@ def cmd_dataset(args) -> int:
     if args.dataset_command == "check":
         from .data import caption_lint
 
-        rep = report(args.dataset, resolution=args.resolution)
+        with _Said("checking") as said:
+            rep = report(args.dataset, resolution=args.resolution, progress=said)
         found = caption_lint.add_to_report(rep, args.dataset, trigger=args.trigger, model=args.model)
         s = rep["summary"]
         lines = [f"{rep['root']}: {s['ok']} ok, {s['warning']} with warnings, {s['excluded']} excluded"]
@@ -468,10 +495,10 @@ def _auto_caption(args) -> int:
     captioner = _load_captioner(load_captioner, args.auto, args.kind, args, options, say)
     if args.tags:
         captioner = Combined(_load_captioner(load_captioner, args.tags, "wd", args, options, say), captioner)
-    done = caption_dataset(args.dataset, captioner, trigger=args.trigger, overwrite=args.overwrite,
-                           batch_size=args.batch_size, limit=args.preview, preview=args.preview is not None,
-                           backup_dir=args.backup,
-                           progress=lambda i, n: print(f"captioned {i}/{n}", file=sys.stderr, flush=True))
+    with _Said("captioning") as said:
+        done = caption_dataset(args.dataset, captioner, trigger=args.trigger, overwrite=args.overwrite,
+                               batch_size=args.batch_size, limit=args.preview, preview=args.preview is not None,
+                               backup_dir=args.backup, progress=said)
     verb = "previewed" if args.preview is not None else "written"
     lines = [f"{len(done.written)} caption(s) {verb} with {captioner.name}"]
     lines += [f"  {Path(p).name}: {c}" for p, c in done.written.items()] if args.preview is not None else []

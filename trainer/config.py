@@ -87,6 +87,11 @@ class DataConfig:
     max_bucket_side: int = opt(2048, "Largest bucket side in pixels", min=64)
     no_upscale: bool = opt(False, "Never upscale an image to reach its bucket")
     cache_latents: bool = opt(True, "Encode images with the VAE once and cache the latents on disk")
+    cache_ahead: bool = opt(True, "With cache_latents: start training once the first batch is encoded and encode "
+                                  "each later image just before the step that needs it, in the order the seeded "
+                                  "sampler takes them (the VAE stays on the GPU beside the denoiser until every "
+                                  "latent is cached); false: encode every image before the first step, with the "
+                                  "VAE alone on the GPU. Either way the LoRA is the same")
     cache_dir: Optional[str] = opt(None, "Latent cache folder; auto = $LORA_STUDIO_CACHE or ~/.cache/lora-studio")
     cache_text: bool = opt(True, "Encode captions once when the text encoders are frozen and captions are static, "
                                  "then let the text encoders go (off the GPU and out of memory)")

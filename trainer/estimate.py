@@ -180,10 +180,13 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
         if not cfg.data.cache_latents else 0.0
     act = unet_act + te_act + vae_act
     secs = steps * STEP_S[family] * pixels * (1.3 if cfg.train.gradient_checkpointing else 1.0) * (1 if half else 2.5)
-    phases = [weights + lora + act, load_peak]
+    encode_gb = p["vae"] * vae_bytes * 1e6 / GB + CUDA_VAE_ENCODE_GB * (res / 512) ** 2 * vae_bytes / 2
+    # Cache-ahead (data.cache_ahead) encodes while training: the VAE and one encode sit beside the training step.
+    ahead = not host and cfg.data.cache_latents and cfg.data.cache_ahead and not (cfg.data.random_crop or cfg.data.flip)
+    phases = [weights + lora + act + (encode_gb if ahead else 0.0), load_peak]
     if not host:  # the models visit the GPU one phase at a time (see loop.train); the largest phase is the peak
-        if cfg.data.cache_latents:  # a first run encodes every image with the VAE alone on the device
-            phases.append(p["vae"] * vae_bytes * 1e6 / GB + CUDA_VAE_ENCODE_GB * (res / 512) ** 2 * vae_bytes / 2)
+        if cfg.data.cache_latents and not ahead:  # a first run encodes every image with the VAE alone on the device
+            phases.append(encode_gb)
         if cached_text:  # the encoders visit the GPU one at a time to fill the caption cache
             phases.append(p["largest_te"] * frozen_bytes * 1e6 / GB + TE_ACTIVATION_GB[family])
     peak = max(phases) + (RUNTIME_GB if host else 0.0)

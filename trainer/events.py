@@ -22,6 +22,19 @@ class Events:
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
+    @property
+    def progress(self):
+        """The run's phases as progress events (trainer/progress.py), with a heartbeat while one is open."""
+        if getattr(self, "_progress", None) is None:
+            from .progress import Progress
+
+            self._progress = Progress(lambda e: self.emit("progress", **e))
+        return self._progress
+
+    def close(self) -> None:
+        if getattr(self, "_progress", None) is not None:
+            self._progress.close()
+
     def emit(self, type: str, **fields) -> dict:
         event = {"type": type, "time": round(time.time(), 3), **{k: _clean(v) for k, v in fields.items()}}
         if self.enabled:

@@ -20,7 +20,7 @@ from . import speed_log, spill
 from . import state as state_mod
 from . import validation
 from .config import RunConfig
-from .data.cache import LatentCache, default_cache_dir, fill_latent_cache, vae_identity
+from .data.cache import LatentCache, LatentFeeder, default_cache_dir, fill_latent_cache, vae_identity
 from .data.captions import sample_prompts
 from .data.dataset import TrainingSet
 from .data.manifest import read_manifest
@@ -94,8 +94,8 @@ def _train(cfg: RunConfig, events: Events, accelerator, resume: bool, precision:
     trained = ([unet] if cfg.lora.train_unet else []) + te_trained  # the models carrying trainable LoRA weights
 
     # ---- data ------------------------------------------------------------------------------------
-    data, cache, vae_id, text_cache = _prepare_data(cfg, base, found, reg, bool(train_te), precision, device,
-                                                   events, accelerator)
+    data, cache, vae_id, text_cache, feeder = _prepare_data(cfg, base, found, reg, bool(train_te), precision, device,
+                                                           events, accelerator)
     _stop_point(accelerator, events, "caching latents and captions")
 
     # ---- optimizer and schedule -----------------------------------------------------------------
@@ -135,7 +135,7 @@ def _train(cfg: RunConfig, events: Events, accelerator, resume: bool, precision:
     # ---- the loop ----------------------------------------------------------------------------------
     from tqdm.auto import tqdm
 
-    stream = batch_stream()
+    stream = _Lookahead(batch_stream())
     step, epoch, consumed, smooth, bad_streak, stopped = 0, 0, 0, None, 0, False
     name = cfg.save.name or run_dir.name
     final = run_dir / f"{name}.safetensors"
@@ -149,8 +149,10 @@ def _train(cfg: RunConfig, events: Events, accelerator, resume: bool, precision:
             state_mod.write_rank_rng(state_mod.temp_folder(run_dir, step), accelerator.process_index, rng, gen)
             accelerator.wait_for_everyone()
             if main:
-                folder = state_mod.commit(run_dir, step, params, optimizer, lr_scheduler, precision.scaler,
-                                          {"step": step, "epoch": epoch, "consumed": consumed}, cfg.save.keep_states)
+                with events.progress.phase("saving"):
+                    folder = state_mod.commit(run_dir, step, params, optimizer, lr_scheduler, precision.scaler,
+                                              {"step": step, "epoch": epoch, "consumed": consumed},
+                                              cfg.save.keep_states)
                 events.emit("state", step=step, path=str(folder))
         except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: torch.save says RuntimeError
             raise state_mod.save_failed(run_dir, step, e, params) from None
@@ -169,11 +171,15 @@ def _train(cfg: RunConfig, events: Events, accelerator, resume: bool, precision:
     watch = _spill_watch(device) if main else None
     try:
         while step < total:
-            step_started = time.monotonic()
+            step_started, encoding_s = time.monotonic(), 0.0
             losses = []
             for micro in range(cfg.train.gradient_accumulation):
                 epoch, batch = next(stream)
                 consumed += 1
+                if feeder is not None:  # cache-ahead: this batch's latents, encoded now (not a step's cost)
+                    t0 = time.monotonic()
+                    feeder.ensure(batch)
+                    encoding_s += time.monotonic() - t0
                 last = micro == cfg.train.gradient_accumulation - 1
                 with _no_sync(accelerator, prepared, enabled=not last):
                     loss = step_loss(batch)
@@ -182,7 +188,11 @@ def _train(cfg: RunConfig, events: Events, accelerator, resume: bool, precision:
             loss_value, stepped = _optimizer_step(torch.stack(losses).mean(), optimizer, lr_scheduler, groups,
                                                   precision, accelerator, cfg.optim.max_grad_norm)
             step += 1
-            step_seconds.append(time.monotonic() - step_started)
+            step_seconds.append(time.monotonic() - step_started - encoding_s)
+            if feeder is not None:
+                feeder = None if feeder.complete else feeder
+                if feeder is not None:
+                    feeder.prefetch(stream.peek()[1])  # decoded on a thread while the next step's turn comes
             if not stepped and math.isfinite(loss_value) and not precision.scaler.is_enabled():
                 events.emit("warning", step=step, message=f"step {step} skipped: its gradients were NaN or "
                             "infinite, so the LoRA was left as it was")
@@ -244,6 +254,7 @@ def _train(cfg: RunConfig, events: Events, accelerator, resume: bool, precision:
         peak = {"cuda_peak_gb": round(torch.cuda.max_memory_allocated() / 1024 ** 3, 3)} if device.type == "cuda" else {}
         events.emit("done", step=step, total=total, stopped=stopped, path=str(final) if step else None,
                     processes=world, ranks_in_sync=in_sync, **peak)
+    events.close()
     return Result(final, step, stopped, main, save_args["models"])
 
 
@@ -264,7 +275,7 @@ def _wrapped(cfg: RunConfig, accelerator, trained, unet, tes, device):
 def _validation_set(cfg: RunConfig, base, held_out, schedule, train_te: bool, precision, device, events: Events):
     """The held-out images' latents, noise and (for frozen encoders) captions, made once now; None when none is
     usable."""
-    with _borrowed([base.vae], device, visiting=base.text_encoders):
+    with _borrowed([base.vae], device, visiting=base.text_encoders), events.progress.phase("validation", len(held_out.items)):
         val = validation.Validation(held_out, cfg, base.family, base.vae, base.tokenizers, base.text_encoders,
                                     schedule, encode_text=not train_te, precision=precision, device=device)
     events.emit("validation_set", images=len(val), problems=len(val.data.problems))
@@ -366,8 +377,9 @@ def _prepare_models(cfg: RunConfig, precision: Precision, events: Events):
     from diffusers.training_utils import cast_training_params
 
     fp8 = cfg.train.frozen_dtype == "fp8"
-    base = load_base(cfg.model.source, cfg.model.family, dtype=precision.weight_dtype,
-                     on_unet=lambda unet: _ready_unet(unet, cfg, precision, fp8), t5=cfg.model.t5)
+    with events.progress.phase("loading"):  # no count to give: its heartbeat says it is still loading
+        base = load_base(cfg.model.source, cfg.model.family, dtype=precision.weight_dtype,
+                         on_unet=lambda unet: _ready_unet(unet, cfg, precision, fp8), t5=cfg.model.t5)
     fam = base.family
     resolve_auto(cfg, fam, base.prediction_type, native_resolution(base), base.zero_terminal_snr)
     if cfg.model.zero_terminal_snr and cfg.model.prediction_type == "epsilon":
@@ -412,7 +424,9 @@ def _prepare_data(cfg: RunConfig, base, found, reg, train_te: bool, precision: P
     and fixed captions, every caption encoded once (then the encoders leave too); the denoiser goes to the
     device last. Returns (data, latent cache or None, VAE identity, text cache or None)."""
     fam, unet, vae, tes, main = base.family, base.unet, base.vae, base.text_encoders, accelerator.is_main_process
-    data = TrainingSet(found, cfg.data, cfg.data.resolution, reg)
+    n_images = len(found.items) + (len(reg.items) if reg is not None else 0)
+    with events.progress.phase("scanning", n_images) as tick:  # every image decoded and checked (cached per file)
+        data = TrainingSet(found, cfg.data, cfg.data.resolution, reg, progress=lambda done, total: tick(done))
     for path, reason in data.problems.items():
         events.emit("warning", message=f"skipped {path}: {reason}")
     if not len(data):
@@ -424,21 +438,46 @@ def _prepare_data(cfg: RunConfig, base, found, reg, train_te: bool, precision: P
     cache = LatentCache(Path(cfg.data.cache_dir or default_cache_dir()) / "latents") if use_cache else None
     vae_id = vae_identity(vae) if use_cache else ""
     _place(vae, device, precision.vae_dtype(fam.name))
-    if use_cache:
+    feeder = None
+    if use_cache and cfg.data.cache_ahead and accelerator.num_processes == 1:
+        feeder = _feeder(data, cache, vae, vae_id, events)  # None when every latent is cached already
+    elif use_cache:
         _fill_latent_cache(data, cache, vae, vae_id, main, accelerator, events)
         vae.to("cpu")  # every latent is cached now: the VAE comes back only to decode samples
     text_cache = None
     if cfg.data.caches_text(train_te):  # the encoders visit the device one at a time
         captions = sorted({e.caption for e in data.entries} | ({""} if cfg.data.caption_dropout else set()))
-        with _borrowed([], device, visiting=tes):
+        with _borrowed([], device, visiting=tes), events.progress.phase("caching text", len(captions)) as tick:
             text_cache = _encode_captions(fam, tes, base.tokenizers, captions, cfg.model.clip_skip, precision,
-                                          stop=events.stop_requested)
+                                          stop=events.stop_requested, progress=tick)
         events.emit("text_cache", captions=len(captions))
     else:  # encoded at every step
         for te in tes:
             te.to(device)  # loaded in the weight dtype already; .to(dtype) would also cast fp8 and LoRA tensors
     unet.to(device)
-    return data, cache, vae_id, text_cache
+    return data, cache, vae_id, text_cache, feeder
+
+
+def _feeder(data, cache, vae, vae_id, events: Events):
+    """Cache-ahead (data.cache_ahead): training starts now and each image is encoded just before the step that takes
+    it; the VAE leaves the device when the last latent is cached. None when nothing is left to encode."""
+    from .progress import Progress
+
+    progress = Progress(lambda e: events.emit("progress", **e), heartbeat_s=float("inf"))
+
+    def done():
+        vae.to("cpu")  # every latent is cached now: the VAE comes back only to decode samples
+        progress.finish()
+        events.emit("cache_filled", encoded=feeder.encoded)
+
+    feeder = LatentFeeder(data, cache, vae, vae_id, progress=lambda n, total: progress.update(n, total),
+                          on_complete=done)
+    events.emit("cache", cached=len(data) - feeder.total, to_encode=feeder.total, ahead=True)
+    if feeder.complete:
+        feeder.close()
+        return None
+    progress.start("caching latents", feeder.total)
+    return feeder
 
 
 def _optimizer_step(loss, optimizer, lr_scheduler, groups, precision, accelerator, max_grad_norm) -> tuple[float, bool]:
@@ -456,6 +495,24 @@ def _optimizer_step(loss, optimizer, lr_scheduler, groups, precision, accelerato
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_value, stepped
+
+
+class _Lookahead:
+    """An iterator whose next item can be looked at without taking it (cache-ahead decodes the next batch early)."""
+
+    def __init__(self, it):
+        self.it, self.buffer = it, []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.buffer.pop(0) if self.buffer else next(self.it)
+
+    def peek(self):
+        if not self.buffer:
+            self.buffer.append(next(self.it))
+        return self.buffer[0]
 
 
 class _Judge:
@@ -476,7 +533,8 @@ class _Judge:
         if self.val is None:
             return
         if self.loss_at[0] != step:
-            self.loss_at = (step, self.val.loss(self.models[0], self.models[1:]))
+            with self.events.progress.phase("validation", len(self.val)):
+                self.loss_at = (step, self.val.loss(self.models[0], self.models[1:]))
             self.events.emit("validation", step=step, loss=self.loss_at[1])
             self.accelerator.log({"validation_loss": self.loss_at[1]}, step=step)
         if saved is None:
@@ -660,7 +718,7 @@ def _oom_message(step: int, cfg: RunConfig) -> str:
 
 
 @torch.no_grad()
-def _encode_captions(fam, tes, tokenizers, captions, clip_skip, precision, stop=None) -> dict:
+def _encode_captions(fam, tes, tokenizers, captions, clip_skip, precision, stop=None, progress=None) -> dict:
     """caption -> (hidden states, pooled or None), on CPU, for frozen text encoders. Captions go 16 at a time,
     so an encoder visiting the GPU (see _borrowed) moves once per chunk rather than once per caption; `stop()` is
     asked between chunks."""
@@ -673,13 +731,17 @@ def _encode_captions(fam, tes, tokenizers, captions, clip_skip, precision, stop=
             hidden, pooled = fam.encode(tes, fam.tokenize(tokenizers, part), clip_skip)
             for i, c in enumerate(part):
                 out[c] = (hidden[i].cpu(), None if pooled is None else pooled[i].cpu())
+            if progress:
+                progress(len(out))
     return out
 
 
 def _fill_latent_cache(data, cache, vae, vae_id, main, accelerator, events) -> None:
     """Encode every image once on the main process; the other ranks then read the cache."""
     if main:
-        cached, encoded = fill_latent_cache(data, cache, vae, vae_id, stop=events.stop_requested)
+        with events.progress.phase("caching latents", len(data)) as tick:
+            cached, encoded = fill_latent_cache(data, cache, vae, vae_id, stop=events.stop_requested,
+                                                progress=lambda n, todo: tick(len(data) - todo + n))
         events.emit("cache", cached=cached, to_encode=encoded)
     accelerator.wait_for_everyone()
 
@@ -706,7 +768,8 @@ def _checkpoint_grid(run_dir: Path, steps: list[int], events: Events) -> None:
                 seed=None, grid=True)
 
 
-def _render(cfg, base, unet, tes, precision, prompts, stop=None, encoded=None, seed_offset: int = 0) -> list:
+def _render(cfg, base, unet, tes, precision, prompts, stop=None, encoded=None, seed_offset: int = 0,
+            on_image=None) -> list:
     """Prompts at the sample settings and seeds, with the VAE and text encoders borrowed back to the device;
     `encoded`: the prompts' embeddings, made before the encoders were let go (see _let_encoders_go)."""
     schedule, rescale = sampling_schedule(base.scheduler_config, cfg.model.prediction_type, cfg.model.zero_terminal_snr)
@@ -714,7 +777,8 @@ def _render(cfg, base, unet, tes, precision, prompts, stop=None, encoded=None, s
         return render(base.family, unet, base.vae, tes, base.tokenizers, schedule, prompts,
                       negative=cfg.sample.negative_prompt, seed=cfg.sample.seed + seed_offset, steps=cfg.sample.steps,
                       guidance=cfg.sample.guidance_scale, size=cfg.data.resolution, guidance_rescale=rescale,
-                      clip_skip=cfg.model.clip_skip, autocast=precision.autocast(), stop=stop, encoded=encoded)
+                      clip_skip=cfg.model.clip_skip, autocast=precision.autocast(), stop=stop, encoded=encoded,
+                      on_image=on_image)
 
 
 def _let_encoders_go(cfg, base, precision, device, main, events, drift: bool) -> dict:
@@ -740,7 +804,9 @@ def _let_encoders_go(cfg, base, precision, device, main, events, drift: bool) ->
 
 def _sample(cfg, base, unet, tes, precision, run_dir, step, events, stop=None, encoded=None) -> list[Path]:
     prompts = cfg.sample.prompts
-    images = _render(cfg, base, unet, tes, precision, prompts, stop, encoded)
+    phase = "end samples" if stop is not None else "samples"
+    with events.progress.phase(phase, len(prompts)) as tick:
+        images = _render(cfg, base, unet, tes, precision, prompts, stop, encoded, on_image=tick)
     written = []
     for i, (prompt, im) in enumerate(zip(prompts, images)):
         path = save_png(im, run_dir / "samples" / f"step{step:06d}_{i:02d}.png")
@@ -812,7 +878,8 @@ def _save(path: Path, step: int, epoch: int, events: Events, *, cfg, base, data,
         events.emit("warning", message=note)
         print(f"lora-studio: warning: {note}", file=sys.stderr)
     try:
-        save_lora(path, tensors, {**metadata, **extra})
+        with events.progress.phase("saving"):
+            save_lora(path, tensors, {**metadata, **extra})
     except NonFiniteError as e:  # never a file every loader would apply as garbage; an earlier one stays
         raise TrainingError(f"the LoRA's weights became NaN or infinite by step {step}: {e} (any earlier "
                             f"{path.name} and the checkpoints before are kept; try a lower optim.lr)") from None

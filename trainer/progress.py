@@ -67,6 +67,8 @@ class Progress:
         self._stop.set()
 
     def _ensure_heartbeat(self) -> None:
+        if self.heartbeat_s == float("inf"):
+            return
         if self._thread is None or not self._thread.is_alive():
             self._stop.clear()
             self._thread = threading.Thread(target=self._beat, name="lora-studio-progress", daemon=True)

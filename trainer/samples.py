@@ -12,7 +12,7 @@ from .atomic import write_bytes
 @torch.no_grad()
 def render(family, unet, vae, text_encoders, tokenizers, scheduler_config: dict, prompts: list[str], *,
            negative: str, seed: int, steps: int, guidance: float, size: int, clip_skip: int, autocast, stop=None,
-           guidance_rescale: float = 0.0, encoded: dict | None = None):
+           guidance_rescale: float = 0.0, encoded: dict | None = None, on_image=None):
     """One image per prompt, prompt i at seed + i, with `scheduler_config` and `guidance_rescale` as
     models.sampling_schedule gives them. `stop()` is asked before each image and after each denoising step (an
     SDXL image takes minutes on a CPU): a user who stopped the run skips the rest, and a half-made image is dropped. `encoded`: prompt -> pipeline arguments (its embeddings and `negative`'s), made before the
@@ -40,6 +40,8 @@ def render(family, unet, vae, text_encoders, tokenizers, scheduler_config: dict,
                 if stop is not None and stop():
                     break  # interrupted part-way: not a sample
                 images.append(out.images[0])
+                if on_image:
+                    on_image(len(images))
     finally:
         for m, t in zip((unet, *text_encoders), was_training):
             m.train(t)

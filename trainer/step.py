@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data.cache import encode_latent
+from .data.cache import encode_latent, latent_generator
 
 
 @dataclass
@@ -80,7 +80,9 @@ class Step:
             latent = cache.get(key) if cache else None
             if latent is None:
                 pixels, _ = data.pixels(i, crop, flip)
-                latent = encode_latent(self.vae, pixels, self.gen)
+                # A cached latent is seeded by its key (the same in any order); one made every step (random crops,
+                # flips) draws from the run's generator.
+                latent = encode_latent(self.vae, pixels, latent_generator(key) if cache else self.gen)
                 if cache:
                     cache.put(key, latent)
             out.append(latent)

@@ -282,8 +282,9 @@ def card(path, force: bool = False) -> Path:
     return out
 
 
-def bake(base: str, loras: list, weights: list[float], out: str | Path, force: bool = False) -> dict:
-    """Fuse LoRAs at weights into a copy of the base model, saved as a diffusers folder of .safetensors."""
+def bake(base: str, loras: list, weights: list[float], out: str | Path, force: bool = False, progress=None) -> dict:
+    """Fuse LoRAs at weights into a copy of the base model, saved as a diffusers folder of .safetensors.
+    `progress(done, total)`: modules fused so far."""
     import shutil
     import tempfile
 
@@ -298,7 +299,7 @@ def bake(base: str, loras: list, weights: list[float], out: str | Path, force: b
     b = load_base(base)
     models = b.family.models(b.unet, b.text_encoders)
     index = module_index(models, b.family.unet_namer(b.unet.config))
-    applied = 0
+    applied, total = 0, sum(len(lora.modules) for lora in files)
     for lora, w in zip(files, weights):
         check_family(lora, b.family.name)
         missing = [n for n in lora.modules if n not in index]
@@ -311,6 +312,8 @@ def bake(base: str, loras: list, weights: list[float], out: str | Path, force: b
                 change = m.fused(weight) - weight.float() if m.dora_scale is not None else m.delta()
                 weight += (change * w).to(weight.dtype).reshape(weight.shape)
                 applied += 1
+                if progress:
+                    progress(applied, total)
     pipe = b.family.pipeline(b.unet, b.vae, b.text_encoders, b.tokenizers, _scheduler(b.scheduler_config))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o777 & ~UMASK)  # mkdtemp's 0700 would make the finished model private to this user

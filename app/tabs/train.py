@@ -31,11 +31,34 @@ def _eta(seconds) -> str:
     return f"ETA {m}:{s:02d}"
 
 
-def progress_html(v) -> str:
-    pct = 100.0 * v.step / v.total if v.total else (100.0 if v.state == "finished" else 0.0)
+def _bar(pct: float) -> str:
     return (f'<div style="border:1px solid #8884;border-radius:6px;height:14px;overflow:hidden">'
-            f'<div style="width:{pct:.1f}%;height:100%;background:#3b82f6"></div></div>'
-            f'<div>{v.step} / {v.total or "?"} steps {html.escape(_eta(v.eta_s) if v.state == "running" else "")}</div>')
+            f'<div style="width:{pct:.1f}%;height:100%;background:#3b82f6"></div></div>')
+
+
+def phase_text(p: dict) -> str:
+    """'caching latents 340 / 1,000 (ETA 2:10)': a phase, its count and the time its own rate leaves."""
+    done, total = p.get("done") or 0, p.get("total")
+    count = f" {done:,} / {total:,}" if total else ""
+    eta = ""
+    if total and done and p.get("time", 0) > p.get("started", 0):
+        eta = " " + _eta((p["time"] - p["started"]) / done * (total - done))
+    return f"{p.get('phase', '')}{count}{eta}".strip()
+
+
+def progress_html(v) -> str:
+    active = v.state in ("running", "stopping")
+    if active and v.progress and not v.step:  # before the first step: the phase is the progress
+        p = v.progress
+        pct = 100.0 * (p.get("done") or 0) / p["total"] if p.get("total") else 0.0
+        return _bar(pct) + f"<div>{html.escape(phase_text(p))}</div>"
+    pct = 100.0 * v.step / v.total if v.total else (100.0 if v.state == "finished" else 0.0)
+    line = f"{v.step} / {v.total or '?'} steps {html.escape(_eta(v.eta_s) if v.state == 'running' else '')}"
+    if active and v.progress:  # samples, validation, saving between steps; end samples after them
+        line += f" · {html.escape(phase_text(v.progress))}"
+    if active and v.ahead:
+        line += f" · {html.escape(phase_text(v.ahead))} ahead of the steps"
+    return _bar(pct) + f"<div>{line}</div>"
 
 
 LOG_LINES = 8  # what the log box shows: the newest lines, so it always follows the run
@@ -239,7 +262,7 @@ def build(ctx: Ctx, saved_form) -> dict:
             return f"no run named {html.escape(name)}", "", None, [], "", "", nothing, last
         v = runner.view(name)
         signature = (name, v.step, len(v.samples), len(v.val_losses), v.state, len(v.checkpoints),
-                     bool(v.recommendation))
+                     bool(v.recommendation))  # not the phase: progress_html is sent on every tick anyway
         state = f"**{v.state}**" + (f": {html.escape(v.message)}" if v.message else "")
         if v.state == "running":
             state += " (closing this page or the app does not stop it)"

@@ -15,7 +15,7 @@ from . import buckets as bk
 from .captions import augment, fill_template, with_trigger
 from .images import open_rgb
 from .scan import MASK_SUFFIX, Scan
-from .validate import check_items
+from .validate import CheckCache, check_items
 
 
 @dataclass
@@ -30,8 +30,9 @@ class Entry:
 
 
 class TrainingSet:
-    def __init__(self, scan: Scan, cfg: DataConfig, resolution: int, reg_scan: Scan | None = None):
+    def __init__(self, scan: Scan, cfg: DataConfig, resolution: int, reg_scan: Scan | None = None, progress=None):
         self.cfg = cfg
+        self.progress = progress  # (done, total) while the images are checked
         self.resolution = resolution
         self.problems: dict[str, str] = {}
         self.buckets = bk.make_buckets(resolution, cfg.bucket_step, cfg.min_bucket_side, cfg.max_bucket_side)
@@ -45,7 +46,8 @@ class TrainingSet:
     def _add(self, scan: Scan, trigger: str, repeats, is_reg: bool) -> None:
         self.problems.update(scan.problems)
         # One bad file must never stop a run: the same checks as `dataset check` exclude it with a reason.
-        reports = check_items(scan.items, min_side=min(64, self.resolution))
+        reports = check_items(scan.items, min_side=min(64, self.resolution), progress=self.progress,
+                              known=CheckCache(scan.root))
         for item, rep in zip(scan.items, reports):
             if rep.status == "excluded":
                 self.problems[str(item.image)] = "; ".join(rep.reasons)
@@ -124,5 +126,7 @@ class TrainingSet:
         return augment(self.entries[i].caption, rng, c.shuffle_tags, c.keep_tokens, c.tag_dropout, c.caption_dropout)
 
     def cache_key(self, i: int, crop: tuple[float, float], vae_id: str) -> str:
+        """Content-based: the image's bytes, its bucket and crop, the VAE; 'v2': sampled with a generator seeded by
+        this key (latents cached before that came from one generator shared by a run's whole cache)."""
         e = self.entries[i]
-        return hashlib.sha256(f"{e.digest}|{e.bucket}|{crop}|{vae_id}".encode()).hexdigest()[:32]
+        return hashlib.sha256(f"{e.digest}|{e.bucket}|{crop}|{vae_id}|v2".encode()).hexdigest()[:32]
