@@ -5,7 +5,7 @@ import functools
 import html
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.config import ConfigError
@@ -24,6 +24,31 @@ class Ctx:
     ws: Workspace
     runner: JobRunner
     preview: PreviewClient | None = None
+    # Long actions a page started (a check, an import): (session, kind) -> the CLI process doing it. A new one of the
+    # same kind from the same page replaces it, and closing the page ends them all.
+    actions: dict = field(default_factory=dict)
+
+    def track(self, session: str | None, kind: str, proc) -> None:
+        old = self.actions.pop((session, kind), None)
+        if old is not None and old.poll() is None:
+            old.kill()  # superseded: the page asked for a new one
+        self.actions[(session, kind)] = proc
+
+    def untrack(self, session: str | None, kind: str, proc) -> None:
+        if self.actions.get((session, kind)) is proc:
+            del self.actions[(session, kind)]
+        if proc.poll() is None:
+            proc.kill()
+
+    def page_closed(self, session: str | None) -> int:
+        """End every action the closed page started; returns how many were still running."""
+        ended = 0
+        for key in [k for k in self.actions if k[0] == session]:
+            proc = self.actions.pop(key)
+            if proc.poll() is None:
+                proc.kill()
+                ended += 1
+        return ended
 
     def render(self, op: str, on_progress=None, **fields) -> dict:
         """A preview request, with any training run paused meanwhile: on a 2-core CPU a run beside it made
@@ -87,12 +112,24 @@ def said_in(message, outputs: list, fn):
 
     at = outputs.index(message)
 
+    def said(e):
+        out = [gr.skip()] * len(outputs)
+        out[at] = f"**Not done:** {html.escape(e.message)}"
+        return tuple(out) if len(outputs) > 1 else out[0]
+
+    if inspect.isgeneratorfunction(fn):  # a handler that streams its progress
+        @functools.wraps(fn)
+        def streaming(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error as e:
+                yield said(e)
+        return streaming
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except gr.Error as e:
-            said = [gr.skip()] * len(outputs)
-            said[at] = f"**Not done:** {html.escape(e.message)}"
-            return tuple(said) if len(outputs) > 1 else said[0]
+            return said(e)
     return wrapper

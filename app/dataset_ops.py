@@ -11,7 +11,7 @@ from pathlib import Path
 from trainer.data import caption_ops
 from trainer.data.importer import Limits, sanitize_name
 from trainer.data.manifest import Manifest, read_manifest, write_manifest
-from trainer.data.scan import MASK_SUFFIX, read_caption, scan
+from trainer.data.scan import MASK_SUFFIX, cached_scan, read_caption
 
 from . import confine, trainer_cli
 from .workspace import Workspace, WorkspaceError, check_name, new_folder
@@ -29,9 +29,19 @@ def create_dataset(ws: Workspace, name: str) -> str:
 
 
 def import_uploads(ws: Workspace, dataset: str, paths: list[str]) -> list[list[str]]:
-    """Import uploaded files or zips by the dataset rules; one report row per file. A .txt dropped with them is the
-    caption of the image with the same name (the browser uploads each file to a folder of its own, so the importer
-    would not find it beside its image): each such pair is put side by side first."""
+    """Import uploaded files or zips by the dataset rules; one report row per file (run to its end)."""
+    rows = []
+    for kind, value in import_steps(ws, dataset, paths):
+        if kind == "done":
+            rows = value
+    return rows
+
+
+def import_steps(ws: Workspace, dataset: str, paths: list[str], track=None):
+    """The import as it goes: ("progress", "importing: 340 / 1000") lines from the CLI, then ("done", report rows).
+    A .txt dropped with the images is the caption of the image with the same name (the browser uploads each file to
+    a folder of its own, so the importer would not find it beside its image): each such pair is put side by side
+    first. `track(proc)` is told the CLI process (the page can end it)."""
     import tempfile
 
     lim = UPLOAD_LIMITS
@@ -51,17 +61,29 @@ def import_uploads(ws: Workspace, dataset: str, paths: list[str]) -> list[list[s
             shutil.copyfile(caption, pair / f"{p.stem}.txt")
             sources.append(str(pair / p.name))
             paired.add(p.stem)
-        result = trainer_cli.run_json("dataset", "import", "--json", "--to", str(ws.dataset(dataset)),
-                                      "--max-files", str(lim.max_files), "--max-file-mb",
-                                      str(lim.max_file_bytes // 2**20), "--max-total-mb",
-                                      str(lim.max_total_bytes // 2**20), "--", *sources) if sources else \
-            {"imported": [], "skipped": []}
+        result = {"imported": [], "skipped": []}
+        if sources:
+            proc = trainer_cli.start("dataset", "import", "--json", "--to", str(ws.dataset(dataset)),
+                                     "--max-files", str(lim.max_files), "--max-file-mb",
+                                     str(lim.max_file_bytes // 2**20), "--max-total-mb",
+                                     str(lim.max_total_bytes // 2**20), "--", *sources)
+            if track:
+                track(proc)
+            last = ""
+            for line in proc.stderr:
+                if line.strip():
+                    last = line.strip()
+                    yield "progress", last.removeprefix("lora-studio: ")
+            out = trainer_cli.result(proc)
+            if proc.returncode not in (0, 2):  # 2: some named source was missing; the report says which
+                raise WorkspaceError(last.removeprefix("lora-studio: error: ") or f"import failed ({proc.returncode})")
+            result = json.loads(out) if out.strip() else result
     rows = [[Path(r["source"]).name, "imported", _saved_as(r["source"], r["file"])
              + (" (with its caption)" if Path(r["source"]).stem in paired else "")] for r in result["imported"]]
     rows += [[Path(r["source"]).name, "skipped", r["reason"]] for r in result["skipped"]]
     rows += [[f"{stem}.txt", "skipped", f"no image named {stem}.* among the dropped files"]
              for stem in sorted(set(by_stem) - paired)]
-    return rows
+    yield "done", rows
 
 
 def _saved_as(source: str, saved: str) -> str:
@@ -71,18 +93,44 @@ def _saved_as(source: str, saved: str) -> str:
 
 
 def images(ws: Workspace, dataset: str) -> list[tuple[str, str]]:
-    """(image path, caption) for every image in the dataset, in name order."""
+    """(image path, caption) for every image in the dataset, in name order (scanned once per change of the folder)."""
     folder = ws.dataset(dataset)
     if not folder.is_dir():
         return []
-    return [(str(i.image), i.caption) for i in scan(folder).items]
+    return [(str(i.image), i.caption) for i in cached_scan(folder).items]
 
 
 def image_path(ws: Workspace, dataset: str, name: str) -> Path:
-    path = ws.dataset(dataset) / Path(name).name  # a bare file name: no way out of the dataset
-    if not path.is_file():
+    """An image of the dataset by its name relative to the dataset (`img.png`, or `2_more/img.png` in a kohya
+    subfolder); nothing outside the dataset."""
+    root = ws.dataset(dataset).resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root) or not path.is_file() or path.parent != root and path.parent.parent != root:
         raise WorkspaceError(f"{name} is not in dataset {dataset}")
     return path
+
+
+def page(ws: Workspace, dataset: str, number: int, per_page: int, name_filter: str = "", caption_filter: str = "",
+         only: set[str] | None = None) -> tuple[list[tuple[str, str]], int, int, int]:
+    """One page of the dataset's images: ((path, name relative to the dataset) on this page, the page number it
+    really is, the number of pages, how many images match), filtered by file name, caption text and, with `only`,
+    by name (e.g. the files the last check flagged). Linear in the dataset's size; the gallery gets one page."""
+    root = ws.dataset(dataset)
+    items = images(ws, dataset)
+    name_filter, caption_filter = name_filter.strip().lower(), caption_filter.strip().lower()
+    matching = []
+    for path, caption in items:
+        rel = Path(path).relative_to(root).as_posix()
+        if name_filter and name_filter not in rel.lower():
+            continue
+        if caption_filter and caption_filter not in caption.lower():
+            continue
+        if only is not None and rel not in only:
+            continue
+        matching.append((path, rel))
+    pages = max(1, -(-len(matching) // per_page))
+    number = min(max(0, number), pages - 1)
+    return matching[number * per_page:(number + 1) * per_page], number, pages, len(matching)
 
 
 def caption(ws: Workspace, dataset: str, name: str) -> str:
@@ -114,8 +162,15 @@ def bulk_edit(ws: Workspace, dataset: str, action: str, tag: str, new: str = "")
 
 
 def tag_table(ws: Workspace, dataset: str) -> list[list]:
+    from collections import Counter
+
+    from trainer.data.captions import split_tags
+
     folder = ws.dataset(dataset)
-    return [[t, n] for t, n in caption_ops.tag_frequency(folder).items()] if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    counts = Counter(t for i in cached_scan(folder).items for t in split_tags(i.caption))
+    return [[t, n] for t, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
 def settings(ws: Workspace, dataset: str) -> Manifest:
@@ -178,15 +233,21 @@ def _write_trash_index(ws: Workspace, index: list[dict]) -> None:
     write_text(ws.trash / TRASH_INDEX, json.dumps(index, indent=1))
 
 
-def validation(ws: Workspace, dataset: str, resolution: int = 512, model: str = "") -> tuple[list[list], list[list], str]:
-    """(per-file rows, bucket rows, summary: counts, then what the caption lint says about the whole set)."""
+def check_command(ws: Workspace, dataset: str, resolution: int = 512, model: str = "") -> list[str]:
     from .train_form import model_source
 
     tokens_from = confine.model(ws, "model.source", model_source(model)) if model else "tiny"
-    rep = trainer_cli.run_json("dataset", "check", "--json", "--resolution", str(int(resolution)),
-                               "--model", tokens_from, "--", str(ws.dataset(dataset)))
-    rows = [[Path(f["path"]).name, f["status"], "; ".join(f["reasons"]), f"{f['width']}x{f['height']}",
-             f["bucket"]] for f in rep["files"]]
+    return ["dataset", "check", "--json", "--resolution", str(int(resolution)), "--model", tokens_from, "--",
+            str(ws.dataset(dataset))]
+
+
+def check_result(ws: Workspace, dataset: str, rep: dict) -> tuple[list[list], list[list], str, list[str]]:
+    """(per-file rows, bucket rows, summary: counts, then what the caption lint says about the whole set, the names
+    of the files flagged: excluded or warned, relative to the dataset, for the gallery's filter)."""
+    root = ws.dataset(dataset)
+    rel = lambda p: Path(p).relative_to(root).as_posix() if Path(p).is_relative_to(root) else Path(p).name  # noqa: E731
+    rows = [[rel(f["path"]), f["status"], "; ".join(f["reasons"]), f"{f['width']}x{f['height']}", f["bucket"]]
+            for f in rep["files"]]
     buckets = [[b, n] for b, n in rep["buckets"].items()]
     s = rep["summary"]
     c = rep["captions"]
@@ -197,7 +258,14 @@ def validation(ws: Workspace, dataset: str, resolution: int = 512, model: str = 
                  "of the trigger (remove it where it is not what the trigger means)")
     for note in c.get("notes", []):
         text += f"\n\nNote: {html.escape(note)}"
-    return rows, buckets, text
+    flagged = [rel(f["path"]) for f in rep["files"] if f["status"] != "ok"]
+    return rows, buckets, text, flagged
+
+
+def validation(ws: Workspace, dataset: str, resolution: int = 512, model: str = "") -> tuple[list[list], list[list], str]:
+    """The check, run to its end (the tab streams it instead: check_command)."""
+    rep = trainer_cli.run_json(*check_command(ws, dataset, resolution, model))
+    return check_result(ws, dataset, rep)[:3]
 
 
 def auto_caption(ws: Workspace, dataset: str, *, template: str, trigger: str = "") -> str:

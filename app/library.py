@@ -4,6 +4,7 @@ trainer CLI in a subprocess and always write new files."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import shutil
 import struct
@@ -30,7 +31,7 @@ class Entry:
     rank: str
     trigger: str
     size_mb: float
-    hashes: dict  # file_sha256/autov2 and tensor_sha256/autov3 (trainer.file_hashes)
+    hashes: dict  # file_sha256/autov2 and tensor_sha256/autov3 (trainer.file_hashes); {} until the index has them
     source: str  # "library" or "run <name>"
     metadata: dict
 
@@ -41,16 +42,16 @@ class Entry:
 
     @property
     def sha256(self) -> str:
-        return self.hashes["file_sha256"]
+        return self.hashes.get("file_sha256", "")
 
     def row(self) -> list:
+        pending = "(hashing…)"
         return [self.name, self.title, self.family, self.rank, self.trigger, round(self.size_mb, 2),
-                self.hashes["autov2"], self.hashes["autov3"], self.source]
+                self.hashes.get("autov2", pending), self.hashes.get("autov3", pending), self.source]
 
 
 HEADERS = ["file", "title", "family", "rank", "trigger", "MB", "AutoV2 (file)", "AutoV3 (tensors)", "from"]
 FAMILIES = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl", "sd3": "sd3"}
-_hash_cache: dict[tuple[str, float], dict] = {}
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -68,38 +69,138 @@ def read_header(path: Path) -> tuple[dict, int]:
         raise WorkspaceError(f"{path.name} cannot be read as safetensors: {e}") from None
 
 
-def hashes(path: Path) -> dict:
-    key = (str(path), path.stat().st_mtime)
-    if key not in _hash_cache:
-        _hash_cache[key] = file_hashes(path)
-    return _hash_cache[key]
+class Index:
+    """What the Library knows of each file, keyed by path, size and modification time and kept in the workspace
+    (`.library-index.json`): a listing reads the header of new or changed files only, a search filters the last
+    listing and touches no file, and the two hashes (a full read of files of 20-200 MB) are computed once, on a
+    background thread, and shown when ready."""
+
+    FILE = ".library-index.json"
+
+    def __init__(self, root: Path):
+        import threading
+
+        self.path = root / self.FILE
+        self.lock = threading.Lock()
+        self.version = 0  # grows when a hash lands: the tab redraws its table then
+        self.header_reads = 0
+        self.listing: list[Entry] | None = None
+        try:
+            self.rows: dict[str, dict] = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.rows = {}
+        self.queue: list[Path] = []
+        self.worker: threading.Thread | None = None
+
+    def entry(self, path: Path, source: str) -> Entry:
+        st = path.stat()
+        key, stamp = str(path), [st.st_size, st.st_mtime_ns]
+        with self.lock:
+            row = self.rows.get(key)
+        if row is None or row["stamp"] != stamp:
+            header, _ = read_header(path)
+            self.header_reads += 1
+            md = header.get("__metadata__", {}) or {}
+            ranks = sorted({v["shape"][0] for k, v in header.items() if k.endswith(("lora_down.weight", "lora_A.weight"))})
+            row = {"stamp": stamp, "metadata": md, "ranks": ranks, "hashes": {}}
+            with self.lock:
+                self.rows[key] = row
+        if not row["hashes"]:
+            self._want_hash(path)
+        md, ranks = row["metadata"], row["ranks"]
+        rank = md.get("ss_network_dim") or (str(ranks[0]) if len(ranks) == 1 else "/".join(map(str, ranks[:3])))
+        family = FAMILIES.get(md.get("ss_base_model_version", ""), "") or \
+            md.get("modelspec.architecture", "?").split("/")[0]
+        return Entry(path, md.get("ss_output_name", ""), family, str(rank), md.get("modelspec.trigger_phrase", ""),
+                     st.st_size / 2**20, dict(row["hashes"]), source, md)
+
+    def pending(self) -> int:
+        with self.lock:
+            return len(self.queue)
+
+    def _want_hash(self, path: Path) -> None:
+        import threading
+
+        with self.lock:
+            if path not in self.queue:
+                self.queue.append(path)
+            if self.worker is None or not self.worker.is_alive():
+                self.worker = threading.Thread(target=self._hash_all, name="lora-studio-library-hashes", daemon=True)
+                self.worker.start()
+
+    def _hash_all(self) -> None:
+        while True:
+            with self.lock:
+                if not self.queue:
+                    self.worker = None
+                    break
+                path = self.queue[0]
+            try:
+                st = path.stat()
+                found = file_hashes(path)
+            except OSError:
+                found = None  # gone meanwhile
+            with self.lock:
+                self.queue.pop(0)
+                row = self.rows.get(str(path))
+                if found and row and row["stamp"] == [st.st_size, st.st_mtime_ns]:
+                    row["hashes"] = found
+                    self.version += 1
+        self.save()
+
+    def save(self) -> None:
+        with self.lock:
+            text = json.dumps(self.rows)
+        try:
+            write_bytes(self.path, text.encode("utf-8"))
+        except OSError:
+            pass  # a read-only workspace: hash again next time
 
 
-def entry(path: Path, source: str) -> Entry:
-    header, _ = read_header(path)
-    md = header.get("__metadata__", {}) or {}
-    ranks = sorted({v["shape"][0] for k, v in header.items() if k.endswith(("lora_down.weight", "lora_A.weight"))})
-    rank = md.get("ss_network_dim") or (str(ranks[0]) if len(ranks) == 1 else "/".join(map(str, ranks[:3])))
-    family = FAMILIES.get(md.get("ss_base_model_version", ""), "") or md.get("modelspec.architecture", "?").split("/")[0]
-    return Entry(path, md.get("ss_output_name", ""), family, str(rank), md.get("modelspec.trigger_phrase", ""),
-                 path.stat().st_size / 2**20, hashes(path), source, md)
+_INDEXES: dict[str, Index] = {}
+
+
+def index(ws: Workspace) -> Index:
+    key = str(ws.root)
+    if key not in _INDEXES:
+        _INDEXES[key] = Index(ws.root)
+    return _INDEXES[key]
+
+
+def entry(path: Path, source: str, ws: Workspace | None = None) -> Entry:
+    if ws is None:  # a file outside any workspace: read as it is, hashed now
+        idx = Index(path.parent)
+        e = idx.entry(path, source)
+        e.hashes = file_hashes(path)
+        return e
+    return index(ws).entry(path, source)
 
 
 def entries(ws: Workspace) -> list[Entry]:
+    """Every LoRA in loras/ and every run's, from the index (a header is read only for a new or changed file); the
+    listing is kept for searches."""
     found = []
     for p in sorted(ws.loras.glob("*.safetensors")):
-        found.append(_safe_entry(p, "library"))
+        found.append(_safe_entry(p, "library", ws))
     for run in sorted(p for p in ws.runs.iterdir() if p.is_dir()) if ws.runs.is_dir() else []:
         for p in sorted(run.glob("*.safetensors")):
             # "run" when the LoRA carries its run's name (the usual case), else which run: never "run run"
-            found.append(_safe_entry(p, "run" if p.stem == run.name else f"run {run.name}"))
-    return [e for e in found if e is not None]
+            found.append(_safe_entry(p, "run" if p.stem == run.name else f"run {run.name}", ws))
+    listing = [e for e in found if e is not None]
+    index(ws).listing = listing
+    return listing
 
 
-def _safe_entry(path: Path, source: str) -> Entry | None:
+def listed(ws: Workspace) -> list[Entry]:
+    """The last listing (made now if there is none): what a search filters, without touching a file."""
+    idx = index(ws)
+    return idx.listing if idx.listing is not None else entries(ws)
+
+
+def _safe_entry(path: Path, source: str, ws: Workspace) -> Entry | None:
     try:
-        return entry(path, source)
-    except WorkspaceError:
+        return entry(path, source, ws)
+    except (WorkspaceError, OSError):
         return None  # broken files are refused at import; one that broke later is simply not listed
 
 
@@ -114,7 +215,8 @@ def cover(ws: Workspace, e: Entry) -> str | None:
     url = e.metadata.get("modelspec.thumbnail", "")
     if not url.startswith("data:image/"):
         return None
-    out = ws.root / ".covers" / f"{e.sha256[:16]}.png"
+    key = e.sha256[:16] or hashlib.sha256(f"{e.path}|{e.size_mb}|{e.path.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    out = ws.root / ".covers" / f"{key}.png"
     if not out.exists():
         try:
             write_bytes(out, base64.b64decode(url.split(",", 1)[1]))

@@ -68,6 +68,12 @@ def build_app(ctx: Ctx) -> gr.Blocks:
         demo.load(refresh, r_in, r_out)  # LoRAs finished since the page was built
         # A rename, trash, import, merge or resize in the Library shows in Preview's slots at once.
         lib["table"].change(refresh, r_in, r_out)
+
+        def page_closed(request: gr.Request):
+            """A closed page's long actions (a check, an import) end with it; a training run does not."""
+            ctx.page_closed(getattr(request, "session_hash", None))
+
+        demo.unload(page_closed)
     return demo
 
 

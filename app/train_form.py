@@ -10,7 +10,7 @@ from trainer import presets
 from trainer.config import ConfigError, RunConfig
 from trainer.data.captions import sample_prompts
 from trainer.data.manifest import read_manifest
-from trainer.data.scan import DatasetError, scan
+from trainer.data.scan import DatasetError, cached_scan
 from trainer.model_info import peek_family, peek_resolution
 
 from .workspace import Workspace
@@ -50,7 +50,7 @@ def effective_config(ws: Workspace, c: Choice, run_name: str) -> RunConfig:
     family = peek_family(source)
     dataset = ws.dataset(c.dataset) if c.dataset else None
     try:
-        items = scan(dataset).items if dataset else None
+        items = cached_scan(dataset).items if dataset else None
     except DatasetError:
         items = None
     vram = None if c.vram in ("", NO_TIER) else int(c.vram)

@@ -425,3 +425,19 @@ def test_a_started_command_with_a_large_answer_does_not_stall(tmp_path):
     out = json.loads(trainer_cli.result(proc))
     assert proc.returncode == 0 and lines == [] and len(out["images"]) == 400
     assert len(json.dumps(out)) > 64 * 1024
+
+
+def test_every_component_lives_inside_a_tab(ws):
+    """A component made outside a tab's `with` block (a gr.State passed inline to an event, say) becomes a child of
+    the tab bar, and gradio then draws a tab twice and loses another: it happened three times."""
+    import gradio as gr
+
+    from app.context import Ctx
+    from app.main import build_app
+
+    demo = build_app(Ctx(ws, jobs.JobRunner(ws.runs, cwd=ws.root)))
+    tabs = [b for b in demo.blocks.values() if isinstance(b, gr.Tabs)]
+    assert len(tabs) == 1
+    strays = [type(c).__name__ for c in tabs[0].children if not isinstance(c, gr.Tab)]
+    assert strays == [], strays
+    assert [c.label for c in tabs[0].children] == ["Datasets", "Train", "Preview", "Library"]

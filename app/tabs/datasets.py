@@ -14,7 +14,7 @@ from ..context import Ctx, guard, said_in
 KINDS = ["", "character", "style", "concept"]
 
 
-GALLERY_MAX = 120
+PER_PAGE = 60  # gradio copies and hashes every gallery file in the server process: one page at a time
 
 
 def build(ctx: Ctx) -> dict:
@@ -35,6 +35,15 @@ def build(ctx: Ctx) -> dict:
         import_report = gr.Dataframe(headers=["file", "result", "detail"], interactive=False, label="Import report",
                                      elem_id="import-report")
         names_state = gr.State([])
+        page_no = gr.State(0)
+        flagged = gr.State([])  # files the last check excluded or warned about, for "only flagged"
+        with gr.Row():
+            find_name = gr.Textbox(label="File name contains", elem_id="find-name", scale=2)
+            find_caption = gr.Textbox(label="Caption contains", elem_id="find-caption", scale=2)
+            only_flagged = gr.Checkbox(False, label="Only files the check flagged", elem_id="only-flagged")
+            prev_page = gr.Button("◀ Previous", elem_id="prev-page", size="sm")
+            next_page = gr.Button("Next ▶", elem_id="next-page", size="sm")
+        page_info = gr.Markdown(elem_id="page-info")
         with gr.Row():
             gallery = gr.Gallery(label="Images: click one to edit its caption", columns=6, height=380,
                                  allow_preview=False, elem_id="gallery", scale=3)
@@ -104,29 +113,46 @@ def build(ctx: Ctx) -> dict:
         """A handler's event arguments, with its errors said in the message line above the upload box."""
         return said_in(message, outputs, fn), inputs, outputs
 
-    def gallery_value(name):
-        # The first GALLERY_MAX only: Gradio copies and hashes every gallery file in the server process,
-        # and 1,000 thumbnails would stall every other request for seconds. Checks cover all files.
-        items = ops.images(ws, name) if name else []
-        shown = items[:GALLERY_MAX]
-        label = f"Images ({len(items)}): click one to edit its caption" + \
-            (f"; showing the first {GALLERY_MAX}" if len(items) > GALLERY_MAX else "")
-        return gr.Gallery(value=[(p, Path(p).name) for p, _ in shown], label=label), [Path(p).name for p, _ in shown]
+    def gallery_value(name, number=0, by_name="", by_caption="", only=False, flags=()):
+        """One page of the dataset's images (filtered by name, caption and the check's flags), the names shown,
+        the page line and the page number. The folder is scanned once per change, whatever the paging."""
+        if not name:
+            return gr.Gallery(value=[]), [], "", 0
+        total = len(ops.images(ws, name))
+        shown, number, pages, matching = ops.page(ws, name, number, PER_PAGE, by_name or "", by_caption or "",
+                                                  set(flags) if only else None)
+        filtered = matching != total
+        info = (f"page {number + 1} of {pages}: images {number * PER_PAGE + 1 if shown else 0}-"
+                f"{number * PER_PAGE + len(shown)} of {matching:,}" + (f" matching (of {total:,})" if filtered else ""))
+        return (gr.Gallery(value=[(p, rel) for p, rel in shown], label=f"Images ({total:,}): click one to edit its "
+                           "caption"), [rel for _, rel in shown], info, number)
+
+    view_inputs = [find_name, find_caption, only_flagged, flagged]
+    view_outputs = [gallery, names_state, page_info, page_no]
+
+    def first_page(name, *view):  # a new filter starts at its first page
+        return gallery_value(name, 0, *view)
+
+    for box in (find_name, find_caption):
+        box.submit(first_page, [ds, *view_inputs], view_outputs)
+    only_flagged.change(first_page, [ds, *view_inputs], view_outputs)
+    prev_page.click(lambda n, p, *v: gallery_value(n, p - 1, *v), [ds, page_no, *view_inputs], view_outputs)
+    next_page.click(lambda n, p, *v: gallery_value(n, p + 1, *v), [ds, page_no, *view_inputs], view_outputs)
 
     @guard
     def load(name):
         # The import report and the check results belong to the dataset they were made for: cleared here.
-        cleared = ([], [], [], "")
+        cleared = ([], [], [], "", [])
         if not name:
-            return [], [], "", "", [], "", 1, "", gr.Dropdown(choices=[], value=None), *cleared
-        g, n = gallery_value(name)
+            return [], [], "", 0, "", "", [], "", 1, "", gr.Dropdown(choices=[], value=None), *cleared
+        g, n, info, number = gallery_value(name)
         m = ops.settings(ws, name)
         trash = ops.trashed(ws, name)
-        return (g, n, "", "", ops.tag_table(ws, name), m.trigger, m.repeats, m.kind,
+        return (g, n, info, number, "", "", ops.tag_table(ws, name), m.trigger, m.repeats, m.kind,
                 gr.Dropdown(choices=trash, value=trash[-1] if trash else None), *cleared)
 
-    load_outputs = [gallery, names_state, image_name, caption, tags, trigger, repeats, kind, trashed,
-                    import_report, files, buckets, check_summary]
+    load_outputs = [gallery, names_state, page_info, page_no, image_name, caption, tags, trigger, repeats, kind,
+                    trashed, import_report, files, buckets, check_summary, flagged]
     ds.change(load, ds, load_outputs)
 
     @guard
@@ -137,17 +163,31 @@ def build(ctx: Ctx) -> dict:
     create.click(*said(do_create, new_name, [ds, message, new_name]))
 
     @guard
-    def do_import(name, paths):
+    def do_import(name, paths, request: gr.Request):
+        """Streams the CLI's count ("importing: 340 / 1000"); closing the page ends the import."""
         if not name:
             raise ValueError("create or pick a dataset first")
         if not paths:
             raise ValueError("drop some images or zip files first")
-        rows = ops.import_uploads(ws, name, paths)
-        done = sum(r[1] == "imported" for r in rows)
-        g, n = gallery_value(name)
-        return rows, g, n, ops.tag_table(ws, name), f"imported {done} of {len(rows)} file(s)", None
+        session = getattr(request, "session_hash", None)
+        keep = gr.skip()
+        holder = {}
+        try:
+            for kind, value in ops.import_steps(ws, name, paths, track=lambda p: (holder.update(proc=p),
+                                                                                   ctx.track(session, "import", p))):
+                if kind == "progress":
+                    yield keep, keep, keep, keep, keep, keep, html.escape(value), keep
+                else:
+                    done = sum(r[1] == "imported" for r in value)
+                    g, n, info, number = gallery_value(name)
+                    yield (value, g, n, info, number, ops.tag_table(ws, name),
+                           f"imported {done} of {len(value)} file(s)", None)
+        finally:
+            if "proc" in holder:
+                ctx.untrack(session, "import", holder["proc"])
 
-    import_btn.click(*said(do_import, [ds, upload], [import_report, gallery, names_state, tags, message, upload]))
+    import_btn.click(*said(do_import, [ds, upload], [import_report, gallery, names_state, page_info, page_no, tags,
+                                                     message, upload]))
 
     @guard
     def select(name, names, evt: gr.SelectData):
@@ -199,11 +239,33 @@ def build(ctx: Ctx) -> dict:
     apply.click(*said(do_apply, [ds, action, tag, new_tag, image_name], [message, tags, caption]))
 
     @guard
-    def do_check(name, res, model):
-        rows, table, text = ops.validation(ws, name, int(res or 512), model=model)
-        return rows, table, text
+    def do_check(name, res, model, request: gr.Request):
+        """Every file decoded and checked in a CLI process whose count is shown as it goes; a second Check from the
+        same page replaces the first, and closing the page ends it."""
+        if not name:
+            raise ValueError("pick a dataset first")
+        session = getattr(request, "session_hash", None)
+        proc = trainer_cli.start(*ops.check_command(ws, name, int(res or 512), model=model))
+        ctx.track(session, "check", proc)
+        keep = gr.skip()
+        try:
+            last = ""
+            for line in proc.stderr:
+                if line.strip():
+                    last = line.strip()
+                    yield keep, keep, html.escape(last.removeprefix("lora-studio: ")), keep
+            out = trainer_cli.result(proc)
+            if proc.returncode != 0:
+                yield keep, keep, ("**stopped** (a newer check replaced it)" if proc.returncode < 0 else
+                                   f"**Not checked:** {html.escape(last.removeprefix('lora-studio: error: '))}"), keep
+                return
+            rows, table, text, flags = ops.check_result(ws, name, json.loads(out))
+            yield rows, table, text, flags
+        finally:
+            ctx.untrack(session, "check", proc)
 
-    check.click(do_check, [ds, resolution, check_model], [files, buckets, check_summary], api_name="check_dataset")
+    check.click(do_check, [ds, resolution, check_model], [files, buckets, check_summary, flagged],
+                api_name="check_dataset")
 
     @guard
     def do_caption(name, tmpl, trig):

@@ -41,13 +41,17 @@ def build(ctx: Ctx) -> dict:
             resize = gr.Button("Resize")
             analyze = gr.Button("Analyze")
         message = gr.Markdown(elem_id="library-message")
+        hash_timer = gr.Timer(2.0)
+        seen_version = gr.State(-1)  # inside the tab, as every component (outside, gradio drew a tab twice)
 
     def said(fn, inputs, outputs):
         """A handler's event arguments, with its errors said in the message line under the tools."""
         return said_in(message, outputs, fn), inputs, outputs
 
-    def listing(q, fam):
-        items = library.search(library.entries(ws), q or "", fam or "")
+    def listing(q, fam, fresh=True):
+        """The table: listed again (`fresh`: a header read for new or changed files only) or, for a search, the last
+        listing filtered (no file touched)."""
+        items = library.search(library.entries(ws) if fresh else library.listed(ws), q or "", fam or "")
         return [e.row() for e in items], [str(e.path) for e in items]
 
     def find(path: str) -> library.Entry:
@@ -64,8 +68,19 @@ def build(ctx: Ctx) -> dict:
     def picked(e: library.Entry) -> tuple:
         return str(e.path), library.cover(ws, e), json.dumps(library.details(e), indent=1), e.name
 
-    for trigger_event in (refresh.click, query.submit, family.change):
-        trigger_event(listing, [query, family], [table, paths])
+    refresh.click(listing, [query, family], [table, paths])
+    for trigger_event in (query.submit, family.change):
+        trigger_event(lambda q, f: listing(q, f, fresh=False), [query, family], [table, paths])
+
+    def hashes_landed(seen, q, fam):
+        """While hashes are computed in the background, the table shows each as it lands."""
+        idx = library.index(ws)
+        if idx.version == seen:
+            return gr.skip(), gr.skip(), seen
+        return *listing(q, fam, fresh=False), idx.version
+
+    hash_timer.tick(hashes_landed, [seen_version, query, family], [table, paths, seen_version],
+                    show_progress="hidden")
 
     @guard
     def select(ps, evt: gr.SelectData):

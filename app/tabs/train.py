@@ -177,10 +177,10 @@ def build(ctx: Ctx, saved_form) -> dict:
         c = choice(m, d, r, p, v, s, k, l, pr)
         cfg = confine.run_config(ws, form.effective_config(ws, c, check_name(name, "run")))
         n = None
-        if d:
-            from trainer.data.scan import scan
+        if d:  # scanned once per change of the folder (the effective config above asked the same)
+            from trainer.data.scan import cached_scan
 
-            n = len(scan(ws.dataset(d)).items)
+            n = len(cached_scan(ws.dataset(d)).items)
         planned = memory_plan(cfg, v, n)
         guess = estimate(cfg, n, host=planned.budget.device == "cpu")  # the same figure the plan weighs
         text = f"**Estimate:** {guess.text(speed_log.time_range(cfg, guess.steps))}"

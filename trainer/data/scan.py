@@ -90,3 +90,32 @@ def _folders(root: Path, repeats: int):
         m = REPEAT_DIR.match(sub.name)
         if m:
             yield sub, max(1, int(m.group(1)))
+
+
+_CACHE: dict[tuple[str, str], tuple[tuple, Scan]] = {}
+
+
+def _stamp(root: Path) -> tuple:
+    """What changes when an image or caption is added, removed, renamed or rewritten through an atomic write (a
+    rename in its folder): the modification times of the folder and of its kohya subfolders."""
+    stamps = [root.stat().st_mtime_ns]
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and REPEAT_DIR.match(p.name)):
+        stamps.append((sub.name, sub.stat().st_mtime_ns))
+    return tuple(stamps)
+
+
+def cached_scan(root: str | Path, caption_extension: str = ".txt") -> Scan:
+    """`scan`, remembered until the folder changes: the Datasets and Train tabs ask on every page and every form
+    change, and a 10,000-image scan reads 10,000 captions. A caption edited in place by another program (not
+    through an atomic write) is seen at the next change of the folder."""
+    root = Path(root)
+    if not root.is_dir():
+        return scan(root, caption_extension)  # raises the usual DatasetError
+    key = (str(root.resolve()), caption_extension)
+    stamp = _stamp(root)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    result = scan(root, caption_extension)
+    _CACHE[key] = (stamp, result)
+    return result
