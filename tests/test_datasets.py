@@ -411,8 +411,14 @@ def test_masked_loss_uses_the_imported_alpha(tiny_models, tmp_path, monkeypatch)
     assert all(e["loss"] is not None for e in read_events(out) if e["type"] == "step")
 
 
-def test_data_benchmark_prints_json_last(capsys):
-    assert cli_main(["bench", "data", "--images", "12"]) == 0
+def test_data_benchmark_prints_json_last(capsys, tmp_path):
+    assert cli_main(["bench", "data", "--sizes", "12,30", "--no-results"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert last["second_cache_hit_rate"] == 1.0 and last["second_cache_encoded"] == 0
-    assert last["first_cache_encoded"] == 12
+    assert [r["images"] for r in last["rows"]] == [12, 30]
+    small, big = last["rows"]
+    assert big["imported"] + big["skipped"] == 30 and big["skipped"] >= 1  # the generated exact duplicate
+    assert all(r["import_s"] > 0 and r["check_s"] > 0 for r in last["rows"])
+    assert last["growth"]["import_s"]["from"] == 12 and last["growth"]["import_s"]["to"] == 30
+    assert "import_10k_within_5_min" in last["targets"] and last["targets"]["import_10k_within_5_min"] is None
+
+

@@ -157,8 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--every", type=int, default=150, help="a checkpoint every this many steps")
     bc.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a training setting")
-    bd = bsub.add_parser("data", help="scan/validate and latent-cache generated images")
-    bd.add_argument("--images", type=int, default=1000, help="how many images to generate")
+    bd = bsub.add_parser("data", help="import, check, scan and first step on generated datasets of 100, 1,000 and "
+                                      "10,000 images; growth per operation; writes bench/results.md's Data path")
+    bd.add_argument("--sizes", default="100,1000,10000", help="dataset sizes, comma-separated")
+    bd.add_argument("--no-results", action="store_true", help="print only; leave bench/results.md alone")
 
     dr = sub.add_parser("doctor", help="versions, device, free disk and known-bad combinations, each with a fix; "
                                        "exits 1 when something would stop a run")
@@ -242,7 +244,11 @@ def cmd_bench(args) -> int:
     if args.bench_command == "data":
         from .bench.data import main as bench_data
 
-        bench_data(args.images)
+        try:
+            sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--sizes {args.sizes!r} must be whole numbers separated by commas") from None
+        bench_data(sizes, None if args.no_results else Path("bench/results.md"))
     elif args.bench_command == "checkpoints":
         from .bench.checkpoints import main as bench_checkpoints
 

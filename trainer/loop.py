@@ -243,7 +243,8 @@ def _train(cfg: RunConfig, events: Events, accelerator, resume: bool, precision:
         save_state()  # Stop or Ctrl-C: Resume continues exactly from here
     if main and step > 0:
         _finish(cfg, run_dir, final, step, epoch, stopped, events, save_args, judge,
-                sample=lambda stop: _sample(cfg, base, unet, tes, precision, run_dir, step, events, stop, encoded))
+                sample=lambda stop: _sample(cfg, base, unet, tes, precision, run_dir, step, events, stop, encoded,
+                                            end=True))
     if main:
         speed_log.record(cfg, step_seconds, _device_name(device))
     in_sync = _ranks_in_sync(accelerator, groups)
@@ -802,9 +803,10 @@ def _let_encoders_go(cfg, base, precision, device, main, events, drift: bool) ->
     return encoded
 
 
-def _sample(cfg, base, unet, tes, precision, run_dir, step, events, stop=None, encoded=None) -> list[Path]:
+def _sample(cfg, base, unet, tes, precision, run_dir, step, events, stop=None, encoded=None,
+            end: bool = False) -> list[Path]:
     prompts = cfg.sample.prompts
-    phase = "end samples" if stop is not None else "samples"
+    phase = "end samples" if end else "samples"
     with events.progress.phase(phase, len(prompts)) as tick:
         images = _render(cfg, base, unet, tes, precision, prompts, stop, encoded, on_image=tick)
     written = []
