@@ -30,9 +30,9 @@ RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"
 
 @dataclass
 class Limits:
-    max_files: int = 5000
+    max_files: int = 50_000  # datasets for style LoRAs and fine-tunes run to tens of thousands
     max_file_bytes: int = 200 * 2**20
-    max_total_bytes: int = 4 * 2**30
+    max_total_bytes: int = 64 * 2**30
     max_zip_ratio: float = 100.0  # uncompressed / compressed, per member
 
 
