@@ -283,7 +283,7 @@ def test_no_posix_only_call_is_left_unguarded():
 
 # ---- Windows' VRAM spill --------------------------------------------------------------------------------------
 def test_spill_watch_sees_memory_past_the_card_and_a_step_time_jump():
-    from trainer.spill import SpillWatch
+    from trainer.memory.spill import SpillWatch
 
     held = iter([10.5, 11.0, 11.2, 12.4])
     mem = SpillWatch("NVIDIA GeForce RTX 4070", 12.0, windows=True, held_gb=lambda: next(held))
@@ -305,7 +305,7 @@ def test_a_spilling_run_warns_in_its_events_and_the_train_tab(tmp_path, monkeypa
     from app import jobs
     from tests.conftest import make_dataset, tiny_config
     from trainer import loop
-    from trainer.spill import SpillWatch
+    from trainer.memory.spill import SpillWatch
 
     readings = iter([9.0, 9.1, 12.6] + [12.6] * 20)
     monkeypatch.setattr(loop, "_spill_watch", lambda device: SpillWatch(

@@ -9,7 +9,7 @@ from tests.conftest import tiny_config
 from trainer import loop, tiny
 from trainer.events import Events, read_events
 from trainer.models import load_base, sampling_schedule
-from trainer.precision import Precision
+from trainer.memory.precision import Precision
 from trainer.samples import render
 
 

@@ -4,8 +4,8 @@ import pytest
 
 from trainer import presets
 from trainer.config import RunConfig
-from trainer.estimate import estimate
-from trainer.plan import Budget, make_plan
+from trainer.memory.estimate import estimate
+from trainer.memory.plan import Budget, make_plan
 
 
 @pytest.mark.parametrize("tier", presets.VRAM_TIERS)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
-from trainer import adapters, frozen
+from trainer import adapters
+from trainer.memory import frozen
 from trainer.errors import TrainingError
 from trainer.events import read_events
 from trainer.lora_file import read_lora

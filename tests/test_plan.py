@@ -8,12 +8,14 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import tiny_config
-from trainer import frozen, loop, plan
+from trainer import loop
+from trainer.memory import frozen
+from trainer.memory import plan
 from trainer.cli import main as cli_main
 from trainer.config import RunConfig
-from trainer.estimate import estimate
+from trainer.memory.estimate import estimate
 from trainer.events import read_events
-from trainer.plan import Budget, make_plan
+from trainer.memory.plan import Budget, make_plan
 
 
 def sdxl(**train):

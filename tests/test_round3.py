@@ -236,7 +236,7 @@ def test_a_run_measures_the_seed_spread_its_bound_rests_on(tiny_models, dataset,
 
 
 def test_estimates_say_which_figures_were_not_measured():
-    from trainer.estimate import estimate
+    from trainer.memory.estimate import estimate
 
     def est(**sets):
         cfg = RunConfig.load(overrides=[f"{k}={v}" for k, v in sets.items()])
@@ -483,7 +483,7 @@ def test_import_of_a_missing_folder_exits_non_zero(tmp_path, capsys):
 
 # ---- 21. CPUs without fast bf16 -------------------------------------------------------------------------------------
 def test_a_cpu_without_fast_bf16_trains_in_fp32_and_the_plan_says_so(monkeypatch):
-    from trainer.plan import Budget, candidates, make_plan
+    from trainer.memory.plan import Budget, candidates, make_plan
 
     cfg = RunConfig.load(overrides=["train.mixed_precision=bf16", 'data.dataset="d"'])
     monkeypatch.setenv("LORA_STUDIO_CPU_BF16", "slow")
@@ -499,7 +499,7 @@ def test_a_cpu_without_fast_bf16_trains_in_fp32_and_the_plan_says_so(monkeypatch
 
 
 def test_cpu_bf16_detection_reads_the_flags(monkeypatch, tmp_path):
-    from trainer import cpu_features
+    from trainer.memory import cpu_features
 
     monkeypatch.delenv("LORA_STUDIO_CPU_BF16")
     cpu_features._detected.cache_clear()

@@ -263,7 +263,7 @@ def test_an_sd3_single_file_is_recognised_and_a_hub_failure_says_what_to_do(tmp_
 
 def test_sd3_trains_with_fp8_frozen_weights_checkpointing_and_trained_clips(sd3, dataset, tmp_path):
     """The memory savings work on the MMDiT and T5 too: frozen bulk in float8, LoRA weights fp32, finite losses."""
-    from trainer import frozen
+    from trainer.memory import frozen
 
     cfg = tiny_config(sd3, dataset, tmp_path / "run", **{"train.max_steps": 3, "train.mixed_precision": "bf16",
                                                        "train.frozen_dtype": "fp8", "train.gradient_checkpointing": True,

@@ -305,9 +305,9 @@ def test_stop_saves_the_lora_before_the_end_samples_and_a_second_stop_skips_them
 
 
 def test_a_run_records_its_step_time_and_the_estimate_becomes_a_measured_range(tiny_models, dataset, tmp_path):
-    from trainer import speed_log
+    from trainer.memory import speed_log
     from trainer.config import RunConfig
-    from trainer.estimate import estimate
+    from trainer.memory.estimate import estimate
 
     cfg = tiny_config(tiny_models["sd1"], dataset, tmp_path / "r", **{"train.max_steps": 7, "sample.at_end": False})
     unresolved = RunConfig.load(cfg.to_dict())  # what the Train tab holds: 'auto' values not filled in yet

@@ -307,7 +307,7 @@ def plan_memory(cfg: RunConfig, vram: int | None):
     CPU and its available RAM (a --vram tier then shapes the preset only: nothing here has that GPU)."""
     import torch
 
-    from .plan import budget_for, make_plan
+    from trainer.memory.plan import budget_for, make_plan
 
     gpu = None
     if torch.cuda.is_available():

@@ -179,7 +179,7 @@ def device_info(versions: dict[str, str | None]) -> tuple[dict, list[Finding]]:
     elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         info = {"kind": "mps", "name": "Apple GPU"}
     else:
-        from . import cpu_features
+        from trainer.memory import cpu_features
 
         cpu_features.record_from_torch()
         info = {"kind": "cpu", "name": f"{os.cpu_count()} CPU cores", "capability": torch.backends.cpu.get_cpu_capability(),
@@ -249,7 +249,8 @@ PLANNED = {"SD1.5 512px": "sd1", "SDXL 1024px": "sdxl", "SD3.5 Medium 1024px": "
 
 def memory_plans(device: dict, vram: float | None = None) -> dict[str, str]:
     """The memory plan for each PLANNED model on this machine's GPU (`vram` caps it), or its RAM on a CPU."""
-    from . import plan, presets
+    from . import presets
+    from trainer.memory import plan
     from .config import RunConfig
 
     gpu = (device["name"], device["memory_gb"]) if device.get("kind") == "cuda" and device.get("memory_gb") else None

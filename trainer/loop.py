@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from . import frozen
+from trainer.memory import frozen
 from . import lora as lora_mod
-from . import speed_log, spill
+from trainer.memory import speed_log
+from trainer.memory import spill
 from . import state as state_mod
 from . import validation
 from .config import RunConfig
@@ -31,7 +32,7 @@ from .formats import (SAVE_DTYPES, NonFiniteError, build_metadata, dataset_metad
                       peft_state_dict, png_data_url, save_lora)
 from .model_info import is_embedded, text_encoder_trained_by_default
 from .models import load_base, sampling_schedule
-from .precision import Precision
+from trainer.memory.precision import Precision
 from .samples import render, save_png
 from .step import Step
 from .world.score import drift  # mean pixel change, as bench learn measures it

@@ -8,8 +8,10 @@ import uuid
 
 import gradio as gr
 
-from trainer import doctor, plan, presets, speed_log
-from trainer.estimate import estimate
+from trainer import doctor, presets
+from trainer.memory import plan
+from trainer.memory import speed_log
+from trainer.memory.estimate import estimate
 
 from .. import confine, library, trainer_cli
 from .. import train_form as form

@@ -25,7 +25,7 @@ def measure(model: str, resolution: int, precision: str, checkpointing: bool, ra
     from ..config import LoraConfig
     from ..lora import inject, unet_targets
     from ..models import FAMILIES
-    from ..precision import Precision
+    from trainer.memory.precision import Precision
 
     prec = Precision(precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", dtype=prec.weight_dtype)

@@ -149,7 +149,7 @@ def build(kind: str, folder: Path, dtype: torch.dtype = torch.bfloat16, seed: in
 
 
 def parameter_counts(folder: Path) -> dict:
-    from ..estimate import safetensors_params
+    from trainer.memory.estimate import safetensors_params
 
     return {part: safetensors_params(folder / part) / 1e6 for part in ("unet", "transformer", "vae", "text_encoder",
                                                                        "text_encoder_2", "text_encoder_3")

@@ -14,7 +14,7 @@ def main(argv=None) -> int:
     p.add_argument("--how", default="direct", choices=["direct", "fp32-then-cast"])
     a = p.parse_args(argv)
     from ..models import load_base
-    from ..precision import DTYPES
+    from trainer.memory.precision import DTYPES
 
     dtype = DTYPES[a.precision]
     base = load_base(a.model, dtype=dtype if a.how == "direct" else None)

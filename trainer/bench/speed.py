@@ -224,7 +224,7 @@ def measure_floor(model_dir: str, s: Setting, precision: str, work: Path, extra:
 
 def estimate_for(s: Setting, precision: str, device: str) -> float:
     from ..config import RunConfig
-    from ..estimate import estimate
+    from trainer.memory.estimate import estimate
 
     model = ['model.source="tiny"'] if s.model == "tiny" else [f"model.family={FAMILY_OF[s.model]}"]
     cfg = RunConfig.load(overrides=[*model, *s.overrides(precision)])
@@ -286,7 +286,7 @@ def cpu_description() -> dict:
 
     import torch
 
-    from .. import cpu_features
+    from trainer.memory import cpu_features
 
     return {"capability": torch.backends.cpu.get_cpu_capability(), "bf16_fast": cpu_features.record_from_torch(),
             "processor": platform.processor() or platform.machine(), "cores": os.cpu_count()}
@@ -421,7 +421,7 @@ def gpu_savings() -> list[str]:
     """Savings a CPU run cannot show (there is no device to leave), computed by the estimator for the
     GPU targets: each row flips one switch of the target setting."""
     from ..config import RunConfig
-    from ..estimate import estimate
+    from trainer.memory.estimate import estimate
 
     targets = {"SD1.5 512 px": ["model.family=sd1", "data.resolution=512"],
                "SDXL 1024 px": ["model.family=sdxl", "data.resolution=1024"],

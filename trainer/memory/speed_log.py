@@ -10,9 +10,9 @@ import json
 import statistics
 from pathlib import Path
 
-from .atomic import write_text
-from .model_info import is_embedded, peek_family, peek_resolution, text_encoder_trained_by_default
-from .resources import default_cache_dir
+from trainer.atomic import write_text
+from trainer.model_info import is_embedded, peek_family, peek_resolution, text_encoder_trained_by_default
+from trainer.resources import default_cache_dir
 
 FILE = "speed.json"
 KEEP_RUNS = 6

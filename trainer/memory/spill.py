@@ -63,8 +63,8 @@ def spill_budget_gb(dedicated_gb: float, held_gb: float, estimated_gb: float | N
 
 def advice(cfg, watch: SpillWatch, held_gb: float) -> str:
     """What to run instead: the memory plan for the budget `spill_budget_gb` gives, as --set overrides."""
-    from .estimate import estimate
-    from .plan import Budget, make_plan
+    from trainer.memory.estimate import estimate
+    from trainer.memory.plan import Budget, make_plan
 
     cfg = type(cfg).load(cfg.to_dict(), overrides=["train.fit_memory=true"])
     budget_gb = spill_budget_gb(watch.dedicated_gb, held_gb, estimate(cfg).peak_gb)

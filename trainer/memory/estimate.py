@@ -13,8 +13,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .model_info import EMBEDDED_DIR, FP32_VAE_UNDER_FP16, peek_family, text_encoder_trained_by_default
-from .speed_log import duration
+from trainer.model_info import EMBEDDED_DIR, FP32_VAE_UNDER_FP16, peek_family, text_encoder_trained_by_default
+from trainer.memory.speed_log import duration
 
 GB = 1024 ** 3
 # SD 3.5 Medium at 1024 px, one image, bf16, no checkpointing, on a CPU. Fitted on `bench speed`'s SD3 row without

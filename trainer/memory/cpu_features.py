@@ -19,7 +19,7 @@ RECORD = "cpu-bf16.json"
 
 
 def _record_path() -> Path:
-    from .resources import default_cache_dir
+    from trainer.resources import default_cache_dir
 
     return default_cache_dir() / RECORD
 
@@ -72,7 +72,7 @@ def record_from_torch() -> bool:
                 getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
     if sys.platform.startswith("win"):  # the one platform without a torch-free way to read the flags
         try:
-            from .atomic import write_text
+            from trainer.atomic import write_text
 
             write_text(_record_path(), json.dumps({"bf16_fast": fast,
                                                    "capability": torch.backends.cpu.get_cpu_capability()}))

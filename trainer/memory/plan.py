@@ -15,9 +15,9 @@ import subprocess
 from dataclasses import dataclass, field
 from importlib import metadata
 
-from . import cpu_features
-from .estimate import NATIVE, estimate, host_load_gb
-from .model_info import peek_family
+from trainer.memory import cpu_features
+from trainer.memory.estimate import NATIVE, estimate, host_load_gb
+from trainer.model_info import peek_family
 
 GB = 1024 ** 3
 CUDA_CONTEXT_GB = 0.6  # the driver's and allocator's own share of the card, outside what the estimate counts
