@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer import lora_header
+from trainer.lora import header as lora_header
 from trainer.atomic import copy_file, write_bytes
 from trainer.data.importer import sanitize_name
 from trainer.file_hashes import file_hashes

@@ -8,9 +8,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from trainer import tools
+from trainer.lora import tools
 from trainer.cli import main as cli_main
-from trainer.lora_file import LoraError, module_index, read_lora
+from trainer.lora.read import LoraError, module_index, read_lora
 from trainer.loop import train
 from trainer.models import load_base
 from trainer.sgm_names import unet_namer

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
-from trainer import adapters
+from trainer.lora import adapters
 from trainer.memory import frozen
 from trainer.errors import TrainingError
 from trainer.events import read_events
-from trainer.lora_file import read_lora
+from trainer.lora.read import read_lora
 from trainer.loop import train
 from trainer.models import load_base
 

@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 from app import library, prompt_tags
 from app.workspace import Workspace, WorkspaceError
 from tests.conftest import make_dataset, tiny_config
-from trainer import adapters
-from trainer.lora_file import LoraError, module_index, read_lora
+from trainer.lora import adapters
+from trainer.lora.read import LoraError, module_index, read_lora
 from trainer.loop import train
 from trainer.preview import Previewer, Request, Slot
 

@@ -266,8 +266,8 @@ def comfyui_weight_decompose(dora_scale, weight, lora_diff, alpha):
 
 
 def test_dora_linear_and_conv_apply_in_comfyui_exactly_as_trained(tiny_models, dataset, tmp_path):
-    from trainer.formats import kohya_name
-    from trainer.lora_file import read_lora
+    from trainer.lora.write import kohya_name
+    from trainer.lora.read import read_lora
     from trainer.models import load_base
 
     out = tmp_path / "dora"
@@ -351,7 +351,7 @@ def test_metadata_counts_tags_per_image_and_names_datasets_as_kohya_does(tiny_mo
 def test_sd3_files_do_not_claim_kohyas_module_or_an_alpha_they_do_not_use():
     from types import SimpleNamespace
 
-    from trainer.formats import build_metadata
+    from trainer.lora.write import build_metadata
 
     cfg = RunConfig.load(overrides=["lora.rank=8", "lora.alpha=4"])
     fam = SimpleNamespace(lora_layout="diffusers", ss_base_model_version="sd3", name="sd3",
@@ -364,7 +364,7 @@ def test_sd3_files_do_not_claim_kohyas_module_or_an_alpha_they_do_not_use():
 
 
 def test_metadata_values_must_be_strings(tmp_path):
-    from trainer.formats import save_lora
+    from trainer.lora.write import save_lora
 
     with pytest.raises(TypeError, match="strings"):
         save_lora(tmp_path / "x.safetensors", {"a": torch.zeros(1)}, {"ss_steps": 3})
@@ -533,7 +533,7 @@ def test_the_lora_check_the_app_runs_needs_no_torch(tmp_path):
     """Dropping a LoRA into Preview or the Library checks it without torch, as thoroughly as lora inspect."""
     from safetensors.torch import save_file
 
-    from trainer import lora_header
+    from trainer.lora import header as lora_header
 
     good, bad = tmp_path / "good.safetensors", tmp_path / "bad.safetensors"
     save_file({"lora_unet_x.lora_down.weight": torch.ones(2, 4, dtype=torch.bfloat16),

@@ -9,11 +9,12 @@ import torch
 from safetensors import safe_open
 
 from tests.conftest import tiny_config
-from trainer import loop, models, tiny, tools
+from trainer import loop, models, tiny
+from trainer.lora import tools
 from trainer.cli import main as cli_main
 from trainer.config import RunConfig
 from trainer.events import read_events
-from trainer.lora_file import read_lora
+from trainer.lora.read import read_lora
 from trainer.schedules import FlowMatching
 
 

@@ -10,11 +10,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from trainer import lora as lora_mod
+from trainer.lora import inject as lora_mod
 from trainer.cli import main as cli_main
 from trainer.config import LoraConfig
 from trainer.events import Events, read_events
-from trainer.formats import kohya_name
+from trainer.lora.write import kohya_name
 from trainer.loop import train
 from trainer.models import ModelError, load_base
 

@@ -200,7 +200,7 @@ def _weighted(items: list[str]) -> tuple[list[str], list[float]]:
 
 
 def cmd_lora(args) -> int:
-    from . import tools
+    from trainer.lora import tools
 
     c = args.lora_command
     if c == "inspect":

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 
 from trainer.memory import frozen
-from . import lora as lora_mod
+from trainer.lora import inject as lora_mod
 from trainer.memory import speed_log
 from trainer.memory import spill
 from . import state as state_mod
@@ -28,8 +28,7 @@ from .data.manifest import read_manifest
 from .data.scan import DatasetError, scan
 from .errors import StopRequested, TrainingError
 from .events import Events, read_events
-from .formats import (SAVE_DTYPES, NonFiniteError, build_metadata, dataset_metadata, diffusers_state_dict, kohya_state_dict, now_epoch,
-                      peft_state_dict, png_data_url, save_lora)
+from trainer.lora.write import SAVE_DTYPES, NonFiniteError, build_metadata, dataset_metadata, diffusers_state_dict, kohya_state_dict, now_epoch, peft_state_dict, png_data_url, save_lora
 from .model_info import is_embedded, text_encoder_trained_by_default
 from .models import load_base, sampling_schedule
 from trainer.memory.precision import Precision

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import adapters
-from .lora_file import LoraError, check_family, read_lora
+from trainer.lora import adapters
+from trainer.lora.read import LoraError, check_family, read_lora
 from .models import load_base, sampling_schedule
 
 SAMPLERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",

@@ -22,8 +22,8 @@ DRIFT_PROMPTS = 24
 
 def _drifts(pipe, lora_path: Path, base_plain: list, prompts: list[str]) -> list[float]:
     """Per prompt, the mean pixel change of the LoRA's render against the base's (score.drift of one pair)."""
-    from .. import adapters
-    from ..lora_file import read_lora
+    from trainer.lora import adapters
+    from trainer.lora.read import read_lora
     from ..world import score
     from ..world.learn import EVAL, generate
 

@@ -23,7 +23,7 @@ def measure(model: str, resolution: int, precision: str, checkpointing: bool, ra
     from diffusers.training_utils import cast_training_params
 
     from ..config import LoraConfig
-    from ..lora import inject, unet_targets
+    from trainer.lora.inject import inject, unet_targets
     from ..models import FAMILIES
     from trainer.memory.precision import Precision
 

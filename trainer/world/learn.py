@@ -9,8 +9,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .. import adapters
-from ..lora_file import read_lora
+from trainer.lora import adapters
+from trainer.lora.read import read_lora
 from ..resources import SAMPLE_DATASETS
 from . import score, shapes
 from .datasets import KINDS

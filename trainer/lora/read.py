@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .lora_header import UNSUPPORTED  # one list, shared with the torch-free check
+from trainer.lora.header import UNSUPPORTED
 
 
 class LoraError(ValueError):
@@ -269,7 +269,7 @@ def check_family(lora: LoraFile, base_family: str) -> None:
 
 def module_index(models: dict[str, torch.nn.Module], unet_namer=None) -> dict[str, torch.nn.Module]:
     """Every Linear/Conv2d a LoRA may target, under each name a LoRA file may use for it."""
-    from .formats import kohya_name
+    from trainer.lora.write import kohya_name
 
     index = {}
     for prefix, model in models.items():

@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 
-from .config import LoraConfig
+from trainer.config import LoraConfig
 
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 UNET_EXTRA = {

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from .atomic import UMASK, write_text
-from .file_hashes import file_hashes
-from .formats import SAVE_DTYPES, save_lora
-from .lora_file import FAMILY_NAMES, LoraError, LoraFile, Module, read_lora
+from trainer.atomic import UMASK, write_text
+from trainer.file_hashes import file_hashes
+from trainer.lora.write import SAVE_DTYPES, save_lora
+from trainer.lora.read import FAMILY_NAMES, LoraError, LoraFile, Module, read_lora
 
 
 def _check_output(path: Path, force: bool) -> None:
@@ -164,7 +164,7 @@ def _merged_metadata(loras, weights, family, rank) -> dict[str, str]:
         "lora_studio.merged_from": json.dumps([{"file": l.path.name, "weight": w} for l, w in zip(loras, weights)]),
     })
     if family and "modelspec.architecture" not in md:
-        from .models import FAMILIES
+        from trainer.models import FAMILIES
 
         md["modelspec.architecture"] = f"{FAMILIES[family].modelspec_architecture}/lora"
     return md
@@ -288,8 +288,8 @@ def bake(base: str, loras: list, weights: list[float], out: str | Path, force: b
     import shutil
     import tempfile
 
-    from .lora_file import check_family, module_index
-    from .models import load_base
+    from trainer.lora.read import check_family, module_index
+    from trainer.models import load_base
 
     out = Path(out)
     _check_output(out, force)

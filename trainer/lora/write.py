@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as st_save
 
-from .atomic import write_bytes
-from .lora import ADAPTER
+from trainer.atomic import write_bytes
+from trainer.lora.inject import ADAPTER
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -160,7 +160,7 @@ def dataset_metadata(entries, cfg, resolution: int) -> dict[str, str]:
     each image once whatever its repeats. `entries`: the training set's (path, caption, repeats, is_reg)."""
     from collections import Counter, defaultdict
 
-    from .data.captions import split_tags
+    from trainer.data.captions import split_tags
 
     folders: dict[str, dict] = defaultdict(lambda: {"tags": Counter(), "images": 0, "repeats": 1, "is_reg": False})
     for e in entries:

@@ -15,7 +15,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
-from .lora_file import LoraError, LoraFile, module_index
+from trainer.lora.read import LoraError, LoraFile, module_index
 
 Models = dict[str, torch.nn.Module]  # kohya key prefix ("lora_unet", "lora_te", "lora_te1", ...) -> model
 
