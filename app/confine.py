@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainer.config import RunConfig
-from trainer.model_info import is_embedded, looks_like_path
+from trainer.models.info import is_embedded, looks_like_path
 from trainer.resources import EMBEDDED_MODEL, default_cache_dir
 
 from .workspace import Workspace, WorkspaceError

@@ -11,7 +11,7 @@ from trainer.config import ConfigError, RunConfig
 from trainer.data.captions import sample_prompts
 from trainer.data.manifest import read_manifest
 from trainer.data.scan import DatasetError, cached_scan
-from trainer.model_info import peek_family, peek_resolution
+from trainer.models.info import peek_family, peek_resolution
 
 from .workspace import Workspace
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from trainer import tiny
+from trainer.models import tiny
 from trainer.config import RunConfig
 
 COLOURS = ["red", "blue", "green", "yellow"]

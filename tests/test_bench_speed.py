@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trainer.bench import fullsize, speed
-from trainer.model_info import EMBEDDED_DIR
+from trainer.models.info import EMBEDDED_DIR
 
 
 @pytest.mark.parametrize("config, params_m", [(fullsize.SD15_UNET, 859.52), (fullsize.SDXL_UNET, 2567.46)])

@@ -8,7 +8,7 @@ from transformers import CLIPTokenizer
 from trainer.cli import main as cli_main
 from trainer.data import caption_lint
 from trainer.data.captions import split_tags
-from trainer.model_info import EMBEDDED_DIR
+from trainer.models.info import EMBEDDED_DIR
 
 
 def test_cut_tags_are_the_ones_training_truncates():

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
-from trainer import loop, tiny
+from trainer import loop
+from trainer.models import tiny
 from trainer.events import Events, read_events
 from trainer.models import load_base, sampling_schedule
 from trainer.memory.precision import Precision

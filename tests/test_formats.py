@@ -13,7 +13,7 @@ from trainer.cli import main as cli_main
 from trainer.lora.read import LoraError, module_index, read_lora
 from trainer.loop import train
 from trainer.models import load_base
-from trainer.sgm_names import unet_namer
+from trainer.models.sgm_names import unet_namer
 
 from .conftest import make_dataset, tiny_config
 from .test_train import load_pipe

@@ -3,7 +3,7 @@ on trigger prompts rises clearly above the base model's, while trigger-free prom
 Full figures: `lora-studio bench learn` (thresholds here keep a margin below what it measures)."""
 import pytest
 
-from trainer.model_info import EMBEDDED_DIR
+from trainer.models.info import EMBEDDED_DIR
 from trainer.world.learn import learn, load_pipeline, prompt_following
 
 pytestmark = pytest.mark.skipif(not (EMBEDDED_DIR / "model_index.json").exists(),

@@ -449,7 +449,7 @@ def test_the_librarys_import_is_atomic(tmp_path, monkeypatch):
 
 
 def test_a_hub_model_that_fails_from_the_cache_says_why(monkeypatch):
-    from trainer import models
+    from trainer.models import loading as models
     from trainer.errors import ModelError
 
     calls = []
@@ -550,7 +550,7 @@ def test_the_lora_check_the_app_runs_needs_no_torch(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:-4])
     with pytest.raises(lora_header.HeaderError, match="truncated"):
         lora_header.check(tmp_path / "cut.safetensors")
-    code = "import sys, trainer.lora_header; sys.exit('torch' in sys.modules)"
+    code = "import sys, trainer.lora.header; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

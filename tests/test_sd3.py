@@ -9,13 +9,15 @@ import torch
 from safetensors import safe_open
 
 from tests.conftest import tiny_config
-from trainer import loop, models, tiny
+from trainer import loop
+from trainer.models import loading as models
+from trainer.models import tiny
 from trainer.lora import tools
 from trainer.cli import main as cli_main
 from trainer.config import RunConfig
 from trainer.events import read_events
 from trainer.lora.read import read_lora
-from trainer.schedules import FlowMatching
+from trainer.models.schedules import FlowMatching
 
 
 @pytest.fixture(scope="module")

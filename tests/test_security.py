@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 
 from trainer.config import RunConfig
-from trainer.model_info import EMBEDDED_DIR
+from trainer.models.info import EMBEDDED_DIR
 
 from .conftest import make_dataset
 from .test_ui_e2e import served_app

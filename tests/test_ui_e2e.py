@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.model_info import EMBEDDED_DIR
+from trainer.models.info import EMBEDDED_DIR
 from trainer.resources import SAMPLE_DATASETS
 
 ROOT = Path(__file__).resolve().parent.parent

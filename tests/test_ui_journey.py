@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from trainer.model_info import EMBEDDED_DIR
+from trainer.models.info import EMBEDDED_DIR
 from trainer.resources import SAMPLE_DATASETS
 
 from .test_ui_e2e import (CHROMIUM, FLAGS, ROOT, TABS, _need_browser, field, pick, served_app, set_slider,

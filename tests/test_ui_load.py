@@ -16,7 +16,7 @@ import zipfile
 
 import pytest
 
-from trainer.model_info import EMBEDDED_DIR
+from trainer.models.info import EMBEDDED_DIR
 
 from . import test_ui_e2e
 from .test_ui_e2e import CHROMIUM, FLAGS, field, pick, shot, text_of, wait_text, wait_until

@@ -8,7 +8,9 @@ import torch
 from safetensors import safe_open
 
 from tests.conftest import tiny_config
-from trainer import loop, models, tiny
+from trainer import loop
+from trainer.models import loading as models
+from trainer.models import tiny
 from trainer.config import RunConfig
 from trainer.errors import TrainingError
 from trainer.events import read_events
@@ -77,7 +79,7 @@ def test_min_snr_weight_for_v_is_finite_at_the_terminal_timestep():
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
 
-    from trainer.schedules import Diffusion
+    from trainer.models.schedules import Diffusion
 
     config = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config
     t = torch.tensor([0, 500, 999])

@@ -284,7 +284,7 @@ def resolve_train_config(args) -> RunConfig:
 
 
 def _peek_family(cfg: RunConfig) -> str | None:
-    from .model_info import peek_family
+    from trainer.models.info import peek_family
 
     return peek_family(cfg.model.source, cfg.model.family)
 

@@ -29,8 +29,8 @@ from .data.scan import DatasetError, scan
 from .errors import StopRequested, TrainingError
 from .events import Events, read_events
 from trainer.lora.write import SAVE_DTYPES, NonFiniteError, build_metadata, dataset_metadata, diffusers_state_dict, kohya_state_dict, now_epoch, peft_state_dict, png_data_url, save_lora
-from .model_info import is_embedded, text_encoder_trained_by_default
-from .models import load_base, sampling_schedule
+from trainer.models.info import is_embedded, text_encoder_trained_by_default
+from trainer.models import load_base, sampling_schedule
 from trainer.memory.precision import Precision
 from .samples import render, save_png
 from .step import Step
@@ -571,7 +571,7 @@ def _ready_unet(unet, cfg: RunConfig, precision: Precision, fp8: bool) -> None:
     neither full-precision weights nor all the models at once reach the GPU, each model goes there for its
     own phase (VAE: latent cache; text encoders: caption cache; UNet: training), and with fp8 the half-precision
     UNet is gone before the encoders arrive, so neither phase's peak is the sum of all the models."""
-    from .models import FAMILIES, family_name
+    from trainer.models import FAMILIES, family_name
 
     unet.requires_grad_(False)
     _place(unet, torch.device("cpu"), precision.weight_dtype)  # a no-op when the loader honoured dtype

@@ -15,7 +15,7 @@ from PIL import Image
 
 from trainer.lora import adapters
 from trainer.lora.read import LoraError, check_family, read_lora
-from .models import load_base, sampling_schedule
+from trainer.models import load_base, sampling_schedule
 
 SAMPLERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
             "dpm++": "DPMSolverMultistepScheduler"}

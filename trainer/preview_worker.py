@@ -36,7 +36,7 @@ def handle(previewer, out: Path, msg: dict) -> dict:
 
 def drift(previewer, base: str, lora: str, n: int = 6) -> float:
     """Mean pixel change (0..1) a LoRA causes on trigger-free shape-world prompts (embedded model only)."""
-    from .model_info import is_embedded
+    from trainer.models.info import is_embedded
     from .preview import Request, Slot
     from .world.learn import EVAL, plain_prompts
     from .world.score import drift as drift_score

@@ -24,7 +24,7 @@ def measure(model: str, resolution: int, precision: str, checkpointing: bool, ra
 
     from ..config import LoraConfig
     from trainer.lora.inject import inject, unet_targets
-    from ..models import FAMILIES
+    from trainer.models import FAMILIES
     from trainer.memory.precision import Precision
 
     prec = Precision(precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))

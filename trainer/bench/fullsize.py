@@ -83,7 +83,7 @@ def build_sd35m(folder: Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from ..tiny import load_tokenizer, write_tokenizer
+    from trainer.models.tiny import load_tokenizer, write_tokenizer
 
     want = {"kind": "sd35m", "dtype": str(dtype), "seed": seed, "transformer": repr(SD35M_TRANSFORMER)}
     marker = folder / MARKER
@@ -121,7 +121,7 @@ def build(kind: str, folder: Path, dtype: torch.dtype = torch.bfloat16, seed: in
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from ..tiny import load_tokenizer, write_tokenizer
+    from trainer.models.tiny import load_tokenizer, write_tokenizer
 
     unet_cfg, resolution, scaling = FAMILIES[kind]
     want = {"kind": kind, "dtype": str(dtype), "seed": seed, "unet": unet_cfg}

@@ -13,7 +13,7 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="bf16", choices=["fp16", "bf16"])
     p.add_argument("--how", default="direct", choices=["direct", "fp32-then-cast"])
     a = p.parse_args(argv)
-    from ..models import load_base
+    from trainer.models import load_base
     from trainer.memory.precision import DTYPES
 
     dtype = DTYPES[a.precision]

@@ -244,7 +244,7 @@ def run(quick: bool = False, work: Path | None = None, models_dir: Path | None =
     floors: dict = {}
     for s in settings:
         if s.model == "tiny":
-            from ..model_info import EMBEDDED_DIR
+            from trainer.models.info import EMBEDDED_DIR
 
             model_dirs.setdefault("tiny", str(EMBEDDED_DIR))
         if s.model not in model_dirs:

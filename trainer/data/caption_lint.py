@@ -54,7 +54,7 @@ def _load_tokenizer(folder: Path):
 
 def token_counter(model_source: str | None = None) -> TokenCounter:
     """The tokenizer a run on `model_source` trains with ('tiny' or empty: the embedded model)."""
-    from ..model_info import EMBEDDED_DIR
+    from trainer.models.info import EMBEDDED_DIR
 
     folder = EMBEDDED_DIR if model_source in (None, "", "tiny") else Path(model_source).expanduser()
     tok_dir = folder / "tokenizer"

@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.model_info import EMBEDDED_DIR, FP32_VAE_UNDER_FP16, peek_family, text_encoder_trained_by_default
+from trainer.models.info import EMBEDDED_DIR, FP32_VAE_UNDER_FP16, peek_family, text_encoder_trained_by_default
 from trainer.memory.speed_log import duration
 
 GB = 1024 ** 3

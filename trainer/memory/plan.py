@@ -17,7 +17,7 @@ from importlib import metadata
 
 from trainer.memory import cpu_features
 from trainer.memory.estimate import NATIVE, estimate, host_load_gb
-from trainer.model_info import peek_family
+from trainer.models.info import peek_family
 
 GB = 1024 ** 3
 CUDA_CONTEXT_GB = 0.6  # the driver's and allocator's own share of the card, outside what the estimate counts

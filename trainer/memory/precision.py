@@ -9,7 +9,7 @@ import contextlib
 
 import torch
 
-from trainer.model_info import FP32_VAE_UNDER_FP16
+from trainer.models.info import FP32_VAE_UNDER_FP16
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 
 from trainer.atomic import write_text
-from trainer.model_info import is_embedded, peek_family, peek_resolution, text_encoder_trained_by_default
+from trainer.models.info import is_embedded, peek_family, peek_resolution, text_encoder_trained_by_default
 from trainer.resources import default_cache_dir
 
 FILE = "speed.json"

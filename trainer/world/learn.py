@@ -69,7 +69,7 @@ def generation_seconds(pipe, repeats: int = 3) -> float:
 def load_pipeline(source: str = "tiny"):
     from diffusers import StableDiffusionPipeline
 
-    from ..models import resolve_source
+    from trainer.models import resolve_source
 
     pipe = StableDiffusionPipeline.from_pretrained(resolve_source(source), safety_checker=None,
                                                    requires_safety_checker=False)

@@ -100,7 +100,7 @@ def build_unet(cross_dim: int):
 def build_text_encoder(tokenizer):
     from transformers import CLIPTextModel
 
-    from ..tiny import text_encoder_config
+    from trainer.models.tiny import text_encoder_config
 
     return CLIPTextModel(text_encoder_config(tokenizer, hidden=64, layers=2, projection_dim=64))
 
@@ -329,7 +329,7 @@ def finish_only(out: Path, r: dict, dev: torch.device) -> int:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from ..tiny import load_tokenizer
+    from trainer.models.tiny import load_tokenizer
 
     report = json.loads((out / REPORT).read_text())
     recipe = {**report["recipe"], **{k: r[k] for k in PHASE_2B_3}}
@@ -357,7 +357,7 @@ def finish_only(out: Path, r: dict, dev: torch.device) -> int:
 
 
 def main(argv=None) -> int:
-    from ..tiny import load_tokenizer, write_tokenizer
+    from trainer.models.tiny import load_tokenizer, write_tokenizer
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .resources import EMBEDDED_MODEL
+from trainer.resources import EMBEDDED_MODEL
 
 EMBEDDED_DIR = EMBEDDED_MODEL
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")

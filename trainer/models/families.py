@@ -1,0 +1,17 @@
+"""Every family LoRA Studio trains, by the name configs and files use."""
+from __future__ import annotations
+
+from trainer.models.family import Family
+from trainer.models.sd3 import SD3Family
+from trainer.models.sdxl import SDXLFamily
+
+FAMILIES = {
+    "sd1": Family("sd1", 512, ("lora_te",), "stable-diffusion-v1", "sd_v1"),
+    "sd2": Family("sd2", 768, ("lora_te",), "stable-diffusion-v2-768-v", "sd_v2"),
+    "sdxl": SDXLFamily("sdxl", 1024, ("lora_te1", "lora_te2"), "stable-diffusion-xl-v1-base", "sdxl_base_v1-0"),
+    # kohya's sai_model_spec names SD3.5 Medium/Large apart; one family trains both, so the id is SD3's.
+    "sd3": SD3Family("sd3", 1024, ("lora_te1", "lora_te2"), "stable-diffusion-3", "sd3",
+                     denoiser_prefix="lora_transformer", text_encoder_count=3, lora_layout="diffusers"),
+}
+
+
