@@ -1,4 +1,4 @@
-"""Talks to the preview worker (`python -m trainer.preview_worker`), which keeps the pipeline and the
+"""Talks to the preview worker (`python -m trainer.preview.worker`), which keeps the pipeline and the
 loaded LoRAs warm. Started on first use; restarted if it dies. The UI process never imports torch."""
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class PreviewClient:
             self.started = False
             self.out_dir.mkdir(parents=True, exist_ok=True)
             log = open(self.out_dir / "worker.log", "ab")
-            self.proc = subprocess.Popen([sys.executable, "-m", "trainer.preview_worker", "--out", str(self.out_dir)],
+            self.proc = subprocess.Popen([sys.executable, "-m", "trainer.preview.worker", "--out", str(self.out_dir)],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
                                          bufsize=1)
         return self.proc

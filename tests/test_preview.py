@@ -12,7 +12,7 @@ from tests.conftest import make_dataset, tiny_config
 from trainer.lora import adapters
 from trainer.lora.read import LoraError, module_index, read_lora
 from trainer.loop import train
-from trainer.preview import Previewer, Request, Slot
+from trainer.preview.previewer import Previewer, Request, Slot
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_library_trash_never_overwrites_and_refuses_broken_loras(loras, tmp_path
 def test_grid_cells_and_a_sheet_that_fills_in():
     from PIL import Image
 
-    from trainer import grids
+    from trainer.preview import grids
 
     loras = [{"path": "a/char.safetensors", "weight": 0.8}, {"path": "b/style.safetensors", "weight": 0.6},
              {"path": "c/off.safetensors", "weight": 1.0, "enabled": False}]
@@ -182,7 +182,7 @@ def test_grid_cells_and_a_sheet_that_fills_in():
 
 
 def test_a_runs_checkpoints_by_weight(tmp_path):
-    from trainer import grids
+    from trainer.preview import grids
 
     ws = Workspace(tmp_path / "ws").ensure(with_samples=False)
     run = ws.runs / "glorp"

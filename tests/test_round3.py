@@ -521,7 +521,7 @@ def test_cpu_bf16_detection_reads_the_flags(monkeypatch, tmp_path):
 
 # ---- 17. Preview says what it is doing ---------------------------------------------------------------------------
 def test_preview_reports_its_phases(tmp_path):
-    from trainer.preview import Previewer, Request
+    from trainer.preview.previewer import Previewer, Request
 
     said = []
     image, settings = Previewer(said.append).generate(Request(base="tiny", prompt="a red circle", steps=3))

@@ -174,7 +174,7 @@ def test_t5_can_be_left_out(sd3, dataset, tmp_path, monkeypatch):
 def test_preview_inspect_resize_and_merge_know_sd3(sd3, trained, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    from trainer.preview import Previewer, Request, Slot
+    from trainer.preview.previewer import Previewer, Request, Slot
 
     path, _, _ = _file(trained)
     info = tools.inspect(path)

@@ -103,7 +103,7 @@ def test_zero_terminal_snr_with_epsilon_is_refused(vpred_sdxl, dataset, tmp_path
 
 
 def test_preview_samples_a_ztsnr_base_with_trailing_timesteps(vpred_sdxl):
-    from trainer.preview import SAMPLERS, Previewer
+    from trainer.preview.previewer import SAMPLERS, Previewer
 
     p = Previewer()
     p.pipeline(str(vpred_sdxl))

@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from trainer import grids
+from trainer.preview import grids
 
 from .. import confine, library, prompt_tags
 from .. import train_form as form

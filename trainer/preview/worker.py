@@ -1,4 +1,4 @@
-"""`python -m trainer.preview_worker --out DIR`: the preview process the UI talks to.
+"""`python -m trainer.preview.worker --out DIR`: the preview process the UI talks to.
 
 One JSON request per stdin line, one JSON reply per stdout line. The pipeline and loaded LoRAs stay
 in memory between requests. Images are written under DIR and replied as paths.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def handle(previewer, out: Path, msg: dict) -> dict:
-    from .preview import Request
+    from trainer.preview.previewer import Request
 
     op = msg.get("op")
     if op == "ping":
@@ -37,9 +37,9 @@ def handle(previewer, out: Path, msg: dict) -> dict:
 def drift(previewer, base: str, lora: str, n: int = 6) -> float:
     """Mean pixel change (0..1) a LoRA causes on trigger-free shape-world prompts (embedded model only)."""
     from trainer.models.info import is_embedded
-    from .preview import Request, Slot
-    from .world.learn import EVAL, plain_prompts
-    from .world.score import drift as drift_score
+    from trainer.preview.previewer import Request, Slot
+    from trainer.world.learn import EVAL, plain_prompts
+    from trainer.world.score import drift as drift_score
 
     if not is_embedded(base):
         raise ValueError("the drift figure is defined for the embedded tiny model only")
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    from .preview import Previewer
+    from trainer.preview.previewer import Previewer
 
     reply_to = sys.stdout
     sys.stdout = sys.stderr  # library prints must never corrupt the reply channel
