@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.atomic import write_text
-from trainer.events import STOP_FILE, read_events
-from trainer.state_files import latest as latest_state
+from trainer.training.events import STOP_FILE, read_events
+from trainer.training.state_files import latest as latest_state
 
 from . import portable
 from .trainer_cli import command

@@ -77,7 +77,7 @@ def step_gradients(cfg: RunConfig, monkeypatch) -> list[list]:
     """The LoRA gradients of each optimizer step of a run, as the loop has them just before it steps (after
     unscaling, before clipping): a comparison far tighter than the trained files, which Adam's first steps make
     nearly sign(gradient) whatever the gradient's size."""
-    from trainer import loop
+    from trainer.training import loop
 
     real, steps = loop._optimizer_step, []
 

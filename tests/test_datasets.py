@@ -18,8 +18,8 @@ from trainer.data.captions import augment, with_trigger
 from trainer.data.importer import Limits, import_files, sanitize_name
 from trainer.data.scan import scan
 from trainer.data.validate import report
-from trainer.events import read_events
-from trainer.loop import train
+from trainer.training.events import read_events
+from trainer.training.loop import train
 
 from .bad_inputs import make_bad_dataset
 from .conftest import make_dataset, step_gradients, tiny_config
@@ -309,7 +309,7 @@ def test_text_cache_gives_the_same_gradients_as_encoding_every_step(tiny_models,
 def test_regularization_images_are_balanced_and_weighted(tiny_models, tmp_path, monkeypatch):
     from trainer.config import DataConfig
     from trainer.data.dataset import TrainingSet
-    from trainer.step import Step
+    from trainer.training.step import Step
 
     ds = make_dataset(tmp_path / "ds", n=4)
     reg = make_dataset(tmp_path / "reg", n=2)
@@ -373,7 +373,7 @@ def test_masked_loss_uses_the_imported_alpha(tiny_models, tmp_path, monkeypatch)
     assert m[0, :, :4].mean() > 0.95 and m[0, :, 4:].mean() < 0.05
     assert data.mask(0, (0.5, 0.5), True, 8)[0, :, 4:].mean() > 0.95  # flipped with the image
     # The loss itself: each image's squared error averaged over its opaque half only.
-    from trainer import step as step_mod
+    from trainer.training import step as step_mod
 
     real_mse, seen = step_mod.F.mse_loss, []
 

@@ -304,7 +304,7 @@ def test_a_spilling_run_warns_in_its_events_and_the_train_tab(tmp_path, monkeypa
     """A real run on the embedded model whose memory readings say it outgrew a 12 GB card."""
     from app import jobs
     from tests.conftest import make_dataset, tiny_config
-    from trainer import loop
+    from trainer.training import loop
     from trainer.memory.spill import SpillWatch
 
     readings = iter([9.0, 9.1, 12.6] + [12.6] * 20)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.events import read_events
+from trainer.training.events import read_events
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
-from trainer import loop
+from trainer.training import loop
 from trainer.models import tiny
-from trainer.events import Events, read_events
+from trainer.training.events import Events, read_events
 from trainer.models import load_base, sampling_schedule
 from trainer.memory.precision import Precision
-from trainer.samples import render
+from trainer.training.samples import render
 
 
 @pytest.fixture(scope="module")

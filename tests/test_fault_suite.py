@@ -246,18 +246,18 @@ def _inject(name: str, monkeypatch):
     if name == FAULTS[0]:
         monkeypatch.setattr(Path, "write_bytes", disk_full)
     elif name == FAULTS[4]:
-        monkeypatch.setattr("trainer.state.save_file", safetensors_disk_full)
-        monkeypatch.setattr("trainer.state.shutil.disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 20, 4096))
+        monkeypatch.setattr("trainer.training.state.save_file", safetensors_disk_full)
+        monkeypatch.setattr("trainer.training.state.shutil.disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 20, 4096))
     elif name == FAULTS[5]:
-        import trainer.loop
+        import trainer.training.loop
 
-        real_step = trainer.loop._optimizer_step
-        monkeypatch.setattr("trainer.loop._optimizer_step", poison_after_3)
+        real_step = trainer.training.loop._optimizer_step
+        monkeypatch.setattr("trainer.training.loop._optimizer_step", poison_after_3)
     elif name == FAULTS[1]:
-        monkeypatch.setattr("trainer.state.torch.save", state_disk_full)
-        monkeypatch.setattr("trainer.state.shutil.disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 4096))
+        monkeypatch.setattr("trainer.training.state.torch.save", state_disk_full)
+        monkeypatch.setattr("trainer.training.state.shutil.disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 4096))
     else:
-        monkeypatch.setattr("trainer.step.F.mse_loss", nan_or_oom)
+        monkeypatch.setattr("trainer.training.step.F.mse_loss", nan_or_oom)
 
 
 FAULT_PHRASES = {FAULTS[0]: "No space left on device", FAULTS[1]: "disk full while saving the training state at step 4",

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from trainer.lora import tools
 from trainer.cli import main as cli_main
 from trainer.lora.read import LoraError, module_index, read_lora
-from trainer.loop import train
+from trainer.training.loop import train
 from trainer.models import load_base
 from trainer.models.sgm_names import unet_namer
 

@@ -11,9 +11,9 @@ from tests.conftest import tiny_config
 from trainer.lora import adapters
 from trainer.memory import frozen
 from trainer.errors import TrainingError
-from trainer.events import read_events
+from trainer.training.events import read_events
 from trainer.lora.read import read_lora
-from trainer.loop import train
+from trainer.training.loop import train
 from trainer.models import load_base
 
 

@@ -8,13 +8,13 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import tiny_config
-from trainer import loop
+from trainer.training import loop
 from trainer.memory import frozen
 from trainer.memory import plan
 from trainer.cli import main as cli_main
 from trainer.config import RunConfig
 from trainer.memory.estimate import estimate
-from trainer.events import read_events
+from trainer.training.events import read_events
 from trainer.memory.plan import Budget, make_plan
 
 

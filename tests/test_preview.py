@@ -11,7 +11,7 @@ from app.workspace import Workspace, WorkspaceError
 from tests.conftest import make_dataset, tiny_config
 from trainer.lora import adapters
 from trainer.lora.read import LoraError, module_index, read_lora
-from trainer.loop import train
+from trainer.training.loop import train
 from trainer.preview.previewer import Previewer, Request, Slot
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_dataset, tiny_config
-from trainer import state
+from trainer.training import state
 from trainer.config import RunConfig
-from trainer.loop import TrainingError, train
+from trainer.training.loop import TrainingError, train
 
 STEPS = 30
 SETTINGS = dict(**{"train.max_steps": STEPS, "save.state_every_n_steps": 4, "save.keep_states": 2,
@@ -81,7 +81,7 @@ def test_stop_saves_a_state_that_resumes_exactly(tiny_models, tmp_path):
     ref = train(tiny_config(tiny_models["sd1"], data, tmp_path / "a" / "run", **settings)).lora_path.read_bytes()
     run = tmp_path / "b" / "run"
     cfg = tiny_config(tiny_models["sd1"], data, run, **settings)
-    from trainer.events import Events
+    from trainer.training.events import Events
 
     class StopAt(Events):  # presses Stop after step 3, as the UI's Stop button does
         def step(self, step, *a, **k):
@@ -109,7 +109,7 @@ def test_out_of_memory_gives_tier_advice(tiny_models, tmp_path, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(*a, **k)
 
-    monkeypatch.setattr("trainer.step.F.mse_loss", oom_on_second_step)
+    monkeypatch.setattr("trainer.training.step.F.mse_loss", oom_on_second_step)
     with pytest.raises(TrainingError, match=r"out of GPU memory at step 1 .*VRAM tier"):
         train(cfg)
 
@@ -153,7 +153,7 @@ def test_non_finite_loss_stops_with_advice_and_keeps_the_last_good_lora(tiny_mod
         out = real(*a, **k)
         return out * float("nan") if calls["n"] >= 5 else out
 
-    monkeypatch.setattr("trainer.step.F.mse_loss", overflow_from_step_5)
+    monkeypatch.setattr("trainer.training.step.F.mse_loss", overflow_from_step_5)
     with pytest.raises(TrainingError, match=r"NaN/inf at step 7 .*lower optim.lr.*last saved LoRA is kept"):
         train(cfg)
     kept = sorted((tmp_path / "run" / "checkpoints").glob("*.safetensors"))

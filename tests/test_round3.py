@@ -17,10 +17,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from trainer import loop
+from trainer.training import loop
 from trainer.cli import main as cli_main
 from trainer.config import ConfigError, RunConfig
-from trainer.events import Events, read_events
+from trainer.training.events import Events, read_events
 from trainer.errors import TrainingError
 
 from .conftest import make_dataset, tiny_config
@@ -65,7 +65,7 @@ def test_a_lora_with_nan_weights_is_never_written_and_the_last_good_file_stays(t
 # ---- 2. gradient accumulation ------------------------------------------------------------------------------------
 def test_a_nan_gradient_in_an_earlier_micro_batch_skips_the_step_and_the_loss_is_their_mean(tiny_models, dataset,
                                                                                            tmp_path, monkeypatch):
-    from trainer import step as step_mod
+    from trainer.training import step as step_mod
 
     real_loss, seen = step_mod.Step.loss, []
 
@@ -115,7 +115,7 @@ def test_nested_setting_types_and_lengths_are_checked(item, allowed):
 # ---- 4. validation split ----------------------------------------------------------------------------------------
 def test_a_validation_split_that_leaves_less_to_train_on_is_refused_with_the_numbers(tmp_path):
     from trainer.data.scan import scan
-    from trainer.validation import SplitError, split
+    from trainer.training.validation import SplitError, split
 
     found = scan(make_dataset(tmp_path / "d", n=16))
     with pytest.raises(SplitError, match="holds out 16 of 16 images and leaves 0 to train on; hold out at most 8"):
@@ -211,7 +211,7 @@ def test_a_second_stop_during_an_end_sample_ends_it_and_skips_the_final_judging(
 
 # ---- 7. the drift bound and what estimates rest on -------------------------------------------------------------
 def test_the_drift_bound_is_relative_to_the_bases_own_seed_spread_and_says_so():
-    from trainer.validation import Checkpoint, drift_bound, recommend
+    from trainer.training.validation import Checkpoint, drift_bound, recommend
 
     bound, basis = drift_bound(None, 0.25)
     assert bound == pytest.approx(0.2) and "0.8x the base model's own change between two seeds, 0.250" in basis
@@ -405,7 +405,7 @@ def test_the_embedded_model_is_read_only_for_the_ui(tmp_path):
 
 
 def test_a_state_is_on_disk_before_complete_says_so(tmp_path, monkeypatch):
-    from trainer import state
+    from trainer.training import state
 
     order = []
     real_fsync = os.fsync

@@ -14,7 +14,7 @@ from PIL import Image
 from trainer.data import validate
 from trainer.data.importer import import_files
 from trainer.data.scan import cached_scan, scan
-from trainer.events import read_events
+from trainer.training.events import read_events
 
 from .conftest import make_dataset, tiny_config
 
@@ -120,7 +120,7 @@ def test_progress_events_are_throttled_and_keep_a_heartbeat():
 
 
 def test_every_long_phase_of_a_run_reports_progress(tiny_models, tmp_path):
-    from trainer.loop import train
+    from trainer.training.loop import train
 
     ds = make_dataset(tmp_path / "ds", n=4)
     out = tmp_path / "run"

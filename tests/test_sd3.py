@@ -9,13 +9,13 @@ import torch
 from safetensors import safe_open
 
 from tests.conftest import tiny_config
-from trainer import loop
+from trainer.training import loop
 from trainer.models import loading as models
 from trainer.models import tiny
 from trainer.lora import tools
 from trainer.cli import main as cli_main
 from trainer.config import RunConfig
-from trainer.events import read_events
+from trainer.training.events import read_events
 from trainer.lora.read import read_lora
 from trainer.models.schedules import FlowMatching
 
@@ -207,8 +207,8 @@ def test_preview_inspect_resize_and_merge_know_sd3(sd3, trained, tmp_path):
 
 def test_a_stopped_sd3_run_resumes_to_the_same_file(sd3, dataset, tmp_path):
     """The flow-matching sigmas come from the run's own generator, so Stop and Resume give the uninterrupted file."""
-    from trainer import state
-    from trainer.events import Events
+    from trainer.training import state
+    from trainer.training.events import Events
 
     settings = {"train.max_steps": 6, "save.state_every_n_steps": 0, "sample.at_end": False}
     ref = loop.train(tiny_config(sd3, dataset, tmp_path / "a" / "run", **settings)).lora_path.read_bytes()

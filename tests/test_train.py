@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from trainer.lora import inject as lora_mod
 from trainer.cli import main as cli_main
 from trainer.config import LoraConfig
-from trainer.events import Events, read_events
+from trainer.training.events import Events, read_events
 from trainer.lora.write import kohya_name
-from trainer.loop import train
+from trainer.training.loop import train
 from trainer.models import ModelError, load_base
 
 from .conftest import first_step_gradients, make_dataset, tiny_config

@@ -208,7 +208,7 @@ def test_import_caption_train_in_the_browser(app_server):
 def train_sample_lora(kind: str, out: Path, steps: int = 30) -> Path:
     from trainer import presets
     from trainer.config import RunConfig
-    from trainer.loop import train
+    from trainer.training.loop import train
 
     dataset = SAMPLE_DATASETS / kind
     layer = presets.resolve(kind, family="tiny", n_images=len(list(dataset.glob("*.png"))))

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from app import jobs, library
 from app.workspace import Workspace
 from trainer.data.scan import scan
-from trainer.events import Events, read_events
-from trainer.loop import train
-from trainer.validation import Checkpoint, SplitError, recommend, split
+from trainer.training.events import Events, read_events
+from trainer.training.loop import train
+from trainer.training.validation import Checkpoint, SplitError, recommend, split
 
 from .conftest import make_dataset, tiny_config
 

@@ -8,12 +8,12 @@ import torch
 from safetensors import safe_open
 
 from tests.conftest import tiny_config
-from trainer import loop
+from trainer.training import loop
 from trainer.models import loading as models
 from trainer.models import tiny
 from trainer.config import RunConfig
 from trainer.errors import TrainingError
-from trainer.events import read_events
+from trainer.training.events import read_events
 
 VPRED_ZTSNR = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}
 

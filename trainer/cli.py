@@ -332,9 +332,9 @@ def _check_writable(run_dir: Path) -> None:
 def cmd_train(args) -> int:
     import shutil
 
-    from .events import EVENTS_FILE
-    from .loop import train
-    from .state import STATE_DIR
+    from trainer.training.events import EVENTS_FILE
+    from trainer.training.loop import train
+    from trainer.training.state import STATE_DIR
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -364,7 +364,7 @@ def cmd_train(args) -> int:
         result = train(cfg, resume=bool(args.resume), plan=plan.to_dict())
     except Exception as e:
         # The app reads the run folder, not our stderr: leave the reason where it looks.
-        from .events import Events
+        from trainer.training.events import Events
 
         Events(run_dir).emit("error", message=str(e).splitlines()[0] if str(e) else type(e).__name__)
         raise

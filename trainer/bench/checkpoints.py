@@ -39,8 +39,8 @@ def _drifts(pipe, lora_path: Path, base_plain: list, prompts: list[str]) -> list
 
 def main(steps: int = 1500, every: int = 150, overrides: list[str] = ()) -> dict:
     from ..config import RunConfig
-    from ..events import read_events
-    from ..loop import train
+    from trainer.training.events import read_events
+    from trainer.training.loop import train
     from ..presets import resolve
     from ..resources import SAMPLE_DATASETS
     from ..world.learn import EVAL, evaluate, generate, load_pipeline, plain_prompts

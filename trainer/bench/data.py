@@ -68,7 +68,7 @@ def _timed(fn):
 
 def first_step_s(dataset: Path, out: Path, env: dict) -> float | None:
     """Seconds from starting `lora-studio train` (the embedded model, the character preset) to its first step."""
-    from ..events import read_events
+    from trainer.training.events import read_events
 
     cmd = [sys.executable, "-m", "trainer", "train", "--dataset", str(dataset), "--preset", "character",
            "--output", str(out), "--set", "train.max_steps=3", "--set", "sample.at_end=false"]

@@ -186,7 +186,7 @@ def trainer_command() -> list[str]:
 
 def measure_setting(s: Setting, model_dir: str, data_dir: Path, cache_dir: Path, work: Path,
                     precision: str) -> Measured:
-    from ..events import read_events
+    from trainer.training.events import read_events
 
     run = work / ("run-" + "".join(c if c.isalnum() else "-" for c in s.label))
     cmd = trainer_command() + ["train", "--model", model_dir, "--dataset", str(data_dir), "--output", str(run),

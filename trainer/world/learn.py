@@ -97,7 +97,7 @@ def evaluate(pipe, kind: str, lora_path: Path, dataset: Path) -> tuple[float, fl
 def learn(kind: str, workdir: Path, *, pipe=None, dataset: Path | None = None, overrides: list[str] = (),
           model: str = "tiny") -> Learned:
     from ..config import RunConfig
-    from ..loop import train
+    from trainer.training.loop import train
     from ..presets import resolve
 
     dataset = dataset or SAMPLE_DATASETS / kind

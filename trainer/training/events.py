@@ -26,7 +26,7 @@ class Events:
     def progress(self):
         """The run's phases as progress events (trainer/progress.py), with a heartbeat while one is open."""
         if getattr(self, "_progress", None) is None:
-            from .progress import Progress
+            from trainer.progress import Progress
 
             self._progress = Progress(lambda e: self.emit("progress", **e))
         return self._progress

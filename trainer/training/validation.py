@@ -16,10 +16,10 @@ import random
 import torch
 import torch.nn.functional as F
 
-from .data.cache import encode_latent
-from .data.captions import split_tags
-from .data.dataset import TrainingSet
-from .data.scan import Scan
+from trainer.data.cache import encode_latent
+from trainer.data.captions import split_tags
+from trainer.data.dataset import TrainingSet
+from trainer.data.scan import Scan
 
 # Spread over the schedule, so low, middle and high noise all count. 20, not 5: on the embedded model 5 left
 # checkpoints' losses within noise of each other (bench checkpoints picked one scoring 77% of the best; with 20,
@@ -144,7 +144,7 @@ def drift_prompts(cfg, embedded: bool, n: int = 4) -> list[str]:
     """Prompts without the trigger: what the LoRA should leave alone. The embedded model's own scenes (as
     `bench learn` measures drift), else the sample prompts with the trigger taken out."""
     if embedded:
-        from .world.learn import plain_prompts
+        from trainer.world.learn import plain_prompts
 
         return plain_prompts(n)
     stripped = [", ".join(t for t in split_tags(p) if t != cfg.data.trigger) for p in cfg.sample.prompts]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data.cache import encode_latent, latent_generator
+from trainer.data.cache import encode_latent, latent_generator
 
 
 @dataclass

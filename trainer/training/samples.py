@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import write_bytes
+from trainer.atomic import write_bytes
 
 
 @torch.no_grad()

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import fsync_dir, replace, write_text
-from .errors import TrainingError
+from trainer.atomic import fsync_dir, replace, write_text
+from trainer.errors import TrainingError
 
-from .state_files import COMPLETE, STATE_DIR, folders, latest  # noqa: F401  (the layout, re-exported)
+from trainer.training.state_files import COMPLETE, STATE_DIR, folders, latest
 
 
 def trainable(models: dict) -> dict[str, torch.nn.Parameter]:

@@ -18,23 +18,23 @@ from trainer.memory import frozen
 from trainer.lora import inject as lora_mod
 from trainer.memory import speed_log
 from trainer.memory import spill
-from . import state as state_mod
-from . import validation
-from .config import RunConfig
-from .data.cache import LatentCache, LatentFeeder, default_cache_dir, fill_latent_cache, vae_identity
-from .data.captions import sample_prompts
-from .data.dataset import TrainingSet
-from .data.manifest import read_manifest
-from .data.scan import DatasetError, scan
-from .errors import StopRequested, TrainingError
-from .events import Events, read_events
+from trainer.training import state as state_mod
+from trainer.training import validation
+from trainer.config import RunConfig
+from trainer.data.cache import LatentCache, LatentFeeder, default_cache_dir, fill_latent_cache, vae_identity
+from trainer.data.captions import sample_prompts
+from trainer.data.dataset import TrainingSet
+from trainer.data.manifest import read_manifest
+from trainer.data.scan import DatasetError, scan
+from trainer.errors import StopRequested, TrainingError
+from trainer.training.events import Events, read_events
 from trainer.lora.write import SAVE_DTYPES, NonFiniteError, build_metadata, dataset_metadata, diffusers_state_dict, kohya_state_dict, now_epoch, peft_state_dict, png_data_url, save_lora
 from trainer.models.info import is_embedded, text_encoder_trained_by_default
 from trainer.models import load_base, sampling_schedule
 from trainer.memory.precision import Precision
-from .samples import render, save_png
-from .step import Step
-from .world.score import drift  # mean pixel change, as bench learn measures it
+from trainer.training.samples import render, save_png
+from trainer.training.step import Step
+from trainer.world.score import drift
 
 
 @dataclass
@@ -462,7 +462,7 @@ def _prepare_data(cfg: RunConfig, base, found, reg, train_te: bool, precision: P
 def _feeder(data, cache, vae, vae_id, events: Events):
     """Cache-ahead (data.cache_ahead): training starts now and each image is encoded just before the step that takes
     it; the VAE leaves the device when the last latent is cached. None when nothing is left to encode."""
-    from .progress import Progress
+    from trainer.progress import Progress
 
     progress = Progress(lambda e: events.emit("progress", **e), heartbeat_s=float("inf"))
 
@@ -605,7 +605,7 @@ def resolve_auto(cfg: RunConfig, fam, model_prediction_type: str, resolution: in
 
 
 def write_config(cfg: RunConfig, run_dir: Path) -> None:
-    from .atomic import write_text
+    from trainer.atomic import write_text
 
     write_text(run_dir / "config.toml", cfg.to_toml())
 
