@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
-from trainer.training import loop
+from trainer.training import loop, residency
 from trainer.models import tiny
 from trainer.training.events import Events, read_events
 from trainer.models import load_base, sampling_schedule
@@ -33,7 +33,7 @@ def test_samples_from_the_encoded_prompts_equal_those_of_the_encoders(family, ti
     cfg.sample.prompts = ["a red circle", "a blue circle, on grey"]
     kept, let_go = (load_base(str(model), dtype=torch.float32) for _ in range(2))
     events = Events(tmp_path / "run")
-    encoded = loop._let_encoders_go(cfg, let_go, Precision("no", torch.device("cpu")), torch.device("cpu"), True, events,
+    encoded = residency.let_encoders_go(cfg, let_go, Precision("no", torch.device("cpu")), torch.device("cpu"), True, events,
                                      drift=True)
     assert all(p.device.type == "meta" for te in let_go.text_encoders for p in te.parameters())
     assert set(encoded) >= set(cfg.sample.prompts)

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from tests.conftest import tiny_config
-from trainer.training import loop
+from trainer.training import loop, samples
 from trainer.models import loading as models
 from trainer.models import tiny
 from trainer.config import RunConfig
@@ -51,13 +51,13 @@ def test_vpred_ztsnr_sdxl_trains_on_the_rescaled_schedule_and_samples_trailing(v
         return made[-1]
 
     monkeypatch.setattr(diffusers.DDPMScheduler, "from_config", classmethod(spy_from_config))
-    real_render = loop.render
+    real_render = samples.render
 
     def spy_render(*a, **k):
         rendered.append((a[5], k["guidance_rescale"]))
         return real_render(*a, **k)
 
-    monkeypatch.setattr(loop, "render", spy_render)
+    monkeypatch.setattr(samples, "render", spy_render)
     run = tmp_path / "run"
     cfg = tiny_config(vpred_sdxl, dataset, run, **{"train.max_steps": 4, "train.min_snr_gamma": 5.0})
     result = loop.train(cfg)

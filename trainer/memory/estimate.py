@@ -151,7 +151,7 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
     train_te = cfg.lora.train_text_encoder if cfg.lora.train_text_encoder is not None else \
         text_encoder_trained_by_default(family)
     cached_text = cfg.data.caches_text(bool(train_te))
-    # Cached captions: the encoders leave the GPU, and then memory altogether (loop._let_encoders_go); they count
+    # Cached captions: the encoders leave the GPU, and then memory altogether (training/residency.py let_encoders_go); they count
     # in the caption phase and, on the host, while the base loads.
     te_on_device = 0.0 if cached_text else p["text_encoders"]
     fp8 = half and cfg.train.frozen_dtype == "fp8"

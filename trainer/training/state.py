@@ -145,3 +145,27 @@ def load(folder: Path, params: dict, optimizer, lr_scheduler, scaler, rng: rando
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors])
     return json.loads((folder / "counters.json").read_text(encoding="utf-8"))
+
+
+def resume(run_dir: Path, params, optimizer, lr_scheduler, precision, rng, gen, accelerator, stream, judge,
+           final: Path, events) -> tuple[int, int, int]:
+    """Everything the newest saved state holds put back, the batch stream advanced to where it was, and the
+    checkpoints saved before the interruption counted again. Returns (step, epoch, batches consumed)."""
+    folder = latest(run_dir)
+    if folder is None:
+        raise TrainingError(f"nothing to resume: {run_dir / STATE_DIR} holds no complete training "
+                            "state; start a new run instead")
+    counters = load(folder, params, optimizer, lr_scheduler, precision.scaler, rng, gen,
+                              accelerator.process_index)
+    step, epoch, consumed = counters["step"], counters["epoch"], counters["consumed"]
+    for _ in range(consumed):  # the same shuffled order, continued where the state left it
+        next(stream)
+    # Not the run's own file among those checkpoints: it is written again at the end.
+    from trainer.training.events import read_events
+    from trainer.training.validation import Checkpoint
+
+    judge.checkpoints.extend(Checkpoint(e["step"], e["path"], e["validation_loss"], e["drift"])
+                             for e in read_events(run_dir) if e["type"] == "checkpoint" and e["step"] <= step
+                             and e["path"] != str(final) and e["validation_loss"] is not None)
+    events.emit("resumed", step=step, state=folder.name)
+    return step, epoch, consumed

@@ -143,12 +143,25 @@ def lora_disabled(models):
 def drift_prompts(cfg, embedded: bool, n: int = 4) -> list[str]:
     """Prompts without the trigger: what the LoRA should leave alone. The embedded model's own scenes (as
     `bench learn` measures drift), else the sample prompts with the trigger taken out."""
-    if embedded:
-        from trainer.world.learn import plain_prompts
+    if embedded:  # the world's own scenes, shipped with the model (the training core does not import the world)
+        import json
 
-        return plain_prompts(n)
+        from trainer.resources import EMBEDDED_MODEL
+
+        return json.loads((EMBEDDED_MODEL / "drift_prompts.json").read_text(encoding="utf-8"))["prompts"][:n]
     stripped = [", ".join(t for t in split_tags(p) if t != cfg.data.trigger) for p in cfg.sample.prompts]
     return [p for p in stripped if p][:n]
+
+
+def drift(base_images, lora_images) -> float:
+    """Mean absolute pixel change (0..1) between renders of the same prompts and seeds: how much a LoRA moves what it
+    should leave alone (the base's own seed-to-seed change sets the bound it is judged by)."""
+    import numpy as np
+
+    def pixels(im):
+        return np.asarray(im.convert("RGB") if hasattr(im, "convert") else im, dtype=np.float32)
+
+    return float(np.mean([np.abs(pixels(a) - pixels(b)).mean() / 255.0 for a, b in zip(base_images, lora_images)]))
 
 
 @dataclasses.dataclass

@@ -90,9 +90,7 @@ def stripes(images, references=None) -> float:
     return float(np.mean([stripe_strength(im) for im in images]))
 
 
-def drift(base_images, lora_images) -> float:
-    return float(np.mean([np.abs(checker.as_array(a) - checker.as_array(b)).mean() / 255.0
-                          for a, b in zip(base_images, lora_images)]))
+from trainer.training.validation import drift  # noqa: E402,F401  (the training core's; re-exported for bench learn)
 
 
 SCORERS = {"character": similarity, "concept": silhouette, "style": stripes}
