@@ -40,9 +40,19 @@ class Entry:
         """The file name without .safetensors: what A1111's <lora:name> and ComfyUI's lists show."""
         return self.path.stem
 
+    def hashed(self) -> dict:
+        """The hashes, computed now for this one file if the index has not got to it yet (the listing never waits
+        for them; a picked, exported or inspected file does)."""
+        if "file_sha256" not in self.hashes:
+            try:
+                self.hashes.update(file_hashes(self.path))
+            except OSError:
+                pass
+        return self.hashes
+
     @property
     def sha256(self) -> str:
-        return self.hashes.get("file_sha256", "")
+        return self.hashed().get("file_sha256", "")
 
     def row(self) -> list:
         pending = "(hashing…)"
@@ -115,8 +125,9 @@ class Index:
                      st.st_size / 2**20, dict(row["hashes"]), source, md)
 
     def pending(self) -> int:
+        """Files still to hash, or 1 while the index is being saved after the last one."""
         with self.lock:
-            return len(self.queue)
+            return len(self.queue) or int(self.worker is not None)
 
     def _want_hash(self, path: Path) -> None:
         import threading
@@ -129,24 +140,30 @@ class Index:
                 self.worker.start()
 
     def _hash_all(self) -> None:
+        """Hashes the queue, then saves the index; the worker counts as pending until the file is written, and a
+        path queued while it saved is hashed before it ends."""
         while True:
+            while True:
+                with self.lock:
+                    if not self.queue:
+                        break
+                    path = self.queue[0]
+                try:
+                    st = path.stat()
+                    found = file_hashes(path)
+                except OSError:
+                    found = None  # gone meanwhile
+                with self.lock:
+                    self.queue.pop(0)
+                    row = self.rows.get(str(path))
+                    if found and row and row["stamp"] == [st.st_size, st.st_mtime_ns]:
+                        row["hashes"] = found
+                        self.version += 1
+            self.save()
             with self.lock:
                 if not self.queue:
                     self.worker = None
-                    break
-                path = self.queue[0]
-            try:
-                st = path.stat()
-                found = file_hashes(path)
-            except OSError:
-                found = None  # gone meanwhile
-            with self.lock:
-                self.queue.pop(0)
-                row = self.rows.get(str(path))
-                if found and row and row["stamp"] == [st.st_size, st.st_mtime_ns]:
-                    row["hashes"] = found
-                    self.version += 1
-        self.save()
+                    return
 
     def save(self) -> None:
         with self.lock:
@@ -234,7 +251,7 @@ def details(e: Entry) -> dict:
         info["datasets"] = {name: len(tags) for name, tags in json.loads(md.get("ss_tag_frequency", "{}")).items()}
     except ValueError:
         pass
-    return {"file": str(e.path), "title": e.title, **e.hashes, **info}
+    return {"file": str(e.path), "title": e.title, **e.hashed(), **info}
 
 
 def rewrite_name(src: Path, dst: Path, new_name: str, extra: dict[str, str] | None = None) -> None:

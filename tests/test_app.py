@@ -222,7 +222,7 @@ def test_a_port_in_use_is_one_line_not_a_traceback(tmp_path):
 
 
 def test_loss_plot_data_is_numeric_from_the_first_tick_and_the_log_shows_the_newest_lines():
-    from app.tabs.train import LOG_LINES, loss_frame, newest_lines
+    from app.handlers.train import LOG_LINES, loss_frame, newest_lines
 
     empty = loss_frame([])
     assert str(empty["step"].dtype) == "int64" and str(empty["loss"].dtype) == "float64"  # not object columns

@@ -139,7 +139,7 @@ def test_every_long_phase_of_a_run_reports_progress(tiny_models, tmp_path):
 
 def test_the_train_tab_shows_the_phase_and_its_count(tmp_path):
     from app import jobs
-    from app.tabs.train import progress_html
+    from app.handlers.train import progress_html
 
     run = tmp_path / "run"
     run.mkdir()

@@ -1,19 +1,17 @@
 """Library tab: every LoRA in the workspace with cover, family, rank, triggers, settings, size and
-hash; search, rename, trash, export with its model card, import, and merge/resize/analyze."""
+hash; search, rename, trash, export with its model card, import, and merge/resize/analyze. The handlers are
+LibraryHandlers' methods (app/handlers/library.py); this lays the tab out and wires them."""
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import gradio as gr
 
 from .. import library
-from ..context import Ctx, guard, said_in
-from ..workspace import WorkspaceError
+from ..context import Ctx, said_in
+from ..handlers.library import LibraryHandlers
 
 
 def build(ctx: Ctx) -> dict:
-    ws = ctx.ws
+    h = LibraryHandlers(ctx)
     with gr.Tab("Library", id="library"):
         with gr.Row():
             query = gr.Textbox(label="Search name or trigger", scale=3)
@@ -44,105 +42,23 @@ def build(ctx: Ctx) -> dict:
         hash_timer = gr.Timer(2.0)
         seen_version = gr.State(-1)  # inside the tab, as every component (outside, gradio drew a tab twice)
 
+    # ---- wiring: each handler is a method of LibraryHandlers ----------------------------------------------
     def said(fn, inputs, outputs):
         """A handler's event arguments, with its errors said in the message line under the tools."""
         return said_in(message, outputs, fn), inputs, outputs
 
-    def listing(q, fam, fresh=True):
-        """The table: listed again (`fresh`: a header read for new or changed files only) or, for a search, the last
-        listing filtered (no file touched)."""
-        items = library.search(library.entries(ws) if fresh else library.listed(ws), q or "", fam or "")
-        return [e.row() for e in items], [str(e.path) for e in items]
-
-    def find(path: str) -> library.Entry:
-        """The entry for a path, looked up when the action runs: a file renamed or trashed since it was picked
-        gets a clear message, not a job that fails somewhere else."""
-        if not path:
-            raise WorkspaceError("pick a LoRA in the table first")
-        for e in library.entries(ws):
-            if str(e.path) == path:
-                return e
-        raise WorkspaceError(f"{Path(path).name} is no longer in the library (renamed, trashed or moved); "
-                             "pick it again in the table")
-
-    def picked(e: library.Entry) -> tuple:
-        return str(e.path), library.cover(ws, e), json.dumps(library.details(e), indent=1), e.name
-
-    refresh.click(listing, [query, family], [table, paths])
+    refresh.click(h.listing, [query, family], [table, paths])
     for trigger_event in (query.submit, family.change):
-        trigger_event(lambda q, f: listing(q, f, fresh=False), [query, family], [table, paths])
-
-    def hashes_landed(seen, q, fam):
-        """While hashes are computed in the background, the table shows each as it lands."""
-        idx = library.index(ws)
-        if idx.version == seen:
-            return gr.skip(), gr.skip(), seen
-        return *listing(q, fam, fresh=False), idx.version
-
-    hash_timer.tick(hashes_landed, [seen_version, query, family], [table, paths, seen_version],
+        trigger_event(h.search, [query, family], [table, paths])
+    hash_timer.tick(h.hashes_landed, [seen_version, query, family], [table, paths, seen_version],
                     show_progress="hidden")
-
-    @guard
-    def select(ps, evt: gr.SelectData):
-        return picked(find(ps[evt.index[0]]))
-
     selection = [chosen, cover, info, new_name]
-    table.select(select, paths, selection)
-
-    @guard
-    def do_rename(path, name, q, fam):
-        out = library.rename(ws, find(path), name)
-        renamed = next(e for e in library.entries(ws) if e.path == out)
-        return f"renamed to {out.name}", *listing(q, fam), *picked(renamed)  # the selection follows the file
-
-    rename.click(*said(do_rename, [chosen, new_name, query, family], [message, table, paths, *selection]))
-
-    @guard
-    def do_delete(path, q, fam):
-        out = library.trash(ws, find(path))
-        return f"moved to {out.parent}", *listing(q, fam)
-
-    delete.click(*said(do_delete, [chosen, query, family], [message, table, paths]))
-
-    @guard
-    def do_export(path):
-        e = find(path)
-        files = library.export(ws, e)
-        return files, (f"exported **{e.name}**: {Path(files[0]).name} and its model card {Path(files[1]).name} are "
-                       "ready under Download (click a file there to save it)")
-
-    export.click(*said(do_export, chosen, [download, message]))
-
-    @guard
-    def do_import(path, q, fam):
-        if not path:
-            return gr.skip(), gr.skip(), gr.skip()
-        out = library.import_file(ws, path)
-        return f"imported {out.name}", *listing(q, fam)
-
-    upload.upload(*said(do_import, [upload, query, family], [message, table, paths]))
-
-    @guard
-    def do_merge(path, others, rank, q, fam):
-        items = [(find(path), 1.0)]
-        by_name = {e.name: e for e in library.entries(ws)}
-        for part in [p for p in others.split() if p]:
-            name, _, w = part.partition(":")
-            if name not in by_name:
-                raise WorkspaceError(f"no LoRA named {name!r}")
-            items.append((by_name[name], float(w or 1)))
-        if len(items) < 2:
-            raise WorkspaceError("name at least one other LoRA to merge with")
-        out = library.merge(ws, items, int(rank or 0))
-        return f"wrote {out.name}", *listing(q, fam)
-
-    merge.click(*said(do_merge, [chosen, merge_with, merge_rank, query, family], [message, table, paths]))
-
-    @guard
-    def do_resize(path, rank, q, fam):
-        out = library.resize(ws, find(path), int(rank))
-        return f"wrote {out.name}", *listing(q, fam)
-
-    resize.click(*said(do_resize, [chosen, resize_rank, query, family], [message, table, paths]))
-    analyze.click(*said(guard(lambda path: f"```\n{library.analyze(find(path))}\n```"), chosen, [message]))
-    return {"listing": (listing, [query, family], [table, paths]), "table": table}
+    table.select(h.select, paths, selection)
+    rename.click(*said(h.do_rename, [chosen, new_name, query, family], [message, table, paths, *selection]))
+    delete.click(*said(h.do_delete, [chosen, query, family], [message, table, paths]))
+    export.click(*said(h.do_export, chosen, [download, message]))
+    upload.upload(*said(h.do_import, [upload, query, family], [message, table, paths]))
+    merge.click(*said(h.do_merge, [chosen, merge_with, merge_rank, query, family], [message, table, paths]))
+    resize.click(*said(h.do_resize, [chosen, resize_rank, query, family], [message, table, paths]))
+    analyze.click(*said(h.analyze, chosen, [message]))
+    return {"listing": (h.listing, [query, family], [table, paths]), "table": table}
