@@ -1,13 +1,10 @@
-"""Compare and X/Y grids, torch-free: which cells a grid has, and the sheet that shows them. The preview
-worker renders cells; the app assembles the sheet as cells finish, so a grid fills in while it renders."""
+"""Compare and X/Y grids, torch-free: which cells a grid has; the sheet that shows them is trainer.sheets.grid. The
+preview worker renders cells; the app assembles the sheet as cells finish, so a grid fills in while it renders."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image, ImageDraw
-
-CELL_MIN = 192  # tiny 64 px images are enlarged (nearest neighbour, so crisp) until a cell is readable
-BAND = 16  # the label strip above each cell
+from trainer.sheets import BAND, CELL_MIN, grid  # noqa: F401  (the sheet the app assembles as cells finish)
 
 
 def compare_cells(loras: list[dict]) -> list[tuple[str, list[dict]]]:
@@ -27,25 +24,6 @@ def xy_cells(loras: list[dict], xs: list[float], ys: list[float]) -> list[tuple[
     a, b = enabled[:2]
     return [(f"{x:g} / {y:g}", [{"path": a["path"], "weight": x}, {"path": b["path"], "weight": y}])
             for y in ys for x in xs]
-
-
-def grid(images: list[Image.Image], labels: list[str], columns: int, cells: int | None = None) -> Image.Image:
-    """A labelled sheet; with `cells` larger than the images given, the missing ones are grey placeholders."""
-    w, h = images[0].size
-    scale = max(1, CELL_MIN // w)
-    cw, ch = w * scale, h * scale
-    cells = max(cells or 0, len(images))
-    rows = (cells + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * cw, rows * (ch + BAND)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i in range(cells):
-        x, y = (i % columns) * cw, (i // columns) * (ch + BAND)
-        if i < len(images):
-            sheet.paste(images[i].resize((cw, ch), Image.NEAREST), (x, y + BAND))
-        else:
-            draw.rectangle((x + 1, y + BAND + 1, x + cw - 2, y + BAND + ch - 2), fill="#e5e7eb")
-        draw.text((x + 3, y + 2), labels[i][:40] if i < len(labels) else "", fill="black")
-    return sheet
 
 
 def checkpoint_cells(checkpoints: list[str], weights: list[float]) -> list[tuple[str, list[dict]]]:

@@ -98,7 +98,7 @@ def checkpoint_grid(run_dir: Path, steps: list[int], events: Events) -> None:
     """The run's sample prompts (rows) at every checkpoint (columns), same seeds: samples/checkpoints.png."""
     from PIL import Image
 
-    from trainer.preview.grids import grid
+    from trainer.sheets import grid
 
     shown = {(e["step"], e["path"]): e for e in read_events(run_dir) if e["type"] == "sample" and e["step"] in steps}
     by_step = {s: sorted((e for (st, _), e in shown.items() if st == s), key=lambda e: e["seed"]) for s in steps}
