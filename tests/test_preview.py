@@ -199,3 +199,34 @@ def test_a_runs_checkpoints_by_weight(tmp_path):
     assert cells[1][1] == [{"path": str(found[0]), "weight": 1}]
     with pytest.raises(WorkspaceError, match="not a run's LoRA"):
         library.run_checkpoints(ws, ws.loras / "x.safetensors")
+
+
+def test_the_drift_button_renders_the_embedded_models_scenes_with_and_without_the_lora():
+    """The worker's drift op: the shipped trigger-free scenes at bench learn's seed, steps and guidance, each
+    rendered by the base and with the LoRA, scored by the training room's drift (no synthetic world involved)."""
+    from PIL import Image
+
+    from trainer.preview import worker
+    from trainer.resources import EMBEDDED_MODEL
+    from trainer.training.validation import drift, embedded_drift
+
+    seen = []
+
+    class Rendering:  # stands in for the Previewer: a grey level per request, brighter with the LoRA
+        def generate(self, req):
+            seen.append(req)
+            level = 40 * len(seen) % 200 + (30 if req.loras else 0)
+            return [Image.new("RGB", (8, 8), (level,) * 3)]
+
+    value = worker.drift(Rendering(), str(EMBEDDED_MODEL), "x.safetensors", n=3)
+    shipped = embedded_drift()
+    assert [r.prompt for r in seen[::2]] == shipped["prompts"][:3] and [r.loras for r in seen[::2]] == [[]] * 3
+    assert [r.loras[0].path for r in seen[1::2]] == ["x.safetensors"] * 3
+    assert [(r.seed, r.steps, r.guidance) for r in seen[::2]] == [
+        (shipped["eval"]["seed"] + i, shipped["eval"]["steps"], shipped["eval"]["guidance"]) for i in range(3)]
+    levels = [(40 * (k + 1) % 200 + (30 if k % 2 else 0)) for k in range(6)]
+    expect = drift([Image.new("RGB", (8, 8), (v,) * 3) for v in levels[::2]],
+                   [Image.new("RGB", (8, 8), (v,) * 3) for v in levels[1::2]])
+    assert value == round(expect, 4) and value > 0
+    with pytest.raises(ValueError, match="embedded tiny model only"):
+        worker.drift(Rendering(), "/somewhere/else", "x.safetensors")

@@ -27,6 +27,18 @@ def test_sample_datasets_regenerate_byte_identically(tmp_path):
         assert 10 <= len([n for n in shipped if n.endswith(".png")]) <= 20
 
 
+def test_the_embedded_models_drift_scenes_are_the_worlds():
+    """Training and the Preview tab read the trigger-free scenes (and the settings bench learn renders them at)
+    from the embedded model's folder, not from the world: they must be what the world would write."""
+    from trainer.training.validation import drift_prompts, embedded_drift
+    from trainer.world.learn import EVAL, plain_prompts
+
+    shipped = embedded_drift()
+    assert shipped["prompts"] == plain_prompts(EVAL["prompts"])
+    assert shipped["eval"] == {k: EVAL[k] for k in ("seed", "steps", "guidance")}
+    assert drift_prompts(None, True, 4) == plain_prompts(4)  # the first n of them, as plain_prompts(n) gives
+
+
 def test_checker_reads_clean_scenes_and_refuses_wrong_prompts():
     rng = random.Random("checker-test")
     scenes = [shapes.random_scene(rng) for _ in range(150)]

@@ -38,14 +38,15 @@ def drift(previewer, base: str, lora: str, n: int = 6) -> float:
     """Mean pixel change (0..1) a LoRA causes on trigger-free shape-world prompts (embedded model only)."""
     from trainer.models.info import is_embedded
     from trainer.preview.previewer import Request, Slot
-    from trainer.world.learn import EVAL, plain_prompts
-    from trainer.world.score import drift as drift_score
+    from trainer.training.validation import drift as drift_score, embedded_drift
 
     if not is_embedded(base):
         raise ValueError("the drift figure is defined for the embedded tiny model only")
+    scenes = embedded_drift()
+    how = scenes["eval"]
     base_imgs, lora_imgs = [], []
-    for i, prompt in enumerate(plain_prompts(n)):
-        req = dict(base=base, prompt=prompt, seed=EVAL["seed"] + i, steps=EVAL["steps"], guidance=EVAL["guidance"])
+    for i, prompt in enumerate(scenes["prompts"][:n]):
+        req = dict(base=base, prompt=prompt, seed=how["seed"] + i, steps=how["steps"], guidance=how["guidance"])
         base_imgs.append(previewer.generate(Request(**req))[0])
         lora_imgs.append(previewer.generate(Request(**req, loras=[Slot(lora)]))[0])
     return round(drift_score(base_imgs, lora_imgs), 4)

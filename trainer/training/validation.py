@@ -140,15 +140,21 @@ def lora_disabled(models):
             layer.enable_adapters(True)
 
 
+def embedded_drift() -> dict:
+    """The embedded model's trigger-free scenes ("prompts") and the seed, steps and guidance they are rendered at
+    ("eval"): shipped with the model, so neither training nor preview imports the synthetic world."""
+    import json
+
+    from trainer.resources import EMBEDDED_MODEL
+
+    return json.loads((EMBEDDED_MODEL / "drift_prompts.json").read_text(encoding="utf-8"))
+
+
 def drift_prompts(cfg, embedded: bool, n: int = 4) -> list[str]:
     """Prompts without the trigger: what the LoRA should leave alone. The embedded model's own scenes (as
     `bench learn` measures drift), else the sample prompts with the trigger taken out."""
-    if embedded:  # the world's own scenes, shipped with the model (the training core does not import the world)
-        import json
-
-        from trainer.resources import EMBEDDED_MODEL
-
-        return json.loads((EMBEDDED_MODEL / "drift_prompts.json").read_text(encoding="utf-8"))["prompts"][:n]
+    if embedded:
+        return embedded_drift()["prompts"][:n]
     stripped = [", ".join(t for t in split_tags(p) if t != cfg.data.trigger) for p in cfg.sample.prompts]
     return [p for p in stripped if p][:n]
 
