@@ -38,14 +38,14 @@ class RunView:
     total: int = 0
     eta_s: float | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
-    val_losses: list[tuple[int, float]] = field(default_factory=list)  # the held-out loss (trainer/validation.py)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # the held-out loss (trainer/training/validation.py)
     samples: list[str] = field(default_factory=list)
     lora: str | None = None
     log_tail: str = ""
     command: str = ""
     queue_position: int = 0
     phase: str = ""  # "end samples": stopped and saved, rendering the end samples (a second Stop skips them)
-    recommendation: dict | None = None  # the checkpoint to keep and why (trainer/validation.py recommend)
+    recommendation: dict | None = None  # the checkpoint to keep and why (trainer/training/validation.py recommend)
     plan: str = ""  # the memory plan the trainer chose, in one line
     checkpoints: list[dict] = field(default_factory=list)  # checkpoint events: step, validation_loss, drift, path
     alert: str = ""  # a warning the run's page shows above all else (VRAM spilling into system memory)

@@ -17,7 +17,7 @@ def test_cut_tags_are_the_ones_training_truncates():
     caption = "zorb, a large figure, blue background, soft light, tall grass, distant hills, red sky, old stone wall"
     n, cut = caption_lint.cut_tags(caption, counter)
     assert n > counter.room and cut
-    # what training sees: the model's tokenizer, truncated to its window (trainer/models.py tokenize)
+    # what training sees: the model's tokenizer, truncated to its window (trainer/models/family.py tokenize)
     tok = CLIPTokenizer.from_pretrained(str(EMBEDDED_DIR / "tokenizer"))
     ids = tok(caption, truncation=True, max_length=tok.model_max_length)["input_ids"]
     seen = tok.decode(ids, skip_special_tokens=True)

@@ -75,7 +75,7 @@ def test_vpred_ztsnr_sdxl_trains_on_the_rescaled_schedule_and_samples_trailing(v
 
 
 def test_min_snr_weight_for_v_is_finite_at_the_terminal_timestep():
-    """The schedule the loop uses (trainer/schedules.py), not a copy of its formula."""
+    """The schedule the loop uses (trainer/models/schedules.py), not a copy of its formula."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
 

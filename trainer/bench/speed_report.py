@@ -38,7 +38,7 @@ def write_markdown(out: dict, path: Path, command: str) -> None:
         f"Memory is the {mem}. The floor is a bare UNet forward + backward with the same inputs, precision "
         "and checkpointing; step / floor is what data loading, text encoding, the VAE, the optimizer and "
         "bookkeeping add. First step is from launching `lora-studio train` to its first step event (the "
-        "embedded model's: median of 3 launches). The estimate is `trainer/estimate.py` for the same config "
+        "embedded model's: median of 3 launches). The estimate is `trainer/memory/estimate.py` for the same config "
         f"({'host RSS' if s['device'] == 'cpu' else 'device memory'}).", "",
         "| setting | s/step | floor s | step / floor | peak GB | floor peak GB | estimate GB | est. error | "
         "first step s | VAE encodes |",
