@@ -441,3 +441,24 @@ def test_every_component_lives_inside_a_tab(ws):
     strays = [type(c).__name__ for c in tabs[0].children if not isinstance(c, gr.Tab)]
     assert strays == [], strays
     assert [c.label for c in tabs[0].children] == ["Datasets", "Train", "Preview", "Library"]
+
+
+def test_the_run_list_is_resent_only_when_a_run_appears_or_goes(ws):
+    """Two runs writing at once swap places in the newest-first list every few seconds; each re-send of the list
+    used to re-render the picked run (its loss plot blanked, gradio's queue timer showed over the progress). The
+    Train tab's handlers are called here as plain methods, without a page."""
+    import gradio as gr
+
+    from app.context import Ctx
+    from app.handlers.train import TrainHandlers
+
+    h = TrainHandlers(Ctx(ws, jobs.JobRunner(ws.runs, cwd=ws.root)))
+    for name in ("a", "b"):
+        ws.run(name).mkdir(parents=True)
+    os.utime(ws.run("a"), (1, 1))
+    assert ws.run_names() == ["b", "a"]
+    update, known = h.sync_runs("a", ["a", "b"])  # the same runs in another order
+    assert isinstance(update, type(gr.skip())) and known == ["a", "b"]
+    ws.run("c").mkdir()
+    update, known = h.sync_runs("a", ["a", "b"])
+    assert set(known) == {"a", "b", "c"} and update.value == "a"  # a new run shows; the picked one stays picked

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import tiny_config
-from trainer.training import loop
+from trainer.training import loop, setup
 from trainer.memory import frozen
 from trainer.memory import plan
 from trainer.cli import main as cli_main
@@ -104,7 +104,7 @@ def test_cli_refuses_before_any_model_loads(tiny_models, dataset, tmp_path, monk
     def no_load(*a, **k):
         raise AssertionError("a model was loaded for a run that cannot fit")
 
-    monkeypatch.setattr(loop, "load_base", no_load)
+    monkeypatch.setattr(setup, "load_base", no_load)
     code = cli_main(["train", "--model", str(tiny_models["sd1"]), "--dataset", str(dataset),
                      "--output", str(tmp_path / "run"), "--set", "train.mixed_precision=bf16"])
     err = capsys.readouterr().err

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from tests.conftest import tiny_config
-from trainer.training import loop
+from trainer.training import loop, setup
 from trainer.models import loading as models
 from trainer.models import tiny
 from trainer.lora import tools
@@ -157,7 +157,7 @@ def test_t5_can_be_left_out(sd3, dataset, tmp_path, monkeypatch):
         loaded.append(real(*a, **k))
         return loaded[-1]
 
-    monkeypatch.setattr(loop, "load_base", spy)
+    monkeypatch.setattr(setup, "load_base", spy)
     cfg = tiny_config(sd3, dataset, tmp_path / "run", **{"train.max_steps": 2, "model.t5": False,
                                                        "sample.at_end": False,
                                                        "data.cache_text": False})  # the encoders stay, to ask below

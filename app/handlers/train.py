@@ -155,9 +155,11 @@ class TrainHandlers:
         return n + 1 if sig and sig[4] in ("finished", "stopped") else gr.skip()
 
     def sync_runs(self, current, known):
-        """Runs started from another tab or the CLI appear here too; the picked one stays picked."""
+        """Runs started from another tab or the CLI appear here too; the picked one stays picked. Only a run that
+        appears or goes counts: the list is newest first, and two runs writing at once swap places all the time
+        (each swap re-sent the list, which re-rendered the picked run's loss plot and showed gradio's queue timer)."""
         names = self.ws.run_names()
-        if names == known:
+        if set(names) == set(known or ()):
             return gr.skip(), known
         return gr.Dropdown(choices=names, value=current if current in names else (names[0] if names else None)), names
 

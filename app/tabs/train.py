@@ -97,7 +97,7 @@ def build(ctx: Ctx, saved_form) -> dict:
     ended.change(h.settings, form_inputs, settings_outputs, show_progress="hidden")
     timer.tick(h.sync_runs, [run_pick, known_runs], [run_pick, known_runs], show_progress="hidden")
     # Named, so scripts (and the load test) can read a run's state: /run_state(run name).
-    run_pick.change(h.refresh, [run_pick, never_seen], live, api_name="run_state")
+    run_pick.change(h.refresh, [run_pick, never_seen], live, api_name="run_state", show_progress="hidden")
     stop.click(said_in(start_msg, [start_msg], h.do_stop), run_pick, start_msg)
     resume.click(said_in(start_msg, [start_msg], h.do_resume), run_pick, start_msg)
     keep.click(said_in(start_msg, [start_msg], h.do_keep), run_pick, start_msg)
