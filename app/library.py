@@ -61,7 +61,7 @@ class Entry:
 
 
 HEADERS = ["file", "title", "family", "rank", "trigger", "MB", "AutoV2 (file)", "AutoV3 (tensors)", "from"]
-FAMILIES = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl", "sd3": "sd3"}
+FAMILIES = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl", "sd3": "sd3", "flux1": "flux", "zimage": "zimage"}
 
 
 def read_header(path: Path) -> tuple[dict, int]:

@@ -39,20 +39,21 @@ def opt(default, help: str, choices=None, min=None, max=None, items=None, length
 @dataclass
 class ModelConfig:
     source: str = opt("tiny", "Base model: 'tiny' (the embedded model), a diffusers folder, a .safetensors file or a Hub id")
-    family: str = opt("auto", "Model family; 'auto' detects it from the model", choices=["auto", "sd1", "sd2", "sdxl", "sd3"])
+    family: str = opt("auto", "Model family; 'auto' detects it from the model",
+                      choices=["auto", "sd1", "sd2", "sdxl", "sd3", "flux", "zimage"])
     prediction_type: Optional[str] = opt(None, "Training target; auto reads the model's scheduler config "
-                                               "(flow_matching for SD3)",
+                                               "(flow_matching for SD3, Flux and Z-Image)",
                                          choices=[None, "epsilon", "v_prediction", "flow_matching"])
     zero_terminal_snr: Optional[bool] = opt(None, "Betas rescaled to zero terminal SNR (v-prediction models such as "
                                                   "NoobAI-XL V-Pred); auto reads the checkpoint's ztsnr key or the "
                                                   "scheduler config. Training then reaches pure noise, and samples use "
                                                   "trailing timesteps with guidance rescale 0.7")
-    clip_skip: int = opt(1, "Use the output of the N-th last text-encoder layer (1 = last; SDXL and SD3 always use "
-                            "their own)", min=1, max=12)
+    clip_skip: int = opt(1, "Use the output of the N-th last text-encoder layer (1 = last; SDXL, SD3, Flux and "
+                            "Z-Image always use their own)", min=1, max=12)
     t5: bool = opt(True, "SD3: load the T5-XXL text encoder (4.8B parameters, 9.5 GB in bf16; with cached captions "
                          "it leaves the GPU before training). false leaves it out: zeros stand in, as in diffusers "
                          "without text_encoder_3; prompts then rest on the two CLIP encoders, which follow long or "
-                         "text-heavy prompts less well")
+                         "text-heavy prompts less well. Flux needs its T5 (refused)")
 
 
 @dataclass

@@ -3,7 +3,7 @@ dataset size, as a single config layer between the defaults and the user's own f
 
 A preset file holds config sections plus three optional tables that are not config:
 - `[derive]`: how repeats and rank follow from the number of images;
-- `[overlay.<family>.<section>]`: values for sd1, sd2, sdxl, sd3 or the embedded tiny model;
+- `[overlay.<family>.<section>]`: values for sd1, sd2, sdxl, sd3, flux, zimage or the embedded tiny model;
 VRAM tiers live in `presets/vram.toml` as `[<GB>.<section>]`, with `[<GB>.sdxl.<section>]` on top
 for SDXL, which needs about twice the memory at the same settings.
 """
@@ -21,7 +21,7 @@ from .resources import PRESETS
 BUILTIN_DIR = PRESETS
 KINDS = ("character", "style", "concept")
 VRAM_TIERS = (6, 8, 12, 16, 24)
-FAMILY_OVERLAYS = ("sd1", "sd2", "sdxl", "sd3", "tiny")
+FAMILY_OVERLAYS = ("sd1", "sd2", "sdxl", "sd3", "flux", "zimage", "tiny")
 _NOT_CONFIG = ("kind", "derive", "overlay")
 
 

@@ -15,7 +15,7 @@ def build(ctx: Ctx) -> dict:
     with gr.Tab("Library", id="library"):
         with gr.Row():
             query = gr.Textbox(label="Search name or trigger", scale=3)
-            family = gr.Dropdown(["", "sd1", "sd2", "sdxl", "sd3"], value="", label="Family")
+            family = gr.Dropdown(["", "sd1", "sd2", "sdxl", "sd3", "flux", "zimage"], value="", label="Family")
             refresh = gr.Button("Refresh", elem_id="library-refresh")
         table = gr.Dataframe(headers=library.HEADERS, interactive=False, elem_id="library-table")
         paths = gr.State([])

@@ -6,27 +6,18 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 
 from trainer.config import LoraConfig
+# The families' own target layers (each Family's lora_targets), named here too for callers that ask the lora room.
+from trainer.models.family import UNET_ATTENTION, UNET_EXTRA
+from trainer.models.sd3 import MMDIT_ATTENTION, MMDIT_EXTRA  # noqa: F401
 
-UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
-UNET_EXTRA = {
-    "proj": ["proj_in", "proj_out"],
-    "ff": ["ff.net.0.proj", "ff.net.2"],
-    # LoCon: the ResNet and resampler convolutions, as kohya's LoCon targets them.
-    "conv": ["conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"],
-}
-# SD3's joint attention: the image stream's projections and the text stream's (add_*), in every block's
-# attention and SD3.5's second, image-only one (attn2).
-MMDIT_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-MMDIT_EXTRA = {"ff": ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]}
-DENOISER_TARGETS = {"lora_unet": (UNET_ATTENTION, UNET_EXTRA), "lora_transformer": (MMDIT_ATTENTION, MMDIT_EXTRA)}
 TE_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 TE_MLP = ["fc1", "fc2"]
 ADAPTER = "default"
 
 
-def unet_targets(cfg: LoraConfig, denoiser_prefix: str = "lora_unet") -> list[str]:
-    """The denoiser's target layers (`denoiser_prefix` is the family's: a UNet's or SD3's transformer's)."""
-    attention, extras = DENOISER_TARGETS[denoiser_prefix]
+def unet_targets(cfg: LoraConfig, family=None, denoiser_config=None) -> list[str]:
+    """The denoiser's target layers: its family's (an SD UNet's without one), for this denoiser's config."""
+    attention, extras = (UNET_ATTENTION, UNET_EXTRA) if family is None else family.lora_targets(denoiser_config)
     unknown = [e for e in cfg.unet_extra if e not in extras]
     if unknown:
         raise ValueError(f"lora.unet_extra {unknown[0]!r} has no layers in this model's denoiser; allowed here: "

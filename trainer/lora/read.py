@@ -229,6 +229,10 @@ def _peft_alphas(metadata: dict) -> dict:
 
 def detect_family(modules: dict[str, Module], metadata: dict) -> tuple[str | None, str]:
     version = (metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")).lower()
+    if "flux" in version:
+        return "flux", "metadata"
+    if "z-image" in version or "zimage" in version:
+        return "zimage", "metadata"
     if "sd3" in version or "diffusion-3" in version:
         return "sd3", "metadata"
     if "xl" in version:
@@ -238,6 +242,12 @@ def detect_family(modules: dict[str, Module], metadata: dict) -> tuple[str | Non
     if "v1" in version or "sd_1" in version:
         return "sd1", "metadata"
     names = list(modules)
+    if any(n.startswith(("lora_transformer_single_transformer_blocks_", "lora_unet_double_blocks_",
+                         "lora_unet_single_blocks_")) for n in names):
+        return "flux", "keys"
+    if any(n.startswith(("lora_transformer_layers_", "lora_transformer_noise_refiner_",
+                         "lora_transformer_context_refiner_")) for n in names):
+        return "zimage", "keys"
     if any(n.startswith("lora_transformer_transformer_blocks_") for n in names):
         return "sd3", "keys"
     if any(n.startswith(("lora_te1_", "lora_te2_")) for n in names) or \
@@ -257,7 +267,7 @@ def detect_family(modules: dict[str, Module], metadata: dict) -> tuple[str | Non
     return None, "unknown"
 
 
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD 3"}
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD 3", "flux": "Flux.1", "zimage": "Z-Image"}
 
 
 def check_family(lora: LoraFile, base_family: str) -> None:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from trainer.models.family import Family
+from trainer.models.flux import FluxFamily
 from trainer.models.sd3 import SD3Family
 from trainer.models.sdxl import SDXLFamily
+from trainer.models.zimage import ZImageFamily
 
 FAMILIES = {
     "sd1": Family("sd1", 512, ("lora_te",), "stable-diffusion-v1", "sd_v1"),
@@ -12,6 +14,13 @@ FAMILIES = {
     # kohya's sai_model_spec names SD3.5 Medium/Large apart; one family trains both, so the id is SD3's.
     "sd3": SD3Family("sd3", 1024, ("lora_te1", "lora_te2"), "stable-diffusion-3", "sd3",
                      denoiser_prefix="lora_transformer", text_encoder_count=3, lora_layout="diffusers"),
+    # kohya's ids for Flux: "flux-1-dev" / "flux-1-schnell" (architecture() tells them apart) and "flux1". CLIP-L is
+    # the one encoder LoRA can train (T5-XXL never is).
+    "flux": FluxFamily("flux", 1024, ("lora_te1",), "flux-1-dev", "flux1", denoiser_prefix="lora_transformer",
+                       text_encoder_count=2, lora_layout="diffusers"),
+    # No published modelspec id: the name Z-Image's own repositories use. Its Qwen3 encoder is never trained.
+    "zimage": ZImageFamily("zimage", 1024, (), "z-image", "zimage", denoiser_prefix="lora_transformer",
+                           text_encoder_count=1, lora_layout="diffusers"),
 }
 
 

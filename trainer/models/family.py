@@ -11,6 +11,15 @@ import torch
 
 from trainer.errors import ModelError
 
+# The layers LoRA trains in a UNet: every attention's projections; the extras a config can add by name.
+UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+UNET_EXTRA = {
+    "proj": ["proj_in", "proj_out"],
+    "ff": ["ff.net.0.proj", "ff.net.2"],
+    # LoCon: the ResNet and resampler convolutions, as kohya's LoCon targets them.
+    "conv": ["conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"],
+}
+
 
 @dataclass(frozen=True)
 class Family:
@@ -32,6 +41,14 @@ class Family:
         out = {self.denoiser_prefix: denoiser} if denoiser is not None else {}
         out.update(zip(self.te_prefixes, text_encoders))
         return out
+
+    def lora_targets(self, denoiser_config=None) -> tuple[list[str], dict[str, list[str]]]:
+        """The denoiser's layers LoRA trains (names or dotted suffixes of module paths, as peft matches them) and the
+        extras lora.unet_extra may add, by name."""
+        return UNET_ATTENTION, UNET_EXTRA
+
+    def check(self, cfg) -> None:
+        """Refuse settings this family cannot honour, before anything trains (ModelError, one line)."""
 
     def default_prediction(self, scheduler_config: dict) -> str:
         return scheduler_config.get("prediction_type", "epsilon")

@@ -12,7 +12,11 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def family_name(unet_config: dict) -> str:
-    """sd1/sd2/sdxl from a UNet's config, sd3 from an SD3 transformer's."""
+    """sd1/sd2/sdxl from a UNet's config, sd3, flux or zimage from their transformers'."""
+    if "num_single_layers" in unet_config or unet_config.get("_class_name", "").startswith("FluxTransformer"):
+        return "flux"
+    if "cap_feat_dim" in unet_config or unet_config.get("_class_name", "").startswith("ZImageTransformer"):
+        return "zimage"
     if "joint_attention_dim" in unet_config:
         return "sd3"
     if unet_config.get("addition_embed_type") == "text_time":
@@ -22,13 +26,14 @@ def family_name(unet_config: dict) -> str:
     return "sd1"
 
 
-# Families whose VAE overflows in fp16 (SDXL: black images, NaN latents; SD3 is published in bf16 only).
-FP32_VAE_UNDER_FP16 = ("sdxl", "sd3")
+# Families whose VAE overflows in fp16 (SDXL: black images, NaN latents; SD3, Flux and Z-Image are published in bf16).
+FP32_VAE_UNDER_FP16 = ("sdxl", "sd3", "flux", "zimage")
 
 
 def text_encoder_trained_by_default(family: str | None) -> bool:
-    """lora.train_text_encoder = auto: yes for SD1/SD2; SDXL's and SD3's encoders rarely need it and cost memory."""
-    return family not in ("sdxl", "sd3")
+    """lora.train_text_encoder = auto: yes for SD1/SD2; SDXL's, SD3's and Flux's encoders rarely need it and cost
+    memory, and Z-Image's is never trained."""
+    return family not in ("sdxl", "sd3", "flux", "zimage")
 
 
 def is_embedded(source: str) -> bool:
@@ -41,7 +46,7 @@ def is_embedded(source: str) -> bool:
 
 
 def peek_family(source: str, family: str = "auto") -> str | None:
-    """The family name presets use: 'tiny' for the embedded model, sd1/sd2/sdxl for a diffusers
+    """The family name presets use: 'tiny' for the embedded model, sd1/sd2/sdxl/sd3/flux/zimage for a diffusers
     folder, None when it cannot be told without loading (single files, Hub ids)."""
     if family != "auto":
         return family
@@ -52,7 +57,7 @@ def peek_family(source: str, family: str = "auto") -> str | None:
 
 
 def denoiser_config(folder: Path) -> dict | None:
-    """A diffusers folder's UNet config, or its transformer's (SD3)."""
+    """A diffusers folder's UNet config, or its transformer's (SD3, Flux, Z-Image)."""
     for name in ("unet", "transformer"):
         try:
             return json.loads((folder / name / "config.json").read_text(encoding="utf-8"))
@@ -67,7 +72,7 @@ def looks_like_path(source: str) -> bool:
             or source.endswith((".safetensors",) + PICKLE_SUFFIXES))
 
 
-FAMILY_RESOLUTION = {"tiny": 64, "sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024}
+FAMILY_RESOLUTION = {"tiny": 64, "sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024, "zimage": 1024}
 
 
 def peek_resolution(source: str, family: str = "auto") -> int | None:

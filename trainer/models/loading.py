@@ -19,8 +19,9 @@ from trainer.models.info import EMBEDDED_DIR, PICKLE_SUFFIXES, family_name, look
 
 @dataclass
 class Base:
-    """A loaded base model. `unet` is its denoiser: a UNet, or SD3's MMDiT transformer. Text encoders and
-    tokenizers are lists (one for SD, two for SDXL, three for SD3, whose T5 may be a NoT5 and its tokenizer None)."""
+    """A loaded base model. `unet` is its denoiser: a UNet, or SD3's, Flux's or Z-Image's transformer. Text encoders
+    and tokenizers are lists (one for SD and Z-Image, two for SDXL and Flux, three for SD3, whose T5 may be a NoT5 and
+    its tokenizer None)."""
     family: Family
     unet: torch.nn.Module
     vae: torch.nn.Module
@@ -163,9 +164,15 @@ class _CallerError(Exception):
 
 
 def _pipeline_class_for(model_index: dict, t5: bool = True):
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           ZImagePipeline)
 
-    if "transformer" in model_index or "3" in model_index.get("_class_name", ""):
+    name = model_index.get("_class_name", "")
+    if name.startswith("Flux"):
+        return FluxPipeline, {}
+    if name.startswith("ZImage"):
+        return ZImagePipeline, {}
+    if "transformer" in model_index or "3" in name:
         return StableDiffusion3Pipeline, ({} if t5 else {"text_encoder_3": None, "tokenizer_3": None})
     if "XL" in model_index.get("_class_name", "") or "text_encoder_2" in model_index:
         return StableDiffusionXLPipeline, {}
@@ -248,6 +255,9 @@ def _from_single_file(path: Path, dtype=None, t5: bool = True):
     elif suffix != ".safetensors":
         raise ModelError(f"{path.name}: unsupported model file type {suffix!r}; use .safetensors or a diffusers folder")
     keys = checkpoint_keys(path)
+    modern = _modern_single_file(path, keys, dtype)
+    if modern is not None:
+        return modern
     if any(k.startswith("model.diffusion_model.joint_blocks.") for k in keys):
         cls, kwargs = StableDiffusion3Pipeline, ({} if t5 else {"text_encoder_3": None, "tokenizer_3": None})
     elif any(k.startswith("conditioner.embedders.1") for k in keys):
@@ -256,8 +266,8 @@ def _from_single_file(path: Path, dtype=None, t5: bool = True):
         cls = StableDiffusionPipeline
         kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     if not any(k.startswith("model.diffusion_model.") for k in keys):
-        raise ModelError(f"{path.name} is not a Stable Diffusion checkpoint (no model.diffusion_model.* weights); "
-                         "a LoRA file goes under Preview, not as a base model")
+        raise ModelError(f"{path.name} is not a Stable Diffusion checkpoint, nor a Flux.1 or Z-Image one (no model "
+                         "weights this app knows); a LoRA file goes under Preview, not as a base model")
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
     try:
@@ -269,6 +279,38 @@ def _from_single_file(path: Path, dtype=None, t5: bool = True):
                          "file takes its configs, and any text encoder it lacks, from Stability AI's gated Hub repo: "
                          "accept the licence on huggingface.co, run `hf auth login` once, or pass a diffusers folder "
                          "instead") from e
+
+
+# The Hub repositories a transformer-only single file takes its other parts (and configs) from.
+FLUX_REPOS = {"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell"}
+ZIMAGE_REPO = "Tongyi-MAI/Z-Image-Turbo"
+
+
+def _modern_single_file(path: Path, keys: list[str], dtype=None):
+    """A Flux.1 or Z-Image transformer as people download it (BFL's or ComfyUI's single file, fp8 variants
+    included: diffusers converts the keys and casts to `dtype`), with the text encoders and VAE from the family's
+    Hub repository. None when the file is neither."""
+    stripped = {k.removeprefix("model.diffusion_model.") for k in keys}
+    if any(k.startswith("double_blocks.") for k in stripped):
+        from diffusers import FluxPipeline, FluxTransformer2DModel
+
+        repo = FLUX_REPOS["dev" if any(k.startswith("guidance_in.") for k in stripped) else "schnell"]
+        pipe_cls, model_cls, what = FluxPipeline, FluxTransformer2DModel, "Flux.1"
+    elif any(k.startswith(("noise_refiner.", "context_refiner.")) for k in stripped):
+        from diffusers import ZImagePipeline, ZImageTransformer2DModel
+
+        repo, pipe_cls, model_cls, what = ZIMAGE_REPO, ZImagePipeline, ZImageTransformer2DModel, "Z-Image"
+    else:
+        return None
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    try:
+        transformer = model_cls.from_single_file(str(path), config=repo, subfolder="transformer", **kwargs)
+        return pipe_cls.from_pretrained(repo, transformer=transformer, **kwargs)
+    except Exception as e:
+        raise ModelError(f"could not load {what} checkpoint {path.name}: {_first_line(e).rstrip('.')}. A {what} "
+                         f"single file holds the transformer only; its text encoders and VAE come from {repo} on the "
+                         "Hub (accept its licence on huggingface.co and run `hf auth login` once where it is gated), "
+                         "or pass a diffusers folder instead") from e
 
 
 def _first_line(e: Exception) -> str:

@@ -9,6 +9,11 @@ import torch
 from trainer.errors import ModelError
 from trainer.models.family import Family
 
+# The joint attention: the image stream's projections and the text stream's (add_*), in every block's attention and
+# SD3.5's second, image-only one (attn2).
+MMDIT_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+MMDIT_EXTRA = {"ff": ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]}
+
 
 class NoT5(torch.nn.Module):
     """Stands in for SD3's T5 encoder when it is left out: zero embeddings, as diffusers' SD3 pipeline uses
@@ -37,6 +42,14 @@ class SD3Family(Family):
     pooled projections. The text encoders LoRA can train are the two CLIPs (diffusers' SD3 loader has no T5)."""
 
     T5_TOKENS = 256  # diffusers' SD3 default max_sequence_length
+
+    def lora_targets(self, denoiser_config=None):
+        return MMDIT_ATTENTION, MMDIT_EXTRA
+
+    def check(self, cfg) -> None:
+        if cfg.lora.use_dora:
+            raise ModelError("lora.use_dora is not available for sd3: its LoRA loaders read no DoRA keys; set it to "
+                             "false")
 
     def tokenize(self, tokenizers, captions):
         ids = super().tokenize(tokenizers[:2], captions)

@@ -1,4 +1,5 @@
-"""Tiny SD1 / SD2 / SDXL / SD3 components built from config, for tests, benchmarks and the embedded model.
+"""Tiny SD1 / SD2 / SDXL / SD3 / Flux.1 / Z-Image components built from config, for tests, benchmarks and the
+embedded model: the real diffusers and transformers classes at a few thousand parameters (no download).
 
 The tokenizer is word-level: every word of the given vocabulary is one token, and words outside
 it fall back to single characters, so any prompt still encodes.
@@ -119,7 +120,8 @@ def sd3_transformer(joint_dim: int = 48, pooled_dim: int = 64, dual_attention: b
 
 
 def build_pipeline(family: str, folder: str | Path, seed: int = 0, scheduler: dict | None = None):
-    """Build a randomly initialised tiny pipeline of `family` ('sd1', 'sd2', 'sdxl' or 'sd3') and save it
+    """Build a randomly initialised tiny pipeline of `family` ('sd1', 'sd2', 'sdxl', 'sd3', 'flux' (dev),
+    'flux-schnell' or 'zimage') and save it
     in the diffusers layout under `folder`; `scheduler` adds to its scheduler's settings (a v-prediction,
     zero-terminal-SNR SDXL: {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}). Returns the folder."""
     from diffusers import (DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline)
@@ -133,6 +135,10 @@ def build_pipeline(family: str, folder: str | Path, seed: int = 0, scheduler: di
                         steps_offset=1, **(scheduler or {}))
     if family == "sd3":
         pipe = _sd3_pipeline(tok, scheduler)
+    elif family in ("flux", "flux-schnell"):
+        pipe = _flux_pipeline(tok, schnell=family == "flux-schnell")
+    elif family == "zimage":
+        pipe = _zimage_pipeline(tok)
     elif family == "sdxl":
         te1 = CLIPTextModel(text_encoder_config(tok, hidden=32))
         te2 = CLIPTextModelWithProjection(text_encoder_config(tok, hidden=32, projection_dim=32))
@@ -181,6 +187,81 @@ def _sd3_pipeline(tok, scheduler: dict | None):
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, **(scheduler or {})),
         text_encoder=te1, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok, text_encoder_3=t5, tokenizer_3=tok,
     )
+
+
+# The 16-channel VAE Flux.1 and Z-Image decode with, in miniature: its own shift and scale.
+FLUX_VAE = dict(latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611)
+# A chat template in the shape of Qwen3's: a user turn, then the assistant's.
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+TINY_SAMPLE_SIZE = 32  # latent cells: the tiny transformers train at 64 px (their configs carry it, as a UNet's do)
+
+
+def flux_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=16, sample_size=32,
+        use_quant_conv=False, use_post_quant_conv=False, **FLUX_VAE)
+
+
+def flux_transformer(guidance: bool = True, joint_dim: int = 48, pooled_dim: int = 32):
+    """Flux.1's shape in miniature: one double (joint) block and two single blocks over packed 2x2 patches of 16
+    latent channels; `guidance` embeds the guidance value as dev does (schnell has none)."""
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=joint_dim,
+                                   pooled_projection_dim=pooled_dim, guidance_embeds=guidance,
+                                   axes_dims_rope=(4, 6, 6))
+    model.register_to_config(sample_size=TINY_SAMPLE_SIZE)
+    return model
+
+
+def _flux_pipeline(tok, schnell: bool = False):
+    """CLIP-L (pooled, 32 wide), a T5 encoder (48 wide), the transformer and the flow scheduler: dev shifts its
+    timesteps by the image's token count, schnell by a fixed 1."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    clip = CLIPTextModel(text_encoder_config(tok, hidden=32))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=48, d_kv=12, d_ff=64, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8, pad_token_id=tok.pad_token_id,
+                                 decoder_start_token_id=0))
+    shifting = dict(shift=1.0, use_dynamic_shifting=False) if schnell else dict(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **shifting),
+                        vae=flux_vae(), text_encoder=clip, tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok,
+                        transformer=flux_transformer(guidance=not schnell))
+
+
+def zimage_transformer(cap_dim: int = 32):
+    """Z-Image's shape in miniature: two main layers and two refiner layers each for the image and the caption,
+    2x2 patches of 16 latent channels, rotary positions over (caption/frame, height, width)."""
+    from diffusers import ZImageTransformer2DModel
+
+    model = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=2,
+                                     n_refiner_layers=2, n_heads=4, n_kv_heads=4, cap_feat_dim=cap_dim,
+                                     axes_dims=[4, 6, 6], axes_lens=[512, 64, 64])
+    model.register_to_config(sample_size=TINY_SAMPLE_SIZE)
+    return model
+
+
+def _zimage_pipeline(tok):
+    """A Qwen3 language model (two layers, 32 wide; its second-to-last hidden layer conditions), the transformer
+    and the flow scheduler with Z-Image's fixed shift of 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+    from transformers import Qwen3Config, Qwen3Model
+
+    tok.chat_template = CHAT_TEMPLATE
+    qwen = Qwen3Model(Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  max_position_embeddings=512, pad_token_id=tok.pad_token_id))
+    return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0,
+                                                                    use_dynamic_shifting=False),
+                          vae=flux_vae(), text_encoder=qwen, tokenizer=tok, transformer=zimage_transformer(32))
 
 
 def _sd2_unet():

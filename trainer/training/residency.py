@@ -56,6 +56,14 @@ def _visit(module, device) -> list:
     return [module.register_forward_pre_hook(arrive, with_kwargs=True),
             module.register_forward_hook(leave, with_kwargs=True)]
 
+def moved(value, device):
+    """A pipeline argument on `device`: a tensor, or a list of them (Z-Image's caption features have each their own
+    length)."""
+    if isinstance(value, (list, tuple)):
+        return [moved(v, device) for v in value]
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
 def let_encoders_go(cfg, base, precision, device, main, events, drift: bool) -> dict:
     """Encode the prompts the run will still sample (its sample prompts and, when `drift` is judged, i.e. with a
     validation set, the drift prompts; with the negative prompt), then let the frozen text encoders' weights go: moved to the meta device, which keeps no data, so a
@@ -69,7 +77,7 @@ def let_encoders_go(cfg, base, precision, device, main, events, drift: bool) -> 
             for prompt in prompts:
                 kwargs = base.family.prompt_kwargs(base.text_encoders, base.tokenizers, [prompt],
                                                    cfg.sample.negative_prompt, cfg.model.clip_skip)
-                encoded[prompt] = {k: v.cpu() for k, v in kwargs.items()}
+                encoded[prompt] = {k: moved(v, "cpu") for k, v in kwargs.items()}
     for te in base.text_encoders:
         te.to("meta")
     gc.collect()

@@ -9,7 +9,7 @@ import torch
 from trainer.atomic import write_bytes
 from trainer.models import sampling_schedule
 from trainer.training.events import Events, read_events
-from trainer.training.residency import borrowed
+from trainer.training.residency import borrowed, moved
 
 
 @torch.no_grad()
@@ -34,8 +34,8 @@ def render(family, unet, vae, text_encoders, tokenizers, scheduler_config: dict,
             for i, prompt in enumerate(prompts):
                 if stop is not None and stop():
                     break
-                kwargs = encoded[prompt] if encoded is not None else \
-                    family.prompt_kwargs(text_encoders, tokenizers, [prompt], negative, clip_skip)
+                kwargs = {k: moved(v, unet.device) for k, v in encoded[prompt].items()} if encoded is not None \
+                    else family.prompt_kwargs(text_encoders, tokenizers, [prompt], negative, clip_skip)
                 gen = torch.Generator("cpu").manual_seed(seed + i)
                 rescale = {"guidance_rescale": guidance_rescale} if guidance_rescale else {}  # SD3 has no such knob
                 out = pipe(**kwargs, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,

@@ -57,9 +57,7 @@ def prepare_models(cfg: RunConfig, precision: Precision, events: Events):
     if cfg.model.zero_terminal_snr and cfg.model.prediction_type == "epsilon":
         raise TrainingError("model.zero_terminal_snr needs model.prediction_type = v_prediction: at the last "
                             "timestep there is no signal left, so the noise cannot be predicted from it")
-    if cfg.lora.use_dora and fam.lora_layout == "diffusers":
-        raise TrainingError(f"lora.use_dora is not available for {fam.name}: its LoRA loaders read no DoRA keys; "
-                            "set it to false")
+    fam.check(cfg)  # settings this family cannot honour (a ModelError: one line)
     if cfg.train.offload and precision.device.type != "cuda":
         events.emit("warning", message="train.offload streams frozen weights to a CUDA GPU; on this "
                     f"{precision.device.type} they are in RAM already, so it changes nothing")
@@ -208,7 +206,7 @@ def ready_unet(unet, cfg: RunConfig, precision: Precision, fp8: bool) -> None:
     place(unet, torch.device("cpu"), precision.weight_dtype)  # a no-op when the loader honoured dtype
     if cfg.lora.train_unet:
         fam = FAMILIES[family_name(dict(unet.config)) if cfg.model.family == "auto" else cfg.model.family]
-        lora_mod.inject(unet, cfg.lora, lora_mod.unet_targets(cfg.lora, fam.denoiser_prefix), "UNet")
+        lora_mod.inject(unet, cfg.lora, lora_mod.unet_targets(cfg.lora, fam, unet.config), "UNet")
     # After injection: peft wraps the original layers. Streamed weights stay on the host when the UNet moves.
     frozen.freeze(unet, precision.weight_dtype, fp8=fp8, stream=cfg.train.offload)
 

@@ -44,7 +44,7 @@ class Step:
         noise = torch.randn(latents.shape, generator=self.gen).to(device)
         if cfg.train.noise_offset:
             noise += cfg.train.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=self.gen).to(device)
-        t = self.schedule.sample(latents.shape[0], self.gen).to(device)
+        t = self.schedule.sample(latents.shape[0], self.gen, latents.shape).to(device)
         noisy, target, model_t = self.schedule.noised(latents, noise, t)
         hidden, pooled = self.conditioning(captions)
         sizes = [(e.size[1], e.size[0]) for e in (data.entries[i] for i in batch_idx)]
