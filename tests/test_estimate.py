@@ -30,3 +30,20 @@ def test_estimator_within_ten_percent_of_every_saved_measurement(saved):
     assert full
     for m in full:
         assert m.estimate_err <= 0.10, f"{m.setting.label}: estimate {m.estimate_gb} GB vs measured {m.peak_gb:.2f} GB"
+
+
+def test_a_local_folder_is_planned_at_its_own_size_a_single_file_at_the_familys(tiny_models, tmp_path):
+    """A pruned, distilled or tiny diffusers folder is counted from its safetensors headers (no weight read); a name
+    that is no folder (a Hub id, a single file) gets the family's published sizes."""
+    from trainer.config import RunConfig
+    from trainer.memory.estimate import PARAMS_M, folder_params_m, params_m, safetensors_params
+
+    folder = tiny_models["sdxl"]
+    counted = folder_params_m(str(folder))
+    assert counted["unet"] == safetensors_params(folder / "unet") / 1e6 < 5  # millions: the tiny UNet
+    assert counted["text_encoders"] == (safetensors_params(folder / "text_encoder") +
+                                        safetensors_params(folder / "text_encoder_2")) / 1e6
+    cfg = RunConfig.load({"model": {"source": str(folder)}})
+    assert params_m(cfg, "sdxl")["unet"] == counted["unet"]
+    hub = RunConfig.load({"model": {"source": "someone/sdxl-model"}})
+    assert params_m(hub, "sdxl")["unet"] == PARAMS_M["sdxl"]["unet"]

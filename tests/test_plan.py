@@ -117,7 +117,11 @@ def test_cli_applies_the_plan_and_the_run_stores_what_it_promises(tiny_models, d
     """A plan for a 2.2 GB GPU, where the SD1.5-sized estimate needs fp8 (the run itself is on this CPU): the plan
     is printed, recorded as an event and in config.toml, and the run keeps frozen weights in fp8, LoRA weights
     and optimizer state in fp32."""
+    from trainer.memory import estimate as estimate_module
+
     monkeypatch.setattr(plan, "budget_for", lambda *a, **k: Budget("cuda", 2.2, 64.0, "a 2.2 GB GPU"))
+    # Planned as a published SD1.5 folder: a local folder is counted from its headers, and the tiny one fits anywhere.
+    monkeypatch.setattr(estimate_module, "folder_params_m", lambda folder: None)
     run = tmp_path / "run"
     sets = tiny_config(tiny_models["sd1"], dataset, run, **{"train.mixed_precision": "bf16", "sample.at_end": False,
                                                            "save.state_every_n_steps": 2, "train.max_steps": 3})

@@ -17,6 +17,11 @@ from trainer.models.info import EMBEDDED_DIR, FP32_VAE_UNDER_FP16, peek_family, 
 from trainer.memory.speed_log import duration
 
 GB = 1024 ** 3
+# Flux.1 dev and Z-Image at 1024 px, one image, bf16, no checkpointing, on a CPU: `lora-studio bench modern` measures
+# one block of each at full width and 1024 px and scales by the block count (bench/results.md, "Modern families").
+MODERN_ACTIVATION_GB = {"flux": 35.5, "zimage": 21.7}
+MODERN_CHECKPOINTED = {"flux": 0.063, "zimage": 0.085}
+FAMILY_WORDS = {"flux": "Flux.1", "zimage": "Z-Image"}
 # SD 3.5 Medium at 1024 px, one image, bf16, no checkpointing, on a CPU. Fitted on `bench speed`'s SD3 row without
 # T5-XXL, whose peak is the training step (checkpointing on: 9.74 GB; 8.93 GB in a second run: the CPU allocator's
 # share varies by ~0.8 GB), so this is a calibration. With T5 the caption phase is the peak (see _loading_gb).
@@ -29,24 +34,34 @@ PARAMS_M = {
     # SD 3.5 Medium: the MMDiT ("unet" here), CLIP-L + CLIP-G, and T5-XXL's encoder apart, as model.t5 may drop it.
     # (SD 3.5 Large's transformer is 8056.6 M.)
     "sd3": {"unet": 2243.2, "text_encoders": 818.3, "largest_te": 694.7, "t5": 4762.3, "vae": 83.7},
+    # Counted on the architectures (diffusers' configs on the meta device): Flux.1 dev's transformer, CLIP-L and
+    # T5-XXL (always loaded for Flux), the 16-channel VAE; Z-Image's transformer and its Qwen3-4B encoder.
+    "flux": {"unet": 11901.4, "text_encoders": 123.1, "largest_te": 123.1, "t5": 4762.3, "vae": 83.8},
+    "zimage": {"unet": 6154.9, "text_encoders": 4022.5, "largest_te": 4022.5, "vae": 83.8},
 }
 # LoRA parameters per unit of rank with attention targets (sum of in+out over q, k, v, out).
 LORA_PER_RANK_M = {"sd1": (0.199, 0.074), "sd2": (0.215, 0.197), "sdxl": (1.45, 0.40),  # (unet, text encoders)
-                   "sd3": (0.746, 0.401)}  # SD 3.5 Medium: joint and attn2 attention; CLIP-L and CLIP-G
+                   "sd3": (0.746, 0.401),  # SD 3.5 Medium: joint and attn2 attention; CLIP-L and CLIP-G
+                   "flux": (1.634, 0.074),  # double blocks' joint and single blocks' attention; CLIP-L
+                   "zimage": (1.044, 0.0)}  # main and refiner layers' attention; the encoder is never trained
 # Calibrated against `lora-studio bench speed` (bench/results.md): peak RSS of the real training process
 # on full-size SD1.5 (512 px, 8 settings) and SDXL (1024 px) architectures, bf16 on a CPU. The same
 # tensors are alive on a GPU, so the device estimate reuses them without the host-only terms.
 # Activation GB of one image at the family's native resolution, half precision, SDPA, no checkpointing.
 ACTIVATION_GB = {"sd1": 1.41, "sd2": 3.5, "sdxl": 6.9,  # sd2 is scaled from sd1 by pixels, not measured
-                 "sd3": SD3_ACTIVATION_GB}
-NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "tiny": 64}
-CHECKPOINTED = 0.42  # share of those activations still alive at the peak with gradient checkpointing
+                 "sd3": SD3_ACTIVATION_GB, **MODERN_ACTIVATION_GB}
+NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024, "zimage": 1024, "tiny": 64}
+CHECKPOINTED = 0.42  # share of those activations still alive at the peak with gradient checkpointing (a UNet's)
+# A transformer checkpointed block by block keeps each block's input and one block's recomputation: a far smaller
+# share than a UNet, whose checkpointing leaves its ResNets' activations (see MODERN_ACTIVATION_GB for the source).
 # On CUDA (max allocated, fp16, SDPA kernels, frozen convolutions keeping no inputs) a training step
 # keeps less than the CPU's RSS shows. Fitted on an H100 with the latent cache already filled
 # (bench/results-cuda-h100.md): SD1.5 512 px 2.69 GB without checkpointing and 2.03 GB with it,
 # SDXL 1024 px 6.81 GB with it. sd2 is scaled from sd1 as on the CPU, not measured.
 CUDA_ACTIVATION_GB = {"sd1": 1.04, "sd2": 2.58, "sdxl": 4.58,
-                      "sd3": 4.27}  # sd3: the first CPU fit (6.43) at SDXL's CUDA/CPU ratio, not measured
+                      "sd3": 4.27,  # sd3: the first CPU fit (6.43) at SDXL's CUDA/CPU ratio, not measured
+                      # flux, zimage: their CPU figures at SDXL's CUDA/CPU ratio, not measured on a GPU
+                      **{k: round(v * 4.58 / 6.9, 2) for k, v in MODERN_ACTIVATION_GB.items()}}
 CUDA_CHECKPOINTED = 0.367
 # Encoding one image into the latent cache, half precision at 512 px (scales with pixels and VAE bytes).
 # Fitted on the same H100's first runs, when the UNet and text encoders still sat beside the VAE:
@@ -57,11 +72,12 @@ FP8_BYTES = 1.03
 # Share of the denoiser frozen.KEEP_HALF leaves in half precision beyond that: SD3's adaptive-norm modulation
 # Linears (norm1.linear, ~1/3 of SD 3.5 Medium's 2.24 B) stay half, as diffusers' layerwise casting skips "norm".
 # Counted on the full-size architectures (SD1.5 3.3%, SDXL 1.0% are inside FP8_BYTES already).
-FP8_HALF_SHARE = {"sd3": 0.349}
+FP8_HALF_SHARE = {"sd3": 0.349, "flux": 0.277, "zimage": 0.002}  # flux: its norm1/norm1_context/norm.linear
 # fp8 stand-ins also replace frozen Linear layers, and a step keeps less still. Share of the UNet
 # activations left, fitted on the H100 (checkpointing on): SD1.5 512 px 2.03 -> 1.16 GB, SDXL 1024 px
 # 6.81 -> 3.75 GB in all. sd2 takes sd1's share, not measured.
-FP8_ACTIVATION_SHARE = {"sd1": 0.75, "sd2": 0.75, "sdxl": 0.56, "sd3": 0.56}  # sd3 takes sdxl's, not measured
+FP8_ACTIVATION_SHARE = {"sd1": 0.75, "sd2": 0.75, "sdxl": 0.56, "sd3": 0.56,  # sd3 takes sdxl's, not measured
+                        "flux": 0.56, "zimage": 0.56}  # so do flux and zimage
 # On a CPU fp8 keeps less of the activations too, and the run holds a fixed extra (the dequantized weights of the
 # layer at hand, the allocator's share): both fitted on the two fp8 rows of bench/results.md (SD1.5 512 px 2.37 GB,
 # SDXL 1024 px 5.81 GB), so there they are a calibration.
@@ -71,11 +87,13 @@ HOST_FP8_EXTRA_GB = 0.56
 # SDXL's 2560x1280x3x3 convolution, is 59 MB in half precision and 29 MB in fp8 beside it); norms stay (0.02% of
 # the parameters). Counted from the architectures, not measured on a GPU.
 STREAMED_ON_DEVICE_GB = 0.1
-TE_ACTIVATION_GB = {"sd1": 0.05, "sd2": 0.1, "sdxl": 0.3, "sd3": 0.3}  # one 77-token caption through trained encoders
+TE_ACTIVATION_GB = {"sd1": 0.05, "sd2": 0.1, "sdxl": 0.3, "sd3": 0.3,  # one 77-token caption through trained
+                    "flux": 0.05, "zimage": 0.0}  # encoders (flux: its CLIP-L, as SD1's)
 VAE_ENCODE_GB = 0.15  # what encoding a 512 px image on the fly adds to the peak, half precision
 RUNTIME_GB = 0.4  # python, torch, diffusers, transformers and peft loaded (host estimate only)
 # Seconds per step at batch 1, native resolution, fp16 on a mid-range consumer GPU (RTX 3060 class).
-STEP_S = {"sd1": 0.45, "sd2": 0.9, "sdxl": 1.6, "sd3": 1.6}  # sd3: SDXL's, not measured
+STEP_S = {"sd1": 0.45, "sd2": 0.9, "sdxl": 1.6, "sd3": 1.6,  # sd3: SDXL's, not measured
+          "flux": 6.4, "zimage": 3.3}  # flux, zimage: SDXL's scaled by parameters, not measured
 TINY_STEP_S_PER_IMAGE = 0.045  # the embedded model on a 2-core CPU, measured with bench learn
 
 
@@ -117,12 +135,39 @@ def safetensors_params(folder: Path) -> int:
 
 
 def params_m(cfg, family: str) -> dict:
-    """unet / text_encoders / vae in millions for this run, the family's published sizes; SD3's T5 counts only when
-    model.t5 loads it."""
-    p = PARAMS_M[family]
+    """unet / text_encoders / vae in millions for this run: counted from a local diffusers folder's headers (a
+    pruned, distilled or tiny model is its own size), else the family's published sizes (a single file or a Hub id);
+    SD3's T5 counts only when model.t5 loads it."""
+    folder = Path(cfg.model.source).expanduser() if cfg.model.source not in ("", "tiny") else None
+    counted = folder_params_m(str(folder.resolve())) if folder is not None and \
+        (folder / "model_index.json").is_file() else None
+    p = counted or PARAMS_M[family]
     t5 = p.get("t5", 0.0) if cfg.model.t5 else 0.0
     return {"unet": p["unet"], "vae": p["vae"], "text_encoders": p["text_encoders"] + t5,
             "largest_te": max(p["largest_te"], t5)}
+
+
+@functools.lru_cache(maxsize=16)
+def folder_params_m(folder: str) -> dict | None:
+    """A diffusers folder's parameter counts (millions) by role, from its safetensors headers (no weights read);
+    SD3's third encoder is its T5, as PARAMS_M holds it. None when a part is missing or not in safetensors."""
+    root = Path(folder)
+    counts = {}
+    for part in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        if (root / part).is_dir():
+            n = safetensors_params(root / part)
+            if not n:
+                return None
+            counts[part] = n / 1e6
+    denoiser = counts.get("transformer", counts.get("unet"))
+    if denoiser is None or "vae" not in counts:
+        return None
+    sd3 = "text_encoder_3" in counts
+    tes = [counts[t] for t in ("text_encoder", "text_encoder_2") if t in counts]
+    out = {"unet": denoiser, "vae": counts["vae"], "text_encoders": sum(tes), "largest_te": max(tes, default=0.0)}
+    if sd3:
+        out["t5"] = counts["text_encoder_3"]
+    return out
 
 
 @functools.cache
@@ -171,6 +216,7 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
     pixels = (res / NATIVE[family]) ** 2 * cfg.train.batch_size
     act_gb, kept = (ACTIVATION_GB, CHECKPOINTED) if host else (CUDA_ACTIVATION_GB, CUDA_CHECKPOINTED)
     fp8_share = (HOST_FP8_ACTIVATION_SHARE if host else FP8_ACTIVATION_SHARE[family]) if fp8 else 1.0
+    kept = MODERN_CHECKPOINTED.get(family, kept)
     unet_act = act_gb[family] * pixels * (1 if half else 2) * (kept if cfg.train.gradient_checkpointing else 1.0) * \
         fp8_share + (HOST_FP8_EXTRA_GB if fp8 and host else 0.0)
     te_act = TE_ACTIVATION_GB[family] * cfg.train.batch_size * (1 if half else 2) if train_te else 0.0
@@ -200,11 +246,13 @@ def _unmeasured(cfg, family: str, host: bool, fp8: bool) -> list[str]:
         notes.append("SD2's memory (SD1.5's scaled by pixels)")
     if family == "sd3" and not host:
         notes.append("SD3 on a GPU (the CPU fit at SDXL's GPU/CPU ratio)")
-    if fp8 and not host and family in ("sd2", "sd3"):
+    if family in ("flux", "zimage") and not host:
+        notes.append(f"{FAMILY_WORDS[family]} on a GPU (its CPU figure at SDXL's GPU/CPU ratio)")
+    if fp8 and not host and family in ("sd2", "sd3", "flux", "zimage"):
         notes.append(f"fp8's saving for {family} (taken from {'SD1.5' if family == 'sd2' else 'SDXL'})")
     if cfg.train.offload and not host:
         notes.append("train.offload (counted from the architecture; its speed cost is a guess of 2x)")
-    if family in ("sd2", "sd3"):
+    if family in ("sd2", "sd3", "flux", "zimage"):
         notes.append(f"the rule-of-thumb step time for {family} (SD{'1.5' if family == 'sd2' else 'XL'}'s, scaled)")
     return notes
 

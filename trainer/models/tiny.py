@@ -191,9 +191,10 @@ def _sd3_pipeline(tok, scheduler: dict | None):
 
 # The 16-channel VAE Flux.1 and Z-Image decode with, in miniature: its own shift and scale.
 FLUX_VAE = dict(latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611)
-# A chat template in the shape of Qwen3's: a user turn, then the assistant's.
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+# A chat template in the shape of Qwen3's (a user turn, then the assistant's), in words the tiny tokenizer spells.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}assistant{% endif %}")
+CHAT_TOKENS = 64  # the templated prompt is longer than a CLIP window
 TINY_SAMPLE_SIZE = 32  # latent cells: the tiny transformers train at 64 px (their configs carry it, as a UNet's do)
 
 
@@ -256,6 +257,7 @@ def _zimage_pipeline(tok):
     from transformers import Qwen3Config, Qwen3Model
 
     tok.chat_template = CHAT_TEMPLATE
+    tok.model_max_length = CHAT_TOKENS
     qwen = Qwen3Model(Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                   max_position_embeddings=512, pad_token_id=tok.pad_token_id))
