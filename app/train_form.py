@@ -96,10 +96,11 @@ def parse_edited(text: str) -> RunConfig:
 def summary(cfg: RunConfig) -> list[list]:
     """The settings users look at first, grouped; everything else is in the Advanced box."""
     te = cfg.lora.train_text_encoder
-    sd3 = (cfg.model.family if cfg.model.family != "auto" else peek_family(cfg.model.source)) == "sd3"
+    family = cfg.model.family if cfg.model.family != "auto" else peek_family(cfg.model.source)
+    t5 = {"sd3": "loaded" if cfg.model.t5 else "left out (model.t5 = false)", "flux": "loaded (Flux needs it)"}
     return [
         ["model", "base model", cfg.model.source],
-        *([["model", "T5-XXL text encoder", "loaded" if cfg.model.t5 else "left out (model.t5 = false)"]] if sd3 else []),
+        *([["model", "T5-XXL text encoder", t5[family]]] if family in t5 else []),
         ["data", "dataset", Path(cfg.data.dataset).name if cfg.data.dataset else "(none)"],
         ["lora", "rank / alpha", f"{cfg.lora.rank} / {cfg.lora.alpha:g}"],
         ["lora", "text encoder", "auto" if te is None else ("trained" if te else "frozen")],

@@ -1,5 +1,5 @@
-"""The estimator: tiers from presets/vram.toml fit their own budget (SD1, SDXL, SD3) as the planner sees it, and every
-saved measurement is within 10% of its estimate."""
+"""The estimator: tiers from presets/vram.toml fit their own budget (SD1, SDXL, SD3, Flux.1, Z-Image) as the planner
+sees it, and every saved measurement is within 10% of its estimate."""
 import pytest
 
 from trainer import presets
@@ -9,7 +9,7 @@ from trainer.memory.plan import Budget, make_plan
 
 
 @pytest.mark.parametrize("tier", presets.VRAM_TIERS)
-@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3", "flux", "zimage"])
 def test_tiers_fit_their_budget(tier, family):
     cfg = RunConfig.load(presets.resolve("character", family=family, vram=tier, n_images=20), {"model": {"family": family}})
     plan = make_plan(cfg, Budget("cuda", tier, 64.0, f"{tier} GB"), 20)

@@ -162,3 +162,18 @@ def test_a_plain_bf16_plan_keeps_frozen_weights_in_bf16(tiny_models, dataset, tm
     assert frozen_dtypes == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for n, p in unet.named_parameters() if "lora_" in n)
 
+
+
+@pytest.mark.parametrize("family, gb", [("flux", 8), ("flux", 12), ("zimage", 8), ("zimage", 12)])
+def test_full_size_flux_and_zimage_are_planned_for_8_and_12_gb_cards(family, gb):
+    """Flux.1 dev (11.9 B) and Z-Image (6.2 B) at 1024 px from the character preset without a tier: the planner
+    finds the savings (fp8 frozen weights; streaming where even fp8 cannot fit) that bring them under the card."""
+    from trainer import presets
+
+    cfg = RunConfig.load(presets.resolve("character", family=family, n_images=20),
+                         {"model": {"family": family, "source": "someone/model"}, "train": {"mixed_precision": "bf16"}})
+    p = make_plan(cfg, Budget("cuda", gb, 64.0, f"{gb} GB"), 20)
+    assert p.fits and p.peak_gb <= p.budget.usable_gb < p.before_gb, p.text()
+    names = {c.name for c in p.choices}
+    assert "fp8 frozen weights" in names or "frozen UNet weights streamed from system RAM" in names, p.text()
+    assert p.peak_gb < gb

@@ -244,7 +244,8 @@ def check(device: bool = True, versions: dict[str, str | None] | None = None, pl
 
 
 # What doctor plans for: the character preset on the families' full-size models at their native resolution.
-PLANNED = {"SD1.5 512px": "sd1", "SDXL 1024px": "sdxl", "SD3.5 Medium 1024px": "sd3"}
+PLANNED = {"SD1.5 512px": "sd1", "SDXL 1024px": "sdxl", "SD3.5 Medium 1024px": "sd3", "Flux.1 dev 1024px": "flux",
+           "Z-Image 1024px": "zimage"}
 
 
 def memory_plans(device: dict, vram: float | None = None) -> dict[str, str]:
