@@ -280,3 +280,43 @@ def _up(url) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_a_tiny_flux_and_a_tiny_zimage_train_from_the_train_tab(tmp_path):
+    """The Train tab with a model folder typed in: the family is read from it (its T5 shows for Flux), the preset's
+    Flux and Z-Image overlays apply, Start trains, samples render, and the LoRA is the family's."""
+    from playwright.sync_api import sync_playwright
+    from safetensors import safe_open
+
+    from trainer.models import tiny
+
+    _need_browser()
+    models = tmp_path / "workspace" / "models"
+    folders = {fam: tiny.build_pipeline(fam, models / fam, seed=0) for fam in ("flux", "zimage")}
+    with served_app(tmp_path) as (url, ws), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            run_dir = run_flow(page, url, ws, model=str(folders["flux"]), steps=6)
+            cfg = (run_dir / "config.toml").read_text()
+            assert 'family = "flux"' in cfg and "guidance_scale = 3.5" in cfg
+            with safe_open(str(next(run_dir.glob("*.safetensors"))), "pt") as f:
+                assert f.metadata()["modelspec.architecture"] == "flux-1-dev/lora"
+            shot(page, "5-flux-finished")
+            # the same dataset on Z-Image: the form re-reads the family from the new folder
+            field(page, "model").fill(str(folders["zimage"]))
+            field(page, "model").press("Enter")
+            wait_until(lambda: "T5-XXL" not in text_of(page, "#summary"), "the summary without Flux's T5", 60)
+            field(page, "run-name").fill("zrun")
+            field(page, "run-name").press("Tab")
+            time.sleep(1.5)
+            page.locator("#start").click()
+            wait_text(page, "#start-message", "zrun", timeout_s=30)
+            pick(page, "run-pick", "zrun")
+            wait_text(page, "#run-state", "finished", timeout_s=420)
+            wait_until(lambda: page.locator("#samples img").count() >= 1, "a Z-Image sample")
+            shot(page, "6-zimage-finished")
+            with safe_open(str(next((ws / "runs" / "zrun").glob("*.safetensors"))), "pt") as f:
+                assert f.metadata()["modelspec.architecture"] == "z-image/lora"
+        finally:
+            browser.close()

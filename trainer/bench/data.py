@@ -172,12 +172,10 @@ def markdown(result: dict) -> str:
 
 
 def write_section(text: str, path: Path = Path("bench/results.md")) -> None:
-    """Put the "Data path" section into the results file, replacing an older one (bench speed keeps it)."""
-    from ..atomic import write_text
+    """Put the "Data path" section into the results file, replacing an older one (the other sections stay)."""
+    from trainer.bench.sections import replace_section
 
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    head = old.split("\n## Data path\n")[0].rstrip("\n")
-    write_text(path, head + "\n\n" + text)
+    replace_section(path, "Data path", text)
 
 
 def main(sizes=(100, 1000, 10000), results_md: Path | None = Path("bench/results.md")) -> dict:

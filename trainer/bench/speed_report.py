@@ -61,9 +61,9 @@ def write_markdown(out: dict, path: Path, command: str) -> None:
                          f"{_fmt(r.get('with_s'))} | {_fmt(r.get('without_s'))} |")
         lines.append("")
     lines += gpu_savings()
-    kept = ""  # `bench data` writes its own section into the same file: keep it
-    if path.exists() and "\n## Data path\n" in path.read_text(encoding="utf-8"):
-        kept = "\n## Data path\n" + path.read_text(encoding="utf-8").split("\n## Data path\n", 1)[1]
+    from trainer.bench.sections import kept_sections
+
+    kept = kept_sections(path)  # `bench data` and `bench modern` write their own sections into the same file
     write_text(path, "\n".join(lines) + ("\n" + kept if kept else ""))
 
 

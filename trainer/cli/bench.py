@@ -39,6 +39,11 @@ def add_parser(sub) -> None:
                                       "10,000 images; growth per operation; writes bench/results.md's Data path")
     bd.add_argument("--sizes", default="100,1000,10000", help="dataset sizes, comma-separated")
     bd.add_argument("--no-results", action="store_true", help="print only; leave bench/results.md alone")
+    bm = bsub.add_parser("modern", help="one block of Flux.1 and of Z-Image at full width: the activations it keeps "
+                                        "with and without checkpointing at 512 and 1024 px, scaled to the published "
+                                        "depths; writes bench/results.md's Modern families")
+    bm.add_argument("--sizes", default="512,1024", help="image sizes in pixels, comma-separated")
+    bm.add_argument("--no-results", action="store_true", help="print only; leave bench/results.md alone")
 
 
 def add_doctor_parser(sub) -> None:
@@ -58,6 +63,14 @@ def cmd_bench(args) -> int:
         except ValueError:
             raise ConfigError(f"--sizes {args.sizes!r} must be whole numbers separated by commas") from None
         bench_data(sizes, None if args.no_results else Path("bench/results.md"))
+    elif args.bench_command == "modern":
+        from trainer.bench.modern import main as bench_modern
+
+        try:
+            sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--sizes {args.sizes!r} must be whole numbers separated by commas") from None
+        bench_modern(sizes, None if args.no_results else Path("bench/results.md"))
     elif args.bench_command == "checkpoints":
         from trainer.bench.checkpoints import main as bench_checkpoints
 

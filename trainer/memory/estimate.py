@@ -13,7 +13,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.models.info import EMBEDDED_DIR, FP32_VAE_UNDER_FP16, peek_family, text_encoder_trained_by_default
+from trainer.models.info import (EMBEDDED_DIR, FP32_VAE_UNDER_FP16, peek_family, peek_resolution,
+                                 text_encoder_trained_by_default)
 from trainer.memory.speed_log import duration
 
 GB = 1024 ** 3
@@ -212,7 +213,9 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
     per_rank = LORA_PER_RANK_M[family][0] * cfg.lora.train_unet + LORA_PER_RANK_M[family][1] * bool(train_te)
     state = 2 if cfg.optim.optimizer == "adamw8bit" else 8
     lora = per_rank * cfg.lora.rank * 1e6 * (4 + 4 + state) / GB  # fp32 weights + grads + optimizer state
-    res = cfg.data.resolution or NATIVE[family]
+    # 'auto' resolution: what the trainer will pick, a local folder's own (latent size x VAE scale), else native
+    folder = cfg.model.source not in ("", "tiny") and Path(cfg.model.source).expanduser().is_dir()
+    res = cfg.data.resolution or (folder and peek_resolution(cfg.model.source, cfg.model.family)) or NATIVE[family]
     pixels = (res / NATIVE[family]) ** 2 * cfg.train.batch_size
     act_gb, kept = (ACTIVATION_GB, CHECKPOINTED) if host else (CUDA_ACTIVATION_GB, CUDA_CHECKPOINTED)
     fp8_share = (HOST_FP8_ACTIVATION_SHARE if host else FP8_ACTIVATION_SHARE[family]) if fp8 else 1.0

@@ -1,0 +1,175 @@
+"""`lora-studio bench modern`: what one block of Flux.1 and of Z-Image keeps for the backward pass, measured on this
+machine at full width (random bf16 weights, LoRA on the attention, 512 and 1024 px), with and without gradient
+checkpointing, then scaled to the published depths. A full-size Flux.1 (24 GB in bf16) does not fit this machine's
+RAM, a few of its blocks do: each measurement runs in a process of its own with one and with two blocks of a kind,
+and the difference is one block, free of the fixed costs (embeddings, the runtime). The estimator's constants
+(trainer/memory/estimate.py MODERN_ACTIVATION_GB, MODERN_CHECKPOINTED) come from here."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Published depths: Flux.1 dev/schnell 19 double + 38 single blocks; Z-Image 30 layers + 2 + 2 refiners.
+DEPTH = {"flux": {"double": 19, "single": 38}, "zimage": {"layer": 34}}
+TEXT_TOKENS = {"flux": 512, "zimage": 128}  # T5's padded 512; a Qwen3-templated caption of ~100 words
+RANK = 16
+
+
+def _shapes(family: str, kind: str, n: int) -> dict:
+    if family == "flux":
+        return {"num_layers": n if kind == "double" else 1, "num_single_layers": n if kind == "single" else 0,
+                "guidance_embeds": True}
+    return {"n_layers": n, "n_refiner_layers": 1}
+
+
+def one(family: str, kind: str, n: int, pixels: int, checkpointing: bool) -> dict:
+    """In this process: build, inject, one forward and backward at `pixels`; the peak RSS over the step (GB)."""
+    import resource
+
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    if family == "flux":
+        from diffusers import FluxTransformer2DModel as Model
+    else:
+        from diffusers import ZImageTransformer2DModel as Model
+    with torch.device("meta"):
+        model = Model(**_shapes(family, kind, n)).to(dtype)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.requires_grad_(False)
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"] \
+        if family == "flux" else ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0"]
+    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets), model)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    model.train()
+    side = pixels // 16  # latent cells over two: the 2x2 patches' grid
+    text = TEXT_TOKENS[family]
+    if family == "flux":
+        from trainer.models.flux import FluxFamily
+
+        kwargs = dict(hidden_states=torch.randn(1, side * side, 64, dtype=dtype), timestep=torch.tensor([0.5]),
+                      guidance=torch.tensor([1.0]), pooled_projections=torch.randn(1, 768, dtype=dtype),
+                      encoder_hidden_states=torch.randn(1, text, 4096, dtype=dtype), txt_ids=torch.zeros(text, 3),
+                      img_ids=FluxFamily.image_ids(2 * side, 2 * side, "cpu", torch.float32), return_dict=False)
+
+        def step():
+            return model(**kwargs)[0]
+    else:
+        x = [torch.randn(16, 1, 2 * side, 2 * side, dtype=dtype)]
+        caps = [torch.randn(text, 2560, dtype=dtype)]
+
+        def step():
+            return torch.stack(model(x, torch.tensor([0.5]), caps, return_dict=False)[0])
+    import gc
+
+    gc.collect()
+    before = _rss_gb()
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=dtype):
+        out = step()
+    out.float().pow(2).mean().backward()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    return {"family": family, "kind": kind, "blocks": n, "pixels": pixels, "checkpointing": checkpointing,
+            "before_gb": round(before, 3), "peak_gb": round(peak, 3), "step_gb": round(peak - before, 3),
+            "seconds": round(seconds, 1)}
+
+
+def _rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def measure(family: str, kind: str, n: int, pixels: int, checkpointing: bool) -> dict:
+    """`one` in a fresh process, so its peak RSS is that step's alone."""
+    code = ("import json, sys; from trainer.bench.modern import one; "
+            f"print(json.dumps(one({family!r}, {kind!r}, {n}, {pixels}, {checkpointing})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600,
+                         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if out.returncode != 0:
+        return {"family": family, "kind": kind, "blocks": n, "pixels": pixels, "checkpointing": checkpointing,
+                "error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(sizes=(512, 1024)) -> dict:
+    rows = []
+    kinds = [("flux", "double"), ("flux", "single"), ("zimage", "layer")]
+    for pixels in sizes:
+        for family, kind in kinds:
+            for ckpt in (False, True):
+                pair = [measure(family, kind, n, pixels, ckpt) for n in (1, 2)]
+                row = {"family": family, "kind": kind, "pixels": pixels, "checkpointing": ckpt}
+                if any("error" in p for p in pair):
+                    row["error"] = next(p["error"] for p in pair if "error" in p)
+                else:
+                    row["block_gb"] = round(pair[1]["step_gb"] - pair[0]["step_gb"], 3)
+                    row["one_block_step_gb"], row["seconds"] = pair[0]["step_gb"], pair[0]["seconds"]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return {"rows": rows, "scaled": scaled(rows), "cpu_cores": os.cpu_count()}
+
+
+def scaled(rows: list[dict]) -> dict:
+    """Per family and size: all blocks at the published depth, without and with checkpointing, and the share kept."""
+    out = {}
+    for family, depth in DEPTH.items():
+        for pixels in sorted({r["pixels"] for r in rows}):
+            total = {}
+            for ckpt in (False, True):
+                parts = [r for r in rows if r["family"] == family and r["pixels"] == pixels and
+                         r["checkpointing"] == ckpt and "block_gb" in r]
+                if len(parts) != len(depth):
+                    break
+                total[ckpt] = sum(depth[r["kind"]] * max(r["block_gb"], 0.0) for r in parts)
+            if len(total) == 2 and total[False] > 0:
+                out[f"{family} {pixels}"] = {"activations_gb": round(total[False], 2),
+                                             "checkpointed_gb": round(total[True], 2),
+                                             "kept_share": round(total[True] / total[False], 3)}
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = ["## Modern families", "",
+             f"Generated by `lora-studio bench modern` on {result['cpu_cores']} CPU cores: one and two blocks of each "
+             "kind at full width (random bf16 weights, LoRA rank 16 on the attention), one image, one forward and "
+             f"backward; the difference is one block (Flux's text stream {TEXT_TOKENS['flux']} T5 tokens, Z-Image's "
+             f"caption {TEXT_TOKENS['zimage']} tokens). Scaled to the published depths: Flux.1 19 double + 38 single "
+             "blocks, Z-Image 30 layers + 4 refiner layers (counted as layers). Memory is the process's peak RSS "
+             "over the step. Do not edit: re-run it.", "",
+             "| family | block | px | checkpointing | one block GB | one-block step s |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        value = r.get("block_gb", r.get("error", ""))
+        lines.append(f"| {r['family']} | {r['kind']} | {r['pixels']} | {'on' if r['checkpointing'] else 'off'} | "
+                     f"{value} | {r.get('seconds', '')} |")
+    lines += ["", "| model at size | activations GB (all blocks) | with checkpointing GB | share kept |",
+              "|---|---|---|---|"]
+    for name, s in result["scaled"].items():
+        lines.append(f"| {name} px | {s['activations_gb']} | {s['checkpointed_gb']} | {s['kept_share']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(sizes=(512, 1024), results_md: Path | None = Path("bench/results.md")) -> dict:
+    from trainer.bench.sections import replace_section
+
+    result = run(sizes)
+    text = markdown(result)
+    print(text)
+    if results_md is not None:
+        replace_section(results_md, "Modern families", text)
+        print(f"wrote the Modern families section of {results_md}")
+    print(json.dumps(result))
+    return result
