@@ -63,10 +63,22 @@ class LoraConfig:
     dropout: float = opt(0.0, "Dropout on the LoRA path", min=0.0, max=0.9)
     train_unet: bool = opt(True, "Train LoRA on the UNet")
     train_text_encoder: Optional[bool] = opt(None, "Train LoRA on the text encoder(s); auto = yes for SD1/SD2, no for SDXL")
-    unet_extra: list = opt([], "Extra UNet targets besides attention", choices=["proj", "ff", "conv"], items=str)
+    unet_extra: list = opt([], "Extra denoiser targets besides attention: proj (UNet proj_in/out), ff (feed-forward), "
+                               "conv (UNet convolutions: LoCon), single_mlp (Flux's single blocks' MLP)",
+                           choices=["proj", "ff", "conv", "single_mlp"], items=str)
     text_encoder_mlp: bool = opt(False, "Also target the text-encoder MLP layers (fc1, fc2)")
     use_dora: bool = opt(False, "Weight-decomposed LoRA (DoRA)")
     use_rslora: bool = opt(False, "Rank-stabilised scaling: alpha / sqrt(rank) instead of alpha / rank")
+    network: str = opt("lora", "The adapter: lora (low-rank up·down), loha (Hadamard product of two low-rank pairs: "
+                               "rank r reaches rank r² at twice the parameters), lokr (Kronecker product of a small "
+                               "and a large factor: the smallest files, keeps fine detail; styles). LoHa and LoKr are "
+                               "LyCORIS's, trained with peft and written in the LyCORIS layout",
+                       choices=["lora", "loha", "lokr"])
+    lokr_factor: int = opt(-1, "LoKr: split each dimension into factor x rest (-1: as close to its square root as it "
+                               "divides); a larger factor, a larger first Kronecker factor and a larger file", min=-1)
+    decompose_both: bool = opt(False, "LoKr: also make the first (small) Kronecker factor low-rank (smaller file)")
+    rank_dropout: float = opt(0.0, "LoHa/LoKr: drop whole ranks of the update during training (0 = off)", min=0.0,
+                              max=0.9)
 
 
 @dataclass

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 
 # Markers of adapter kinds LoRA Studio does not read (refused by name rather than half-loaded).
-UNSUPPORTED = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "oft_blocks": "OFT", "oft_diag": "OFT", ".a1.weight": "GLoRA",
-               "diff_b": "full-difference", "on_input": "IA3", ".diff": "full-difference"}
+UNSUPPORTED = {"oft_blocks": "OFT", "oft_diag": "OFT", ".a1.weight": "GLoRA", "diff_b": "full-difference",
+               "on_input": "IA3", ".diff": "full-difference"}
 MAX_HEADER = 100 * 2**20
 DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 LORA_KEYS = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight")
+LYCORIS_KEYS = (".hada_w1_a", ".lokr_w1", ".lokr_w1_a")  # LoHa and LoKr (their first factor)
 
 
 class HeaderError(ValueError):
@@ -60,11 +61,12 @@ def check(path: str | Path) -> list[str]:
         raise HeaderError(f"{path.name} holds no tensors")
     for marker, kind in UNSUPPORTED.items():
         if any(marker in k for k in tensors):
-            raise HeaderError(f"{path.name} is a {kind} file; LoRA Studio reads LoRA, LoCon and DoRA only")
+            raise HeaderError(f"{path.name} is a {kind} file; LoRA Studio reads LoRA, LoCon, DoRA, LoHa and LoKr only")
     downs = [k for k in tensors if k.endswith(LORA_KEYS)]
-    if not downs:
+    if not downs and not any(k.endswith(LYCORIS_KEYS) for k in tensors):
         raise HeaderError(f"{path.name} has no LoRA weights (no lora_down/lora_up or lora_A/lora_B keys); is it a "
                           "base model or an embedding?")
+    _lycoris_complete(path, tensors)
     size = path.stat().st_size - 8 - n
     for k, v in tensors.items():
         start, end = v.get("data_offsets", [0, 0])
@@ -92,3 +94,21 @@ def check(path: str | Path) -> list[str]:
         defects.append(f"{len(bad)} tensor(s) with NaN or infinite values, e.g. {bad[0]} (training diverged, or the "
                        "file was damaged)")
     return defects
+
+
+def _lycoris_complete(path: Path, tensors: dict) -> None:
+    """Every LoHa/LoKr module has the factors a loader rebuilds ΔW from (lycoris.LycorisModule.check, torch-free)."""
+    modules: dict[str, set] = {}
+    for k in tensors:
+        name, _, part = k.rpartition(".")
+        if part.startswith(("hada_", "lokr_")):
+            modules.setdefault(name, set()).add(part)
+    for name, parts in sorted(modules.items()):
+        loha = any(p.startswith("hada_") for p in parts)
+        need = [[("hada_w1_a", "hada_w1_b")], [("hada_w2_a", "hada_w2_b")]] if loha else \
+            [[("lokr_w1",), ("lokr_w1_a", "lokr_w1_b")], [("lokr_w2",), ("lokr_w2_a", "lokr_w2_b")]]
+        for choices in need:
+            if not any(all(c in parts for c in choice) for choice in choices):
+                wanted = " or ".join("+".join(choice) for choice in choices)
+                raise HeaderError(f"{path.name}: {name} is a {'LoHa' if loha else 'LoKr'} module without {wanted}: the "
+                                  "file is incomplete; download or export it again")

@@ -29,11 +29,39 @@ def text_encoder_targets(cfg: LoraConfig) -> list[str]:
     return TE_ATTENTION + (TE_MLP if cfg.text_encoder_mlp else [])
 
 
-def peft_config(cfg: LoraConfig, targets: list[str]) -> PeftLoraConfig:
-    return PeftLoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-        init_lora_weights="gaussian", use_dora=cfg.use_dora, use_rslora=cfg.use_rslora,
-    )
+def peft_config(cfg: LoraConfig, targets: list[str]):
+    """peft's config for lora.network: LoRA, or LyCORIS's LoHa/LoKr (peft's LoHaConfig/LoKrConfig, whose layers
+    and parameter names are LyCORIS's; lycoris.py writes them as LyCORIS files)."""
+    if cfg.network == "lora":
+        return PeftLoraConfig(
+            r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+            init_lora_weights="gaussian", use_dora=cfg.use_dora, use_rslora=cfg.use_rslora,
+        )
+    check_lycoris(cfg)
+    if cfg.network == "loha":
+        from peft import LoHaConfig
+
+        return LoHaConfig(r=cfg.rank, alpha=cfg.alpha, rank_dropout=cfg.rank_dropout, module_dropout=cfg.dropout,
+                          target_modules=targets, init_weights=True)
+    from peft import LoKrConfig
+
+    return LoKrConfig(r=cfg.rank, alpha=cfg.alpha, rank_dropout=cfg.rank_dropout, module_dropout=cfg.dropout,
+                      target_modules=targets, init_weights=True, decompose_both=cfg.decompose_both,
+                      decompose_factor=cfg.lokr_factor)
+
+
+def check_lycoris(cfg: LoraConfig) -> None:
+    """Settings LoHa/LoKr cannot honour, refused with why (ValueError, one line)."""
+    what = "LoHa" if cfg.network == "loha" else "LoKr"
+    if cfg.use_dora:
+        raise ValueError(f"lora.use_dora with lora.network = {cfg.network}: no loader reads a DoRA {what} (ComfyUI's "
+                         "and A1111's read dora_scale for LoRA only, and peft's LyCORIS layers have no DoRA); use "
+                         "lora.network = lora with DoRA, or turn use_dora off")
+    if cfg.use_rslora:
+        raise ValueError(f"lora.use_rslora with lora.network = {cfg.network}: {what} scales by alpha/rank as every "
+                         "loader applies it; turn use_rslora off")
+    if cfg.lokr_factor == 0:
+        raise ValueError("lora.lokr_factor = 0 splits nothing; use -1 (near the square root) or a factor >= 1")
 
 
 def check_rank(model: torch.nn.Module, targets: list[str], rank: int, what: str) -> None:
@@ -50,7 +78,8 @@ def inject(model: torch.nn.Module, cfg: LoraConfig, targets: list[str], what: st
     """peft's own injection for every model. `model.add_adapter` would route the text encoders through
     transformers' optional peft integration, whose version gate broke every run once (transformers 5.24
     demanded a peft that did not exist); peft's API is the one both libraries build on."""
-    check_rank(model, targets, cfg.rank, what)
+    if cfg.network != "lokr":  # a LoKr rank sizes the Kronecker factors' decomposition, not the update
+        check_rank(model, targets, cfg.rank, what)
     inject_adapter_in_model(peft_config(cfg, targets), model, adapter_name=ADAPTER)  # only LoRA stays trainable
 
 

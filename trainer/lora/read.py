@@ -1,8 +1,8 @@
 """Read any common LoRA file into one shape: kohya-style module names -> (down, up, alpha[, dora]).
 
-Reads kohya/A1111 files (with or without `.alpha`, LoCon conv keys, SDXL in either UNet naming) and
-diffusers/peft files. Detects the base family from metadata, else from key names and shapes.
-LoHa, LoKr, OFT and other kinds are refused by name instead of half-loaded.
+Reads kohya/A1111 files (with or without `.alpha`, LoCon conv keys, SDXL in either UNet naming), diffusers/peft
+files and LyCORIS LoHa/LoKr files (lycoris.py). Detects the base family from metadata, else from key names and
+shapes. OFT, GLoRA and other kinds are refused by name instead of half-loaded.
 """
 from __future__ import annotations
 
@@ -87,8 +87,13 @@ class LoraFile:
     metadata: dict[str, str] = field(default_factory=dict)
 
     @property
+    def network(self) -> str:
+        """'lora', 'loha' or 'lokr' (a file holds one kind)."""
+        return next((m.algo for m in self.modules.values() if hasattr(m, "algo")), "lora")
+
+    @property
     def kind(self) -> str:
-        kinds = ["LoRA"]
+        kinds = [{"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}[self.network]]
         if any(m.is_conv for m in self.modules.values()):
             kinds.append("LoCon")
         if any(m.dora_scale is not None for m in self.modules.values()):
@@ -101,6 +106,11 @@ class LoraFile:
     def defects(self) -> list[str]:
         """What makes this file unusable: values that are not numbers, or up/down shapes that do not fit."""
         found = []
+        lycoris = {n for n, m in self.modules.items() if hasattr(m, "algo")}
+        bad = sorted(n for n in lycoris if not all(torch.isfinite(t).all() for t in self.modules[n].factors.values()))
+        if lycoris:
+            return [f"{len(bad)} module(s) with NaN or infinite values, e.g. {bad[0]} (training diverged, or the "
+                    "file was damaged)"] if bad else []
         mismatched = [n for n, m in sorted(self.modules.items()) if m.up.flatten(1).shape[1] != m.down.shape[0]]
         if mismatched:
             m = self.modules[mismatched[0]]
@@ -115,7 +125,10 @@ class LoraFile:
 
     def warnings(self) -> list[str]:
         """What makes this file suspicious but still loadable."""
-        if self.modules and all(not m.up.any() for m in self.modules.values()):
+        def nothing(m) -> bool:
+            return not m.delta().any() if hasattr(m, "algo") else not m.up.any()
+
+        if self.modules and all(nothing(m) for m in self.modules.values()):
             return ["every lora_up weight is zero, so this LoRA changes nothing (exported before any step "
                     "trained it, e.g. while the warmup learning rate was 0)"]
         return []
@@ -141,10 +154,14 @@ def read_lora(path: str | Path) -> LoraFile:
                         "download or export it again") from None
     if not tensors:
         raise LoraError(f"{path.name} holds no tensors")
+    from trainer.lora import lycoris
+
     for marker, kind in UNSUPPORTED.items():
         if any(marker in k for k in tensors):
-            raise LoraError(f"{path.name} is a {kind} file; LoRA Studio reads LoRA, LoCon and DoRA only")
-    if any(k.endswith(".lora_down.weight") for k in tensors):
+            raise LoraError(f"{path.name} is a {kind} file; LoRA Studio reads LoRA, LoCon, DoRA, LoHa and LoKr only")
+    if lycoris.is_lycoris(tensors):
+        modules, layout = lycoris.read_modules(tensors), "kohya"
+    elif any(k.endswith(".lora_down.weight") for k in tensors):
         modules, layout = _kohya_modules(tensors, metadata.get("lora_studio.dora_norm") == "base"), "kohya"
     elif any(".lora_A." in k or ".lora.down." in k for k in tensors):
         modules, layout = _peft_modules(tensors, metadata), "peft"

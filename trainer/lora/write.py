@@ -194,7 +194,8 @@ def build_metadata(*, name: str, family, cfg, resolution: int, prediction_type: 
                    architecture: str | None = None) -> dict[str, str]:
     """`datasets`: dataset_metadata's keys. A file in diffusers' layout (SD3) has each layer's alpha/rank folded into
     lora_B, so it claims kohya's networks.lora module and alpha neither: its alpha is the rank (scale 1)."""
-    folded = family.lora_layout == "diffusers"
+    lycoris = cfg.lora.network != "lora"  # LoHa/LoKr keep each module's alpha in every layout
+    folded = family.lora_layout == "diffusers" and not lycoris
     conv = "conv" in cfg.lora.unet_extra
     network_args = {"conv_dim": str(cfg.lora.rank), "conv_alpha": str(cfg.lora.alpha)} if conv else {}
     if cfg.lora.use_dora:
@@ -202,13 +203,17 @@ def build_metadata(*, name: str, family, cfg, resolution: int, prediction_type: 
         network_args["wd_on_output"] = "True"
     if cfg.lora.use_rslora:
         network_args["rs_lora"] = "True"
+    if lycoris:
+        from trainer.lora.lycoris import network_args as lycoris_args
+
+        network_args = lycoris_args(cfg)
     te_lr = cfg.optim.text_encoder_lr if train_text_encoder else 0.0
     config = cfg.to_dict()
     config["save"].pop("output_dir", None)  # where it ran is not how it was made
     md = {
         "ss_output_name": name,
         "ss_base_model_version": family.ss_base_model_version,
-        "ss_network_module": "diffusers" if folded else "networks.lora",
+        "ss_network_module": "lycoris.kohya" if lycoris else "diffusers" if folded else "networks.lora",
         "ss_network_dim": str(cfg.lora.rank),
         "ss_network_alpha": str(float(cfg.lora.rank) if folded else cfg.lora.alpha),
         "ss_network_args": json.dumps(network_args),
@@ -244,7 +249,7 @@ def build_metadata(*, name: str, family, cfg, resolution: int, prediction_type: 
         "modelspec.description": f"LoRA trained with LoRA Studio on {base_name}",
         "modelspec.author": "",
         "modelspec.license": "",
-        "modelspec.tags": "lora",
+        "modelspec.tags": "lora" if not lycoris else f"lora,lycoris,{cfg.lora.network}",
         "lora_studio.config": json.dumps(config, sort_keys=True),
     }
     if prediction_type in MODELSPEC_PREDICTION:

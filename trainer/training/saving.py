@@ -7,14 +7,31 @@ from pathlib import Path
 
 from trainer.errors import TrainingError
 from trainer.lora.write import (SAVE_DTYPES, NonFiniteError, build_metadata, dataset_metadata, diffusers_state_dict,
-                                kohya_state_dict, now_epoch, peft_state_dict, png_data_url, save_lora)
+                                kohya_name, kohya_state_dict, now_epoch, peft_state_dict, png_data_url, save_lora)
+from trainer.lora.lycoris import DIFFUSERS_PREFIX
+from trainer.lora.lycoris import state_dict as lycoris_state_dict
 from trainer.training.events import Events
+
+
+def lycoris_namer(base):
+    """LyCORIS module names: kohya's for SD 1/2/SDXL and every text encoder; `lycoris_<path>` for a transformer
+    (SD3, Flux, Z-Image), the name ComfyUI maps for those families."""
+    unet_namer = base.family.unet_namer(base.unet.config)
+    diffusers = base.family.lora_layout == "diffusers"
+
+    def name_of(prefix: str, path: str) -> str:
+        if diffusers and not prefix.startswith("lora_te"):
+            return DIFFUSERS_PREFIX + path.replace(".", "_")
+        return kohya_name(prefix, path, unet_namer)
+    return name_of
 
 
 def save_lora_file(path: Path, step: int, epoch: int, events: Events, *, cfg, base, data, models, started,
           thumbnail: Path | None = None) -> None:
     extra = {}
-    if base.family.lora_layout == "diffusers":  # the one layout SD3's loaders share
+    if cfg.lora.network != "lora":  # LoHa/LoKr: the LyCORIS layout, whatever save.layout says
+        tensors = lycoris_state_dict(models, SAVE_DTYPES[cfg.save.dtype], lycoris_namer(base))
+    elif base.family.lora_layout == "diffusers":  # the one layout SD3's loaders share
         tensors = diffusers_state_dict(models, SAVE_DTYPES[cfg.save.dtype])
     elif cfg.save.layout == "peft":
         tensors, extra = peft_state_dict(models, SAVE_DTYPES[cfg.save.dtype])
@@ -28,7 +45,9 @@ def save_lora_file(path: Path, step: int, epoch: int, events: Events, *, cfg, ba
         thumbnail=png_data_url(thumbnail) if thumbnail else None,
         architecture=base.family.architecture(base.unet.config),
     )
-    ups = [t for k, t in tensors.items() if k.endswith((".lora_up.weight", ".lora_B.weight"))]
+    # the factor each kind starts from zero: while it is all zero, the file changes nothing
+    ups = [t for k, t in tensors.items() if k.endswith((".lora_up.weight", ".lora_B.weight", ".hada_w2_b",
+                                                        ".lokr_w1", ".lokr_w1_a"))]
     if ups and not any(t.any() for t in ups):  # e.g. saved while warmup still held the learning rate at 0
         note = (f"{path.name}: every lora_up weight is zero, so this LoRA changes nothing yet (step {step}; "
                 f"warmup {cfg.optim.warmup_steps} steps at learning rate {cfg.optim.lr:g})")
