@@ -112,13 +112,17 @@ class Index:
             self.header_reads += 1
             md = header.get("__metadata__", {}) or {}
             ranks = sorted({v["shape"][0] for k, v in header.items() if k.endswith(("lora_down.weight", "lora_A.weight"))})
-            row = {"stamp": stamp, "metadata": md, "ranks": ranks, "hashes": {}}
+            network = "LoHa" if any(k.endswith(".hada_w1_a") for k in header) else \
+                "LoKr" if any(k.endswith((".lokr_w1", ".lokr_w1_a")) for k in header) else ""
+            row = {"stamp": stamp, "metadata": md, "ranks": ranks, "hashes": {}, "network": network}
             with self.lock:
                 self.rows[key] = row
         if not row["hashes"]:
             self._want_hash(path)
         md, ranks = row["metadata"], row["ranks"]
         rank = md.get("ss_network_dim") or (str(ranks[0]) if len(ranks) == 1 else "/".join(map(str, ranks[:3])))
+        if row.get("network"):  # LyCORIS: the kind beside its rank (the Library's "rank" column)
+            rank = f"{rank} {row['network']}".strip()
         family = FAMILIES.get(md.get("ss_base_model_version", ""), "") or \
             md.get("modelspec.architecture", "?").split("/")[0]
         return Entry(path, md.get("ss_output_name", ""), family, str(rank), md.get("modelspec.trigger_phrase", ""),

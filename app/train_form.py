@@ -30,6 +30,7 @@ class Choice:
     rank: int = 0
     lr: float = 0.0
     prompts: tuple[str, ...] = ()  # sample prompts; empty = from the dataset's trigger and captions
+    network: str = "lora"  # lora.network: lora, loha or lokr
 
 
 def start_blockers(findings) -> str:
@@ -67,6 +68,8 @@ def effective_config(ws: Workspace, c: Choice, run_name: str) -> RunConfig:
         overrides["lora"] = {"rank": int(c.rank), "alpha": float(c.rank) / 2}
     if c.lr:
         overrides.setdefault("optim", {})["lr"] = float(c.lr)
+    if c.network and c.network != "lora":
+        overrides.setdefault("lora", {})["network"] = c.network
     cfg = RunConfig.load(layer, overrides)
     # Shown and editable before Start; what the trainer would pick itself: the dataset's first captions with
     # its trigger (presets used to name the sample datasets' prompts, whatever the user's trigger was).
@@ -103,6 +106,8 @@ def summary(cfg: RunConfig) -> list[list]:
         *([["model", "T5-XXL text encoder", t5[family]]] if family in t5 else []),
         ["data", "dataset", Path(cfg.data.dataset).name if cfg.data.dataset else "(none)"],
         ["lora", "rank / alpha", f"{cfg.lora.rank} / {cfg.lora.alpha:g}"],
+        *([["lora", "network", {"loha": "LoHa (LyCORIS)", "lokr": f"LoKr (LyCORIS), factor {cfg.lora.lokr_factor}"}
+            [cfg.lora.network]]] if cfg.lora.network != "lora" else []),
         ["lora", "text encoder", "auto" if te is None else ("trained" if te else "frozen")],
         ["optim", "learning rate (UNet / TE)", f"{cfg.optim.lr:g} / {'auto' if cfg.optim.text_encoder_lr is None else f'{cfg.optim.text_encoder_lr:g}'}"],
         ["train", "steps", cfg.train.max_steps or f"{cfg.train.epochs} epochs"],

@@ -55,3 +55,17 @@ def test_bench_measures_real_runs_and_the_second_run_encodes_nothing(tmp_path):
     assert [m.peak_gb for m in replay["results"]] == [a.peak_gb, b.peak_gb]
     assert replay["summary"]["second_run_vae_encodes"] == 0
     assert json.loads(saved.read_text())["results"][0]["setting"]["model"] == "tiny"
+
+
+def test_each_benchmark_replaces_only_its_own_section_of_the_results(tmp_path):
+    from trainer.bench.sections import kept_sections, replace_section
+
+    path = tmp_path / "results.md"
+    path.write_text("# Benchmark results\n\nintro\n\n## Summary\n\nspeed rows\n\n## Data path\n\nold data\n")
+    replace_section(path, "Modern families", "## Modern families\n\nblocks\n")
+    replace_section(path, "Data path", "## Data path\n\nnew data\n")
+    text = path.read_text()
+    assert "intro" in text and "speed rows" in text and "new data" in text and "old data" not in text
+    assert text.index("## Summary") < text.index("## Data path") < text.index("## Modern families")
+    kept = kept_sections(path)
+    assert "new data" in kept and "blocks" in kept and "speed rows" not in kept  # what bench speed carries over

@@ -24,7 +24,9 @@ TIERS = [form.NO_TIER, "6", "8", "12", "16", "24"]
 MEASURE_SETTINGS = ["train.max_steps=8", "sample.at_end=false", "sample.every_n_steps=0", "save.every_n_steps=0",
                     "save.every_n_epochs=0", "save.state_every_n_steps=0"]
 NO_REG = "(none)"
-KEPT_KEYS = ("model", "dataset", "reg", "preset", "vram", "steps", "rank", "lr", "prompts")  # the form a reload keeps
+KEPT_KEYS = ("model", "dataset", "reg", "preset", "vram", "steps", "rank", "lr", "prompts", "network")  # kept on reload
+# The Train tab's network choice: label -> lora.network (the Advanced box has the knobs: lokr_factor, ...)
+NETWORKS = {"LoRA": "lora", "LoHa (LyCORIS)": "loha", "LoKr (LyCORIS)": "lokr"}
 
 
 class TrainHandlers:
@@ -35,10 +37,11 @@ class TrainHandlers:
 
     # ---- settings -----------------------------------------------------------------------------------------------
     @staticmethod
-    def choice(m, d, r, p, v, s, k, l, pr) -> form.Choice:
+    def choice(m, d, r, p, v, s, k, l, pr, net=None) -> form.Choice:
         return form.Choice(model=m or form.EMBEDDED, dataset=d or "", reg_dataset="" if r in (None, NO_REG) else r,
                            preset=p or "", vram=v or form.NO_TIER, steps=int(s or 0), rank=int(k or 0), lr=float(l or 0),
-                           prompts=tuple(line.strip() for line in (pr or "").splitlines() if line.strip()))
+                           prompts=tuple(line.strip() for line in (pr or "").splitlines() if line.strip()),
+                           network=NETWORKS.get(net or "LoRA", "lora"))
 
     def memory_plan(self, cfg, tier, n=None):
         """Against this machine's GPU (a tier caps it), as the trainer will plan when it starts; without a GPU
@@ -47,10 +50,10 @@ class TrainHandlers:
                                                    self.gpu), n)
 
     @guard
-    def settings(self, m, d, r, p, v, s, k, l, pr, name):
+    def settings(self, m, d, r, p, v, s, k, l, pr, net, name):
         """The effective settings, the estimate and memory plan, the Advanced box's TOML, the resolution the
         Datasets tab checks at, and the form to keep over a reload."""
-        c = self.choice(m, d, r, p, v, s, k, l, pr)
+        c = self.choice(m, d, r, p, v, s, k, l, pr, net)
         cfg = confine.run_config(self.ws, form.effective_config(self.ws, c, check_name(name, "run")))
         n = None
         if d:  # scanned once per change of the folder (the effective config above asked the same)
@@ -62,7 +65,7 @@ class TrainHandlers:
         text = f"**Estimate:** {guess.text(speed_log.time_range(cfg, guess.steps))}"
         text += f"\n\n**{'Memory plan' if planned.fits else 'Does not fit'}** for " + \
             html.escape(planned.budget.source) + ": " + html.escape(planned.verdict())
-        saved = dict(zip(KEPT_KEYS, (m, d, r, p, v, s, k, l, pr)))
+        saved = dict(zip(KEPT_KEYS, (m, d, r, p, v, s, k, l, pr, net)))
         return form.summary(cfg), text, cfg.to_toml(), form.training_resolution(cfg), saved
 
     @guard
@@ -85,7 +88,8 @@ class TrainHandlers:
         saved dataset or preset that no longer exists keeps the current default."""
         names = self.ws.dataset_names()
         ok = {"dataset": lambda x: x in names, "reg": lambda x: x in (NO_REG, *names),
-              "preset": lambda x: x in presets.available(), "vram": lambda x: x in TIERS}
+              "preset": lambda x: x in presets.available(), "vram": lambda x: x in TIERS,
+              "network": lambda x: x in NETWORKS}
         saved = saved or {}
         restored = [saved[k] if saved.get(k) is not None and ok.get(k, lambda x: True)(saved[k]) else v
                     for k, v in zip(KEPT_KEYS, values)]

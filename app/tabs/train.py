@@ -9,7 +9,7 @@ from trainer import presets
 
 from .. import train_form as form
 from ..context import Ctx, said_in
-from ..handlers.train import LOG_LINES, NO_REG, TIERS, TrainHandlers
+from ..handlers.train import LOG_LINES, NETWORKS, NO_REG, TIERS, TrainHandlers
 from ..workspace import unique_name
 
 
@@ -33,6 +33,9 @@ def build(ctx: Ctx, saved_form) -> dict:
             steps = gr.Number(0, precision=0, minimum=0, label="Steps (0 = the preset's)", elem_id="steps")
             rank = gr.Number(0, precision=0, minimum=0, label="Rank (0 = suggested)")
             lr = gr.Number(0, minimum=0, label="UNet learning rate (0 = the preset's)")
+            network = gr.Dropdown(list(NETWORKS), value="LoRA", elem_id="network",
+                                  label="Network: LoRA; LoHa (more expressive at the same size); LoKr (smallest files, "
+                                        "keeps fine detail: styles)")
         prompts = gr.Textbox(lines=2, elem_id="sample-prompts",
                              label="Sample prompts, one per line (empty = the dataset's first captions with its trigger; "
                                    "the ones used are in Effective settings)")
@@ -81,7 +84,7 @@ def build(ctx: Ctx, saved_form) -> dict:
         timer = gr.Timer(1.5)
 
     # ---- wiring: each handler is a method of TrainHandlers ------------------------------------------------
-    kept = [model, dataset, reg, preset, vram, steps, rank, lr, prompts]
+    kept = [model, dataset, reg, preset, vram, steps, rank, lr, prompts, network]
     form_inputs = [*kept, run_name]
     settings_outputs = [summary, estimate_md, advanced, resolution, saved_form]
     for comp in form_inputs:

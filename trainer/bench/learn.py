@@ -3,7 +3,11 @@ and print base score, LoRA score, drift, steps and seconds. The last line is one
 
 With `--fp8` it is the quality guard of fp8 frozen weights instead: each preset trains in bf16 at two seeds and
 with fp8 frozen weights (bf16 compute) at the first, and fp8 counts as within noise when its score differs from
-the bf16 score at the same seed by no more than the two bf16 seeds differ from each other."""
+the bf16 score at the same seed by no more than the two bf16 seeds differ from each other.
+
+With `--networks` it compares LoRA, LoHa and LoKr on each preset: LoHa at half the LoRA's rank (the same parameter
+count: two low-rank pairs), LoKr at the LoRA's rank with its factors as peft splits them; score, drift and the
+file's size, one table."""
 from __future__ import annotations
 
 import json
@@ -15,7 +19,8 @@ FP8_RUNS = {"bf16": ["train.mixed_precision=bf16"],
             "fp8": ["train.mixed_precision=bf16", "train.frozen_dtype=fp8"]}
 
 
-def main(kinds=("character", "style", "concept"), overrides: list[str] = (), fp8: bool = False) -> dict:
+def main(kinds=("character", "style", "concept"), overrides: list[str] = (), fp8: bool = False,
+         networks: bool = False) -> dict:
     from ..world.learn import as_dict, generation_seconds, learn, load_pipeline, prompt_following
 
     pipe = load_pipeline()
@@ -24,6 +29,8 @@ def main(kinds=("character", "style", "concept"), overrides: list[str] = (), fp8
           f"({follow['accuracy']:.0%}); one 64 px generation {generation_seconds(pipe):.2f} s", flush=True)
     if fp8:
         return _fp8_guard(kinds, overrides, pipe)
+    if networks:
+        return _networks(kinds, overrides, pipe)
     results = {}
     with tempfile.TemporaryDirectory(prefix="lora-studio-learn-") as tmp:
         for kind in kinds:
@@ -54,5 +61,35 @@ def _fp8_guard(kinds, overrides: list[str], pipe) -> dict:
                      "fp8_within_noise": abs(gap) <= noise}
         print(f"{kind:10s} fp8 - bf16 = {gap:+.3f}; bf16 seed 42 vs 43 differ by {noise:.3f}: "
               f"{'within' if abs(gap) <= noise else 'OUTSIDE'} noise", flush=True)
+    print(json.dumps(out))
+    return out
+
+
+def _networks(kinds, overrides: list[str], pipe) -> dict:
+    from ..config import RunConfig
+    from ..presets import resolve
+    from ..resources import SAMPLE_DATASETS
+    from ..world.learn import learn
+
+    out, rows = {}, []
+    for kind in kinds:
+        n_images = len(list((SAMPLE_DATASETS / kind).glob("*.png")))
+        rank = RunConfig.load(resolve(kind, family="tiny", n_images=n_images), overrides=list(overrides)).lora.rank
+        runs = {"lora": [], "loha": ["lora.network=\"loha\"", f"lora.rank={max(1, rank // 2)}",
+                                     f"lora.alpha={max(1, rank // 2) / 2}"],
+                "lokr": ["lora.network=\"lokr\""]}
+        out[kind] = {}
+        for net, extra in runs.items():
+            with tempfile.TemporaryDirectory(prefix="lora-studio-learn-") as tmp:
+                r = learn(kind, Path(tmp), pipe=pipe, overrides=[*overrides, *extra])
+                size = sum(f.stat().st_size for f in (Path(tmp) / kind).glob("*.safetensors"))
+            out[kind][net] = {"score_base": r.score_base, "score": r.score_lora, "drift": r.drift,
+                              "file_kb": round(size / 1024, 1), "steps": r.steps, "seconds": r.seconds}
+            rows.append(f"| {kind} | {net} | {r.score_base:.3f} | {r.score_lora:.3f} | {r.drift:.3f} | "
+                        f"{size / 1024:.0f} | {r.seconds:.0f} |")
+            print(f"{kind:10s} {net:5s} score {r.score_base:.3f} -> {r.score_lora:.3f}   drift {r.drift:.3f}   "
+                  f"{size / 1024:.0f} KB   {r.seconds:.0f} s", flush=True)
+    print("\n".join(["", "| preset | network | base score | score | drift | file KB | s |", "|---|---|---|---|---|---|---|",
+                     *rows, ""]))
     print(json.dumps(out))
     return out

@@ -71,7 +71,11 @@ def cmd_lora(args) -> int:
         info = tools.inspect(args.file)
         lines = [f"{info['file']}: {info['family'] or 'unknown family'} ({info['family_source']}), {info['kind']}, "
                  f"{info['layout']} layout", f"  rank {info['rank']} (all: {info['ranks']}), alpha {info['alpha']:g}, "
-                 f"{info['modules']} modules", f"  trigger words: {', '.join(info['trigger_words']) or '(none)'}",
+                 f"{info['modules']} modules",
+                 *([f"  {info['network']} factors: " + "; ".join(f"{k} ({v} modules)" for k, v in
+                                                               info["factors"].items()),
+                    f"  effective rank of each update: {info['effective_ranks']}"] if "network" in info else []),
+                 f"  trigger words: {', '.join(info['trigger_words']) or '(none)'}",
                  *[f"  {line}" for line in describe_hashes(info)]]
         lines += [f"  {k} = {v}" for k, v in sorted(info["metadata"].items()) if k != "lora_studio.config"]
         _emit(args, info, lines)
@@ -81,12 +85,15 @@ def cmd_lora(args) -> int:
         files, weights = _weighted(args.files)
         r = tools.merge(files, weights, args.out, rank=args.rank, dtype=args.dtype, force=args.force)
         print(f"wrote {r['file']}: {r['modules']} modules, rank {r['rank']}, "
-              + ("exact" if r["exact"] else f"{r['energy_lost']:.2%} of the energy lost (mean per module)"))
+              + ("exact" if r["exact"] else f"{r['energy_lost']:.2%} of the energy lost (mean per module)")
+              + (f"; the {'/'.join(r['converted_from'])} input(s) became a plain LoRA (their ΔW, by SVD)"
+                 if r["converted_from"] else ""))
     elif c == "resize":
         r = tools.resize(args.file, args.out, rank=args.rank, sv_ratio=args.sv_ratio, sv_fro=args.sv_fro,
                          dtype=args.dtype, force=args.force)
         print(f"wrote {r['file']}: ranks {r['ranks']}, energy lost mean {r['energy_lost_mean']:.2%}, "
-              f"max {r['energy_lost_max']:.2%}")
+              f"max {r['energy_lost_max']:.2%}"
+              + (f"; a plain LoRA now (the {r['converted_from']}'s ΔW, by SVD)" if r["converted_from"] else ""))
     elif c == "analyze":
         a = tools.analyze(args.file)
         lines = [f"rank for 90/95/99% of the energy: {a['rank_for_90']}/{a['rank_for_95']}/{a['rank_for_99']}",

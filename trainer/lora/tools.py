@@ -49,11 +49,19 @@ def inspect(path: str | Path) -> dict:
     alphas = Counter(m.alpha for m in lora.modules.values())
     md = {k: (v[:80] + "…" if k == "modelspec.thumbnail" else v) for k, v in lora.metadata.items()}
     hashes = file_hashes(lora.path)
+    network = {}
+    if lora.network != "lora":  # LoHa/LoKr: the factors as the file holds them, and the rank of the update they make
+        described = Counter(m.describe() for m in lora.modules.values())
+        network = {"network": lora.network, "factors": dict(described.most_common(5)),
+                   "effective_ranks": dict(ranks), "file_alpha": dict(Counter(m.file_alpha for m in
+                                                                                lora.modules.values()))}
+        ranks = Counter(m.dim or "full" for m in lora.modules.values())  # a full LoKr factor has no rank
+        alphas = Counter(m.file_alpha for m in lora.modules.values())
     return {
         "file": str(lora.path), "family": lora.family, "family_source": lora.family_source, "layout": lora.layout,
-        "kind": lora.kind, "rank": ranks.most_common(1)[0][0], "ranks": dict(ranks),
+        "kind": lora.kind, **network, "rank": ranks.most_common(1)[0][0], "ranks": dict(ranks),
         "alpha": alphas.most_common(1)[0][0], "modules": len(lora.modules),
-        "module_ranks": {n: m.rank for n, m in sorted(lora.modules.items())},
+        "module_ranks": {n: m.rank for n, m in sorted(lora.modules.items())},  # effective: the update's rank
         "trigger_words": trigger_words(lora), **hashes,
         "defects": lora.defects(), "warnings": lora.warnings(), "metadata": md,
     }
@@ -138,8 +146,9 @@ def merge(paths: list, weights: list[float], out: str | Path, rank: int | None =
     md = _merged_metadata(loras, weights, family, rank)
     save_lora(out, to_tensors(merged, SAVE_DTYPES[dtype], _peft_paths(loras)), md)
     lost = sum(losses.values()) / len(losses) if losses else 0.0
+    converted = sorted({l.network for l in loras if l.network != "lora"})  # LoHa/LoKr merge as their ΔW: a LoRA
     return {"file": str(out), "modules": len(merged), "exact": rank is None, "energy_lost": lost,
-            "rank": rank or max(m.rank for m in merged.values())}
+            "rank": rank or max(m.rank for m in merged.values()), "converted_from": converted}
 
 
 def _peft_paths(loras: list[LoraFile]) -> dict[str, str] | None:
@@ -206,9 +215,13 @@ def resize(path, out, rank: int | None = None, sv_ratio: float | None = None, sv
     md["ss_network_alpha"] = md["ss_network_dim"]
     md["lora_studio.resized_from"] = json.dumps({"file": lora.path.name, "ranks": dict(lora.ranks())})
     md.pop("lora_adapter_metadata", None)  # its ranks and alphas are the old ones; the new file's scale is folded in
+    converted = lora.network if lora.network != "lora" else None
+    if converted:  # ΔW of a LoHa/LoKr, by SVD: the new file is a plain LoRA
+        md.update({"ss_network_module": "networks.lora", "ss_network_args": "{}", "modelspec.tags": "lora",
+                   "lora_studio.converted_from": converted})
     save_lora(out, to_tensors(modules, SAVE_DTYPES[dtype], _peft_paths([lora])), md)
     return {"file": str(out), "ranks": dict(new_ranks), "energy_lost_mean": sum(losses) / len(losses),
-            "energy_lost_max": max(losses)}
+            "energy_lost_max": max(losses), "converted_from": converted}
 
 
 def analyze(path) -> dict:
@@ -271,6 +284,10 @@ def card(path, force: bool = False) -> Path:
     lines += [f"| {k} | {v} |" for k, v in settings]
     if samples:
         lines += ["", "## Samples", ""] + [f"![sample]({s.relative_to(lora.path.parent)})" for s in samples]
+    if lora.network != "lora":
+        lines += ["", f"A {lora.kind.split('+')[0]} (LyCORIS) file: ComfyUI, Forge, AUTOMATIC1111 1.5+ and kohya's "
+                  "tools read it as they read a LoRA; diffusers' `load_lora_weights` does not read LyCORIS files "
+                  "(LoRA Studio's Preview and `lora bake` do)."]
     lines += ["", "## Use it", "",
               f"- **AUTOMATIC1111 / Forge**: copy `{lora.path.name}` to `models/Lora/` and add "
               f"`<lora:{lora.path.stem}:0.8>` to the prompt{' with ' + trig if info['trigger_words'] else ''}.",

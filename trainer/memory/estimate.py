@@ -18,10 +18,12 @@ from trainer.models.info import (EMBEDDED_DIR, FP32_VAE_UNDER_FP16, peek_family,
 from trainer.memory.speed_log import duration
 
 GB = 1024 ** 3
-# Flux.1 dev and Z-Image at 1024 px, one image, bf16, no checkpointing, on a CPU: `lora-studio bench modern` measures
-# one block of each at full width and 1024 px and scales by the block count (bench/results.md, "Modern families").
-MODERN_ACTIVATION_GB = {"flux": 35.5, "zimage": 21.7}
-MODERN_CHECKPOINTED = {"flux": 0.063, "zimage": 0.085}
+# Flux.1 dev and Z-Image at 1024 px, one image, bf16, no checkpointing, on a CPU, and the share checkpointing keeps:
+# `lora-studio bench modern` measured one block of each kind at full width and scaled by the published block counts
+# (bench/results.md, "Modern families"). Z-Image's attention takes a mask, which CPU attention serves by materialising
+# the scores (~1 GB a layer at 1024 px); CUDA's kernels do not, so its GPU figure is on the high side.
+MODERN_ACTIVATION_GB = {"flux": 24.98, "zimage": 35.05}
+MODERN_CHECKPOINTED = {"flux": 0.066, "zimage": 0.029}
 FAMILY_WORDS = {"flux": "Flux.1", "zimage": "Z-Image"}
 # SD 3.5 Medium at 1024 px, one image, bf16, no checkpointing, on a CPU. Fitted on `bench speed`'s SD3 row without
 # T5-XXL, whose peak is the training step (checkpointing on: 9.74 GB; 8.93 GB in a second run: the CPU allocator's
