@@ -106,7 +106,7 @@ def summary(cfg: RunConfig) -> list[list]:
         *([["model", "T5-XXL text encoder", t5[family]]] if family in t5 else []),
         ["data", "dataset", Path(cfg.data.dataset).name if cfg.data.dataset else "(none)"],
         ["lora", "rank / alpha", f"{cfg.lora.rank} / {cfg.lora.alpha:g}"],
-        *([["lora", "network", {"loha": "LoHa (LyCORIS)", "lokr": f"LoKr (LyCORIS), factor {cfg.lora.lokr_factor}"}
+        *([["lora", "network", {"loha": "LoHa (LyCORIS)", "lokr": f"LoKr (LyCORIS), factor {'auto' if cfg.lora.lokr_factor == -1 else cfg.lora.lokr_factor}"}
             [cfg.lora.network]]] if cfg.lora.network != "lora" else []),
         ["lora", "text encoder", "auto" if te is None else ("trained" if te else "frozen")],
         ["optim", "learning rate (UNet / TE)", f"{cfg.optim.lr:g} / {'auto' if cfg.optim.text_encoder_lr is None else f'{cfg.optim.text_encoder_lr:g}'}"],

@@ -138,7 +138,7 @@ def switch_every_tab(page):
                    timeout_s=10)
 
 
-def run_flow(page, url, ws: Path, model: str | None = None, steps: int = 12):
+def run_flow(page, url, ws: Path, model: str | None = None, steps: int = 12, network: str | None = None):
     page.goto(url)
     switch_every_tab(page)
     page.get_by_role("tab", name="Datasets").click()
@@ -171,6 +171,9 @@ def run_flow(page, url, ws: Path, model: str | None = None, steps: int = 12):
         field(page, "model").fill(model)  # a custom value: a path typed into the model box
         field(page, "model").press("Enter")
     pick(page, "train-dataset", "mychar")
+    if network:
+        pick(page, "network", network)
+        wait_text(page, "#summary", network.split(" ")[0])
     steps_box = field(page, "steps")
     steps_box.fill(str(steps))
     steps_box.press("Tab")
@@ -318,5 +321,41 @@ def test_a_tiny_flux_and_a_tiny_zimage_train_from_the_train_tab(tmp_path):
             shot(page, "6-zimage-finished")
             with safe_open(str(next((ws / "runs" / "zrun").glob("*.safetensors"))), "pt") as f:
                 assert f.metadata()["modelspec.architecture"] == "z-image/lora"
+        finally:
+            browser.close()
+
+
+def test_loha_and_lokr_train_from_the_train_tab(tmp_path):
+    """The Network choice: LoKr on a tiny SDXL, then LoHa on a tiny SD1, each a LyCORIS file of its kind."""
+    from playwright.sync_api import sync_playwright
+
+    from trainer.lora.read import read_lora
+    from trainer.models import tiny
+
+    _need_browser()
+    models = tmp_path / "workspace" / "models"
+    folders = {fam: tiny.build_pipeline(fam, models / fam, seed=0) for fam in ("sdxl", "sd1")}
+    with served_app(tmp_path) as (url, ws), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            run_dir = run_flow(page, url, ws, model=str(folders["sdxl"]), steps=4, network="LoKr (LyCORIS)")
+            lokr = read_lora(next(run_dir.glob("*.safetensors")))
+            assert lokr.network == "lokr" and lokr.family == "sdxl"
+            shot(page, "7-lokr-finished")
+            field(page, "model").fill(str(folders["sd1"]))
+            field(page, "model").press("Enter")
+            pick(page, "network", "LoHa (LyCORIS)")
+            wait_text(page, "#summary", "LoHa")
+            field(page, "run-name").fill("loha-run")
+            field(page, "run-name").press("Tab")
+            time.sleep(1.5)
+            page.locator("#start").click()
+            wait_text(page, "#start-message", "loha-run", timeout_s=30)
+            pick(page, "run-pick", "loha-run")
+            wait_text(page, "#run-state", "finished", timeout_s=420)
+            loha = read_lora(next((ws / "runs" / "loha-run").glob("*.safetensors")))
+            assert loha.network == "loha" and loha.family == "sd1"
+            shot(page, "8-loha-finished")
         finally:
             browser.close()
