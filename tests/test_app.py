@@ -123,7 +123,8 @@ def test_stop_twice_and_cancel_queued(ws, fake_python):
     runner.submit("q", config_text(ws, "q"))
     assert "cancelled" in runner.stop("q")
     assert "stopping" in runner.stop("s")
-    assert "stopping" in runner.stop("s")  # a second press is harmless
+    second = runner.stop("s")  # a second press is harmless: still stopping, or (on a loaded machine the fake run
+    assert "stopping" in second or "stopped; nothing to stop" in second  # may have saved already) nothing left
     v = wait(runner, "s", {"stopped"})
     assert v.step < 4
     assert runner.view("q").state == "cancelled"

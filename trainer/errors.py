@@ -10,6 +10,10 @@ class TrainingError(RuntimeError):
     """A run cannot go on; the message says why and what to try."""
 
 
+class LoraError(ValueError):
+    """A LoRA file that cannot be used, with the reason and what to do."""
+
+
 class StopRequested(Exception):
     """The user asked the run to stop (a STOP file) before training started: nothing to save."""
 

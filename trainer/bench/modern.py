@@ -28,8 +28,6 @@ def _shapes(family: str, kind: str, n: int) -> dict:
 
 def one(family: str, kind: str, n: int, pixels: int, checkpointing: bool) -> dict:
     """In this process: build, inject, one forward and backward at `pixels`; the peak RSS over the step (GB)."""
-    import resource
-
     import torch
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -82,15 +80,29 @@ def one(family: str, kind: str, n: int, pixels: int, checkpointing: bool) -> dic
         out = step()
     out.float().pow(2).mean().backward()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    peak = _peak_gb()
     return {"family": family, "kind": kind, "blocks": n, "pixels": pixels, "checkpointing": checkpointing,
             "before_gb": round(before, 3), "peak_gb": round(peak, 3), "step_gb": round(peak - before, 3),
             "seconds": round(seconds, 1)}
 
 
 def _rss_gb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def _peak_gb() -> float:
+    """The process's peak resident memory so far (Windows: its peak working set)."""
+    if sys.platform == "win32":
+        import psutil
+
+        return psutil.Process().memory_info().peak_wset / 2**30
+    else:
+        import resource
+
+        scale = 2**30 if sys.platform == "darwin" else 2**20  # ru_maxrss: bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def measure(family: str, kind: str, n: int, pixels: int, checkpointing: bool) -> dict:

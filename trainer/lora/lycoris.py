@@ -127,7 +127,7 @@ class LycorisModule:
 
     def check(self, name: str) -> None:
         """Refuse a module a loader could not rebuild (a factor missing)."""
-        from trainer.lora.read import LoraError
+        from trainer.errors import LoraError
 
         if self.algo == "loha":
             options = [[("hada_w1_a", "hada_w1_b")], [("hada_w2_a", "hada_w2_b")]]

@@ -16,11 +16,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from trainer.errors import LoraError  # noqa: F401  (raised here; callers import it from this module)
 from trainer.lora.header import UNSUPPORTED
-
-
-class LoraError(ValueError):
-    """A LoRA file that cannot be used, with the reason and what to do."""
 
 
 @dataclass
