@@ -49,6 +49,9 @@ class Family:
 
     def check(self, cfg) -> None:
         """Refuse settings this family cannot honour, before anything trains (ModelError, one line)."""
+        if cfg.lora.use_dora and self.lora_layout == "diffusers":
+            raise ModelError(f"lora.use_dora is not available for {self.name}: its LoRA loaders read no DoRA keys; "
+                             "set it to false")
 
     def default_prediction(self, scheduler_config: dict) -> str:
         return scheduler_config.get("prediction_type", "epsilon")

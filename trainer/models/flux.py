@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.errors import ModelError
-from trainer.models.family import Family
+from trainer.models.flow import FlowMatchingFamily
 
 # The double blocks' joint attention (image stream to_*, text stream add_*) and the single blocks' attention; the
 # single blocks' MLP projections and both streams' feed-forward are extras. Every one of these names is a key that
@@ -20,12 +20,15 @@ TRAINING_GUIDANCE = 1.0  # the guidance value dev LoRAs are trained with (sd-scr
 
 
 @dataclass(frozen=True)
-class FluxFamily(Family):
+class FluxFamily(FlowMatchingFamily):
     """Flux.1: CLIP-L (pooled) and T5-XXL (the sequence, 512 tokens for dev and 256 for schnell, as diffusers' Flux
     pipelines encode); latents packed into 2x2 patches with their position ids; timesteps from the logit-normal
     sampler shifted by the resolution (dev: the image's token count sets the shift, as the sampler does) or by the
     scheduler's fixed shift (schnell). LoRA files are written in diffusers' layout, which ComfyUI and Forge map to
     their fused qkv weights and diffusers loads as it is; only CLIP-L can be trained beside the transformer."""
+
+    LABEL = "a Flux"
+    CELL = 2
 
     T5_TOKENS = 512
 
@@ -37,12 +40,10 @@ class FluxFamily(Family):
         return FLUX_ATTENTION, {"single_mlp": single, "ff": FLUX_FF}
 
     def check(self, cfg) -> None:
+        super().check(cfg)
         if not cfg.model.t5:
             raise ModelError("model.t5 = false does not fit Flux: T5-XXL's sequence is the prompt it follows (CLIP "
                              "gives only a pooled vector); keep it and let the caption cache release it")
-        if cfg.lora.use_dora:
-            raise ModelError("lora.use_dora is not available for flux: its LoRA loaders read no DoRA keys; set it "
-                             "to false")
 
     def tokenize(self, tokenizers, captions):
         clip, t5 = tokenizers[0], tokenizers[1]
@@ -57,25 +58,8 @@ class FluxFamily(Family):
         hidden = t5(input_ids[1].to(t5.device), output_hidden_states=False)[0]
         return hidden.to(pooled.dtype), pooled
 
-    def default_prediction(self, scheduler_config: dict) -> str:
-        return "flow_matching"
-
     def architecture(self, denoiser_config) -> str:
         return "flux-1-dev" if dict(denoiser_config).get("guidance_embeds") else "flux-1-schnell"
-
-    def schedule(self, scheduler_config, prediction_type, zero_terminal_snr, min_snr_gamma):
-        from trainer.models.schedules import FlowMatching
-
-        if prediction_type != "flow_matching":
-            raise ModelError(f"model.prediction_type {prediction_type!r} does not fit a Flux model, which trains by "
-                             "flow matching; leave model.prediction_type unset or set it to flow_matching")
-        if zero_terminal_snr:
-            raise ModelError("model.zero_terminal_snr does not apply to Flux: its flow schedule already ends in pure "
-                             "noise; leave it unset")
-        return FlowMatching(scheduler_config, cell=2)
-
-    def attention_processor(self):
-        return None
 
     @staticmethod
     def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -110,11 +94,6 @@ class FluxFamily(Family):
                     txt_ids=torch.zeros(hidden.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
                     img_ids=self.image_ids(h, w, noisy.device, noisy.dtype), return_dict=False)[0]
         return self.unpack(out, h, w)
-
-    def sampler(self, scheduler_config: dict):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
 
     def prompt_kwargs(self, text_encoders, tokenizers, prompts, negative, clip_skip: int = 1) -> dict:
         """Flux dev follows its guidance embedding, not classifier-free guidance: no negative prompt is passed."""

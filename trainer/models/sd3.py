@@ -6,8 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from trainer.errors import ModelError
-from trainer.models.family import Family
+from trainer.models.flow import FlowMatchingFamily
 
 # The joint attention: the image stream's projections and the text stream's (add_*), in every block's attention and
 # SD3.5's second, image-only one (attn2).
@@ -36,20 +35,17 @@ class NoT5(torch.nn.Module):
 
 
 @dataclass(frozen=True)
-class SD3Family(Family):
+class SD3Family(FlowMatchingFamily):
     """SD 3 / 3.5: an MMDiT transformer trained by rectified flow, conditioned on CLIP-L and CLIP-G (penultimate
     layers, concatenated and zero-padded to T5's width) followed in the sequence by T5-XXL, plus both CLIPs'
     pooled projections. The text encoders LoRA can train are the two CLIPs (diffusers' SD3 loader has no T5)."""
+
+    LABEL = "an SD3"
 
     T5_TOKENS = 256  # diffusers' SD3 default max_sequence_length
 
     def lora_targets(self, denoiser_config=None):
         return MMDIT_ATTENTION, MMDIT_EXTRA
-
-    def check(self, cfg) -> None:
-        if cfg.lora.use_dora:
-            raise ModelError("lora.use_dora is not available for sd3: its LoRA loaders read no DoRA keys; set it to "
-                             "false")
 
     def tokenize(self, tokenizers, captions):
         ids = super().tokenize(tokenizers[:2], captions)
@@ -70,9 +66,6 @@ class SD3Family(Family):
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1)
 
-    def default_prediction(self, scheduler_config: dict) -> str:
-        return "flow_matching"
-
     def architecture(self, denoiser_config) -> str:
         # kohya's sai_model_spec: "stable-diffusion-3" followed by the variant.
         config = dict(denoiser_config)
@@ -82,27 +75,8 @@ class SD3Family(Family):
             return "stable-diffusion-3-5-medium"
         return "stable-diffusion-3-medium" if config.get("num_layers") == 24 else self.modelspec_architecture
 
-    def schedule(self, scheduler_config, prediction_type, zero_terminal_snr, min_snr_gamma):
-        from trainer.models.schedules import FlowMatching
-
-        if prediction_type != "flow_matching":
-            raise ModelError(f"model.prediction_type {prediction_type!r} does not fit an SD3 model, which trains by "
-                             "flow matching; leave model.prediction_type unset or set it to flow_matching")
-        if zero_terminal_snr:
-            raise ModelError("model.zero_terminal_snr does not apply to SD3: its flow schedule already ends in pure "
-                             "noise; leave it unset")
-        return FlowMatching(scheduler_config)
-
-    def attention_processor(self):
-        return None
-
     def denoise(self, model, noisy, t, hidden, pooled, sizes, crops, targets):
         return model(hidden_states=noisy, timestep=t, encoder_hidden_states=hidden, pooled_projections=pooled).sample
-
-    def sampler(self, scheduler_config: dict):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
 
     def pipeline(self, unet, vae, text_encoders, tokenizers, scheduler):
         from diffusers import StableDiffusion3Pipeline

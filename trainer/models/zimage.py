@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.errors import ModelError
-from trainer.models.family import Family
+from trainer.models.flow import FlowMatchingFamily
 
 # Every attention of the main layers and of both refiners (image and caption); the SwiGLU feed-forward is an extra.
 # ComfyUI's Z-Image map (comfy.utils.z_image_to_diffusers) sends each of these names to its fused qkv (to_q, to_k,
@@ -17,11 +17,14 @@ ZIMAGE_EXTRA = {"ff": ["feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]}
 
 
 @dataclass(frozen=True)
-class ZImageFamily(Family):
+class ZImageFamily(FlowMatchingFamily):
     """Z-Image: the prompt goes through Qwen3's chat template (a user turn, generation prompt, thinking on) and the
     second-to-last hidden layer is kept for the prompt's real tokens only, as diffusers' ZImagePipeline encodes it.
     The transformer takes a list of latents and a list of caption features of their own lengths; it predicts
     x0 - noise at time 1 - σ, so the loop's velocity target is its negation. The text encoder is never trained."""
+
+    LABEL = "a Z-Image"
+    CELL = 2
 
     TOKENS = 512  # diffusers' ZImagePipeline max_sequence_length
 
@@ -29,12 +32,10 @@ class ZImageFamily(Family):
         return ZIMAGE_ATTENTION, ZIMAGE_EXTRA
 
     def check(self, cfg) -> None:
+        super().check(cfg)
         if cfg.lora.train_text_encoder:
             raise ModelError("lora.train_text_encoder does not fit Z-Image: its text encoder is a 4B language "
                              "model that no Z-Image LoRA loader applies a LoRA to; set it to false")
-        if cfg.lora.use_dora:
-            raise ModelError("lora.use_dora is not available for zimage: its LoRA loaders read no DoRA keys; set it "
-                             "to false")
 
     @staticmethod
     def templated(tokenizer, caption: str) -> str:
@@ -55,23 +56,6 @@ class ZImageFamily(Family):
         hidden = te(input_ids=ids, attention_mask=mask.bool(), output_hidden_states=True).hidden_states[-2]
         return hidden, mask.to(hidden.dtype)
 
-    def default_prediction(self, scheduler_config: dict) -> str:
-        return "flow_matching"
-
-    def schedule(self, scheduler_config, prediction_type, zero_terminal_snr, min_snr_gamma):
-        from trainer.models.schedules import FlowMatching
-
-        if prediction_type != "flow_matching":
-            raise ModelError(f"model.prediction_type {prediction_type!r} does not fit a Z-Image model, which trains "
-                             "by flow matching; leave model.prediction_type unset or set it to flow_matching")
-        if zero_terminal_snr:
-            raise ModelError("model.zero_terminal_snr does not apply to Z-Image: its flow schedule already ends in "
-                             "pure noise; leave it unset")
-        return FlowMatching(scheduler_config, cell=2)
-
-    def attention_processor(self):
-        return None
-
     @staticmethod
     def features(hidden: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
         return [h[m > 0.5] for h, m in zip(hidden, mask)]
@@ -84,11 +68,6 @@ class ZImageFamily(Family):
         x = list(noisy.unsqueeze(2).unbind(0))
         out = model(x, (1000 - t.to(noisy.dtype)) / 1000, self.features(hidden, pooled), return_dict=False)[0]
         return -torch.stack(out).squeeze(2)
-
-    def sampler(self, scheduler_config: dict):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
 
     def prompt_kwargs(self, text_encoders, tokenizers, prompts, negative, clip_skip: int = 1) -> dict:
         hidden, mask = self.encode(text_encoders, self.tokenize(tokenizers, prompts))
