@@ -94,6 +94,21 @@ def text_of(page, selector) -> str:
     return page.locator(selector).first.inner_text()
 
 
+# What a person sees: innerText keeps text drawn at opacity 0, which is how gradio hides an event's status
+# tracker (show_progress="hidden" still writes "queue: 1/1 | 0.1/0.1s" into the DOM, transparent).
+_SEEN_TEXT = """el => { const out = []; const walk = n => {
+    if (n.nodeType === 3) { out.push(n.textContent); return; }
+    if (n.nodeType !== 1) return;
+    const s = getComputedStyle(n);
+    if (s.display === 'none' || s.visibility === 'hidden' || parseFloat(s.opacity) === 0) return;
+    n.childNodes.forEach(walk); };
+  walk(el); return out.join(' '); }"""
+
+
+def seen_text(page, selector) -> str:
+    return page.locator(selector).first.evaluate(_SEEN_TEXT)
+
+
 def wait_text(page, selector, needle, timeout_s=60):
     end = time.time() + timeout_s
     while time.time() < end:
