@@ -232,6 +232,13 @@ def test_loss_plot_data_is_numeric_from_the_first_tick_and_the_log_shows_the_new
     assert list(frame[frame.series == "smoothed"].loss) == [1.0, 0.95]  # the moving average beside it
     with_val = loss_frame([(1, 1.0), (2, 0.5)], [(2, 0.7)])
     assert list(with_val[with_val.series == "validation"].itertuples(index=False, name=None)) == [(2, 0.7, "validation")]
+    # Every frame names every series (the plot colours only the series of the first frame it draws); one with
+    # no value yet is a single NaN row, which the chart leaves out.
+    for f in (empty, frame, with_val):
+        assert set(f.series) == {"loss", "smoothed", "validation"}
+    assert len(empty) == 3 and empty.loss.isna().all()
+    assert frame[frame.series == "validation"].loss.isna().all() and frame.loss.notna().sum() == 4
+    assert with_val.loss.notna().all()
     log = "\n".join(f"step {i}" for i in range(1, 31))
     assert newest_lines(log).splitlines() == [f"step {i}" for i in range(31 - LOG_LINES, 31)]
 

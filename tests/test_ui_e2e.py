@@ -109,6 +109,14 @@ def seen_text(page, selector) -> str:
     return page.locator(selector).first.evaluate(_SEEN_TEXT)
 
 
+def drawn_lines(page) -> list[str]:
+    """The loss plot's lines that have a colour (vega draws each series as an SVG path; one the chart's colour
+    scale does not know gets no stroke and is invisible): their series names."""
+    return page.evaluate("""() => Array.from(document.querySelectorAll('#loss-plot .mark-line path'))
+        .filter(e => (e.getAttribute('stroke') || 'none') !== 'none' && (e.getAttribute('d') || '').includes('L'))
+        .map(e => (e.getAttribute('aria-label') || '').replace(/.*series: /, ''))""")
+
+
 def wait_text(page, selector, needle, timeout_s=60):
     end = time.time() + timeout_s
     while time.time() < end:
@@ -200,6 +208,8 @@ def run_flow(page, url, ws: Path, model: str | None = None, steps: int = 12, net
     wait_text(page, "#start-message", "run", timeout_s=30)
     wait_text(page, "#run-state", "finished", timeout_s=420)
     wait_until(lambda: page.locator("#samples img").count() >= 1, "a sample image")
+    # The page was open before the run existed: its loss curve and moving average are still drawn in colour.
+    wait_until(lambda: {"loss", "smoothed"} <= set(drawn_lines(page)), "the loss curve drawn", 30)
     assert "lora-studio train --config" in field(page, "cli-command").input_value()
     shot(page, "4-finished")
     runs = list((ws / "runs").iterdir())

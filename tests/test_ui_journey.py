@@ -15,8 +15,8 @@ from PIL import Image
 from trainer.models.info import EMBEDDED_DIR
 from trainer.resources import SAMPLE_DATASETS
 
-from .test_ui_e2e import (CHROMIUM, FLAGS, ROOT, TABS, _need_browser, field, pick, served_app, set_slider,
-                          seen_text, switch_every_tab, text_of, train_sample_lora, visible_tabs, wait_text, wait_until)
+from .test_ui_e2e import (CHROMIUM, FLAGS, ROOT, TABS, _need_browser, drawn_lines, field, pick, seen_text, served_app,
+                          set_slider, switch_every_tab, text_of, train_sample_lora, visible_tabs, wait_text, wait_until)
 
 SHOTS = ROOT / "test-artifacts" / "journey"
 STEPS = 600  # ~45 s here; samples every 100 steps (the character preset on the embedded model)
@@ -157,6 +157,7 @@ def test_a_new_users_first_hour(tmp_path):
         assert all(re.fullmatch(r"-?\d+(\.\d+)?(e-?\d+)?", t) and len(t) <= 8 for t in y_tick_labels(page)), \
             y_tick_labels(page)  # numbers, not a pile of 10-digit category labels
         assert "ETA" in text_of(page, "#progress")
+        wait_until(lambda: {"loss", "smoothed"} <= set(drawn_lines(page)), "the loss curve drawn in colour", 30)
         for _ in range(6):  # the timer's ticks: no gradio queue text ("queue: 1/1 | 1.3/0.6s") in the run's state
             assert "queue" not in seen_text(page, "#run-state").lower()
             time.sleep(0.5)

@@ -238,10 +238,18 @@ LOG_LINES = 8  # what the log box shows: the newest lines, so it always follows 
 SMOOTHING = 0.9  # the smoothed curve is an exponential moving average, as TensorBoard draws it
 
 
+SERIES = ("loss", "smoothed", "validation")
+
+
 def loss_frame(losses: list[tuple[int, float]], validation: list[tuple[int, float]] = ()):
     """Loss by step as series: the raw values, their moving average and the held-out validation loss;
     numeric from the first tick: an empty frame of object columns made the chart treat loss as categories
-    and pile its labels up for the rest of the run."""
+    and pile its labels up for the rest of the run.
+
+    Every series is named in every frame, a series with no value yet by one empty (NaN) row, which the chart
+    leaves out: gradio's plot fixes its colours to the series of the first frame it draws and only swaps the
+    data after that, so a line whose series was missing then (every series, on a page opened before its
+    run's first step; validation, until the first checkpoint) was drawn with no colour: not at all."""
     import pandas as pd
 
     rows, smooth = [], None
@@ -249,6 +257,8 @@ def loss_frame(losses: list[tuple[int, float]], validation: list[tuple[int, floa
         smooth = value if smooth is None else SMOOTHING * smooth + (1 - SMOOTHING) * value
         rows += [(step, value, "loss"), (step, smooth, "smoothed")]
     rows += [(step, value, "validation") for step, value in validation]
+    first = rows[0][0] if rows else 0
+    rows += [(first, float("nan"), name) for name in SERIES if not any(r[2] == name for r in rows)]
     return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64"})
 
 

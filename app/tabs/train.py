@@ -67,7 +67,9 @@ def build(ctx: Ctx, saved_form) -> dict:
         state_md = gr.Markdown(elem_id="run-state")
         progress = gr.HTML(elem_id="progress")
         with gr.Row():
-            loss = gr.LinePlot(x="step", y="loss", color="series", title="Loss", height=260, elem_id="loss-plot")
+            # Tick labels short from the first step (one point made "1.000000" and a cut-off "…5765249").
+            loss = gr.LinePlot(x="step", y="loss", color="series", title="Loss", height=260, elem_id="loss-plot",
+                               x_axis_format="~g", y_axis_format=".3~g")
             samples = gr.Gallery(label="Samples", columns=4, height=260, elem_id="samples")
         checkpoint_table = gr.Dataframe(headers=["step", "validation loss", "drift", ""], interactive=False,
                                         label="Checkpoints (validation loss: lower is better; drift: change on "
