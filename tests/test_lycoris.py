@@ -5,6 +5,7 @@ factors full (where the loaders ignore alpha and the scale is folded in) and dec
 both kinds through the CLI, every module lands where a LoRA of the same targets does, and Preview, inspect, resize,
 merge and bake read them."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,3 +246,36 @@ def test_flux_lokr_names_its_transformer_modules_as_comfyui_maps_them(tmp_path):
     lora = read_lora(result.lora_path)
     assert lora.family == "flux" and lora.network == "lokr"
     assert RunConfig.load(str(tmp_path / "run" / "config.toml")).lora.network == "lokr"
+
+
+def test_bench_compares_a_lokr_of_about_the_loras_size(tiny_models):
+    """bench learn --networks trains LoKr with both factors full and the factor whose parameter count is nearest the
+    LoRA's (a LoKr at the LoRA's rank had 14x fewer parameters on the style preset: no comparison at one size)."""
+    import copy
+    import math
+
+    from peft import inject_adapter_in_model
+
+    from diffusers import UNet2DConditionModel
+
+    from trainer.bench.learn import FULL_RANK, lokr_factor_like
+
+    unet = UNet2DConditionModel.from_pretrained(Path(tiny_models["sd1"]) / "unet")
+    lora = LoraConfig(rank=8, alpha=4.0)
+    targets = lora_mod.unet_targets(lora)
+
+    def count(cfg):
+        model = copy.deepcopy(unet).requires_grad_(False)
+        inject_adapter_in_model(lora_mod.peft_config(cfg, targets), model, adapter_name="probe")
+        return sum(p.numel() for name, p in model.named_parameters() if ".probe" in name)
+
+    factor = lokr_factor_like(unet, lora)
+    lokr = LoraConfig(rank=FULL_RANK, alpha=float(FULL_RANK), network="lokr", lokr_factor=factor)
+    ratios = {f: count(LoraConfig(rank=FULL_RANK, alpha=float(FULL_RANK), network="lokr", lokr_factor=f)) / count(lora)
+              for f in (2, 4, 8, 16, -1)}
+    assert abs(math.log(ratios[factor])) == min(abs(math.log(r)) for r in ratios.values())
+    assert 0.5 < ratios[factor] < 2.0, ratios
+    model = copy.deepcopy(unet).requires_grad_(False)
+    inject_adapter_in_model(lora_mod.peft_config(lokr, targets), model, adapter_name="probe")
+    layers = [m for m in model.modules() if "probe" in getattr(m, "lokr_w1", {})]
+    assert layers and all("probe" in m.lokr_w2 and m.scaling["probe"] == 1.0 for m in layers)  # both full, scale 1

@@ -5,9 +5,10 @@ With `--fp8` it is the quality guard of fp8 frozen weights instead: each preset 
 with fp8 frozen weights (bf16 compute) at the first, and fp8 counts as within noise when its score differs from
 the bf16 score at the same seed by no more than the two bf16 seeds differ from each other.
 
-With `--networks` it compares LoRA, LoHa and LoKr on each preset: LoHa at half the LoRA's rank (the same parameter
-count: two low-rank pairs), LoKr at the LoRA's rank with its factors as peft splits them; score, drift and the
-file's size, one table."""
+With `--networks` it compares LoRA, LoHa and LoKr on each preset at about the same number of parameters (so the
+same file size): LoHa at half the LoRA's rank (two low-rank pairs), LoKr with both Kronecker factors full (the
+way LyCORIS users train it: a huge rank, alpha = rank, scale 1) and the factor whose UNet parameter count comes
+closest to the LoRA's; score, drift and the file's size, one table."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ FP8_RUNS = {"bf16": ["train.mixed_precision=bf16"],
 
 
 def main(kinds=("character", "style", "concept"), overrides: list[str] = (), fp8: bool = False,
-         networks: bool = False) -> dict:
+         networks: tuple[str, ...] = ()) -> dict:
     from ..world.learn import as_dict, generation_seconds, learn, load_pipeline, prompt_following
 
     pipe = load_pipeline()
@@ -30,7 +31,7 @@ def main(kinds=("character", "style", "concept"), overrides: list[str] = (), fp8
     if fp8:
         return _fp8_guard(kinds, overrides, pipe)
     if networks:
-        return _networks(kinds, overrides, pipe)
+        return _networks(kinds, overrides, pipe, networks)
     results = {}
     with tempfile.TemporaryDirectory(prefix="lora-studio-learn-") as tmp:
         for kind in kinds:
@@ -65,7 +66,33 @@ def _fp8_guard(kinds, overrides: list[str], pipe) -> dict:
     return out
 
 
-def _networks(kinds, overrides: list[str], pipe) -> dict:
+FULL_RANK = 1024  # a LoKr rank at or above half of every factor's side keeps both factors full
+
+
+def lokr_factor_like(unet, lora) -> int:
+    """The LoKr factor whose full-factor update has the parameter count nearest the LoRA's on this UNet."""
+    import copy
+    import dataclasses
+    import math
+
+    from peft import inject_adapter_in_model
+
+    from ..lora.inject import peft_config, unet_targets
+
+    targets = unet_targets(lora)
+
+    def count(cfg) -> int:
+        model = copy.deepcopy(unet).requires_grad_(False)
+        inject_adapter_in_model(peft_config(cfg, targets), model, adapter_name="probe")
+        return sum(p.numel() for name, p in model.named_parameters() if ".probe" in name)
+
+    target = count(dataclasses.replace(lora, network="lora"))
+    sizes = {f: count(dataclasses.replace(lora, network="lokr", rank=FULL_RANK, alpha=float(FULL_RANK), lokr_factor=f,
+                                          decompose_both=False)) for f in (2, 4, 8, 16, -1)}
+    return min(sizes, key=lambda f: abs(math.log(sizes[f] / target)))
+
+
+def _networks(kinds, overrides: list[str], pipe, networks=("lora", "loha", "lokr")) -> dict:
     from ..config import RunConfig
     from ..presets import resolve
     from ..resources import SAMPLE_DATASETS
@@ -74,12 +101,14 @@ def _networks(kinds, overrides: list[str], pipe) -> dict:
     out, rows = {}, []
     for kind in kinds:
         n_images = len(list((SAMPLE_DATASETS / kind).glob("*.png")))
-        rank = RunConfig.load(resolve(kind, family="tiny", n_images=n_images), overrides=list(overrides)).lora.rank
+        lora = RunConfig.load(resolve(kind, family="tiny", n_images=n_images), overrides=list(overrides)).lora
+        rank, factor = lora.rank, lokr_factor_like(pipe.unet, lora)
         runs = {"lora": [], "loha": ["lora.network=\"loha\"", f"lora.rank={max(1, rank // 2)}",
                                      f"lora.alpha={max(1, rank // 2) / 2}"],
-                "lokr": ["lora.network=\"lokr\""]}
+                "lokr": ["lora.network=\"lokr\"", f"lora.rank={FULL_RANK}", f"lora.alpha={FULL_RANK}",
+                         f"lora.lokr_factor={factor}"]}
         out[kind] = {}
-        for net, extra in runs.items():
+        for net, extra in ((n, e) for n, e in runs.items() if n in networks):
             with tempfile.TemporaryDirectory(prefix="lora-studio-learn-") as tmp:
                 r = learn(kind, Path(tmp), pipe=pipe, overrides=[*overrides, *extra])
                 size = sum(f.stat().st_size for f in (Path(tmp) / kind).glob("*.safetensors"))

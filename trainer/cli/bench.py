@@ -18,8 +18,10 @@ def add_parser(sub) -> None:
                     help="override a training setting for every preset")
     bl.add_argument("--fp8", action="store_true", help="the fp8 quality guard: each preset in bf16 at two seeds "
                                                       "and with fp8 frozen weights; prints both and the seed noise")
-    bl.add_argument("--networks", action="store_true", help="LoRA, LoHa (half the rank: the same parameters) and "
-                                                           "LoKr on each preset: score, drift and file size")
+    bl.add_argument("--networks", action="store_true", help="LoRA, LoHa and LoKr on each preset at about the same "
+                                                           "parameter count: score, drift and file size")
+    bl.add_argument("--network", action="append", choices=["lora", "loha", "lokr"],
+                    help="with --networks: only these networks (repeatable); default all three")
     bs = bsub.add_parser("speed", help="time and measure the training step on full-size SD1.5 / SDXL / SD3.5 "
                                        "Medium architectures "
                                        "(random weights) against a bare UNet floor; writes bench/results.md")
@@ -81,7 +83,7 @@ def cmd_bench(args) -> int:
         from trainer.bench.learn import main as bench_learn
 
         bench_learn(tuple(args.kind or ("character", "style", "concept")), args.overrides, fp8=args.fp8,
-                    networks=args.networks)
+                    networks=tuple(args.network or ("lora", "loha", "lokr")) if args.networks else ())
     elif args.bench_command == "speed":
         from trainer.bench.speed import main as bench_speed
 
