@@ -71,7 +71,7 @@ class LoraConfig:
     use_rslora: bool = opt(False, "Rank-stabilised scaling: alpha / sqrt(rank) instead of alpha / rank")
     network: str = opt("lora", "The adapter: lora (low-rank up·down), loha (Hadamard product of two low-rank pairs: "
                                "rank r reaches rank r² at twice the parameters), lokr (Kronecker product of a small "
-                               "and a large factor: the smallest files, keeps fine detail; styles). LoHa and LoKr are "
+                               "and a large factor: the smallest files at a large factor). LoHa and LoKr are "
                                "LyCORIS's, trained with peft and written in the LyCORIS layout",
                        choices=["lora", "loha", "lokr"])
     lokr_factor: int = opt(-1, "LoKr: split each dimension into factor x rest (-1: as close to its square root as it "

@@ -34,8 +34,8 @@ def build(ctx: Ctx, saved_form) -> dict:
             rank = gr.Number(0, precision=0, minimum=0, label="Rank (0 = suggested)")
             lr = gr.Number(0, minimum=0, label="UNet learning rate (0 = the preset's)")
             network = gr.Dropdown(list(NETWORKS), value="LoRA", elem_id="network",
-                                  label="Network: LoRA; LoHa (more expressive at the same size); LoKr (smallest files, "
-                                        "keeps fine detail: styles)")
+                                  label="Network: LoRA (the default); LoHa or LoKr (LyCORIS files; LoKr makes the "
+                                        "smallest files at a large factor)")
         prompts = gr.Textbox(lines=2, elem_id="sample-prompts",
                              label="Sample prompts, one per line (empty = the dataset's first captions with its trigger; "
                                    "the ones used are in Effective settings)")
