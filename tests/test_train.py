@@ -318,6 +318,23 @@ def test_a_run_records_its_step_time_and_the_estimate_becomes_a_measured_range(t
     assert run["steps"] == 5 and 0 < run["q1"] <= run["median"] <= run["q3"] and run["device"].startswith("cpu")
     text = estimate(unresolved).text(speed_log.time_range(unresolved, 7))
     assert "measured here on cpu" in text and "s/step" in text
+    assert speed_log.measured(RunConfig.load(cfg.to_dict(), {"lora": {"network": "lokr"}})) == []  # its own shape
+
+
+def test_a_run_slowed_by_other_work_is_left_out_of_the_measured_range(tmp_path, monkeypatch):
+    """A run beside a benchmark stepped at 4.8 s/step against 0.074 idle; counted, the range read '22 s to 24 min'."""
+    from trainer.config import RunConfig
+    from trainer.memory import speed_log
+
+    monkeypatch.setattr(speed_log, "default_cache_dir", lambda: tmp_path)
+    cfg = RunConfig.load({"model": {"source": "tiny"}})
+    for seconds in ([0.07, 0.074, 0.075, 0.076, 0.08], [0.09, 0.1, 0.11, 0.12, 0.13], [4.5, 4.7, 4.8, 4.9, 5.0]):
+        speed_log.record(cfg, [1.0, 1.0, *seconds], "cpu (2 cores)")
+    text = speed_log.time_range(cfg, 300)
+    assert text.startswith("22 s to 38 s (0.072-0.12 s/step, measured here on cpu (2 cores) over 2 runs"), text
+    assert "1 run up to 64x slower left out: the machine was busy with other work then" in text
+    speed_log.record(cfg, [1.0, 1.0, 0.2, 0.2, 0.2, 0.2], "cpu (2 cores)")  # within 3x of the fastest: counted
+    assert "over 3 runs" in speed_log.time_range(cfg, 300)
 
 
 def test_stale_stop_file_does_not_end_a_new_run(tiny_models, dataset, tmp_path):

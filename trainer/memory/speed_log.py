@@ -28,7 +28,7 @@ def shape(cfg) -> str:
     resolution = cfg.data.resolution or peek_resolution(cfg.model.source, cfg.model.family)
     t = cfg.train
     return json.dumps([source, resolution, t.batch_size, t.gradient_accumulation, t.gradient_checkpointing,
-                       t.mixed_precision, t.frozen_dtype, bool(te), cfg.lora.rank])
+                       t.mixed_precision, t.frozen_dtype, bool(te), cfg.lora.rank, cfg.lora.network])
 
 
 def _path() -> Path:
@@ -67,14 +67,29 @@ def duration(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min" if s >= 90 else f"{s:.0f} s"
 
 
+SLOWER = 3.0  # a run whose typical step took this many times the fastest run's shared the machine with other work
+
+
 def time_range(cfg, steps: int) -> str | None:
-    """'2-3 min (0.9-1.4 s/step, measured here on cpu over 3 runs)', or None when nothing was measured."""
+    """'2-3 min (0.9-1.4 s/step, measured here on cpu over 3 runs)', or None when nothing was measured.
+
+    A run that trained beside other work (two trainings, a benchmark, a game) steps many times slower than this
+    machine can: counted, one such run stretched the range to '22 s to 24 min'. Runs whose median step is over
+    SLOWER times the fastest run's are left out of the range and said apart."""
     runs = measured(cfg)
     if not runs:
         return None
-    low, high = min(r["q1"] for r in runs), max(r["q3"] for r in runs)
+    fastest = min(r["median"] for r in runs)
+    kept = [r for r in runs if r["median"] <= SLOWER * fastest]
+    low, high = min(r["q1"] for r in kept), max(r["q3"] for r in kept)
     span = duration(low * steps) if duration(low * steps) == duration(high * steps) else \
         f"{duration(low * steps)} to {duration(high * steps)}"
-    devices = ", ".join(sorted({r["device"] for r in runs}))
-    return (f"{span} ({low:.2g}-{high:.2g} s/step, measured here on {devices} over {len(runs)} "
-            f"run{'s' if len(runs) > 1 else ''})")
+    devices = ", ".join(sorted({r["device"] for r in kept}))
+    text = (f"{span} ({low:.2g}-{high:.2g} s/step, measured here on {devices} over {len(kept)} "
+            f"run{'s' if len(kept) > 1 else ''}")
+    slow = [r for r in runs if r not in kept]
+    if slow:
+        worst = max(r["median"] for r in slow) / fastest
+        text += (f"; {len(slow)} run{'s' if len(slow) > 1 else ''} up to {worst:.0f}x slower left out: the machine was "
+                 "busy with other work then")
+    return text + ")"
