@@ -54,6 +54,33 @@ def _layer(model, module_path: str):
         return model.get_submodule(module_path.removeprefix("text_model."))
 
 
+def diffusers_applies_the_file(pipe, path, tensors: dict) -> None:
+    """diffusers' own loader takes every key of the file onto a peft layer with exactly its values, and the fused
+    weights are W + up·down (the scale folded into lora_B): the export loads as trained."""
+    components = {k.split(".")[0] for k in tensors}
+    before = {c: {n: p.detach().clone() for n, p in getattr(pipe, c).named_parameters()} for c in components}
+    pipe.load_lora_weights(str(path), adapter_name="x")
+    for key, value in tensors.items():  # every key landed on a peft layer with exactly its values
+        component, _, rest = key.partition(".")
+        module_path, kind = rest.rsplit(".lora_", 1)
+        layer = _layer(getattr(pipe, component), module_path)
+        assert torch.equal(getattr(layer, "lora_" + kind.split(".")[0])["x"].weight, value), key
+    pipe.fuse_lora(components=sorted(components), lora_scale=1.0)
+    checked = 0
+    for key in (k for k in tensors if k.endswith(".lora_A.weight")):
+        component, _, rest = key.partition(".")
+        module_path = rest[: -len(".lora_A.weight")]
+        name = f"{module_path}.weight"
+        base = before[component].get(name) if name in before[component] else \
+            before[component][name.removeprefix("text_model.")]
+        layer = _layer(getattr(pipe, component), module_path)
+        fused = layer.base_layer.weight if hasattr(layer, "base_layer") else layer.weight
+        up = tensors[key.replace(".lora_A.", ".lora_B.")]
+        assert torch.allclose(fused, base + up @ tensors[key], atol=1e-6), key
+        checked += 1
+    assert checked == len(tensors) // 2
+
+
 def test_flow_matching_noises_along_the_line_and_shifts_sigma():
     fm = FlowMatching({"shift": 3.0, "num_train_timesteps": 1000})
     x0, eps = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
@@ -92,31 +119,10 @@ def test_every_key_is_consumed_by_diffusers_and_fused_weights_are_w_plus_scaled_
     # attn, attn2 (SD3.5) and the context stream's projections are all there
     assert any(".attn2.to_q." in k for k in tensors) and any(".attn.add_k_proj." in k for k in tensors)
     assert any(".attn.to_add_out." in k for k in tensors)
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3))
-    before = {c: {n: p.detach().clone() for n, p in getattr(pipe, c).named_parameters()} for c in components}
-    pipe.load_lora_weights(str(path), adapter_name="x")
-    for key, value in tensors.items():  # every key landed on a peft layer with exactly its values
-        component, _, rest = key.partition(".")
-        module_path, kind = rest.rsplit(".lora_", 1)
-        layer = _layer(getattr(pipe, component), module_path)
-        assert torch.equal(getattr(layer, "lora_" + kind.split(".")[0])["x"].weight, value), key
     # The trained run's own layers: alpha 2 over rank 4 gives scale 0.5, folded into lora_B.
     run_cfg = RunConfig.load(str(trained / "config.toml"))
     assert run_cfg.lora.rank == 4 and run_cfg.lora.alpha == 2.0
-    pipe.fuse_lora(components=sorted(components), lora_scale=1.0)
-    checked = 0
-    for key in (k for k in tensors if k.endswith(".lora_A.weight")):
-        component, _, rest = key.partition(".")
-        module_path = rest[: -len(".lora_A.weight")]
-        name = f"{module_path}.weight"
-        base = before[component].get(name) if name in before[component] else \
-            before[component][name.removeprefix("text_model.")]
-        layer = _layer(getattr(pipe, component), module_path)
-        fused = layer.base_layer.weight if hasattr(layer, "base_layer") else layer.weight
-        up = tensors[key.replace(".lora_A.", ".lora_B.")]
-        assert torch.allclose(fused, base + up @ tensors[key], atol=1e-6), key
-        checked += 1
-    assert checked == len(tensors) // 2
+    diffusers_applies_the_file(StableDiffusion3Pipeline.from_pretrained(str(sd3)), path, tensors)
 
 
 def test_the_folded_update_is_up_down_alpha_over_rank_of_the_trained_layers(sd3, dataset, tmp_path):

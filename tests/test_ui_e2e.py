@@ -302,6 +302,21 @@ def test_preview_mixes_two_loras_in_the_browser(tmp_path_factory):
         log.close()
 
 
+def train_another(page, model, name: str, ready) -> None:
+    """On the Train tab after a run: another base model typed in, `ready()` (what the form must show first),
+    a run name, Start, and that run followed until it finishes."""
+    field(page, "model").fill(str(model))
+    field(page, "model").press("Enter")
+    ready()
+    field(page, "run-name").fill(name)
+    field(page, "run-name").press("Tab")
+    time.sleep(1.5)
+    page.locator("#start").click()
+    wait_text(page, "#start-message", name, timeout_s=30)
+    pick(page, "run-pick", name)
+    wait_text(page, "#run-state", "finished", timeout_s=420)
+
+
 def _up(url) -> bool:
     try:
         urllib.request.urlopen(url, timeout=2)
@@ -332,16 +347,8 @@ def test_a_tiny_flux_and_a_tiny_zimage_train_from_the_train_tab(tmp_path):
                 assert f.metadata()["modelspec.architecture"] == "flux-1-dev/lora"
             shot(page, "5-flux-finished")
             # the same dataset on Z-Image: the form re-reads the family from the new folder
-            field(page, "model").fill(str(folders["zimage"]))
-            field(page, "model").press("Enter")
-            wait_until(lambda: "T5-XXL" not in text_of(page, "#summary"), "the summary without Flux's T5", 60)
-            field(page, "run-name").fill("zrun")
-            field(page, "run-name").press("Tab")
-            time.sleep(1.5)
-            page.locator("#start").click()
-            wait_text(page, "#start-message", "zrun", timeout_s=30)
-            pick(page, "run-pick", "zrun")
-            wait_text(page, "#run-state", "finished", timeout_s=420)
+            train_another(page, folders["zimage"], "zrun", lambda: wait_until(
+                lambda: "T5-XXL" not in text_of(page, "#summary"), "the summary without Flux's T5", 60))
             wait_until(lambda: page.locator("#samples img").count() >= 1, "a Z-Image sample")
             shot(page, "6-zimage-finished")
             with safe_open(str(next((ws / "runs" / "zrun").glob("*.safetensors"))), "pt") as f:
@@ -368,17 +375,8 @@ def test_loha_and_lokr_train_from_the_train_tab(tmp_path):
             lokr = read_lora(next(run_dir.glob("*.safetensors")))
             assert lokr.network == "lokr" and lokr.family == "sdxl"
             shot(page, "7-lokr-finished")
-            field(page, "model").fill(str(folders["sd1"]))
-            field(page, "model").press("Enter")
-            pick(page, "network", "LoHa (LyCORIS)")
-            wait_text(page, "#summary", "LoHa")
-            field(page, "run-name").fill("loha-run")
-            field(page, "run-name").press("Tab")
-            time.sleep(1.5)
-            page.locator("#start").click()
-            wait_text(page, "#start-message", "loha-run", timeout_s=30)
-            pick(page, "run-pick", "loha-run")
-            wait_text(page, "#run-state", "finished", timeout_s=420)
+            train_another(page, folders["sd1"], "loha-run",
+                          lambda: (pick(page, "network", "LoHa (LyCORIS)"), wait_text(page, "#summary", "LoHa")))
             loha = read_lora(next((ws / "runs" / "loha-run").glob("*.safetensors")))
             assert loha.network == "loha" and loha.family == "sd1"
             shot(page, "8-loha-finished")

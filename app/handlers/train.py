@@ -258,7 +258,8 @@ def loss_frame(losses: list[tuple[int, float]], validation: list[tuple[int, floa
         rows += [(step, value, "loss"), (step, smooth, "smoothed")]
     rows += [(step, value, "validation") for step, value in validation]
     first = rows[0][0] if rows else 0
-    rows += [(first, float("nan"), name) for name in SERIES if not any(r[2] == name for r in rows)]
+    present = {r[2] for r in rows}
+    rows += [(first, float("nan"), name) for name in SERIES if name not in present]
     return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64"})
 
 

@@ -58,23 +58,22 @@ def add_doctor_parser(sub) -> None:
                                                              "much of this machine's GPU)")
 
 
+def _sizes(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--sizes {text!r} must be whole numbers separated by commas") from None
+
+
 def cmd_bench(args) -> int:
     if args.bench_command == "data":
         from trainer.bench.data import main as bench_data
 
-        try:
-            sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
-        except ValueError:
-            raise ConfigError(f"--sizes {args.sizes!r} must be whole numbers separated by commas") from None
-        bench_data(sizes, None if args.no_results else Path("bench/results.md"))
+        bench_data(_sizes(args.sizes), None if args.no_results else Path("bench/results.md"))
     elif args.bench_command == "modern":
         from trainer.bench.modern import main as bench_modern
 
-        try:
-            sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
-        except ValueError:
-            raise ConfigError(f"--sizes {args.sizes!r} must be whole numbers separated by commas") from None
-        bench_modern(sizes, None if args.no_results else Path("bench/results.md"))
+        bench_modern(_sizes(args.sizes), None if args.no_results else Path("bench/results.md"))
     elif args.bench_command == "checkpoints":
         from trainer.bench.checkpoints import main as bench_checkpoints
 

@@ -90,13 +90,15 @@ def read_modules(tensors: dict[str, torch.Tensor]) -> dict[str, "LycorisModule"]
     """module name -> LycorisModule; `lycoris_<path>` (SD3/Flux/Z-Image) is named `lora_transformer_<path>`, as a
     diffusers-layout LoRA file's transformer modules are."""
     out: dict[str, LycorisModule] = {}
+    raw: dict[str, str] = {}  # normalised name -> the name the file uses (where its .alpha is)
     for key, value in tensors.items():
         name, _, part = key.rpartition(".")
         if part in HADA or part in LOKR:
             module = out.setdefault(_normal(name), LycorisModule("loha" if part in HADA else "lokr", {}))
             module.factors[part] = value
+            raw[_normal(name)] = name
     for name, m in out.items():
-        alpha = tensors.get(f"{_raw(name, tensors)}.alpha")
+        alpha = tensors.get(f"{raw[name]}.alpha")
         m.file_alpha = float(alpha) if alpha is not None else None
         m.check(name)
     return out
@@ -104,12 +106,6 @@ def read_modules(tensors: dict[str, torch.Tensor]) -> dict[str, "LycorisModule"]
 
 def _normal(name: str) -> str:
     return "lora_transformer_" + name[len(DIFFUSERS_PREFIX):] if name.startswith(DIFFUSERS_PREFIX) else name
-
-
-def _raw(name: str, tensors) -> str:
-    if name.startswith("lora_transformer_") and not any(k.startswith(name + ".") for k in tensors):
-        return DIFFUSERS_PREFIX + name[len("lora_transformer_"):]
-    return name
 
 
 @dataclass
