@@ -46,7 +46,10 @@ def model_source(model: str) -> str:
     return "tiny" if model in ("", EMBEDDED) else model.strip()
 
 
-def effective_config(ws: Workspace, c: Choice, run_name: str) -> RunConfig:
+def effective_config(ws: Workspace, c: Choice, run_name: str, on_cpu: bool = False) -> RunConfig:
+    """`on_cpu`: the run will train on this machine's CPU (no GPU here and no VRAM tier picked): an 'auto'
+    resolution is then filled in as the trainer resolves it there (512 px for a big family), so the form, the
+    estimate and the Advanced box show the size that will train."""
     source = model_source(c.model)
     family = peek_family(source)
     dataset = ws.dataset(c.dataset) if c.dataset else None
@@ -71,6 +74,8 @@ def effective_config(ws: Workspace, c: Choice, run_name: str) -> RunConfig:
     if c.network and c.network != "lora":
         overrides.setdefault("lora", {})["network"] = c.network
     cfg = RunConfig.load(layer, overrides)
+    if cfg.data.resolution is None:  # a folder's own size (None for a Hub id or a single file: the trainer reads it)
+        cfg.data.resolution = peek_resolution(source, cfg.model.family, on_cpu) if family else None
     # Shown and editable before Start; what the trainer would pick itself: the dataset's first captions with
     # its trigger (presets used to name the sample datasets' prompts, whatever the user's trigger was).
     trigger = cfg.data.trigger or (read_manifest(dataset).trigger if dataset else "")

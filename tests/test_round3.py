@@ -349,17 +349,15 @@ def test_metadata_counts_tags_per_image_and_names_datasets_as_kohya_does(tiny_mo
 
 
 def test_sd3_files_do_not_claim_kohyas_module_or_an_alpha_they_do_not_use():
-    from types import SimpleNamespace
-
     from trainer.lora.write import build_metadata
+    from trainer.models.families import FAMILIES
 
     cfg = RunConfig.load(overrides=["lora.rank=8", "lora.alpha=4"])
-    fam = SimpleNamespace(lora_layout="diffusers", ss_base_model_version="sd3", name="sd3",
-                          modelspec_architecture="stable-diffusion-3")
+    fam = FAMILIES["sd3"]
     md = build_metadata(name="x", family=fam, cfg=cfg, resolution=1024, prediction_type="flow_matching",
                         train_text_encoder=False, datasets={}, steps=1, epoch=1, started=0, finished=0, base_name="b",
                         base_hash="")
-    assert md["ss_network_module"] != "networks.lora" and md["ss_network_alpha"] == "8.0"
+    assert md["ss_network_module"] == "networks.lora_sd3" and md["ss_network_alpha"] == "8.0"  # sd-scripts' SD3 net
     assert md["lora_studio.trained_alpha"] == "4.0" and "modelspec.prediction_type" not in md
 
 

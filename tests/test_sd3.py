@@ -107,7 +107,7 @@ def test_sd3_trains_through_the_cli_and_records_flow_matching(trained):
     assert md["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora" and md["ss_base_model_version"] == "sd3"
     assert "modelspec.prediction_type" not in md  # the spec has epsilon and v only; kohya writes none for flow models
     assert not any(k.endswith(".alpha") for k in tensors)  # the scale is folded into lora_B
-    assert md["ss_network_module"] != "networks.lora" and md["ss_network_alpha"] == str(float(md["ss_network_dim"]))
+    assert md["ss_network_module"] == "networks.lora_sd3" and md["ss_network_alpha"] == str(float(md["ss_network_dim"]))
 
 
 def test_every_key_is_consumed_by_diffusers_and_fused_weights_are_w_plus_scaled_update(sd3, trained):

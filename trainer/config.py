@@ -176,8 +176,13 @@ class SampleConfig:
                         items=str)
     negative_prompt: str = opt("", "Negative prompt for samples")
     seed: int = opt(1234, "Seed of the first sample; each next prompt uses seed + index", min=0)
-    steps: int = opt(20, "Sampling steps", min=1, max=200)
-    guidance_scale: float = opt(7.0, "Classifier-free guidance scale", min=0.0, max=30.0)
+    steps: Optional[int] = opt(None, "Sampling steps; auto = the model's own (20 for SD 1/2/XL and Flux.1 dev, 28 "
+                                      "for SD3 and Z-Image Base, 4 for Flux.1 schnell, 9 for Z-Image Turbo)",
+                               min=1, max=200)
+    guidance_scale: Optional[float] = opt(None, "Guidance: classifier-free guidance for SD and Z-Image Base, the "
+                                                "distilled guidance for Flux.1 dev; 0 = none. auto = the model's own "
+                                                "(7 SD 1/2/XL, 5 SD3, 3.5 Flux.1 dev, 0 Flux.1 schnell and Z-Image "
+                                                "Turbo, which are distilled, 4 Z-Image Base)", min=0.0, max=30.0)
     at_end: bool = opt(True, "Render samples when training ends")
 
 
@@ -188,9 +193,13 @@ class SaveConfig:
     every_n_steps: int = opt(0, "Save a checkpoint LoRA every N steps (0 = off)", min=0)
     every_n_epochs: int = opt(0, "Save a checkpoint LoRA every N epochs (0 = off)", min=0)
     dtype: str = opt("fp16", "Tensor dtype of saved LoRA files", choices=["fp16", "bf16", "fp32"])
-    layout: str = opt("kohya", "Key layout of saved LoRAs: kohya (A1111, ComfyUI, kohya, diffusers) or peft "
-                               "(diffusers/peft; keeps DoRA magnitudes that diffusers drops from kohya files)",
-                      choices=["kohya", "peft"])
+    layout: str = opt("auto", "Key layout of saved LoRAs: auto = the family's own (kohya for SD 1/2/XL; diffusers' for "
+                              "SD3, Flux.1 and Z-Image, which ComfyUI, Forge and diffusers read); kohya (A1111, "
+                              "ComfyUI, kohya's sd-scripts, diffusers; for Flux.1 kohya's fused BFL names, which "
+                              "sd-scripts and Forge read too); peft or diffusers (diffusers' own layout: for SD "
+                              "1/2/XL peft's keys with their adapter metadata, which keep DoRA magnitudes that "
+                              "diffusers drops from kohya files). SD3 and Z-Image have no kohya layout a loader reads",
+                      choices=["auto", "kohya", "peft", "diffusers"])
     state_every_n_steps: int = opt(200, "Save the full training state (for --resume) every N steps; 0 = only on Stop",
                                    min=0)
     keep_states: int = opt(2, "Training states kept (older ones are removed)", min=1, max=100)

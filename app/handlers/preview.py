@@ -56,6 +56,18 @@ class PreviewHandlers:
         return {"base": base_model, "loras": loras, "prompt": pr, "negative": neg, "seed": int(sd or 0),
                 "steps": int(st), "guidance": float(cf), "size": int(sz) or None, "sampler": smp}
 
+    @staticmethod
+    def model_defaults(b):
+        """Steps and guidance for a newly picked base: the model's own (Z-Image Turbo 9 steps without CFG, Flux.1
+        dev's distilled guidance 3.5, SD3 CFG 5 ...), read torch-free; the sliders then show what will render."""
+        from trainer.models.info import peek_sampling
+
+        try:
+            steps, guidance = peek_sampling(form.model_source(b))
+        except (OSError, ValueError):
+            return gr.skip(), gr.skip()
+        return steps, guidance
+
     def apply_tags(self, pr, slot_values):
         """Move `<lora:name:w>` tags into the slots; returns the clean prompt and the new slot values."""
         clean, tags = prompt_tags.split(pr)

@@ -54,7 +54,9 @@ class TrainHandlers:
         """The effective settings, the estimate and memory plan, the Advanced box's TOML, the resolution the
         Datasets tab checks at, and the form to keep over a reload."""
         c = self.choice(m, d, r, p, v, s, k, l, pr, net)
-        cfg = confine.run_config(self.ws, form.effective_config(self.ws, c, check_name(name, "run")))
+        on_cpu = plan.trains_on_cpu(plan.budget_for(None if v in (None, "", form.NO_TIER) else float(v), self.gpu,
+                                                    ram_gb=0.0))
+        cfg = confine.run_config(self.ws, form.effective_config(self.ws, c, check_name(name, "run"), on_cpu))
         n = None
         if d:  # scanned once per change of the folder (the effective config above asked the same)
             from trainer.data.scan import cached_scan

@@ -36,8 +36,10 @@ def build(ctx: Ctx) -> dict:
         negative = gr.Textbox(label="Negative prompt")
         with gr.Row():
             seed = gr.Number(0, precision=0, label="Seed")
-            steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
-            cfg = gr.Slider(0, 20, value=4.0, step=0.5, label="CFG")
+            steps = gr.Slider(1, 100, value=20, step=1, label="Steps (the model's own when it is picked)",
+                              elem_id="preview-steps")
+            cfg = gr.Slider(0, 20, value=4.0, step=0.5, elem_id="preview-cfg",
+                            label="Guidance: CFG (0 = none: Z-Image Turbo, Flux schnell); Flux dev: its distilled guidance")
             size = gr.Number(0, precision=0, label="Size (0 = native)")
             sampler = gr.Dropdown(SAMPLERS, value="ddim", label="Sampler")
         with gr.Row():
@@ -65,6 +67,7 @@ def build(ctx: Ctx) -> dict:
     compare.click(h.do_compare, [mode, xs, ys, *common, *slot_inputs], [grid, prompt, *slot_inputs],
                   show_progress_on=grid, **one_worker)
     drift_btn.click(h.do_drift, [base, *slot_inputs], settings, **one_worker)
+    base.change(h.model_defaults, base, [steps, cfg], show_progress="hidden")
     for f, *_ in slots:
         f.change(h.triggers, slot_inputs, trigger)
     insert.click(h.insert_trigger, [trigger, prompt], prompt)

@@ -160,6 +160,10 @@ def read_lora(path: str | Path) -> LoraFile:
         modules, layout = lycoris.read_modules(tensors), "kohya"
     elif any(k.endswith(".lora_down.weight") for k in tensors):
         modules, layout = _kohya_modules(tensors, metadata.get("lora_studio.dora_norm") == "base"), "kohya"
+        from trainer.lora import flux_kohya
+
+        if flux_kohya.is_kohya_flux(modules):  # BFL's fused names: read as the diffusers layers they apply to
+            modules = flux_kohya.split(modules)
     elif any(".lora_A." in k or ".lora.down." in k for k in tensors):
         modules, layout = _peft_modules(tensors, metadata), "peft"
     else:

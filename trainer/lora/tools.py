@@ -152,8 +152,9 @@ def merge(paths: list, weights: list[float], out: str | Path, rank: int | None =
 
 
 def _peft_paths(loras: list[LoraFile]) -> dict[str, str] | None:
-    """Module name -> diffusers key path when every source is in the diffusers/peft layout, else None (kohya)."""
-    if not all(l.layout == "peft" for l in loras):
+    """Module name -> diffusers key path when every module of every source has one (the diffusers/peft layout, and
+    Flux files read from kohya's layout), else None (kohya)."""
+    if not all(m.path for l in loras for m in l.modules.values()):
         return None
     return {name: m.path for l in loras for name, m in l.modules.items()}
 

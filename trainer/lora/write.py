@@ -191,11 +191,14 @@ def dataset_metadata(entries, cfg, resolution: int) -> dict[str, str]:
 def build_metadata(*, name: str, family, cfg, resolution: int, prediction_type: str, train_text_encoder: bool,
                    datasets: dict[str, str], steps: int, epoch: int, started: int, finished: int,
                    base_name: str, base_hash: str, thumbnail: str | None = None,
-                   architecture: str | None = None) -> dict[str, str]:
-    """`datasets`: dataset_metadata's keys. A file in diffusers' layout (SD3) has each layer's alpha/rank folded into
-    lora_B, so it claims kohya's networks.lora module and alpha neither: its alpha is the rank (scale 1)."""
+                   architecture: str | None = None, layout: str | None = None) -> dict[str, str]:
+    """`datasets`: dataset_metadata's keys; `layout`: the one the file is written in (the family's by default). A file
+    in diffusers' layout (SD3, Flux.1, Z-Image) has each layer's alpha/rank folded into lora_B: its alpha is the
+    rank (scale 1). ss_network_module names the sd-scripts network that trains the family (networks.lora_flux for
+    Flux.1, networks.lora_sd3 for SD3), the name kohya's tools know the file by."""
     lycoris = cfg.lora.network != "lora"  # LoHa/LoKr keep each module's alpha in every layout
-    folded = family.lora_layout == "diffusers" and not lycoris
+    layout = layout or family.layout_for(cfg.save.layout)[0]
+    folded = layout == "diffusers" and not lycoris
     conv = "conv" in cfg.lora.unet_extra
     network_args = {"conv_dim": str(cfg.lora.rank), "conv_alpha": str(cfg.lora.alpha)} if conv else {}
     if cfg.lora.use_dora:
@@ -213,7 +216,7 @@ def build_metadata(*, name: str, family, cfg, resolution: int, prediction_type: 
     md = {
         "ss_output_name": name,
         "ss_base_model_version": family.ss_base_model_version,
-        "ss_network_module": "lycoris.kohya" if lycoris else "diffusers" if folded else "networks.lora",
+        "ss_network_module": "lycoris.kohya" if lycoris else family.KOHYA_NETWORK,
         "ss_network_dim": str(cfg.lora.rank),
         "ss_network_alpha": str(float(cfg.lora.rank) if folded else cfg.lora.alpha),
         "ss_network_args": json.dumps(network_args),
@@ -258,7 +261,7 @@ def build_metadata(*, name: str, family, cfg, resolution: int, prediction_type: 
         md["lora_studio.trained_alpha"] = str(cfg.lora.alpha)  # folded into lora_B; kept for the record
     if thumbnail:
         md["modelspec.thumbnail"] = thumbnail
-    if cfg.lora.use_dora and cfg.save.layout == "kohya":
+    if cfg.lora.use_dora and layout == "kohya":
         md[DORA_NORM_KEY] = "base"
     return md
 

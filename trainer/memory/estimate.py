@@ -13,8 +13,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.models.info import (EMBEDDED_DIR, FP32_VAE_UNDER_FP16, peek_family, peek_resolution,
-                                 text_encoder_trained_by_default)
+from trainer.models.info import (EMBEDDED_DIR, FP32_VAE_UNDER_FP16, NATIVE_RESOLUTION, auto_resolution, peek_family,
+                                 peek_resolution, text_encoder_trained_by_default)
 from trainer.memory.speed_log import duration
 
 GB = 1024 ** 3
@@ -45,7 +45,8 @@ PARAMS_M = {
 # LoRA parameters per unit of rank with attention targets (sum of in+out over q, k, v, out).
 LORA_PER_RANK_M = {"sd1": (0.199, 0.074), "sd2": (0.215, 0.197), "sdxl": (1.45, 0.40),  # (unet, text encoders)
                    "sd3": (0.746, 0.401),  # SD 3.5 Medium: joint and attn2 attention; CLIP-L and CLIP-G
-                   "flux": (1.634, 0.074),  # double blocks' joint and single blocks' attention; CLIP-L
+                   "flux": (2.918, 0.074),  # double blocks' joint attention, single blocks' attention and MLP in
+                   # and out (1.634 + 38 x 33,792: the default targets since issue 37); CLIP-L
                    "zimage": (1.044, 0.0)}  # main and refiner layers' attention; the encoder is never trained
 # Calibrated against `lora-studio bench speed` (bench/results.md): peak RSS of the real training process
 # on full-size SD1.5 (512 px, 8 settings) and SDXL (1024 px) architectures, bf16 on a CPU. The same
@@ -53,7 +54,7 @@ LORA_PER_RANK_M = {"sd1": (0.199, 0.074), "sd2": (0.215, 0.197), "sdxl": (1.45, 
 # Activation GB of one image at the family's native resolution, half precision, SDPA, no checkpointing.
 ACTIVATION_GB = {"sd1": 1.41, "sd2": 3.5, "sdxl": 6.9,  # sd2 is scaled from sd1 by pixels, not measured
                  "sd3": SD3_ACTIVATION_GB, **MODERN_ACTIVATION_GB}
-NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024, "zimage": 1024, "tiny": 64}
+NATIVE = NATIVE_RESOLUTION
 CHECKPOINTED = 0.42  # share of those activations still alive at the peak with gradient checkpointing (a UNet's)
 # A transformer checkpointed block by block keeps each block's input and one block's recomputation: a far smaller
 # share than a UNet, whose checkpointing leaves its ResNets' activations (see MODERN_ACTIVATION_GB for the source).
@@ -97,6 +98,9 @@ RUNTIME_GB = 0.4  # python, torch, diffusers, transformers and peft loaded (host
 # Seconds per step at batch 1, native resolution, fp16 on a mid-range consumer GPU (RTX 3060 class).
 STEP_S = {"sd1": 0.45, "sd2": 0.9, "sdxl": 1.6, "sd3": 1.6,  # sd3: SDXL's, not measured
           "flux": 6.4, "zimage": 3.3}  # flux, zimage: SDXL's scaled by parameters, not measured
+# A CPU step against that GPU's: SD1.5 at 512 px in bf16 took 6.70 s a step on this 2-core CPU (bench/results.md) against
+# 0.45 s. Only the rule of thumb uses it; steps measured here replace it.
+CPU_STEP_FACTOR = 15.0
 TINY_STEP_S_PER_IMAGE = 0.045  # the embedded model on a 2-core CPU, measured with bench learn
 
 
@@ -173,6 +177,65 @@ def folder_params_m(folder: str) -> dict | None:
     return out
 
 
+# The published denoisers' width (a UNet's first-level channels, a transformer's hidden size) and depth (a UNet's
+# ResNet layers over its levels; a transformer's blocks, a two-stream block counting twice), and their VAEs' 8 pixels
+# per latent cell. A local folder's activations and LoRA size scale by its own width x depth against these, and its
+# tokens by its own VAE: the full-size figures applied to any Flux-shaped folder put a tiny one at 50.6 GB (issue 37).
+PUBLISHED_SHAPE = {"sd1": (320, 8), "sd2": (320, 8), "sdxl": (320, 6), "sd3": (1536, 24), "flux": (3072, 76),
+                   "zimage": (3840, 34)}
+PUBLISHED_CELL = 8
+
+
+def denoiser_shape(family: str, config: dict) -> tuple[float, float] | None:
+    """(width, depth) of a denoiser from its config, comparable with PUBLISHED_SHAPE; None when it does not say."""
+    try:
+        if family in ("sd1", "sd2", "sdxl"):
+            blocks = config["block_out_channels"]
+            per_level = config.get("layers_per_block", 2)
+            layers = sum(per_level) if isinstance(per_level, list) else per_level * len(blocks)
+            return float(blocks[0]), float(layers)
+        if family == "sd3":
+            return float(config["num_attention_heads"] * config["attention_head_dim"]), float(config["num_layers"])
+        if family == "flux":
+            return (float(config["num_attention_heads"] * config["attention_head_dim"]),
+                    float(2 * config["num_layers"] + config["num_single_layers"]))
+        if family == "zimage":
+            return float(config["dim"]), float(config["n_layers"] + 2 * config.get("n_refiner_layers", 2))
+    except (KeyError, TypeError, IndexError):
+        return None
+    return None
+
+
+PUBLISHED_VAE_WIDTH = 128  # every published VAE's first level (SD, SDXL, SD3, Flux.1, Z-Image)
+
+
+@functools.lru_cache(maxsize=16)
+def _folder_scales(folder: str, family: str) -> tuple[float, float, float]:
+    from trainer.models.info import denoiser_config
+
+    root = Path(folder)
+    try:
+        blocks = json.loads((root / "vae" / "config.json").read_text(encoding="utf-8"))["block_out_channels"]
+        cell, vae = 2 ** (len(blocks) - 1), min(1.0, blocks[0] / PUBLISHED_VAE_WIDTH)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, ZeroDivisionError):
+        cell, vae = PUBLISHED_CELL, 1.0
+    shape = denoiser_shape(family, denoiser_config(root) or {})
+    if shape is None or family not in PUBLISHED_SHAPE:
+        return 1.0, 1.0, vae
+    size = shape[0] / PUBLISHED_SHAPE[family][0] * shape[1] / PUBLISHED_SHAPE[family][1]
+    return size * (PUBLISHED_CELL / cell) ** 2, size, vae
+
+
+def shape_scales(cfg, family: str) -> tuple[float, float, float]:
+    """(activations, LoRA size, VAE activations) of this run's model against the published one of its family: 1 for
+    a single file or a Hub id (the published shapes), a local folder's own width x depth (and, for activations, its
+    tokens; for the VAE, its width)."""
+    source = cfg.model.source
+    if source in ("", "tiny") or not Path(source).expanduser().is_dir():
+        return 1.0, 1.0, 1.0
+    return _folder_scales(str(Path(source).expanduser().resolve()), family)
+
+
 @functools.cache
 def embedded_params() -> int:
     """The embedded model's parameter count: package data, read once (settings and plans ask on every change)."""
@@ -212,13 +275,17 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
     weights = unet_gb + te_on_device * frozen_bytes * 1e6 / GB + vae_gb
     # On the host the base is loaded in half precision before its layers turn to fp8: that moment can be the peak.
     load_peak = _loading_gb(cfg, family, p, wbytes, fp8) + vae_gb if host else 0.0
-    per_rank = LORA_PER_RANK_M[family][0] * cfg.lora.train_unet + LORA_PER_RANK_M[family][1] * bool(train_te)
+    act_scale, lora_scale, vae_scale = shape_scales(cfg, family)
+    per_rank = LORA_PER_RANK_M[family][0] * lora_scale * cfg.lora.train_unet + \
+        LORA_PER_RANK_M[family][1] * bool(train_te)
     state = 2 if cfg.optim.optimizer == "adamw8bit" else 8
     lora = per_rank * cfg.lora.rank * 1e6 * (4 + 4 + state) / GB  # fp32 weights + grads + optimizer state
-    # 'auto' resolution: what the trainer will pick, a local folder's own (latent size x VAE scale), else native
+    # 'auto' resolution: what the trainer will pick (a local folder's own size, else the family's; on a CPU 512 px for
+    # a big family)
     folder = cfg.model.source not in ("", "tiny") and Path(cfg.model.source).expanduser().is_dir()
-    res = cfg.data.resolution or (folder and peek_resolution(cfg.model.source, cfg.model.family)) or NATIVE[family]
-    pixels = (res / NATIVE[family]) ** 2 * cfg.train.batch_size
+    res = cfg.data.resolution or (folder and peek_resolution(cfg.model.source, cfg.model.family, on_cpu=host)) or \
+        auto_resolution(NATIVE[family], host)
+    pixels = (res / NATIVE[family]) ** 2 * cfg.train.batch_size * act_scale
     act_gb, kept = (ACTIVATION_GB, CHECKPOINTED) if host else (CUDA_ACTIVATION_GB, CUDA_CHECKPOINTED)
     fp8_share = (HOST_FP8_ACTIVATION_SHARE if host else FP8_ACTIVATION_SHARE[family]) if fp8 else 1.0
     kept = MODERN_CHECKPOINTED.get(family, kept)
@@ -227,11 +294,14 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
     te_act = TE_ACTIVATION_GB[family] * cfg.train.batch_size * (1 if half else 2) if train_te else 0.0
     # Encoding latents on the fly frees its buffers before the UNet runs, but the allocator keeps part
     # of them: measured, it adds to the peak rather than overlapping.
-    vae_act = VAE_ENCODE_GB * (res / 512) ** 2 * cfg.train.batch_size * (vae_bytes / 2) \
+    vae_act = VAE_ENCODE_GB * vae_scale * (res / 512) ** 2 * cfg.train.batch_size * (vae_bytes / 2) \
         if not cfg.data.cache_latents else 0.0
     act = unet_act + te_act + vae_act
-    secs = steps * STEP_S[family] * pixels * (1.3 if cfg.train.gradient_checkpointing else 1.0) * (1 if half else 2.5)
-    encode_gb = p["vae"] * vae_bytes * 1e6 / GB + CUDA_VAE_ENCODE_GB * (res / 512) ** 2 * vae_bytes / 2
+    # a step's work: the denoiser's parameters x its tokens (a local folder's own, against the published model's)
+    work = p["unet"] / PARAMS_M[family]["unet"] * (act_scale / lora_scale if lora_scale else 1.0)
+    secs = steps * STEP_S[family] * pixels / act_scale * work * (1.3 if cfg.train.gradient_checkpointing else 1.0) * \
+        (1 if half else 2.5) * (CPU_STEP_FACTOR if host else 1.0)
+    encode_gb = p["vae"] * vae_bytes * 1e6 / GB + CUDA_VAE_ENCODE_GB * vae_scale * (res / 512) ** 2 * vae_bytes / 2
     # Cache-ahead (data.cache_ahead) encodes while training: the VAE and one encode sit beside the training step.
     ahead = not host and cfg.data.cache_latents and cfg.data.cache_ahead and not (cfg.data.random_crop or cfg.data.flip)
     phases = [weights + lora + act + (encode_gb if ahead else 0.0), load_peak]

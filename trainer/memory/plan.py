@@ -275,6 +275,15 @@ def nvidia_smi_gpu() -> tuple[str, float] | None:
         return None
 
 
+def trains_on_cpu(budget: Budget) -> bool:
+    """A run planned against `budget` trains on the CPU: no GPU here nor a tier planned for, and not Apple silicon
+    (whose MPS the planner cannot size, so it plans against the RAM it shares)."""
+    import platform
+    import sys
+
+    return budget.device == "cpu" and not (sys.platform == "darwin" and platform.machine() == "arm64")
+
+
 def budget_for(vram_gb: float | None = None, gpu: tuple[str, float] | None = None,
                ram_gb: float | None = None) -> Budget:
     """The budget a run plans against: the GPU (`gpu` as detected; `vram_gb`, a tier or --vram, caps it), a

@@ -47,11 +47,28 @@ class Family:
         extras lora.unet_extra may add, by name."""
         return UNET_ATTENTION, UNET_EXTRA
 
+    KOHYA_NETWORK = "networks.lora"  # ss_network_module: the sd-scripts network that trains this family's LoRAs
+    BFL_KOHYA = False  # a kohya layout of its own (Flux.1: BFL's fused names), besides diffusers'
+
+    def layout_for(self, requested: str) -> tuple[str, str | None]:
+        """(the layout a LoRA file is written in for save.layout = `requested`, a note when it is not the one asked):
+        kohya, peft (diffusers' keys with peft's metadata, for SD 1/2/XL) or diffusers (scale folded into lora_B)."""
+        if self.lora_layout == "kohya":
+            return ("peft", None) if requested in ("peft", "diffusers") else ("kohya", None)
+        if requested == "kohya" and not self.BFL_KOHYA:
+            return "diffusers", (f"save.layout = kohya: {self.name} LoRAs have no kohya layout that ComfyUI, Forge or "
+                                 "diffusers read; written in diffusers' layout, which they all read")
+        return ("kohya" if requested == "kohya" else "diffusers"), None
+
     def check(self, cfg) -> None:
         """Refuse settings this family cannot honour, before anything trains (ModelError, one line)."""
         if cfg.lora.use_dora and self.lora_layout == "diffusers":
             raise ModelError(f"lora.use_dora is not available for {self.name}: its LoRA loaders read no DoRA keys; "
                              "set it to false")
+
+    def adapt(self, denoiser_config, tokenizers) -> None:
+        """Set a variant's own text window or the like on the loaded parts (Flux.1 schnell's T5 length); most
+        families need nothing."""
 
     def default_prediction(self, scheduler_config: dict) -> str:
         return scheduler_config.get("prediction_type", "epsilon")
@@ -98,6 +115,17 @@ class Family:
             return out.last_hidden_state, None
         final_norm = getattr(te, "text_model", te).final_layer_norm
         return final_norm(out.hidden_states[-clip_skip]), None
+
+    TEXT_ENTRY_VERSION = 1  # bump when what text_entry stores changes: the caption cache keys on it
+
+    def text_entry(self, hidden: torch.Tensor, pooled: torch.Tensor | None) -> dict:
+        """What the caption cache keeps of one caption's encoding (encode's outputs, batch dimension gone)."""
+        return {"hidden": hidden} if pooled is None else {"hidden": hidden, "pooled": pooled}
+
+    def collate_text(self, entries: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A batch's (hidden, pooled or None) from cached entries, as encode would give it."""
+        hidden = torch.stack([e["hidden"] for e in entries])
+        return hidden, torch.stack([e["pooled"] for e in entries]) if "pooled" in entries[0] else None
 
     def added_cond(self, pooled, original_sizes, crops, target_sizes):
         return None

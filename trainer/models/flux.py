@@ -16,28 +16,41 @@ from trainer.models.flow import FlowMatchingFamily
 # takes as it is.
 FLUX_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 FLUX_FF = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
-TRAINING_GUIDANCE = 1.0  # the guidance value dev LoRAs are trained with (sd-scripts' and ai-toolkit's default)
+# The guidance embedding dev LoRAs train with: 1.0, as sd-scripts' Flux LoRA guide trains them (its --guidance_scale
+# parser default is 3.5, the sampling value: that is what samples and Preview use).
+TRAINING_GUIDANCE = 1.0
 
 
 @dataclass(frozen=True)
 class FluxFamily(FlowMatchingFamily):
-    """Flux.1: CLIP-L (pooled) and T5-XXL (the sequence, 512 tokens for dev and 256 for schnell, as diffusers' Flux
-    pipelines encode); latents packed into 2x2 patches with their position ids; timesteps from the logit-normal
+    """Flux.1: CLIP-L (pooled) and T5-XXL (the sequence: 512 tokens for dev, 256 for schnell, as BFL's reference code
+    and sd-scripts encode them; `adapt` sets schnell's window on its T5 tokenizer); latents packed into 2x2 patches with their position ids; timesteps from the logit-normal
     sampler shifted by the resolution (dev: the image's token count sets the shift, as the sampler does) or by the
     scheduler's fixed shift (schnell). LoRA files are written in diffusers' layout, which ComfyUI and Forge map to
     their fused qkv weights and diffusers loads as it is; only CLIP-L can be trained beside the transformer."""
 
     LABEL = "a Flux"
+    KOHYA_NETWORK = "networks.lora_flux"
+    BFL_KOHYA = True  # save.layout = kohya: BFL's fused names (lora/flux_kohya.py)
     CELL = 2
 
     T5_TOKENS = 512
+    SCHNELL_T5_TOKENS = 256
+
+    def adapt(self, denoiser_config, tokenizers) -> None:
+        """Schnell (no guidance embedding) reads T5's first 256 tokens: its tokenizer's window is set to that, so
+        training, the caption cache, samples and Preview all encode alike."""
+        if not dict(denoiser_config).get("guidance_embeds", True) and len(tokenizers) > 1 and tokenizers[1] is not None:
+            tokenizers[1].model_max_length = min(tokenizers[1].model_max_length, self.SCHNELL_T5_TOKENS)
 
     def lora_targets(self, denoiser_config=None):
-        """Attention everywhere; extras: the single blocks' MLP in and out ("single_mlp", named by path: the model's
-        final proj_out shares the name) and the double blocks' feed-forward ("ff")."""
+        """Attention everywhere and the single blocks' MLP in and out (named by path: the model's final proj_out
+        shares the name), as sd-scripts' lora_flux and diffusers' Flux LoRA example train them: a single block's q, k,
+        v and MLP input are one fused Linear in BFL's model (and in kohya's files), its output one more. Extra: the
+        double blocks' feed-forward ("ff"); "single_mlp" names the default's MLP part and adds nothing."""
         n = int(dict(denoiser_config or {}).get("num_single_layers", 38))
         single = [f"single_transformer_blocks.{i}.{name}" for i in range(n) for name in ("proj_mlp", "proj_out")]
-        return FLUX_ATTENTION, {"single_mlp": single, "ff": FLUX_FF}
+        return FLUX_ATTENTION + single, {"single_mlp": [], "ff": FLUX_FF}
 
     def check(self, cfg) -> None:
         super().check(cfg)

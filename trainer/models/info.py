@@ -60,9 +60,10 @@ def denoiser_config(folder: Path) -> dict | None:
     """A diffusers folder's UNet config, or its transformer's (SD3, Flux, Z-Image)."""
     for name in ("unet", "transformer"):
         try:
-            return json.loads((folder / name / "config.json").read_text(encoding="utf-8"))
+            config = json.loads((folder / name / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
+        return config if isinstance(config, dict) else None
     return None
 
 
@@ -72,16 +73,88 @@ def looks_like_path(source: str) -> bool:
             or source.endswith((".safetensors",) + PICKLE_SUFFIXES))
 
 
-FAMILY_RESOLUTION = {"tiny": 64, "sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024, "zimage": 1024}
+# The size each family trains and samples at when its config does not say (Flux.1's and Z-Image's published transformer
+# configs carry no sample_size; a UNet's and SD3's do). Every reader of a native size asks native_resolution below.
+NATIVE_RESOLUTION = {"tiny": 64, "sd1": 512, "sd2": 768, "sdxl": 1024, "sd3": 1024, "flux": 1024, "zimage": 1024}
+# What 'auto' trains a family of native size >= 1024 at on a machine without a GPU: a step at 1024 px takes four
+# times as long, and a tiny Flux folder at 1024 px took 96 minutes here (issue 37). data.resolution overrides it.
+CPU_RESOLUTION = 512
 
 
-def peek_resolution(source: str, family: str = "auto") -> int | None:
-    """The size a model trains at, from its config files: latent size times the VAE's downscale (the
-    trainer's own rule); the family default for a single file; None when nothing can be told."""
+def native_resolution(family: str | None, denoiser_config: dict | None, vae_config: dict | None) -> int | None:
+    """The size a model was made for: its latent size times the VAE's downscale when the denoiser's config names a
+    sample_size (a UNet's, SD3's transformer's: SD1.5 512, SD2-768 768, SDXL 1024, the embedded model 64), else the
+    family's native size; None when neither is known."""
+    latent = (denoiser_config or {}).get("sample_size")
+    blocks = (vae_config or {}).get("block_out_channels")
+    if isinstance(latent, int) and not isinstance(latent, bool) and isinstance(blocks, (list, tuple)) and blocks:
+        return latent * 2 ** (len(blocks) - 1)
+    return NATIVE_RESOLUTION.get(family or "")
+
+
+def auto_resolution(native: int | None, on_cpu: bool) -> int | None:
+    """data.resolution = auto: the native size, or CPU_RESOLUTION for a big family on a machine without a GPU."""
+    if native is not None and on_cpu and native > CPU_RESOLUTION:
+        return CPU_RESOLUTION
+    return native
+
+
+def peek_resolution(source: str, family: str = "auto", on_cpu: bool = False) -> int | None:
+    """The size a model trains at, from its config files (the trainer's own rule: native_resolution, then
+    auto_resolution); the family default for a single file; None when nothing can be told."""
     folder = EMBEDDED_DIR if is_embedded(source) else Path(source).expanduser()
+    configs = []
+    for read in (lambda: denoiser_config(folder), lambda: _json(folder / "vae" / "config.json")):
+        try:
+            configs.append(read())
+        except (OSError, ValueError):
+            configs.append(None)
     try:
-        unet = denoiser_config(folder)
-        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
-        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError):
-        return FAMILY_RESOLUTION.get(peek_family(source, family) or "")
+        fam = peek_family(source, family)
+    except (OSError, ValueError):
+        fam = None
+    return auto_resolution(native_resolution(fam, *configs), on_cpu)
+
+
+def _json(path: Path) -> dict | None:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else None
+
+
+# Samples' and Preview's defaults per model, from each model's own card: (steps, guidance). Guidance is classifier-free
+# guidance for SD 1/2/XL, SD3 and Z-Image Base, and Flux.1 dev's distilled guidance embedding (FluxPipeline runs no
+# CFG for it). 0 turns CFG off where the pipeline would run it: ZImagePipeline applies pos + g·(pos - neg) for any
+# g above 0, so Turbo's "1.0" rendered at about CFG 2 with twice the transformer calls (issue 37).
+SAMPLING = {"tiny": (20, 4.0), "sd1": (20, 7.0), "sd2": (20, 7.0), "sdxl": (20, 7.0), "sd3": (28, 5.0),
+            "flux": (20, 3.5), "flux-schnell": (4, 0.0), "zimage": (9, 0.0), "zimage-base": (28, 4.0)}
+VARIANT_WORDS = {"flux-schnell": "Flux.1 schnell (distilled: no guidance)",
+                 "zimage": "Z-Image Turbo (distilled: 8 steps, no CFG)", "zimage-base": "Z-Image Base (CFG)"}
+ZIMAGE_BASE_REPOS = ("tongyi-mai/z-image",)  # Z-Image's undistilled base, as its Hub repository is named
+
+
+def variant(family: str | None, source: str, config: dict | None = None) -> str:
+    """The SAMPLING key of a model: its family, or a distilled/base variant that samples apart. Flux.1 schnell has no
+    guidance embedding; a Z-Image model samples as Turbo (the one most people have) unless it is known to be Base:
+    the base repository's id, or a name that says base."""
+    name = str(source).replace("\\", "/").rstrip("/").lower()
+    if family == "flux":
+        embeds = (config or {}).get("guidance_embeds")
+        return "flux-schnell" if embeds is False or (embeds is None and "schnell" in name) else "flux"
+    if family == "zimage":
+        stem = name.rsplit("/", 1)[-1]
+        known_base = name in ZIMAGE_BASE_REPOS or ("base" in stem and "turbo" not in stem)
+        return "zimage-base" if known_base else "zimage"
+    return family or "sd1"
+
+
+def sampling_defaults(family: str | None, source: str, config: dict | None = None) -> tuple[int, float]:
+    if is_embedded(source):
+        return SAMPLING["tiny"]
+    return SAMPLING.get(variant(family, source, config), SAMPLING["sd1"])
+
+
+def peek_sampling(source: str, family: str = "auto") -> tuple[int, float]:
+    """(steps, guidance) a model samples at, from its files where it is a folder (torch-free, for the app)."""
+    fam = peek_family(source, family)
+    folder = EMBEDDED_DIR if is_embedded(source) else Path(source).expanduser()
+    return sampling_defaults(fam, source, denoiser_config(folder))

@@ -152,6 +152,7 @@ def load_base(source: str, family: str = "auto", dtype: torch.dtype | None = Non
         found = sum(t is not None for t in tes)
         raise ModelError(f"{source} has {found} text encoder(s) but a {fam.name} model needs {fam.encoders}")
     name = path.stem if path.exists() else source
+    fam.adapt(denoiser.config, toks)
     return Base(fam, denoiser, pipe.vae, tes, toks, sched, source, name, file_hash)
 
 

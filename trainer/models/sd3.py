@@ -41,6 +41,7 @@ class SD3Family(FlowMatchingFamily):
     pooled projections. The text encoders LoRA can train are the two CLIPs (diffusers' SD3 loader has no T5)."""
 
     LABEL = "an SD3"
+    KOHYA_NETWORK = "networks.lora_sd3"
 
     T5_TOKENS = 256  # diffusers' SD3 default max_sequence_length
 
@@ -67,13 +68,12 @@ class SD3Family(FlowMatchingFamily):
         return torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1)
 
     def architecture(self, denoiser_config) -> str:
-        # kohya's sai_model_spec: "stable-diffusion-3" followed by the variant.
+        # kohya's sai_model_spec: "stable-diffusion-3" followed by the variant, told apart as sd-scripts' sd3_utils
+        # tells them: SD3.5 has qk-norm, and Medium its second image attention (dual attention layers)
         config = dict(denoiser_config)
-        if config.get("num_layers") == 38:
-            return "stable-diffusion-3-5-large"
-        if config.get("dual_attention_layers"):
-            return "stable-diffusion-3-5-medium"
-        return "stable-diffusion-3-medium" if config.get("num_layers") == 24 else self.modelspec_architecture
+        if config.get("qk_norm"):
+            return "stable-diffusion-3-5-medium" if config.get("dual_attention_layers") else "stable-diffusion-3-5-large"
+        return "stable-diffusion-3-medium"
 
     def denoise(self, model, noisy, t, hidden, pooled, sizes, crops, targets):
         return model(hidden_states=noisy, timestep=t, encoder_hidden_states=hidden, pooled_projections=pooled).sample

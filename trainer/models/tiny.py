@@ -195,15 +195,17 @@ FLUX_VAE = dict(latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611)
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
                  "{% if add_generation_prompt %}assistant{% endif %}")
 CHAT_TOKENS = 64  # the templated prompt is longer than a CLIP window
-TINY_SAMPLE_SIZE = 32  # latent cells: the tiny transformers train at 64 px (their configs carry it, as a UNet's do)
 
 
 def flux_vae():
+    """Four blocks, as the published VAE has ([128, 256, 512, 512]): 8 pixels per latent cell, so a tiny Flux or
+    Z-Image sees as many tokens per image as the real one (with two blocks, 1024 px made 65,536 tokens, not 4,096).
+    Their transformers' configs carry no sample_size, as the published ones do not: the native size is the family's."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=16, sample_size=32,
+        in_channels=3, out_channels=3, block_out_channels=[16, 16, 32, 32], down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=1, norm_num_groups=8, sample_size=32,
         use_quant_conv=False, use_post_quant_conv=False, **FLUX_VAE)
 
 
@@ -212,12 +214,9 @@ def flux_transformer(guidance: bool = True, joint_dim: int = 48, pooled_dim: int
     latent channels; `guidance` embeds the guidance value as dev does (schnell has none)."""
     from diffusers import FluxTransformer2DModel
 
-    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2,
-                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=joint_dim,
-                                   pooled_projection_dim=pooled_dim, guidance_embeds=guidance,
-                                   axes_dims_rope=(4, 6, 6))
-    model.register_to_config(sample_size=TINY_SAMPLE_SIZE)
-    return model
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=joint_dim,
+                                  pooled_projection_dim=pooled_dim, guidance_embeds=guidance, axes_dims_rope=(4, 6, 6))
 
 
 def _flux_pipeline(tok, schnell: bool = False):
@@ -243,11 +242,9 @@ def zimage_transformer(cap_dim: int = 32):
     2x2 patches of 16 latent channels, rotary positions over (caption/frame, height, width)."""
     from diffusers import ZImageTransformer2DModel
 
-    model = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=2,
-                                     n_refiner_layers=2, n_heads=4, n_kv_heads=4, cap_feat_dim=cap_dim,
-                                     axes_dims=[4, 6, 6], axes_lens=[512, 64, 64])
-    model.register_to_config(sample_size=TINY_SAMPLE_SIZE)
-    return model
+    return ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=2,
+                                    n_refiner_layers=2, n_heads=4, n_kv_heads=4, cap_feat_dim=cap_dim,
+                                    axes_dims=[4, 6, 6], axes_lens=[512, 64, 64])
 
 
 def _zimage_pipeline(tok):

@@ -56,6 +56,21 @@ class ZImageFamily(FlowMatchingFamily):
         hidden = te(input_ids=ids, attention_mask=mask.bool(), output_hidden_states=True).hidden_states[-2]
         return hidden, mask.to(hidden.dtype)
 
+    def text_entry(self, hidden, mask):
+        """The prompt's real tokens only: padded to the 512-token window, a cached caption was 2.5 MiB."""
+        return {"hidden": hidden[mask > 0.5]}
+
+    def collate_text(self, entries):
+        """Cached captions of their own lengths, padded to the batch's longest with a mask, as encode gives them."""
+        n = max(e["hidden"].shape[0] for e in entries)
+        first = entries[0]["hidden"]
+        hidden = first.new_zeros(len(entries), n, first.shape[-1])
+        mask = first.new_zeros(len(entries), n)
+        for i, e in enumerate(entries):
+            hidden[i, :e["hidden"].shape[0]] = e["hidden"]
+            mask[i, :e["hidden"].shape[0]] = 1
+        return hidden, mask
+
     @staticmethod
     def features(hidden: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
         return [h[m > 0.5] for h, m in zip(hidden, mask)]
@@ -66,7 +81,9 @@ class ZImageFamily(FlowMatchingFamily):
             raise ModelError(f"a Z-Image latent of {h}x{w} cannot be cut into 2x2 patches; use a bucket step that "
                              "is a multiple of 16 pixels")
         x = list(noisy.unsqueeze(2).unbind(0))
-        out = model(x, (1000 - t.to(noisy.dtype)) / 1000, self.features(hidden, pooled), return_dict=False)[0]
+        # 1 - σ in fp32, as ZImagePipeline computes it: rounding t to bf16 first (steps of 4 near 1000) moved it by
+        # up to 0.002
+        out = model(x, (1000 - t.float()) / 1000, self.features(hidden, pooled), return_dict=False)[0]
         return -torch.stack(out).squeeze(2)
 
     def prompt_kwargs(self, text_encoders, tokenizers, prompts, negative, clip_skip: int = 1) -> dict:

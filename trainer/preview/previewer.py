@@ -39,8 +39,8 @@ class Request:
     prompt: str = ""
     negative: str = ""
     seed: int = 0
-    steps: int = 20
-    guidance: float = 4.0
+    steps: int | None = None  # None = the model's own (trainer.models.info.SAMPLING)
+    guidance: float | None = None
     size: int | None = None  # None = the model's native size
     sampler: str = "ddim"
 
@@ -115,13 +115,30 @@ class Previewer:
         name = self.sampler_class(sampler)
         return getattr(diffusers, name).from_config(sampling_schedule(self.base.scheduler_config)[0])
 
+    def native_size(self) -> int:
+        """The size the base was made for (trainer.models.info.native_resolution: its config's own, else the
+        family's: Flux.1's and Z-Image's published configs carry no sample_size)."""
+        from trainer.models.info import native_resolution
+
+        b = self.base
+        return native_resolution(b.family.name, dict(b.unet.config), dict(b.vae.config)) or b.family.default_resolution
+
+    def sampling(self) -> tuple[int, float]:
+        """The base's own steps and guidance (Z-Image Turbo: 9 steps, no CFG; Flux.1 dev: guidance 3.5 ...)."""
+        from trainer.models.info import sampling_defaults
+
+        return sampling_defaults(self.base.family.name, self.base_source, dict(self.base.unet.config))
+
     # ---- rendering ----------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, req: Request) -> tuple[Image.Image, dict]:
         pipe = self.pipeline(req.base)
         self.apply(req.loras)
         pipe.scheduler = self.scheduler(req.sampler)
-        size = req.size or self.base.unet.config.sample_size * pipe.vae_scale_factor  # the model's native size
+        size = req.size or self.native_size()
+        steps, guidance = self.sampling()
+        req = Request(**{**req.__dict__, "steps": req.steps or steps,
+                         "guidance": guidance if req.guidance is None else req.guidance})
         rescale = sampling_schedule(self.base.scheduler_config)[1]
 
         def on_step(pipe, i, t, kwargs):

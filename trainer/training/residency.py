@@ -85,19 +85,20 @@ def let_encoders_go(cfg, base, precision, device, main, events, drift: bool) -> 
     return encoded
 
 @torch.no_grad()
-def encode_captions(fam, tes, tokenizers, captions, clip_skip, precision, stop=None, progress=None) -> dict:
-    """caption -> (hidden states, pooled or None), on CPU, for frozen text encoders. Captions go 16 at a time,
-    so an encoder visiting the GPU (see borrowed) moves once per chunk rather than once per caption; `stop()` is
-    asked between chunks."""
-    out, chunk = {}, 16  # captions per encoder pass
+def encode_captions(fam, tes, tokenizers, captions, clip_skip, precision, cache, stop=None, progress=None):
+    """Put every caption the TextCache `cache` lacks into it, from frozen text encoders (what each caption keeps is
+    the family's `text_entry`). Captions go 16 at a time, so an encoder visiting the GPU (see borrowed) moves once
+    per chunk rather than once per caption; `stop()` is asked between chunks. Returns (already cached, encoded)."""
+    todo = [c for c in captions if not cache.has(c)]
+    chunk = 16  # captions per encoder pass
     with precision.autocast():
-        for start in range(0, len(captions), chunk):
+        for start in range(0, len(todo), chunk):
             if stop is not None and stop():
                 break
-            part = captions[start:start + chunk]
+            part = todo[start:start + chunk]
             hidden, pooled = fam.encode(tes, fam.tokenize(tokenizers, part), clip_skip)
             for i, c in enumerate(part):
-                out[c] = (hidden[i].cpu(), None if pooled is None else pooled[i].cpu())
+                cache.put(c, fam.text_entry(hidden[i], None if pooled is None else pooled[i]))
             if progress:
-                progress(len(out))
-    return out
+                progress(len(captions) - len(todo) + start + len(part))
+    return len(captions) - len(todo), len(todo)

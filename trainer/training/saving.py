@@ -28,22 +28,29 @@ def lycoris_namer(base):
 
 def save_lora_file(path: Path, step: int, epoch: int, events: Events, *, cfg, base, data, models, started,
           thumbnail: Path | None = None) -> None:
-    extra = {}
+    extra, dtype = {}, SAVE_DTYPES[cfg.save.dtype]
+    layout, _ = base.family.layout_for(cfg.save.layout)
     if cfg.lora.network != "lora":  # LoHa/LoKr: the LyCORIS layout, whatever save.layout says
-        tensors = lycoris_state_dict(models, SAVE_DTYPES[cfg.save.dtype], lycoris_namer(base))
-    elif base.family.lora_layout == "diffusers":  # the one layout SD3's loaders share
-        tensors = diffusers_state_dict(models, SAVE_DTYPES[cfg.save.dtype])
-    elif cfg.save.layout == "peft":
-        tensors, extra = peft_state_dict(models, SAVE_DTYPES[cfg.save.dtype])
+        tensors = lycoris_state_dict(models, dtype, lycoris_namer(base))
+    elif layout == "diffusers":  # the one layout SD3's, Flux's and Z-Image's loaders share
+        tensors = diffusers_state_dict(models, dtype)
+    elif layout == "peft":
+        tensors, extra = peft_state_dict(models, dtype)
+    elif base.family.BFL_KOHYA:  # Flux.1 in kohya's layout: BFL's fused names for the transformer
+        from trainer.lora import flux_kohya
+
+        denoiser = models.get(base.family.denoiser_prefix)
+        tensors = flux_kohya.state_dict(denoiser, dtype) if denoiser is not None else {}
+        tensors.update(kohya_state_dict({k: m for k, m in models.items() if m is not denoiser}, dtype))
     else:
-        tensors = kohya_state_dict(models, SAVE_DTYPES[cfg.save.dtype], base.family.unet_namer(base.unet.config))
+        tensors = kohya_state_dict(models, dtype, base.family.unet_namer(base.unet.config))
     metadata = build_metadata(
         name=path.stem, family=base.family, cfg=cfg, resolution=cfg.data.resolution,
         prediction_type=cfg.model.prediction_type, train_text_encoder=bool(cfg.lora.train_text_encoder),
         datasets=dataset_metadata(data.entries, cfg, cfg.data.resolution), steps=step,
         epoch=epoch + 1, started=started, finished=now_epoch(), base_name=base.name, base_hash=base.file_hash,
         thumbnail=png_data_url(thumbnail) if thumbnail else None,
-        architecture=base.family.architecture(base.unet.config),
+        architecture=base.family.architecture(base.unet.config), layout=layout,
     )
     # the factor each kind starts from zero: while it is all zero, the file changes nothing
     ups = [t for k, t in tensors.items() if k.endswith((".lora_up.weight", ".lora_B.weight", ".hada_w2_b",

@@ -13,13 +13,15 @@ from trainer.data.cache import LatentCache, LatentFeeder, default_cache_dir, fil
 from trainer.data.captions import sample_prompts
 from trainer.data.dataset import TrainingSet
 from trainer.data.manifest import read_manifest
+from trainer.data.text_cache import TextCache
 from trainer.data.scan import DatasetError, scan
 from trainer.errors import TrainingError
 from trainer.lora import inject as lora_mod
 from trainer.memory import frozen
 from trainer.memory.precision import Precision
 from trainer.models import load_base
-from trainer.models.info import text_encoder_trained_by_default
+from trainer.models import info
+from trainer.models.info import sampling_defaults, text_encoder_trained_by_default
 from trainer.training import validation
 from trainer.training.distributed import stop_point
 from trainer.training.events import Events
@@ -53,7 +55,17 @@ def prepare_models(cfg: RunConfig, precision: Precision, events: Events):
         base = load_base(cfg.model.source, cfg.model.family, dtype=precision.weight_dtype,
                          on_unet=lambda unet: ready_unet(unet, cfg, precision, fp8), t5=cfg.model.t5)
     fam = base.family
-    resolve_auto(cfg, fam, base.prediction_type, native_resolution(base), base.zero_terminal_snr)
+    auto_size = cfg.data.resolution is None
+    cfg.save.layout, layout_note = fam.layout_for(cfg.save.layout)  # written down as the layout the files use
+    resolve_auto(cfg, fam, base.prediction_type, native_resolution(base, precision.device.type == "cpu"),
+                 base.zero_terminal_snr, dict(base.unet.config))
+    if layout_note:
+        events.emit("warning", message=layout_note)
+    if auto_size and cfg.data.resolution < native_resolution(base):
+        events.emit("warning", message=f"data.resolution = auto trains this {fam.name} model at "
+                    f"{cfg.data.resolution} px on the CPU, not its native {native_resolution(base)} px (a step "
+                    f"there takes about {(native_resolution(base) / cfg.data.resolution) ** 2:.0f}x as long); set "
+                    f"data.resolution = {native_resolution(base)} to train at it")
     if cfg.model.zero_terminal_snr and cfg.model.prediction_type == "epsilon":
         raise TrainingError("model.zero_terminal_snr needs model.prediction_type = v_prediction: at the last "
                             "timestep there is no signal left, so the noise cannot be predicted from it")
@@ -116,15 +128,26 @@ def prepare_data(cfg: RunConfig, base, found, reg, train_te: bool, precision: Pr
     text_cache = None
     if cfg.data.caches_text(train_te):  # the encoders visit the device one at a time
         captions = sorted({e.caption for e in data.entries} | ({""} if cfg.data.caption_dropout else set()))
+        text_cache = caption_cache(cfg, base, precision)
         with borrowed([], device, visiting=tes), events.progress.phase("caching text", len(captions)) as tick:
-            text_cache = encode_captions(fam, tes, base.tokenizers, captions, cfg.model.clip_skip, precision,
-                                          stop=events.stop_requested, progress=tick)
-        events.emit("text_cache", captions=len(captions))
+            cached, encoded = encode_captions(fam, tes, base.tokenizers, captions, cfg.model.clip_skip, precision,
+                                              text_cache, stop=events.stop_requested, progress=tick)
+        events.emit("text_cache", captions=len(captions), cached=cached, encoded=encoded,
+                    folder=str(text_cache.folder))
     else:  # encoded at every step
         for te in tes:
             te.to(device)  # loaded in the weight dtype already; .to(dtype) would also cast fp8 and LoRA tensors
     unet.to(device)
     return data, cache, vae_id, text_cache, feeder
+
+def caption_cache(cfg: RunConfig, base, precision: Precision) -> TextCache:
+    """The on-disk caption cache for this run's frozen encoders, beside the latent cache."""
+    fam = base.family
+    extra = {"clip_skip": cfg.model.clip_skip, "dtype": str(precision.weight_dtype), "frozen": cfg.train.frozen_dtype,
+             "encoding": [type(fam).__name__, getattr(fam, "T5_TOKENS", None), getattr(fam, "TOKENS", None),
+                          fam.TEXT_ENTRY_VERSION]}
+    identity = TextCache.identity(fam.name, base.text_encoders, base.tokenizers, extra)
+    return TextCache(Path(cfg.data.cache_dir or default_cache_dir()) / "text", identity)
 
 def cache_ahead(data, cache, vae, vae_id, events: Events):
     """Cache-ahead (data.cache_ahead): training starts now and each image is encoded just before the step that takes
@@ -187,13 +210,11 @@ def wrapped(cfg: RunConfig, accelerator, trained, unet, tes, device):
         unet_fwd = torch.compile(unet_fwd)
     return prepared, unet_fwd, [model_of.get(id(te), te) for te in tes]
 
-def native_resolution(base) -> int:
-    """The size the model was trained at: its latent size times the VAE's downscale (SD1.5 512, SD2-768
-    768, SDXL 1024, the embedded model 64); the family default when the config does not say."""
-    latent = base.unet.config.get("sample_size")
-    if not isinstance(latent, int):
-        return base.family.default_resolution
-    return latent * 2 ** (len(base.vae.config.block_out_channels) - 1)
+def native_resolution(base, on_cpu: bool = False) -> int:
+    """What data.resolution = auto trains at (trainer.models.info: the config's own size, else the family's; 512 px
+    for a big family on a machine without a GPU)."""
+    native = info.native_resolution(base.family.name, dict(base.unet.config), dict(base.vae.config))
+    return info.auto_resolution(native or base.family.default_resolution, on_cpu)
 
 def ready_unet(unet, cfg: RunConfig, precision: Precision, fp8: bool) -> None:
     """The UNet's LoRA and frozen stand-ins, built on the host as soon as it loads (before the text encoders):
@@ -210,7 +231,8 @@ def ready_unet(unet, cfg: RunConfig, precision: Precision, fp8: bool) -> None:
     # After injection: peft wraps the original layers. Streamed weights stay on the host when the UNet moves.
     frozen.freeze(unet, precision.weight_dtype, fp8=fp8, stream=cfg.train.offload)
 
-def resolve_auto(cfg: RunConfig, fam, model_prediction_type: str, resolution: int, zero_terminal_snr: bool = False) -> None:
+def resolve_auto(cfg: RunConfig, fam, model_prediction_type: str, resolution: int, zero_terminal_snr: bool = False,
+                 denoiser_config: dict | None = None) -> None:
     """Fill every 'auto' value from the model, so the written config.toml is explicit."""
     cfg.model.family = fam.name
     if cfg.model.prediction_type is None:
@@ -219,6 +241,11 @@ def resolve_auto(cfg: RunConfig, fam, model_prediction_type: str, resolution: in
         cfg.model.zero_terminal_snr = zero_terminal_snr
     if cfg.data.resolution is None:
         cfg.data.resolution = resolution
+    steps, guidance = sampling_defaults(fam.name, cfg.model.source, denoiser_config)
+    if cfg.sample.steps is None:
+        cfg.sample.steps = steps
+    if cfg.sample.guidance_scale is None:
+        cfg.sample.guidance_scale = guidance
     if cfg.lora.train_text_encoder is None:
         cfg.lora.train_text_encoder = text_encoder_trained_by_default(fam.name)
     if cfg.optim.text_encoder_lr is None:
@@ -290,7 +317,7 @@ class Prepared:
     data: TrainingSet
     cache: LatentCache | None
     vae_id: str
-    text_cache: dict | None
+    text_cache: TextCache | None
     feeder: LatentFeeder | None  # cache-ahead: the latents still to encode, just before their steps
     groups: list
     optimizer: object

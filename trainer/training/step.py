@@ -27,7 +27,7 @@ class Step:
     tokenizers: list
     text_encoders: list  # as the forward pass sees them (DDP-wrapped when trained on several processes)
     denoiser: torch.nn.Module  # likewise
-    text_cache: dict | None  # caption -> (hidden, pooled or None), for frozen encoders and fixed captions
+    text_cache: object  # a TextCache (data/text_cache.py) for frozen encoders and fixed captions, or None
     train_te: bool
     latent_factor: int  # pixels per latent cell, for masks
     rng: object  # random.Random: crops, flips and caption shuffles
@@ -64,10 +64,8 @@ class Step:
 
     def conditioning(self, captions: list[str]):
         if self.text_cache is not None:
-            hidden = torch.stack([self.text_cache[c][0] for c in captions]).to(self.device)
-            pooled = torch.stack([self.text_cache[c][1] for c in captions]).to(self.device) \
-                if self.text_cache[captions[0]][1] is not None else None
-            return hidden, pooled
+            hidden, pooled = self.fam.collate_text([self.text_cache.get(c) for c in captions])
+            return hidden.to(self.device), None if pooled is None else pooled.to(self.device)
         with self.precision.autocast(), (contextlib.nullcontext() if self.train_te else torch.no_grad()):
             return self.fam.encode(self.text_encoders, self.fam.tokenize(self.tokenizers, captions),
                                    self.cfg.model.clip_skip)
