@@ -131,8 +131,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lora-studio: error: --allow-path {folder} is not a folder", file=sys.stderr)
             return 2
         allowed.append(folder)
-    ws = Workspace((args.workspace or default_root()).expanduser().resolve(), allowed_paths=tuple(allowed))
-    print(f"LoRA Studio: workspace {ws.root}; serving on http://{host}:{args.port}", flush=True)
+    from .request_guard import is_loopback
+
+    ws = Workspace((args.workspace or default_root()).expanduser().resolve(), allowed_paths=tuple(allowed),
+                   models_anywhere=is_loopback(host))
+    print(f"LoRA Studio: workspace {ws.root}; serving on http://{host}:{args.port}"
+          + ("; base models are read from any folder, files are written inside the workspace" if ws.models_anywhere
+             else "; models and files inside the workspace and --allow-path folders only (listening on a network)"),
+          flush=True)
     window = args.window and not args.no_browser
     from .main import StartupError
 

@@ -37,12 +37,25 @@ def path(ws: Workspace, key: str, value: str | Path) -> Path:
 
 
 def model(ws: Workspace, key: str, source: str) -> str:
-    """A base model: the embedded one, a Hub id (downloaded into the Hub cache), or an allowed local path."""
+    """A model to read (a base, a captioner): the embedded one, a Hub id (downloaded into the Hub cache), or a local
+    path: anywhere on an app that answers this machine alone (reading writes nothing), inside the allowed roots on
+    one that listens on a network."""
     if is_embedded(source):
         return source
     if not looks_like_path(source) and not (ws.root / source).exists():
         return source  # "owner/name" that is no local folder: a Hub id
-    return str(path(ws, key, source))
+    if ws.models_anywhere:
+        p = Path(source).expanduser()
+        p = (p if p.is_absolute() else ws.root / p).resolve()
+        if p.exists():
+            return str(p)
+        raise WorkspaceError(f"{key} = {source!r} does not exist; give a model folder, a .safetensors file or a Hub "
+                             "id (owner/name)")
+    try:
+        return str(path(ws, key, source))
+    except WorkspaceError as e:
+        raise WorkspaceError(f"{e} (this app listens on a network, so it reads models from those folders only)") \
+            from None
 
 
 def run_config(ws: Workspace, cfg: RunConfig) -> RunConfig:

@@ -16,7 +16,8 @@ from trainer.data.scan import MASK_SUFFIX, cached_scan, read_caption
 from . import confine, trainer_cli
 from .workspace import Workspace, WorkspaceError, check_name, new_folder
 
-UPLOAD_LIMITS = Limits(max_files=20_000, max_file_bytes=50 * 2**20, max_total_bytes=8 * 2**30)  # zips of 10k images
+# A dataset made in the app holds at most 20,000 images, however many imports fill it (the CLI allows 50,000)
+UPLOAD_LIMITS = Limits(max_files=20_000, max_file_bytes=50 * 2**20, max_total_bytes=8 * 2**30)
 TRASH_INDEX = "trash.json"
 
 

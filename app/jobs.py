@@ -39,7 +39,7 @@ class RunView:
     eta_s: float | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)  # the held-out loss (trainer/training/validation.py)
-    samples: list[str] = field(default_factory=list)
+    samples: list[tuple[str, str]] = field(default_factory=list)  # (image, "step N: prompt")
     lora: str | None = None
     log_tail: str = ""
     command: str = ""
@@ -96,6 +96,12 @@ def tail(path: Path, lines: int = 30) -> str:
     return "\n".join(line.split("\r")[-1] for line in text.splitlines()[-lines:])
 
 
+def sample_label(e: dict) -> str:
+    """What a sample shows under it: the step it was made at and its prompt (a grid: what it holds)."""
+    prompt = e.get("prompt") or ""
+    return f"step {e.get('step')}: {prompt[:80]}{'…' if len(prompt) > 80 else ''}"
+
+
 def view(run_dir: Path, alive=pid_alive) -> RunView:
     """Everything the Train tab shows about one run, from its folder."""
     job, events = read_job(run_dir), read_events(run_dir)
@@ -133,7 +139,7 @@ def view(run_dir: Path, alive=pid_alive) -> RunView:
             figures = next((c for c in v.checkpoints if c.get("step") == e.get("step")), {})
             v.recommendation = {**figures, **e}
         elif t == "sample" and e.get("path"):
-            v.samples.append(e["path"])
+            v.samples.append((e["path"], sample_label(e)))
         elif t == "end_samples":
             v.phase, v.message = "end samples", e.get("message", "")
         elif t == "end_skipped":

@@ -187,7 +187,9 @@ def parser() -> argparse.ArgumentParser:
         prog="launch.py", allow_abbrev=False,
         description="Install LoRA Studio into .venv (torch for this machine's GPU, the rest from requirements.lock) "
                     "on the first run, then start it. Other options go to the app: --port N, --no-browser, "
-                    "--workspace DIR, --listen, --window, --shortcut (python launch.py --help-app lists them).")
+                    "--workspace DIR, --listen, --window, --shortcut (python launch.py --help-app lists them). "
+                    "python launch.py train|dataset|lora|bench|doctor ... runs that lora-studio command in the "
+                    "environment (installing it first if needed).")
     p.add_argument("--dry-run", action="store_true", help="say what would be installed and run, install nothing; the "
                    "last line is one JSON object")
     p.add_argument("--os", choices=OSES, help="describe another machine's system (with --dry-run)")
@@ -204,8 +206,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# `python launch.py train ...` is `lora-studio train ...` in the environment: the commands need no PATH entry (the
+# console script lives in .venv, which a new user never activates). Their options are theirs, --help included.
+COMMANDS = ("train", "dataset", "lora", "bench", "doctor", "ui")
+
+
 def main(argv: list[str] | None = None, *, root: Path = ROOT) -> int:
-    args, app_args = parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        args, app_args = parser().parse_args([]), argv
+    else:
+        args, app_args = parser().parse_known_args(argv)
     try:
         return _main(args, app_args, root)
     except LaunchError as e:
@@ -315,7 +326,10 @@ def install(root: Path, venv: Path, os_name: str, torch: TorchChoice, steps: lis
 
 def start_app(cmd: list[str], os_name: str, root: Path) -> int:
     env = {**os.environ, "LORA_STUDIO_LAUNCHER": str(root / "launch.py")}
-    print("LoRA Studio: starting; Ctrl-C in this window stops it", flush=True)
+    command = cmd[3] if len(cmd) > 3 and cmd[3] in COMMANDS and cmd[3] != "ui" else None
+    if command is None:
+        print("LoRA Studio: starting; Ctrl-C in this window stops it (the command line: python launch.py train "
+              "--help, or .venv's lora-studio)", flush=True)
     if os_name != "windows" and os.name == "posix":
         os.execve(cmd[0], cmd, env)  # the app takes this process: Ctrl-C and exit codes as if started directly
     try:

@@ -9,10 +9,11 @@ import json
 import shutil
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.lora import header as lora_header
+from trainer.lora.readers import kind_of, readers
 from trainer.atomic import copy_file, write_bytes
 from trainer.data.importer import sanitize_name
 from trainer.file_hashes import file_hashes
@@ -34,6 +35,7 @@ class Entry:
     hashes: dict  # file_sha256/autov2 and tensor_sha256/autov3 (trainer.file_hashes); {} until the index has them
     source: str  # "library" or "run <name>"
     metadata: dict
+    kind: dict = field(default_factory=dict)  # trainer.lora.readers.kind_of: network, DoRA, layout
 
     @property
     def name(self) -> str:
@@ -107,14 +109,15 @@ class Index:
         key, stamp = str(path), [st.st_size, st.st_mtime_ns]
         with self.lock:
             row = self.rows.get(key)
-        if row is None or row["stamp"] != stamp:
+        if row is None or row["stamp"] != stamp or "kind" not in row:  # an index from before readers were named
             header, _ = read_header(path)
             self.header_reads += 1
             md = header.get("__metadata__", {}) or {}
             ranks = sorted({v["shape"][0] for k, v in header.items() if k.endswith(("lora_down.weight", "lora_A.weight"))})
             network = "LoHa" if any(k.endswith(".hada_w1_a") for k in header) else \
                 "LoKr" if any(k.endswith((".lokr_w1", ".lokr_w1_a")) for k in header) else ""
-            row = {"stamp": stamp, "metadata": md, "ranks": ranks, "hashes": {}, "network": network}
+            row = {"stamp": stamp, "metadata": md, "ranks": ranks, "hashes": {}, "network": network,
+                   "kind": kind_of(k for k in header if k != "__metadata__")}
             with self.lock:
                 self.rows[key] = row
         if not row["hashes"]:
@@ -126,7 +129,7 @@ class Index:
         family = FAMILIES.get(md.get("ss_base_model_version", ""), "") or \
             md.get("modelspec.architecture", "?").split("/")[0]
         return Entry(path, md.get("ss_output_name", ""), family, str(rank), md.get("modelspec.trigger_phrase", ""),
-                     st.st_size / 2**20, dict(row["hashes"]), source, md)
+                     st.st_size / 2**20, dict(row["hashes"]), source, md, row.get("kind") or {})
 
     def pending(self) -> int:
         """Files still to hash, or 1 while the index is being saved after the last one."""
@@ -255,7 +258,8 @@ def details(e: Entry) -> dict:
         info["datasets"] = {name: len(tags) for name, tags in json.loads(md.get("ss_tag_frequency", "{}")).items()}
     except ValueError:
         pass
-    return {"file": str(e.path), "title": e.title, **e.hashed(), **info}
+    loads = readers(e.family or None, e.kind) if e.kind else []
+    return {"file": str(e.path), "title": e.title, **e.hashed(), **info, **({"loads in": loads} if loads else {})}
 
 
 def rewrite_name(src: Path, dst: Path, new_name: str, extra: dict[str, str] | None = None) -> None:

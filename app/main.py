@@ -4,6 +4,7 @@ from __future__ import annotations
 import gradio as gr
 
 from .context import Ctx, setup_logging
+from .handlers.train import stem_of
 from .jobs import JobRunner
 from .preview_client import PreviewClient
 from .tabs import datasets, library, preview, train
@@ -35,12 +36,14 @@ def build_app(ctx: Ctx) -> gr.Blocks:
             pv = preview.build(ctx)
             lib = library.build(ctx)
 
-        def lists():
+        def lists(current=None):
             names = ctx.ws.dataset_names()
-            return gr.Dropdown(choices=names), gr.Dropdown(choices=["(none)", *names])
+            return (gr.Dropdown(choices=names, value=current) if current else gr.Dropdown(choices=names),
+                    gr.Dropdown(choices=["(none)", *names]))
 
-        # A dataset created on the Datasets tab shows up on the Train tab.
-        ds["dataset"].change(lists, None, list(tr["refresh_datasets"]))
+        # The Train tab trains the dataset open on the Datasets tab: one just created, imported into or captioned is
+        # the one Start uses (it used to stay on the first sample set).
+        ds["dataset"].change(lists, ds["dataset"], list(tr["refresh_datasets"]))
 
         def on_page_load():
             """The lists as they are now, not as they were when the server started: a reload or a
@@ -48,8 +51,9 @@ def build_app(ctx: Ctx) -> gr.Blocks:
             names, runs = ctx.ws.dataset_names(), ctx.ws.run_names()
             active = ctx.runner.running() or next(iter(ctx.runner.queued()), None)
             latest = active if active in runs else (runs[0] if runs else None)
-            return (gr.Dropdown(choices=names), *lists(), gr.Dropdown(choices=runs, value=latest), runs,
-                    unique_name(ctx.ws.runs, "run"))
+            stem = stem_of(runs[0]) if runs else "run"  # the newest run's name, numbered on: "glorp-run-2"
+            return (gr.Dropdown(choices=names, value=ctx.ws.latest_dataset()), *lists(),
+                    gr.Dropdown(choices=runs, value=latest), runs, unique_name(ctx.ws.runs, stem))
 
         demo.load(on_page_load, None, [ds["dataset"], *tr["refresh_datasets"], *tr["runs"], tr["run_name"]])
         # A reload while a run trains or waits lands on its progress, not on the Datasets tab.

@@ -11,7 +11,7 @@ from trainer.config import ConfigError, RunConfig
 from trainer.data.captions import sample_prompts
 from trainer.data.manifest import read_manifest
 from trainer.data.scan import DatasetError, cached_scan
-from trainer.models.info import peek_family, peek_resolution
+from trainer.models.info import peek_family, peek_resolution, text_encoder_trained_by_default
 
 from .workspace import Workspace
 
@@ -105,6 +105,7 @@ def summary(cfg: RunConfig) -> list[list]:
     """The settings users look at first, grouped; everything else is in the Advanced box."""
     te = cfg.lora.train_text_encoder
     family = cfg.model.family if cfg.model.family != "auto" else peek_family(cfg.model.source)
+    trains_te = te if te is not None else text_encoder_trained_by_default(family)
     t5 = {"sd3": "loaded" if cfg.model.t5 else "left out (model.t5 = false)", "flux": "loaded (Flux needs it)"}
     return [
         ["model", "base model", cfg.model.source],
@@ -114,7 +115,8 @@ def summary(cfg: RunConfig) -> list[list]:
         *([["lora", "network", {"loha": "LoHa (LyCORIS)", "lokr": f"LoKr (LyCORIS), factor {'auto' if cfg.lora.lokr_factor == -1 else cfg.lora.lokr_factor}"}
             [cfg.lora.network]]] if cfg.lora.network != "lora" else []),
         ["lora", "text encoder", "auto" if te is None else ("trained" if te else "frozen")],
-        ["optim", "learning rate (UNet / TE)", f"{cfg.optim.lr:g} / {'auto' if cfg.optim.text_encoder_lr is None else f'{cfg.optim.text_encoder_lr:g}'}"],
+        ["optim", "learning rate (UNet / TE)" if trains_te else "learning rate", f"{cfg.optim.lr:g} / {'auto' if cfg.optim.text_encoder_lr is None else f'{cfg.optim.text_encoder_lr:g}'}"
+         if trains_te else f"{cfg.optim.lr:g} (the text encoder is frozen: it has no rate)"],
         ["train", "steps", cfg.train.max_steps or f"{cfg.train.epochs} epochs"],
         ["train", "batch / precision", f"{cfg.train.batch_size} / {cfg.train.mixed_precision}"],
         ["train", "gradient checkpointing", cfg.train.gradient_checkpointing],

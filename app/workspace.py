@@ -1,7 +1,6 @@
 """The workspace folder: datasets/, runs/, loras/, presets/ and trash/ under one root."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -17,8 +16,9 @@ class WorkspaceError(ValueError):
 
 
 def default_root() -> Path:
-    home = os.environ.get("LORA_STUDIO_HOME")
-    return Path(home).expanduser() if home else Path.home() / "lora-studio"
+    from trainer.resources import default_workspace
+
+    return default_workspace()
 
 
 @dataclass
@@ -27,6 +27,9 @@ class Workspace:
     # Folders outside the workspace that requests from the browser may name (`--allow-path`), for
     # example a models folder; see app/confine.py.
     allowed_paths: tuple[Path, ...] = ()
+    # On an app that answers only this machine (127.0.0.1, the default), a model may be read from anywhere its user
+    # can read: reading a base model writes nothing. Listening on a network keeps models inside the allowed roots.
+    models_anywhere: bool = False
 
     @property
     def datasets(self) -> Path:
@@ -58,6 +61,12 @@ class Workspace:
 
     def dataset_names(self) -> list[str]:
         return sorted(p.name for p in self.datasets.iterdir() if p.is_dir()) if self.datasets.is_dir() else []
+
+    def latest_dataset(self) -> str | None:
+        """The dataset created or edited last: its folder changed last (a new image, a caption or its trigger saved:
+        every write replaces a file in it). The tabs start on it, not on the first sample set."""
+        folders = [p for p in self.datasets.iterdir() if p.is_dir()] if self.datasets.is_dir() else []
+        return max(folders, key=lambda p: (p.stat().st_mtime_ns, p.name)).name if folders else None
 
     def run_names(self) -> list[str]:
         if not self.runs.is_dir():

@@ -169,16 +169,21 @@ def test_grid_cells_and_a_sheet_that_fills_in():
              {"path": "c/off.safetensors", "weight": 1.0, "enabled": False}]
     assert [label for label, _ in grids.compare_cells(loras)] == ["base", "char @ 0.8", "style @ 0.6", "mix"]
     xy = grids.xy_cells(loras, [0, 1], [0.5, 1])
-    assert [label for label, _ in xy] == ["0 / 0.5", "1 / 0.5", "0 / 1", "1 / 1"]  # row by row
+    assert [label for label, _ in xy] == ["X 0 · Y 0.5", "X 1 · Y 0.5", "X 0 · Y 1", "X 1 · Y 1"]  # row by row
+    assert grids.xy_title(loras) == "X: char weight (columns)  ·  Y: style weight (rows)"  # the axes, named
     assert xy[1][1] == [{"path": "a/char.safetensors", "weight": 1}, {"path": "b/style.safetensors", "weight": 0.5}]
     with pytest.raises(ValueError, match="two enabled"):
         grids.xy_cells(loras[:1], [0], [0])
     red, blue = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")
-    partial = grids.grid([red], ["0 / 0.5"], columns=2, cells=4)
+    partial = grids.grid([red], ["X 0 · Y 0.5"], columns=2, cells=4)
     final = grids.grid([red, blue, red, blue], ["a", "b", "c", "d"], columns=2)
-    assert partial.size == final.size == (2 * 192, 2 * (192 + grids.BAND))  # enlarged 3x, crisp
-    assert partial.getpixel((96, grids.BAND + 96)) == final.getpixel((96, grids.BAND + 96)) == (255, 0, 0)
-    assert partial.getpixel((192 + 96, grids.BAND + 96)) != (0, 0, 255)  # not rendered yet: a placeholder
+    band = final.size[1] // 2 - 192
+    assert partial.size == final.size == (2 * 192, 2 * (192 + band))  # enlarged 3x, crisp
+    assert band >= 24  # a label strip for ~16 px text (the 6 px bitmap font was unreadable)
+    ink = [y for y in range(band) if any(partial.getpixel((x, y))[0] < 128 for x in range(0, 120))]
+    assert ink and max(ink) - min(ink) >= 10, ink  # the label's letters are ~10+ px tall
+    assert partial.getpixel((96, band + 96)) == final.getpixel((96, band + 96)) == (255, 0, 0)
+    assert partial.getpixel((192 + 96, band + 96)) != (0, 0, 255)  # not rendered yet: a placeholder
 
 
 def test_a_runs_checkpoints_by_weight(tmp_path):

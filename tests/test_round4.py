@@ -195,3 +195,295 @@ def test_zimage_time_is_computed_in_fp32_and_schnell_reads_256_t5_tokens(folders
         config.write_text(json.dumps({**json.loads(config.read_text()), "model_max_length": 512}))
         windows[fam] = load_base(str(folder)).tokenizers[1].model_max_length
     assert windows == {"flux": 512, "flux-schnell": 256}
+
+
+# ---- files other tools read, and hostile ones (#7-#12) -----------------------------------------------------------
+def _save(path, tensors, metadata=None):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata or {})
+    return path
+
+
+Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # a 32 x 32 layer of the tiny SD1
+
+
+def test_diffusers_drops_a_kohya_doras_magnitudes_and_reads_peft_doras_exactly_and_every_place_says_so(
+        folders, tmp_path):
+    """DoRA files are exact in ComfyUI (test_formats). diffusers' load_lora_weights filters `dora_scale` out of a
+    kohya file (it warns) and applies W + up·down; from the peft layout it applies peft's DoRA exactly. inspect, the
+    model card and the Library say which reader gets what."""
+    from diffusers import StableDiffusionPipeline
+
+    from trainer.lora import tools
+    from trainer.training import loop
+
+    data = make_dataset(tmp_path / "data", n=4)
+    got = {}
+    for layout in ("kohya", "peft"):
+        cfg = tiny_config(folders["sd1"], data, tmp_path / layout, **{
+            "train.max_steps": 3, "lora.use_dora": True, "save.dtype": "fp32", "save.layout": layout,
+            "lora.train_text_encoder": False, "sample.at_end": False, "optim.lr": 5e-2})
+        result = loop.train(cfg)
+        want = {}
+        for name, m in result.models["lora_unet"].named_modules():
+            if hasattr(m, "lora_A") and "default" in m.lora_A:
+                w = m.get_base_layer().weight.detach().float()
+                plain = w + m.get_delta_weight("default").float().reshape(w.shape)
+                mag = m.lora_magnitude_vector["default"].weight.detach().float().reshape(-1)
+                want[name] = (plain, plain * (mag / plain.reshape(w.shape[0], -1).norm(dim=1)).reshape(-1, 1))
+        pipe = StableDiffusionPipeline.from_pretrained(str(folders["sd1"]), safety_checker=None)
+        pipe.load_lora_weights(str(result.lora_path), adapter_name="x")
+        pipe.fuse_lora(components=["unet"], lora_scale=1.0)
+        fused = {n: pipe.unet.get_submodule(n).base_layer.weight.detach().float() for n in want}
+        got[layout] = [sum(torch.allclose(fused[n], want[n][i], atol=1e-5) for n in want) for i in (0, 1)]
+        got[layout].append(len(want))
+        info = tools.inspect(result.lora_path)
+        said = " ".join(info["loads_in"])
+        assert ("drops the DoRA magnitudes" in said) == (layout == "kohya") and "diffusers" in said
+        card = tools.card(result.lora_path).read_text()
+        assert "## Where it loads" in card and info["loads_in"][0] in card
+    n = got["kohya"][2]
+    assert got["kohya"] == [n, 0, n] and got["peft"] == [0, n, n], got  # kohya: plain W+ΔW; peft: exact DoRA
+
+
+import torch  # noqa: E402  (the LyCORIS files below are built by hand)
+
+
+def test_hostile_lycoris_files_are_one_line_naming_the_file_and_module(folders, tmp_path, capsys):
+    from app.library import import_file
+    from app.workspace import Workspace, WorkspaceError
+    from trainer.cli import main as cli_main
+
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.01  # noqa: E731
+    no_alpha = _save(tmp_path / "loha-no-alpha.safetensors", {f"{Q}.hada_w1_a": r(32, 4), f"{Q}.hada_w1_b": r(4, 32),
+                                                               f"{Q}.hada_w2_a": r(32, 4), f"{Q}.hada_w2_b": r(4, 32)})
+    assert cli_main(["lora", "inspect", str(no_alpha)]) == 0
+    assert "alpha none (scale 1)" in capsys.readouterr().out  # was TypeError: NoneType.__format__
+    nan = r(4, 4)
+    nan[0, 0] = float("nan")
+    bad_lokr = _save(tmp_path / "lokr-nan.safetensors", {f"{Q}.lokr_w1": nan, f"{Q}.lokr_w2": r(8, 8),
+                                                         f"{Q}.alpha": torch.tensor(1.0)})
+    assert cli_main(["lora", "inspect", str(bad_lokr)]) == 0  # was linalg.svd: non-finite
+    assert "NaN or infinite" in capsys.readouterr().err
+    # factors that make a 32 x 16 update for a 32 x 32 layer: bake and Preview name the file and the module
+    misfit = _save(tmp_path / "lokr-misfit.safetensors", {f"{Q}.lokr_w1": r(4, 4), f"{Q}.lokr_w2": r(8, 4),
+                                                          f"{Q}.alpha": torch.tensor(1.0)})
+    assert cli_main(["lora", "bake", str(misfit), "--model", str(folders["sd1"]), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "lokr-misfit.safetensors: module " + Q in err and "(32, 16)" in err and "Traceback" not in err
+    from trainer.preview.previewer import Previewer, Request, Slot
+
+    with pytest.raises(ValueError, match=f"lokr-misfit.safetensors: module {Q}"):
+        Previewer().generate(Request(base=str(folders["sd1"]), prompt="x", steps=1, size=32,
+                                     loras=[Slot(str(misfit))]))
+    # an alpha of several numbers, and LoHa factors that do not multiply: refused by name, at import too
+    many = _save(tmp_path / "alpha3.safetensors", {f"{Q}.lora_down.weight": r(4, 32), f"{Q}.lora_up.weight": r(32, 4),
+                                                   f"{Q}.alpha": torch.ones(3)})
+    crossed = _save(tmp_path / "loha-crossed.safetensors", {f"{Q}.hada_w1_a": r(32, 4), f"{Q}.hada_w1_b": r(5, 32),
+                                                            f"{Q}.hada_w2_a": r(32, 4), f"{Q}.hada_w2_b": r(4, 32),
+                                                            f"{Q}.alpha": torch.tensor(4.0)})
+    ws = Workspace(tmp_path / "ws").ensure(with_samples=False)
+    for path, words in ((many, f"{Q}.alpha holds 3 values"), (crossed, "factors do not fit together")):
+        assert cli_main(["lora", "inspect", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and Q in err and "Traceback" not in err, err
+        with pytest.raises(WorkspaceError, match=words):
+            import_file(ws, str(path))
+    assert not list((ws.root / "loras").glob("*.safetensors"))  # nothing half-imported
+
+
+def test_a_flux_or_zimage_folder_without_its_transformer_is_named_as_such(folders, tmp_path):
+    import shutil
+
+    from trainer.errors import ModelError
+    from trainer.models.loading import load_base
+
+    for fam, words in (("flux", "FluxPipeline"), ("zimage", "ZImagePipeline")):
+        folder = tmp_path / fam
+        shutil.copytree(folders[fam], folder)
+        shutil.rmtree(folder / "transformer")
+        with pytest.raises(ModelError, match=f"no transformer/ folder; a {words} model needs one"):
+            load_base(str(folder))
+
+
+def test_every_zip_member_is_imported_renamed_or_reported(tmp_path):
+    """'CON', 'trailing.png.', 'name.png ' and a zip inside the zip were dropped without a word ('imported 8,
+    skipped 0'); and the app's 20,000-image limit held per import, so two imports passed it."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    from trainer.data.importer import Limits, import_files
+
+    def png(colour):
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), colour).save(buf, "PNG")
+        return buf.getvalue()
+
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as z:
+        z.writestr("deep.png", png("red"))
+    members = {"CON": png("blue"), "trailing.png.": png("green"), "name.png ": png("yellow"), "name.txt": "my words",
+               "inner.zip": inner.getvalue(), "orphan.txt": "no image", "__MACOSX/._x.png": b"\x00\x05\x16\x07",
+               "notes.md": "hello", "ok.png": png("white")}
+    with zipfile.ZipFile(tmp_path / "a.zip", "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    result = import_files([tmp_path / "a.zip"], tmp_path / "ds")
+    files = {Path(r["source"].split(":")[-1]).name if "inner.zip" not in r["source"] else "inner": r["file"]
+             for r in result.imported}
+    assert files == {"CON": "CON_.png", "trailing.png.": "trailing.png", "name.png ": "name.png", "inner": "deep.png",
+                     "ok.png": "ok.png"}
+    assert (tmp_path / "ds" / "name.txt").read_text() == "my words"  # its caption came with it
+    reported = {r["source"].split(":", 1)[1]: r["reason"] for r in result.skipped}
+    assert set(reported) == {"orphan.txt", "__MACOSX/._x.png", "notes.md"}
+    handled = len(result.imported) + len(result.skipped) + 1  # + name.txt, imported with its image
+    assert handled == len(members)
+    # the limit counts the images a dataset holds already: a second import cannot pass it
+    for i, colour in enumerate(("purple", "pink", "gray", "orange", "navy")):
+        Image.new("RGB", (64, 64), colour).save(tmp_path / f"more{i}.png")
+    first = import_files([tmp_path / f"more{i}.png" for i in range(3)], tmp_path / "ds2", limits=Limits(max_files=3))
+    second = import_files([tmp_path / f"more{i}.png" for i in (3, 4)], tmp_path / "ds2", limits=Limits(max_files=3))
+    assert len(first.imported) == 3 and not second.imported
+    assert all("3-image limit of a dataset (it held 3" in s["reason"] for s in second.skipped)
+
+
+def test_settings_that_did_nothing_together_are_refused_by_name(folders, tmp_path):
+    from trainer.config import ConfigError, RunConfig
+    from trainer.training import loop
+
+    for sets, words in ((["lora.rank_dropout=0.2"], "applies to LoHa and LoKr only"),
+                        (["lora.lokr_factor=8"], "lora.lokr_factor applies to LoKr only"),
+                        (["lora.network=lokr", "lora.lokr_factor=0"], "lora.lokr_factor: 0"),
+                        (["data.validation_split=1.5"], "a fraction below 1")):
+        with pytest.raises(ConfigError, match=words):
+            RunConfig.load(overrides=sets)
+    assert RunConfig.load(overrides=["lora.network=loha", "lora.rank_dropout=0.2"]).lora.rank_dropout == 0.2
+    data = make_dataset(tmp_path / "data", n=4)
+    cfg = tiny_config(folders["sd1"], data, tmp_path / "run", **{"lora.network": "lokr", "lora.lokr_factor": 10**9})
+    with pytest.raises(ValueError, match="larger than every UNet layer's dimension .*as lora.lokr_factor = -1 does"):
+        loop.train(cfg)
+
+
+def test_a_full_disk_names_the_file_it_was_writing(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from trainer.cli import main as cli_main
+
+    lora = _save(tmp_path / "a.safetensors", {f"{Q}.lora_down.weight": torch.ones(4, 32),
+                                             f"{Q}.lora_up.weight": torch.ones(32, 4), f"{Q}.alpha": torch.tensor(4.)})
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    assert cli_main(["lora", "merge", str(lora), str(lora), "--out", str(tmp_path / "ab.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert f"No space left on device: {tmp_path / 'ab.safetensors'} (free disk space" in err, err
+    assert not list(tmp_path.glob("*ab.safetensors*"))  # no half file, no temp file left
+
+
+def test_a_model_outside_the_workspace_is_read_on_a_loopback_app_and_refused_on_a_network(folders, tmp_path):
+    """The box promises 'a local file or folder'; a folder outside the workspace was refused, as a raw toast."""
+    from app import confine
+    from app.workspace import Workspace, WorkspaceError
+
+    local = Workspace(tmp_path / "ws", models_anywhere=True).ensure(with_samples=False)
+    assert confine.model(local, "model.source", str(folders["flux"])) == str(folders["flux"].resolve())
+    listening = Workspace(tmp_path / "ws2").ensure(with_samples=False)
+    with pytest.raises(WorkspaceError, match="--allow-path .*listens on a network"):
+        confine.model(listening, "model.source", str(folders["flux"]))
+    # writes stay confined either way
+    with pytest.raises(WorkspaceError, match="outside the workspace"):
+        confine.path(local, "save.output_dir", str(tmp_path / "elsewhere"))
+
+
+def test_the_launcher_runs_the_cli_commands_so_no_path_entry_is_needed(tmp_path, monkeypatch):
+    """Every CLI example in the README failed after `python launch.py`: lora-studio lives in .venv, which no new
+    user activates. `python launch.py train ...` runs it there, its own options (--help too) untouched."""
+    from app import launcher
+
+    started = {}
+    monkeypatch.setattr(launcher, "start_app", lambda cmd, os_name, root: started.setdefault("cmd", cmd) and 0)
+    monkeypatch.setattr(launcher, "install_reason", lambda *a: None)  # an environment that is installed already
+    assert launcher.main(["train", "--help", "--dataset", "d", "--venv", "x"]) == 0
+    assert started["cmd"][1:] == ["-m", "app", "train", "--help", "--dataset", "d", "--venv", "x"]
+
+
+def test_stop_ends_samples_and_validation_part_way_and_the_page_says_what_it_waits_for(folders, tmp_path,
+                                                                                        monkeypatch):
+    """Stop on a slow run took 12 min 49 s: it waited for every sample (each denoising step) and every held-out
+    image. Now a mid-run sample ends at its next denoising step, the validation at its next image, and the LoRA
+    saves; the Train tab says what a stopping run is waiting for."""
+    from app.handlers.train import waiting_for
+    from app.jobs import RunView
+    from trainer.training import samples, validation
+    from trainer.training import loop
+
+    data = make_dataset(tmp_path / "data", n=6)
+    calls = {"denoise": 0, "held_out": 0}
+    real_interrupter, real_one = samples._interrupter, validation.Validation._one
+
+    def interrupter(stop):
+        inner = real_interrupter(stop)
+
+        def on_step(pipe, step, timestep, kwargs):
+            calls["denoise"] += 1
+            (tmp_path / "run" / "STOP").touch()  # the user presses Stop during the first sample
+            return inner(pipe, step, timestep, kwargs)
+        return on_step
+
+    monkeypatch.setattr(samples, "_interrupter", interrupter)
+    cfg = tiny_config(folders["sd1"], data, tmp_path / "run", **{"train.max_steps": 10, "sample.every_n_steps": 2,
+                                                                "sample.steps": 50, "sample.at_end": False})
+    result = loop.train(cfg)
+    assert result.stopped_early and result.steps == 2 and result.lora_path.exists()
+    assert calls["denoise"] == 1  # not 50 steps x 2 prompts
+    # the held-out loss, stopped at its next image
+    monkeypatch.setattr(samples, "_interrupter", real_interrupter)
+
+    def one(self, *a, **k):
+        calls["held_out"] += 1
+        if calls["held_out"] == 1:
+            (tmp_path / "run2" / "STOP").touch()  # pressed during the first held-out image
+        return real_one(self, *a, **k)
+
+    monkeypatch.setattr(validation.Validation, "_one", one)
+    cfg = tiny_config(folders["sd1"], data, tmp_path / "run2", **{"train.max_steps": 10, "data.validation_split": 3,
+                                                                 "train.validate_every_n_steps": 2,
+                                                                 "sample.at_end": False})
+    result = loop.train(cfg)
+    # 1 image of the mid-run validation, then the 3 of the saved LoRA's own (after the Stop): one figure in all
+    assert result.stopped_early and result.steps == 2 and calls["held_out"] == 1 + 3
+    assert len([e for e in read_events(tmp_path / "run2") if e["type"] == "validation"]) == 1
+    # what the page says meanwhile
+    busy = RunView("r", "stopping", step=40, total=100, eta_s=600.0,
+                   progress={"phase": "samples", "done": 1, "total": 2})
+    assert waiting_for(busy).startswith("Stopping: ending samples 1 / 2 at its next image or denoising step")
+    stepping = RunView("r", "stopping", step=40, total=100, eta_s=600.0)
+    assert waiting_for(stepping) == "Stopping: finishing step 41 (a step takes about 10.0 s here), then saving the LoRA."
+
+
+def test_bulk_tools_do_not_stack_the_trigger_and_the_check_flags_a_doubled_one(tmp_path):
+    from trainer.data import caption_ops
+    from trainer.data.caption_lint import lint
+    from trainer.data.captions import with_trigger
+
+    data = make_dataset(tmp_path / "d", n=3)
+    for p in data.glob("*.txt"):
+        p.unlink()
+    assert caption_ops.caption_uncaptioned(data, "character", "vomble") == 3  # "photo of vomble"
+    assert caption_ops.add_tag(data, "vomble", first=True) == 0  # it is there already: not "vomble, photo of vomble"
+    assert {p.read_text().strip() for p in data.glob("*.txt")} == {"photo of vomble"}
+    assert with_trigger("photo of vomble", "vomble") == "photo of vomble"  # training does not stack it either
+    assert with_trigger("a red circle", "vomble") == "vomble, a red circle"
+    assert caption_ops.add_tag(data, "smiling") == 3
+
+    from trainer.data.caption_lint import TokenCounter
+
+    found = lint({"a.png": "vomble, photo of vomble", "b.png": "photo of vomble"}, "vomble", TokenCounter("words", 77))
+    assert any("'vomble' is in the caption 2 times" in f for f in found.files.get("a.png", [])), found.files
+    assert "b.png" not in found.files

@@ -51,7 +51,6 @@ def test_start_refuses_every_path_outside_the_workspace(tmp_path):
             "data.dataset": start_toml(outside),
             "data.cache_dir": start_toml(inside, data={"cache_dir": str(tmp_path / "elsewhere" / "cache")}),
             "data.reg_dataset": start_toml(inside, data={"reg_dataset": str(outside)}),
-            "model.source": start_toml(inside, model={"source": str(tmp_path / "elsewhere")}),
             "data.dataset ": start_toml("../../elsewhere/photos"),  # relative: resolved against the workspace
             "data.dataset  ": start_toml(ws / "datasets" / "sneaky"),  # a symlink inside, pointing out
         }
@@ -62,6 +61,11 @@ def test_start_refuses_every_path_outside_the_workspace(tmp_path):
                 (key, message)
             assert not (ws / "runs" / f"escape{i}").exists()
         assert not (tmp_path / "elsewhere" / "cache").exists()
+        # Reading a base model writes nothing: on this loopback-only app a model folder may be anywhere; one that is
+        # not there is named as such, not as outside the workspace
+        message = c.predict(start_toml(inside, model={"source": str(tmp_path / "elsewhere" / "no-model")}), "m",
+                            api_name="/do_start")[0]
+        assert "does not exist" in message and "--allow-path" not in message, message
 
         # A folder allowed at launch trains like one in the workspace.
         message, _, _ = c.predict(start_toml(allowed), "allowed", api_name="/do_start")

@@ -184,7 +184,7 @@ def run_flow(page, url, ws: Path, model: str | None = None, steps: int = 12, net
     assert name.endswith(".png")
     field(page, "caption").fill("zorb, a large figure on a blue background")
     page.locator("#save-caption").click()
-    wait_text(page, "#dataset-message", "saved")
+    wait_text(page, "#caption-message", "saved")
     caption = (ws / "datasets" / "mychar" / name).with_suffix(".txt")
     assert caption.read_text() == "zorb, a large figure on a blue background\n"
     shot(page, "2-caption-saved")

@@ -54,6 +54,12 @@ def step_of(page) -> int:
     return int(m.group(1)) if m else 0
 
 
+def x_tick_labels(page) -> list[str]:
+    """The loss plot's x-axis (step) labels."""
+    return [t.strip() for t in page.locator("#loss-plot g.role-axis[aria-label^='X-axis'] g.role-axis-label text")
+            .all_text_contents() if t.strip()]
+
+
 def y_tick_labels(page) -> list[str]:
     """The loss plot's y-axis labels (vega draws an SVG); every one must read as a short number."""
     return [t.strip() for t in page.locator("#loss-plot g.role-axis-label text").all_text_contents()
@@ -107,22 +113,26 @@ def test_a_new_users_first_hour(tmp_path):
         pick(page, "dataset-pick", "glorp")
         wait_until(lambda: page.locator("#gallery img").count() == 9, "the nine imported images")
 
+        # Saving with no image picked is said beside the Save button, not at the top of the page
+        page.locator("#save-caption").click()
+        wait_text(page, "#caption-message", "click an image first")
+        assert "click an image" not in text_of(page, "#dataset-message")
         page.locator("#gallery img").first.click()
         wait_until(lambda: field(page, "image-name").input_value(), "the clicked image")
         name = field(page, "image-name").input_value()
         field(page, "caption").fill("a large figure on a blue background")
         page.locator("#save-caption").click()
-        wait_text(page, "#dataset-message", "saved")
+        wait_text(page, "#caption-message", "saved")
         assert (ws / "datasets" / "glorp" / name).with_suffix(".txt").read_text() == \
             "a large figure on a blue background\n"
         field(page, "trigger").fill("glorp")
         page.locator("#save-settings").click()
-        wait_text(page, "#dataset-message", "trigger glorp")
+        wait_text(page, "#settings-message", "trigger glorp")
         # A bulk tag edit shows in the caption being edited (saving the old text would have undone it).
         page.locator("#tags-accordion").get_by_text("Tags").first.click()
         field(page, "bulk-tag").fill("smiling")
         page.locator("#bulk-apply").click()
-        wait_text(page, "#dataset-message", "caption")
+        wait_text(page, "#tags-message", "caption")
         wait_until(lambda: "smiling" in field(page, "caption").input_value(), "the open caption after a bulk edit")
         j.shot("caption-and-trigger-saved")
 
@@ -142,7 +152,8 @@ def test_a_new_users_first_hour(tmp_path):
 
         # Train with their trigger: the sample prompts say glorp, not the demo's zorb.
         j.tab("Train")
-        pick(page, "train-dataset", "glorp")
+        # the dataset just made and captioned is the one the Train tab starts on (it stayed on the sample set)
+        wait_until(lambda: field(page, "train-dataset").input_value() == "glorp", "glorp on the Train tab", 30)
         wait_text(page, "#summary", "glorp, ")
         assert "zorb" not in text_of(page, "#summary")
         steps = field(page, "steps")
@@ -156,10 +167,12 @@ def test_a_new_users_first_hour(tmp_path):
         j.shot("settings-with-glorp-prompts")
         page.locator("#start").click()
         wait_text(page, "#start-message", "started", timeout_s=30)
+        assert field(page, "run-name").input_value() == "glorp-run-2"  # the next name follows this one, not "run"
         wait_until(lambda: step_of(page) >= 20, "the first steps", 120)
         wait_until(lambda: len(y_tick_labels(page)) >= 2, "the loss plot's axis", 30)
         assert all(re.fullmatch(r"-?\d+(\.\d+)?(e-?\d+)?", t) and len(t) <= 8 for t in y_tick_labels(page)), \
             y_tick_labels(page)  # numbers, not a pile of 10-digit category labels
+        assert all(re.fullmatch(r"\d+", t) for t in x_tick_labels(page)), x_tick_labels(page)  # steps: 100, not 1e+2
         assert "ETA" in text_of(page, "#progress")
         wait_until(lambda: {"loss", "smoothed"} <= set(drawn_lines(page)), "the loss curve drawn in colour", 30)
         for _ in range(6):  # the timer's ticks: no gradio queue text ("queue: 1/1 | 1.3/0.6s") in the run's state
@@ -177,6 +190,7 @@ def test_a_new_users_first_hour(tmp_path):
         assert field(page, "run-name").input_value() not in ("", "glorp-run")
         wait_until(lambda: field(page, "run-pick").input_value() == "glorp-run", "the run after the reload")
         wait_until(lambda: page.locator("#samples img").count() >= 2, "samples rendered mid-run", 180)
+        assert re.search(r"step \d+: glorp", text_of(page, "#samples")), text_of(page, "#samples")[:300]  # labelled
         j.shot("reloaded-mid-run-with-samples")
 
         # Stop is stopped within seconds; Resume continues to the end.
@@ -191,6 +205,8 @@ def test_a_new_users_first_hour(tmp_path):
         wait_text(page, "#start-message", "resuming", timeout_s=30)
         wait_text(page, "#run-state", "finished", timeout_s=300)
         assert step_of(page) == STEPS
+        # "resuming glorp-run: ..." does not stay once the run has ended
+        wait_until(lambda: "resuming" not in text_of(page, "#start-message"), "the start line cleared", 30)
         lora = ws / "runs" / "glorp-run" / "glorp-run.safetensors"
         assert lora.exists()
         # The run timed its steps: the estimate is a range measured here as soon as it ends, with no form change.

@@ -83,4 +83,7 @@ def test_installed_wheel_serves_the_ui_and_trains_from_any_folder(wheel_venv):
                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "done after 2 steps" in run.stdout + run.stderr
-    assert (elsewhere / "runs" / "wheel-run" / "wheel-run.safetensors").stat().st_size > 0
+    # a relative --output lands in the workspace's runs/, which the app lists (it used to land where the command ran)
+    landed = Path(env["LORA_STUDIO_HOME"]) / "runs" / "wheel-run"
+    assert (landed / "wheel-run.safetensors").stat().st_size > 0 and f"run folder: {landed}" in run.stdout
+    assert not (elsewhere / "runs").exists()

@@ -41,11 +41,13 @@ def atomic_path(path: str | Path):
         os.chmod(tmp, mode)
         replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:  # a full disk names no file
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
 
 

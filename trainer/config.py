@@ -75,7 +75,9 @@ class LoraConfig:
                                "LyCORIS's, trained with peft and written in the LyCORIS layout",
                        choices=["lora", "loha", "lokr"])
     lokr_factor: int = opt(-1, "LoKr: split each dimension into factor x rest (-1: as close to its square root as it "
-                               "divides); a larger factor, a larger first Kronecker factor and a larger file", min=-1)
+                               "divides); a larger factor, a larger first Kronecker factor and a larger file. A factor "
+                               "that does not divide a layer's dimension caps its first factor there instead; one "
+                               "larger than every targeted dimension is refused (it would split as -1 does)", min=-1)
     decompose_both: bool = opt(False, "LoKr: also make the first (small) Kronecker factor low-rank (smaller file)")
     rank_dropout: float = opt(0.0, "LoHa/LoKr: drop whole ranks of the update during training (0 = off)", min=0.0,
                               max=0.9)
@@ -109,8 +111,9 @@ class DataConfig:
     cache_text: bool = opt(True, "Encode captions once when the text encoders are frozen and captions are static, "
                                  "then let the text encoders go (off the GPU and out of memory)")
     masked_loss: bool = opt(False, "Weight the loss by each image's <name>.mask.png (kept from transparent imports)")
-    validation_split: float = opt(0.0, "Images held out of training for the validation loss: a fraction (0.1) or a "
-                                       "count (4), chosen with train.seed; 0 = none", min=0.0)
+    validation_split: float = opt(0.0, "Images held out of training for the validation loss: a fraction below 1 (0.1 "
+                                       "= 10%) or a whole count (4; 1.0 is one image, not all of them), chosen with "
+                                       "train.seed; 0 = none", min=0.0)
     validation_dataset: str = opt("", "A folder of validation images with captions, instead of validation_split")
     reg_dataset: str = opt("", "Regularization (class) images folder, e.g. generic photos of the class; empty = none")
     prior_loss_weight: float = opt(1.0, "Loss weight of regularization images", min=0.0, max=10.0)
@@ -228,7 +231,27 @@ class RunConfig:
             cfg.update(layer)
         for item in overrides:
             cfg.set_override(item)
+        cfg.check()
         return cfg
+
+    def check(self) -> None:
+        """Settings each allowed alone that do nothing together were accepted and silently ignored (issue 37): each
+        is refused, naming the setting and what would take effect."""
+        lora = self.lora
+        if lora.network == "lora" and lora.rank_dropout:
+            raise ConfigError(f"lora.rank_dropout = {lora.rank_dropout:g} applies to LoHa and LoKr only (lora.network "
+                              "= loha or lokr); a plain LoRA's dropout is lora.dropout: set rank_dropout to 0")
+        if lora.network != "lokr" and (lora.lokr_factor != -1 or lora.decompose_both):
+            key = "lokr_factor" if lora.lokr_factor != -1 else "decompose_both"
+            raise ConfigError(f"lora.{key} applies to LoKr only (lora.network = lokr); this run trains "
+                              f"{lora.network}: leave it at its default ({'-1' if key == 'lokr_factor' else 'false'})")
+        if lora.lokr_factor == 0:
+            raise ConfigError("bad value for lora.lokr_factor: 0; allowed: -1 (near each dimension's square root) or a "
+                              "whole number >= 1")
+        split = self.data.validation_split
+        if split >= 1 and not float(split).is_integer():
+            raise ConfigError(f"bad value for data.validation_split: {split:g}; allowed: a fraction below 1 (0.1 holds "
+                              "out 10%) or a whole count of images (4)")
 
     def update(self, data: dict, where: str = "") -> None:
         for section, values in data.items():

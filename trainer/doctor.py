@@ -31,9 +31,11 @@ class Finding:
     blocking: bool
     message: str
     fix: str
+    note: bool = False  # nothing LoRA Studio needs changed: said, not warned about
 
     def line(self) -> str:
-        return f"{'BLOCKING' if self.blocking else 'warning'}: {self.message}. Fix: {self.fix}"
+        kind = "BLOCKING" if self.blocking else "note" if self.note else "warning"
+        return f"{kind}: {self.message}. {'If it matters to you' if self.note else 'Fix'}: {self.fix}"
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Rule:
     message: str
     fix: str
     blocking: bool
+    note: bool = False
 
 
 KNOWN_BAD = [
@@ -50,7 +53,10 @@ KNOWN_BAD = [
          "transformers {transformers} refuses its own adapter methods (add_adapter, set_adapter, delete_adapter) "
          "with peft {peft}: it demands peft >= 0.22. LoRA Studio does not use them and trains as usual, but "
          "scripts that add or switch text-encoder LoRAs through transformers fail here",
-         'pip install "transformers<5.24" (or a peft >= 0.22 once it exists)', blocking=False),
+         # its fix used to be `pip install "transformers<5.24"`, which breaks the tested lock it fired on
+         "nothing for LoRA Studio; for scripts of your own that call those methods, another environment with "
+         "transformers<5.24 (installing it into this one would leave the tested requirements.lock)",
+         blocking=False, note=True),
     Rule({"peft": "<0.17"},
          "peft {peft} predates the LoRA API LoRA Studio uses (inject_adapter_in_model with rank and alpha "
          "patterns)", 'pip install -c requirements.lock "peft>=0.17"', blocking=True),
@@ -143,7 +149,7 @@ def rule_findings(versions: dict[str, str | None], rules=KNOWN_BAD) -> list[Find
         have = {name: versions.get(name) for name in rule.when}
         if all(v is not None and _version(v) is not None and SpecifierSet(spec).contains(_version(v), prereleases=True)
                for (name, spec), v in zip(rule.when.items(), have.values())):
-            out.append(Finding(rule.blocking, rule.message.format(**have), rule.fix))
+            out.append(Finding(rule.blocking, rule.message.format(**have), rule.fix, rule.note))
     return out
 
 

@@ -2,26 +2,45 @@
 (samples/checkpoints.png) are drawn by `grid`."""
 from __future__ import annotations
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 CELL_MIN = 192  # tiny 64 px images are enlarged (nearest neighbour, so crisp) until a cell is readable
-BAND = 16  # the label strip above each cell
+BAND = 16  # the smallest label strip above each cell; it grows with the cell so labels stay readable
 
 
-def grid(images: list[Image.Image], labels: list[str], columns: int, cells: int | None = None) -> Image.Image:
-    """A labelled sheet; with `cells` larger than the images given, the missing ones are grey placeholders."""
+def font(size: int):
+    """A scalable font at `size` px (Pillow's own, no system font needed); its bitmap font where there is none."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def grid(images: list[Image.Image], labels: list[str], columns: int, cells: int | None = None,
+         title: str = "") -> Image.Image:
+    """A labelled sheet; with `cells` larger than the images given, the missing ones are grey placeholders. Labels
+    are about a twelfth of a cell high (the fixed 6 px bitmap font was unreadable); `title` names the axes."""
     w, h = images[0].size
     scale = max(1, CELL_MIN // w)
     cw, ch = w * scale, h * scale
+    size = max(12, min(28, cw // 12))
+    text = font(size)
+    band = max(BAND, size + 8)
+    head = size + 12 if title else 0
     cells = max(cells or 0, len(images))
     rows = (cells + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * cw, rows * (ch + BAND)), "white")
+    sheet = Image.new("RGB", (columns * cw, head + rows * (ch + band)), "white")
     draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((4, 4), title, fill="black", font=text)
     for i in range(cells):
-        x, y = (i % columns) * cw, (i // columns) * (ch + BAND)
+        x, y = (i % columns) * cw, head + (i // columns) * (ch + band)
         if i < len(images):
-            sheet.paste(images[i].resize((cw, ch), Image.NEAREST), (x, y + BAND))
+            sheet.paste(images[i].resize((cw, ch), Image.NEAREST), (x, y + band))
         else:
-            draw.rectangle((x + 1, y + BAND + 1, x + cw - 2, y + BAND + ch - 2), fill="#e5e7eb")
-        draw.text((x + 3, y + 2), labels[i][:40] if i < len(labels) else "", fill="black")
+            draw.rectangle((x + 1, y + band + 1, x + cw - 2, y + band + ch - 2), fill="#e5e7eb")
+        label = labels[i] if i < len(labels) else ""
+        while label and draw.textlength(label, font=text) > cw - 6:  # fit the cell: cut with an ellipsis
+            label = label[:-2] + "…" if len(label) > 2 else ""
+        draw.text((x + 3, y + 3), label, fill="black", font=text)
     return sheet

@@ -49,10 +49,18 @@ class TrainHandlers:
         return plan.make_plan(cfg, plan.budget_for(None if tier in (None, "", form.NO_TIER) else float(tier),
                                                    self.gpu), n)
 
-    @guard
-    def settings(self, m, d, r, p, v, s, k, l, pr, net, name):
+    def settings(self, *values):
         """The effective settings, the estimate and memory plan, the Advanced box's TOML, the resolution the
-        Datasets tab checks at, and the form to keep over a reload."""
+        Datasets tab checks at, and the form to keep over a reload. A setting that cannot be used (a model that is not
+        there, a bad value) is said where the estimate goes, beside the form, not as a toast over the page."""
+        try:
+            return self._settings(*values)
+        except USER_ERRORS as e:
+            line = str(e).splitlines()[0] if str(e) else type(e).__name__
+            LOG.info("settings: %s", line)
+            return [], f"**Not ready to start:** {html.escape(line)}", gr.skip(), gr.skip(), gr.skip()
+
+    def _settings(self, m, d, r, p, v, s, k, l, pr, net, name):
         c = self.choice(m, d, r, p, v, s, k, l, pr, net)
         on_cpu = plan.trains_on_cpu(plan.budget_for(None if v in (None, "", form.NO_TIER) else float(v), self.gpu,
                                                     ram_gb=0.0))
@@ -85,14 +93,16 @@ class TrainHandlers:
         return self.settings(*values)
 
     def load_form(self, saved, *values):
-        """On page load: the form as the user left it (a reload used to reset dataset, steps and the rest),
-        and the settings computed from it in the same call, so no default-form result can land after it. A
-        saved dataset or preset that no longer exists keeps the current default."""
+        """On page load: the form as the user left it (a reload used to reset steps, rank and the rest), its dataset
+        the one the Datasets tab opens (created or edited last), and the settings computed from it in the same
+        call, so no default-form result can land after it. A saved preset that no longer exists keeps the default."""
         names = self.ws.dataset_names()
+        saved = dict(saved or {})
+        if self.ws.latest_dataset():  # the dataset open on the Datasets tab, which a reload opens at the latest
+            saved["dataset"] = self.ws.latest_dataset()
         ok = {"dataset": lambda x: x in names, "reg": lambda x: x in (NO_REG, *names),
               "preset": lambda x: x in presets.available(), "vram": lambda x: x in TIERS,
               "network": lambda x: x in NETWORKS}
-        saved = saved or {}
         restored = [saved[k] if saved.get(k) is not None and ok.get(k, lambda x: True)(saved[k]) else v
                     for k, v in zip(KEPT_KEYS, values)]
         return (*restored, *self.settings(*restored, values[-1]))
@@ -119,7 +129,8 @@ class TrainHandlers:
             raise ValueError(planned.text())
         v = self.runner.submit(name, cfg.to_toml())
         msg = f"started **{name}**" if v.state == "running" else f"**{name}** is {v.message or v.state}"
-        return msg, gr.Dropdown(choices=self.ws.run_names(), value=name), unique_name(self.ws.runs, "run")
+        # the next run's name follows this one's ("glorp-run" -> "glorp-run-2"), not back to "run"
+        return msg, gr.Dropdown(choices=self.ws.run_names(), value=name), unique_name(self.ws.runs, stem_of(name))
 
     # ---- the live view of a run ---------------------------------------------------------------------------------
     def has_run(self, name) -> bool:
@@ -130,19 +141,25 @@ class TrainHandlers:
             return False
 
     def refresh(self, name, last):
-        """State, progress, loss, samples, log tail, command, checkpoints and what was drawn (`last`): the plot
-        and gallery are sent only when the run has something new."""
+        """State, progress, loss, samples, log tail, command, checkpoints, what was drawn (`last`) and the Start/Stop
+        message line: the plot and gallery are sent only when the run has something new, and the message line
+        ("stopping; the LoRA is saved after the current step") is cleared when the run ends."""
         nothing = gr.Dataframe(value=None, visible=False)
         if not name:
-            return "", "", None, [], "", "", nothing, last
+            return "", "", None, [], "", "", nothing, last, gr.skip()
         if not self.has_run(name):
-            return f"no run named {html.escape(name)}", "", None, [], "", "", nothing, last
+            return f"no run named {html.escape(name)}", "", None, [], "", "", nothing, last, gr.skip()
         v = self.runner.view(name)
+        ended = last is not None and last[0] == name and last[4] in ("running", "stopping", "queued") and \
+            v.state in ("finished", "stopped", "failed", "cancelled")
+        said = "" if ended else gr.skip()
         signature = (name, v.step, len(v.samples), len(v.val_losses), v.state, len(v.checkpoints),
                      bool(v.recommendation))  # not the phase: progress_html is sent on every tick anyway
         state = f"**{v.state}**" + (f": {html.escape(v.message)}" if v.message else "")
         if v.state == "running":
             state += " (closing this page or the app does not stop it)"
+        if v.state == "stopping":
+            state += f"\n\n{html.escape(waiting_for(v))}"
         if v.alert and v.state in ("running", "stopping"):
             state += f"\n\n**Warning:** {html.escape(v.alert)}"
         if v.plan:
@@ -151,9 +168,9 @@ class TrainHandlers:
             state += f"\n\n**Recommended:** {html.escape(v.recommendation['message'])}"
         log_tail = newest_lines(v.log_tail)
         if signature == last:  # nothing new: leave the plot and gallery alone (no flicker, no traffic)
-            return state, progress_html(v), gr.skip(), gr.skip(), log_tail, v.command, gr.skip(), last
+            return state, progress_html(v), gr.skip(), gr.skip(), log_tail, v.command, gr.skip(), last, said
         return (state, progress_html(v), loss_frame(v.losses, v.val_losses), list(v.samples), log_tail, v.command,
-                checkpoint_rows(v), signature)
+                checkpoint_rows(v), signature, said)
 
     @staticmethod
     def count_ended(sig, n):
@@ -207,6 +224,30 @@ def _eta(seconds) -> str:
 def _bar(pct: float) -> str:
     return (f'<div style="border:1px solid #8884;border-radius:6px;height:14px;overflow:hidden">'
             f'<div style="width:{pct:.1f}%;height:100%;background:#3b82f6"></div></div>')
+
+
+def stem_of(name: str) -> str:
+    """A run name without the "-N" a second run of it got: the stem the next name is made from."""
+    import re
+
+    return re.sub(r"-\d+$", "", name) or "run"
+
+
+def waiting_for(v) -> str:
+    """What a stopping run waits for, with how long it should take: a Stop on a slow run (a tiny Flux at 1024 px on
+    a CPU) took 13 minutes with no word of why."""
+    if v.phase == "end samples":
+        return "The LoRA is saved; rendering the end samples (Stop again skips them)."
+    if v.progress and v.progress.get("phase") not in (None, "caching latents"):
+        return (f"Stopping: ending {phase_text(v.progress)} at its next image or denoising step, then saving the "
+                "LoRA.")
+    per_step = v.eta_s / (v.total - v.step) if v.eta_s and v.total and v.total > v.step else None
+    took = f" (a step takes about {_duration(per_step)} here)" if per_step else ""
+    return f"Stopping: finishing step {v.step + 1}{took}, then saving the LoRA."
+
+
+def _duration(s: float) -> str:
+    return f"{s:.1f} s" if s < 90 else f"{s / 60:.0f} min"
 
 
 def phase_text(p: dict) -> str:

@@ -15,7 +15,7 @@ def build(ctx: Ctx) -> dict:
     names = ctx.ws.dataset_names()
     with gr.Tab("Datasets", id="datasets"):
         with gr.Row():
-            ds = gr.Dropdown(names, value=names[0] if names else None, label="Dataset", scale=3, elem_id="dataset-pick",
+            ds = gr.Dropdown(names, value=ctx.ws.latest_dataset(), label="Dataset", scale=3, elem_id="dataset-pick",
                              allow_custom_value=True)  # datasets made since start-up; handlers check the name
             new_name = gr.Textbox(label="New dataset", placeholder="name", scale=2, elem_id="new-dataset")
             create = gr.Button("Create", scale=1, elem_id="create-dataset")
@@ -46,18 +46,21 @@ def build(ctx: Ctx) -> dict:
                 with gr.Row():
                     save = gr.Button("Save caption", variant="primary", elem_id="save-caption")
                     remove = gr.Button("Move to trash", variant="stop", elem_id="remove-image")
+                caption_msg = gr.Markdown(elem_id="caption-message")  # what Save and Move to trash say, beside them
         with gr.Accordion("Trigger word and repeats", open=True):
             with gr.Row():
                 trigger = gr.Textbox(label="Trigger word (prepended to captions that lack it)", elem_id="trigger")
                 repeats = gr.Number(1, precision=0, minimum=1, label="Repeats per epoch")
                 kind = gr.Dropdown(KINDS, value="", label="Kind (picks the caption template)")
                 save_settings = gr.Button("Save", elem_id="save-settings")
+            settings_msg = gr.Markdown(elem_id="settings-message")
         with gr.Accordion("Tags", open=False, elem_id="tags-accordion"):
             with gr.Row():
                 action = gr.Radio(["add", "add first", "remove", "replace"], value="add", label="Bulk action")
                 tag = gr.Textbox(label="Tag", elem_id="bulk-tag")
                 new_tag = gr.Textbox(label="Replace with")
                 apply = gr.Button("Apply to all captions", elem_id="bulk-apply")
+            tags_msg = gr.Markdown(elem_id="tags-message")
             tags = gr.Dataframe(headers=["tag", "images"], interactive=False, label="Tag frequency")
         with gr.Accordion("Trash", open=False):
             with gr.Row():
@@ -102,9 +105,11 @@ def build(ctx: Ctx) -> dict:
                                     elem_id="caption-preview-table")
 
     # ---- wiring: each handler is a method of DatasetsHandlers (app/handlers/datasets.py) ------------------
-    def said(fn, inputs, outputs):
-        """A handler's event arguments, with its errors said in the message line above the upload box."""
-        return said_in(message, outputs, fn), inputs, outputs
+    def said(fn, inputs, outputs, where=message):
+        """A handler's event arguments, with its errors said in `where`: the message line beside the button pressed
+        (the one above the upload box for creating and importing; 'click an image first' was said there for the
+        caption editor's buttons, far from them)."""
+        return said_in(where, outputs, fn), inputs, outputs
 
     view_inputs = [find_name, find_caption, only_flagged, flagged]
     view_outputs = [gallery, names_state, page_info, page_no]
@@ -121,11 +126,11 @@ def build(ctx: Ctx) -> dict:
     import_btn.click(*said(h.do_import, [ds, upload], [import_report, gallery, names_state, page_info, page_no,
                                                           tags, message, upload]))
     gallery.select(h.select, [ds, names_state], [image_name, caption])
-    save.click(*said(h.do_save, [ds, image_name, caption], [message, tags]))
-    remove.click(*said(h.do_remove, [ds, image_name], [message, *load_outputs]))
+    save.click(*said(h.do_save, [ds, image_name, caption], [caption_msg, tags], caption_msg))
+    remove.click(*said(h.do_remove, [ds, image_name], [caption_msg, *load_outputs], caption_msg))
     restore.click(*said(h.do_restore, [ds, trashed], [message, *load_outputs]))
-    save_settings.click(*said(h.do_settings, [ds, trigger, repeats, kind], [message]))
-    apply.click(*said(h.do_apply, [ds, action, tag, new_tag, image_name], [message, tags, caption]))
+    save_settings.click(*said(h.do_settings, [ds, trigger, repeats, kind], [settings_msg], settings_msg))
+    apply.click(*said(h.do_apply, [ds, action, tag, new_tag, image_name], [tags_msg, tags, caption], tags_msg))
     check.click(h.do_check, [ds, resolution, check_model], [files, buckets, check_summary, flagged],
                 api_name="check_dataset")
     caption_btn.click(*said(h.do_caption, [ds, template, trigger], [message, *load_outputs]))

@@ -23,8 +23,12 @@ def build(ctx: Ctx) -> dict:
                 f = gr.Dropdown(lora_choices(ws), value=None, label=f"LoRA {i + 1}", scale=3, elem_id=f"slot{i}-file")
                 w = gr.Slider(-2, 2, value=1.0, step=0.05, label="weight", scale=2, elem_id=f"slot{i}-weight")
                 sep = gr.Checkbox(False, label="separate UNet / text encoder", elem_id=f"slot{i}-sep")
-                wu = gr.Slider(-2, 2, value=1.0, step=0.05, label="UNet", elem_id=f"slot{i}-unet")
-                wt = gr.Slider(-2, 2, value=1.0, step=0.05, label="text encoder", elem_id=f"slot{i}-te")
+                # shown only when the split is on: with it off, "weight" is what applies
+                wu = gr.Slider(-2, 2, value=1.0, step=0.05, label="UNet", elem_id=f"slot{i}-unet", visible=False)
+                wt = gr.Slider(-2, 2, value=1.0, step=0.05, label="text encoder", elem_id=f"slot{i}-te",
+                               visible=False)
+                sep.change(lambda on: (gr.Slider(visible=on), gr.Slider(visible=on)), sep, [wu, wt],
+                           show_progress="hidden")
                 on = gr.Checkbox(True, label="on", elem_id=f"slot{i}-on")
             slots.append((f, w, sep, wu, wt, on))
         with gr.Row():
@@ -50,6 +54,7 @@ def build(ctx: Ctx) -> dict:
             ys = gr.Textbox("0, 0.5, 1", label="LoRA 2 weights (Y)", elem_id="xy-y")
             compare = gr.Button("Compare", elem_id="compare")
             drift_btn = gr.Button("Drift (embedded model)", elem_id="drift")
+        drift_md = gr.Markdown(elem_id="drift-result")
         with gr.Row():
             image = gr.Image(label="Image", type="filepath", elem_id="preview-image", height=320)
             grid = gr.Image(label="Compare grid", type="filepath", elem_id="compare-grid", height=320)
@@ -66,7 +71,7 @@ def build(ctx: Ctx) -> dict:
                    **one_worker)
     compare.click(h.do_compare, [mode, xs, ys, *common, *slot_inputs], [grid, prompt, *slot_inputs],
                   show_progress_on=grid, **one_worker)
-    drift_btn.click(h.do_drift, [base, *slot_inputs], settings, **one_worker)
+    drift_btn.click(h.do_drift, [base, *slot_inputs], drift_md, **one_worker)
     base.change(h.model_defaults, base, [steps, cfg], show_progress="hidden")
     for f, *_ in slots:
         f.change(h.triggers, slot_inputs, trigger)

@@ -23,7 +23,8 @@ def build(ctx: Ctx, saved_form) -> dict:
         with gr.Row():
             model = gr.Dropdown([form.EMBEDDED], value=form.EMBEDDED, allow_custom_value=True, scale=3, elem_id="model",
                                 label="Base model: the embedded tiny model, a local file or folder, or a Hub id")
-            dataset = gr.Dropdown(names, value=names[0] if names else None, label="Dataset", elem_id="train-dataset")
+            dataset = gr.Dropdown(names, value=ws.latest_dataset(), elem_id="train-dataset",
+                                  label="Dataset (the one open on the Datasets tab)")
             reg = gr.Dropdown([NO_REG, *names], value=NO_REG, label="Regularization images")
         with gr.Row():
             preset = gr.Dropdown(sorted(presets.available()), value="character", label="Preset", elem_id="preset")
@@ -34,8 +35,9 @@ def build(ctx: Ctx, saved_form) -> dict:
             rank = gr.Number(0, precision=0, minimum=0, label="Rank (0 = suggested)")
             lr = gr.Number(0, minimum=0, label="UNet learning rate (0 = the preset's)")
             network = gr.Dropdown(list(NETWORKS), value="LoRA", elem_id="network",
-                                  label="Network: LoRA (the default); LoHa or LoKr (LyCORIS files; LoKr makes the "
-                                        "smallest files at a large factor)")
+                                  label="Network: LoRA (the default); LoHa or LoKr (LyCORIS files, which diffusers "
+                                        "does not read; LoKr makes the smallest files, and learned no style on the "
+                                        "embedded model: bench learn --networks)")
         prompts = gr.Textbox(lines=2, elem_id="sample-prompts",
                              label="Sample prompts, one per line (empty = the dataset's first captions with its trigger; "
                                    "the ones used are in Effective settings)")
@@ -68,8 +70,9 @@ def build(ctx: Ctx, saved_form) -> dict:
         progress = gr.HTML(elem_id="progress")
         with gr.Row():
             # Tick labels short from the first step (one point made "1.000000" and a cut-off "…5765249").
+            # steps as whole numbers (d3's "~g" wrote 100 as 1e+2); losses short
             loss = gr.LinePlot(x="step", y="loss", color="series", title="Loss", height=260, elem_id="loss-plot",
-                               x_axis_format="~g", y_axis_format=".3~g")
+                               x_axis_format="d", y_axis_format=".3~g")
             samples = gr.Gallery(label="Samples", columns=4, height=260, elem_id="samples")
         checkpoint_table = gr.Dataframe(headers=["step", "validation loss", "drift", ""], interactive=False,
                                         label="Checkpoints (validation loss: lower is better; drift: change on "
@@ -94,7 +97,7 @@ def build(ctx: Ctx, saved_form) -> dict:
     measure.click(h.do_measure, [advanced, *form_inputs], settings_outputs, show_progress_on=estimate_md)
     start.click(h.do_start, [advanced, run_name], [start_msg, run_pick, run_name])
 
-    live = [state_md, progress, loss, samples, log, command, checkpoint_table, seen]
+    live = [state_md, progress, loss, samples, log, command, checkpoint_table, seen, start_msg]
     # hidden: a tick is bookkeeping; gradio's queue text ("queue: 1/1 | 1.3/0.6s") is no part of a run's state
     timer.tick(h.refresh, [run_pick, seen], live, show_progress="hidden")
     # A run that ends has timed its steps (speed_log): the estimate becomes the measured range at once.

@@ -34,8 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lora-studio: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a path that is a file, read-only or gone: name it instead of a traceback
+        import errno
+
         where = f" {e.filename}" if e.filename else ""
-        print(f"lora-studio: error: {e.strerror or e}:{where}", file=sys.stderr)
+        fix = " (free disk space there, or write to another folder)" if e.errno == errno.ENOSPC else ""
+        print(f"lora-studio: error: {e.strerror or e}:{where}{fix}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
     di.add_argument("sources", nargs="+", help="image files, folders or .zip archives")
     di.add_argument("--to", required=True, help="the dataset folder to import into (created if missing)")
     di.add_argument("--background", default="white", help="colour that transparent pixels are composited on")
-    di.add_argument("--max-files", type=int, default=50_000, help="import at most this many files")
+    di.add_argument("--max-files", type=int, default=50_000,
+                    help="a dataset holds at most this many images (those there already count)")
     di.add_argument("--max-file-mb", type=int, default=200, help="skip any file larger than this")
     di.add_argument("--max-total-mb", type=int, default=65_536, help="stop importing past this many MB in all")
     di.add_argument("--json", action="store_true", help="print one JSON object instead of text")

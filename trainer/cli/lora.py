@@ -70,12 +70,13 @@ def cmd_lora(args) -> int:
 
         info = tools.inspect(args.file)
         lines = [f"{info['file']}: {info['family'] or 'unknown family'} ({info['family_source']}), {info['kind']}, "
-                 f"{info['layout']} layout", f"  rank {info['rank']} (all: {info['ranks']}), alpha {info['alpha']:g}, "
+                 f"{info['layout']} layout", f"  rank {info['rank']} (all: {info['ranks']}), alpha {tools.alpha_text(info['alpha'])}, "
                  f"{info['modules']} modules",
                  *([f"  {info['network']} factors: " + "; ".join(f"{k} ({v} modules)" for k, v in
                                                                info["factors"].items()),
                     f"  effective rank of each update: {info['effective_ranks']}"] if "network" in info else []),
                  f"  trigger words: {', '.join(info['trigger_words']) or '(none)'}",
+                 *[f"  loads in: {line}" for line in info["loads_in"]],
                  *[f"  {line}" for line in describe_hashes(info)]]
         lines += [f"  {k} = {v}" for k, v in sorted(info["metadata"].items()) if k != "lora_studio.config"]
         _emit(args, info, lines)

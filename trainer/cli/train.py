@@ -28,8 +28,9 @@ def add_parser(sub) -> None:
     t.add_argument("--preset", help="preset name (character, style, concept) or a preset .toml file")
     t.add_argument("--vram", type=int, metavar="GB", help="GPU memory tier (6, 8, 12, 16 or 24): batch, "
                    "checkpointing, caching, 8-bit optimizer and text-encoder training that fit it")
-    t.add_argument("--output", help="run folder for config.toml, events.jsonl, samples and the LoRA "
-                                    "(sets save.output_dir)")
+    t.add_argument("--output", help="run folder for config.toml, events.jsonl, samples and the LoRA (sets "
+                                    "save.output_dir); a relative one that does not exist here goes in the "
+                                    "workspace's runs/ ($LORA_STUDIO_HOME or ~/lora-studio), which the app lists")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting; repeatable (see the list below)")
     t.add_argument("--force", action="store_true", help="start over in a run folder that already holds a run")
@@ -109,8 +110,10 @@ def cmd_train(args) -> int:
     from trainer.training.loop import train
     from trainer.training.state import STATE_DIR
 
+    from trainer.resources import run_folder
+
     if args.resume:
-        run_dir = Path(args.resume)
+        run_dir = run_folder(args.resume)
         if not (run_dir / "config.toml").exists() and not args.config:
             raise ConfigError(f"nothing to resume: {run_dir} has no config.toml; pass the run folder of an earlier run")
         args.config = args.config or str(run_dir / "config.toml")
@@ -118,6 +121,7 @@ def cmd_train(args) -> int:
     cfg = resolve_train_config(args)
     if not cfg.data.dataset:
         raise ConfigError("no dataset: pass --dataset FOLDER or set data.dataset")
+    cfg.save.output_dir = str(run_folder(cfg.save.output_dir))  # a relative one: in the workspace the app lists
     run_dir = Path(cfg.save.output_dir)
     _check_writable(run_dir)
     plan = plan_memory(cfg, args.vram)  # before anything loads: a run that cannot fit is refused here
@@ -126,6 +130,7 @@ def cmd_train(args) -> int:
     if plan.overrides:
         cfg = RunConfig.load(cfg.to_dict(), overrides=plan.overrides)
     if os.environ.get("RANK", "0") == "0":
+        print(f"run folder: {run_dir}", flush=True)
         print(plan.text(), flush=True)
     if not args.resume and (run_dir / EVENTS_FILE).exists():
         if not args.force:

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .captions import split_tags, with_trigger
+from .captions import phrase_count, split_tags, with_trigger
 
 CLIP_HUB_ID = "openai/clip-vit-large-patch14"
 CLIP_WINDOW = 77
@@ -128,6 +128,9 @@ def lint(captions: dict[str, str], trigger: str, counter: TokenCounter) -> Lint:
         dupes = sorted(t for t, k in Counter(t.lower() for t in tags).items() if k > 1)
         if dupes:
             found.append(f"duplicate tag(s): {', '.join(dupes)}")
+        if trigger and phrase_count(caption, trigger) > 1:  # 'vomble, photo of vomble': two bulk tools stacked it
+            found.append(f"the trigger {trigger!r} is in the caption {phrase_count(caption, trigger)} times; keep "
+                         "one (the Tags tool's remove, then add first)")
         if found:
             out.files[path] = found
         seen.update({t.lower() for t in tags})

@@ -5,7 +5,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..atomic import write_text
-from .captions import fill_template, split_tags
+from .captions import fill_template, phrase_count, split_tags
 from .scan import scan
 
 TEMPLATES = {"character": "photo of [trigger]", "style": "[trigger] style", "concept": "[trigger]"}
@@ -34,8 +34,15 @@ def _rewrite(dataset, change, extension=".txt") -> int:
 
 
 def add_tag(dataset, tag: str, first: bool = False) -> int:
+    """Add `tag` to every caption that does not say it already, as a tag or as whole words inside one: adding the
+    trigger to 'photo of vomble' made 'vomble, photo of vomble'."""
     tag = tag.strip()
-    return _rewrite(dataset, lambda tags: tags if tag in tags else ([tag] + tags if first else tags + [tag]))
+
+    def change(tags):
+        if phrase_count(", ".join(tags), tag):
+            return tags
+        return [tag] + tags if first else tags + [tag]
+    return _rewrite(dataset, change)
 
 
 def remove_tag(dataset, tag: str) -> int:

@@ -2,16 +2,26 @@
 from __future__ import annotations
 
 import random
+import re
 
 
 def split_tags(caption: str) -> list[str]:
     return [t.strip() for t in caption.split(",") if t.strip()]
 
 
+def phrase_count(text: str, phrase: str) -> int:
+    """How often `phrase` stands in `text` as whole words, any case ('vomble' in 'photo of Vomble', not 'vombles')."""
+    phrase = " ".join(phrase.split())
+    if not phrase:
+        return 0
+    return len(re.findall(r"(?<![\w-])" + re.escape(phrase).replace(r"\ ", r"\s+") + r"(?![\w-])", text, re.I))
+
+
 def with_trigger(caption: str, trigger: str) -> str:
-    if not trigger:
-        return caption
-    if trigger in split_tags(caption) or caption.startswith(trigger + " ") or caption == trigger:
+    """The caption training feeds the text encoder: the trigger put first where the caption does not say it (as a
+    whole word anywhere: 'photo of vomble' names it already; putting it first again made 'vomble, photo of
+    vomble')."""
+    if not trigger or phrase_count(caption, trigger):
         return caption
     return f"{trigger}, {caption}" if caption else trigger
 

@@ -49,7 +49,7 @@ class ImportProblem(ValueError):
 def sanitize_name(name: str) -> str:
     """A safe file stem from any user-given name: no folders, no traversal, no odd characters."""
     name = name.split(":")[-1] if ".zip:" in name else name  # "archive.zip:member" labels
-    base = PureWindowsPath(PurePosixPath(name.replace("\x00", "")).name).name
+    base = PureWindowsPath(PurePosixPath(name.replace("\x00", "")).name).name.rstrip(". ")  # 'a.png.', 'a.png '
     stem = Path(base).stem if Path(base).suffix.lower() in IMAGE_SUFFIXES | {".txt"} else base
     stem = unicodedata.normalize("NFC", stem)
     stem = "".join(c if (c.isalnum() or c in "-_") else "_" for c in stem)
@@ -119,6 +119,7 @@ def import_files(sources: list[str | Path], dataset: str | Path, background=(255
     index = _read_index(dataset)
     taken = {p.name.lower() for p in dataset.iterdir()}  # listed once, kept current below
     stems = {Path(n).stem for n in taken if Path(n).suffix in IMAGE_SUFFIXES}
+    held = sum(1 for n in taken if Path(n).suffix in IMAGE_SUFFIXES and not n.endswith(MASK_SUFFIX))
     result = ImportResult()
     total_files = _count(sources)
     workers = workers or max(1, min(4, os.cpu_count() or 1))
@@ -150,8 +151,9 @@ def import_files(sources: list[str | Path], dataset: str | Path, background=(255
             done += 1
             if progress:
                 progress(done, total_files)
-            if len(result.imported) >= limits.max_files:
-                result.skipped.append({"source": source, "reason": f"over the {limits.max_files}-file import limit"})
+            if held + len(result.imported) >= limits.max_files:  # a dataset's limit: two imports do not pass it
+                result.skipped.append({"source": source, "reason": f"over the {limits.max_files:,}-image limit of a "
+                                       f"dataset (it held {held:,} before this import)"})
                 continue
             if digest in index:
                 reason = f"exact duplicate of {index[digest]}"
@@ -203,7 +205,7 @@ def _count(sources) -> int:
 def _zip_images(path: Path) -> int:
     try:
         with zipfile.ZipFile(path) as zf:
-            return sum(Path(m.filename).suffix.lower() in IMAGE_SUFFIXES for m in zf.infolist() if not m.is_dir())
+            return sum(member_suffix(m.filename) in IMAGE_SUFFIXES | {""} for m in zf.infolist() if not m.is_dir())
     except (zipfile.BadZipFile, OSError):
         return 0
 
@@ -302,33 +304,92 @@ def _from_zip(src: Path, limits: Limits, result: ImportResult):
         result.skipped.append({"source": str(src), "reason": f"not a readable zip ({e})"})
         return
     with zf:
-        members = [m for m in zf.infolist() if not m.is_dir()]
-        if len(members) > 2 * limits.max_files:
-            result.skipped.append({"source": str(src), "reason": f"zip has {len(members)} members "
-                                                                 f"(limit {2 * limits.max_files})"})
-            return
-        if sum(m.file_size for m in members) > limits.max_total_bytes:
-            result.skipped.append({"source": str(src), "reason": "zip would unpack past the total size limit"})
-            return
-        names = {m.filename.lower(): m for m in members}
-        for m in members:
-            label = f"{src.name}:{m.filename}"
-            if Path(m.filename).suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            ratio = m.file_size / max(1, m.compress_size)
-            if m.file_size > limits.max_file_bytes or ratio > limits.max_zip_ratio:
-                result.skipped.append({"source": label, "reason": f"zip member too large or compressed {ratio:.0f}:1 "
-                                                                  "(zip bomb guard)"})
+        yield from _zip_members(zf, src.name, str(src), limits, result, depth=0)
+
+
+def member_suffix(name: str) -> str:
+    """A name's suffix as Windows and most tools read it: trailing dots and spaces do not count ('a.png.', 'a.png ')."""
+    return Path(PurePosixPath(name).name.rstrip(". ")).suffix.lower()
+
+
+# The first bytes of each image format LoRA Studio imports: a member named without its extension ('CON') is still one.
+MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def looks_like_image(head: bytes) -> bool:
+    return head.startswith(MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def _zip_members(zf, label_prefix: str, source: str, limits: Limits, result: ImportResult, depth: int):
+    """Every member is imported, renamed or reported: images (by extension, or by their first bytes when the name
+    lacks one), a zip inside the zip (one level: deeper ones are reported), captions with their images; a caption
+    without an image, macOS's metadata and anything else get a line in the report."""
+    members = [m for m in zf.infolist() if not m.is_dir()]
+    if len(members) > 2 * limits.max_files:
+        result.skipped.append({"source": source, "reason": f"zip has {len(members)} members (limit "
+                                                           f"{2 * limits.max_files})"})
+        return
+    if sum(m.file_size for m in members) > limits.max_total_bytes:
+        result.skipped.append({"source": source, "reason": "zip would unpack past the total size limit"})
+        return
+    names = {m.filename.lower(): m for m in members}
+    images = {_stem_key(m.filename) for m in members if member_suffix(m.filename) in IMAGE_SUFFIXES}
+    for m in members:
+        label = f"{label_prefix}:{m.filename}"
+        path, suffix = PurePosixPath(m.filename), member_suffix(m.filename)
+        if path.parts[0] == "__MACOSX" or path.name.startswith("._"):
+            result.skipped.append({"source": label, "reason": "macOS metadata (__MACOSX, ._ files), not an image"})
+            continue
+        if suffix == ".txt":
+            if _stem_key(m.filename) not in images:
+                result.skipped.append({"source": label, "reason": "a caption with no image of its name in the zip"})
+            continue  # a caption comes with its image
+        if m.filename.lower().rstrip(". ").endswith(MASK_SUFFIX):
+            result.skipped.append({"source": label, "reason": "a loss mask: import makes masks from an image's own "
+                                                              "transparency"})
+            continue
+        ratio = m.file_size / max(1, m.compress_size)
+        if m.file_size > limits.max_file_bytes or ratio > limits.max_zip_ratio:
+            result.skipped.append({"source": label, "reason": f"zip member too large or compressed {ratio:.0f}:1 "
+                                                              "(zip bomb guard)"})
+            continue
+        try:
+            with zf.open(m) as f:
+                data = f.read(limits.max_file_bytes + 1)  # the header's sizes can lie
+        except ZIP_MEMBER_ERRORS as e:  # one bad member costs that member, not the whole archive
+            result.skipped.append({"source": label, "reason": f"unreadable zip member ({_zip_reason(e)})"})
+            continue
+        if len(data) > limits.max_file_bytes:
+            result.skipped.append({"source": label, "reason": "zip member larger than declared"})
+            continue
+        if suffix == ".zip" or data[:4] == b"PK\x03\x04":
+            if depth >= 1:
+                result.skipped.append({"source": label, "reason": "a zip inside a zip inside a zip: unpack it and "
+                                                                  "import the inner zips"})
                 continue
             try:
-                with zf.open(m) as f:
-                    data = f.read(limits.max_file_bytes + 1)  # the header's sizes can lie
-                cap = names.get(str(PurePosixPath(m.filename).with_suffix(".txt")).lower())
-                caption = _caption_text(zf.read(cap)) if cap is not None and cap.file_size < 1 << 20 else None
-            except ZIP_MEMBER_ERRORS as e:  # one bad member costs that member, not the whole archive
-                result.skipped.append({"source": label, "reason": f"unreadable zip member ({_zip_reason(e)})"})
+                inner = zipfile.ZipFile(io.BytesIO(data))
+            except zipfile.BadZipFile as e:
+                result.skipped.append({"source": label, "reason": f"not a readable zip ({e})"})
                 continue
-            if len(data) > limits.max_file_bytes:
-                result.skipped.append({"source": label, "reason": "zip member larger than declared"})
-                continue
-            yield label, data, caption
+            with inner:
+                yield from _zip_members(inner, label, label, limits, result, depth + 1)
+            continue
+        if suffix not in IMAGE_SUFFIXES and not looks_like_image(data[:16]):
+            result.skipped.append({"source": label, "reason": f"not an image or zip ({suffix or 'no extension'})"})
+            continue
+        cap = names.get(_caption_name(m.filename))
+        try:
+            caption = _caption_text(zf.read(cap)) if cap is not None and cap.file_size < 1 << 20 else None
+        except ZIP_MEMBER_ERRORS:
+            caption = None
+        yield label, data, caption
+
+
+def _stem_key(name: str) -> str:
+    path = PurePosixPath(name.rstrip(". "))
+    return str(path.with_suffix("") if path.suffix else path).lower()
+
+
+def _caption_name(name: str) -> str:
+    return f"{_stem_key(name)}.txt"

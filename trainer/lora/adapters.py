@@ -15,7 +15,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
-from trainer.lora.read import LoraError, LoraFile, module_index
+from trainer.lora.read import LoraError, LoraFile, module_index, require_fit
 
 Models = dict[str, torch.nn.Module]  # kohya key prefix ("lora_unet", "lora_te", "lora_te1", ...) -> model
 
@@ -29,6 +29,8 @@ def load(models: Models, lora: LoraFile, name: str, unet_namer=None) -> dict[str
     if missing:
         raise LoraError(f"{lora.path.name}: {len(missing)} of {len(lora.modules)} modules match no layer of this "
                         f"base model (first: {missing[0]}); is it made for another model?")
+    for key, module in lora.modules.items():
+        require_fit(lora.path.name, key, module, index[key].weight)
     placed: dict[str, dict[str, object]] = {}
     for key, module in lora.modules.items():
         prefix, path = where[id(index[key])]

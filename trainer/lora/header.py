@@ -67,6 +67,10 @@ def check(path: str | Path) -> list[str]:
         raise HeaderError(f"{path.name} has no LoRA weights (no lora_down/lora_up or lora_A/lora_B keys); is it a "
                           "base model or an embedding?")
     _lycoris_complete(path, tensors)
+    for k, v in sorted(tensors.items()):
+        if k.endswith(".alpha") and _count(v.get("shape", [])) != 1:
+            raise HeaderError(f"{path.name}: {k} holds {_count(v['shape'])} values, not one number: the file is damaged "
+                              "or not a LoRA; export it again")
     size = path.stat().st_size - 8 - n
     for k, v in tensors.items():
         start, end = v.get("data_offsets", [0, 0])
@@ -96,8 +100,16 @@ def check(path: str | Path) -> list[str]:
     return defects
 
 
+def _count(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def _lycoris_complete(path: Path, tensors: dict) -> None:
-    """Every LoHa/LoKr module has the factors a loader rebuilds ΔW from (lycoris.LycorisModule.check, torch-free)."""
+    """Every LoHa/LoKr module has the factors a loader rebuilds ΔW from, and they multiply (lycoris.LycorisModule.check,
+    torch-free: on the header's shapes)."""
     modules: dict[str, set] = {}
     for k in tensors:
         name, _, part = k.rpartition(".")
@@ -112,3 +124,16 @@ def _lycoris_complete(path: Path, tensors: dict) -> None:
                 wanted = " or ".join("+".join(choice) for choice in choices)
                 raise HeaderError(f"{path.name}: {name} is a {'LoHa' if loha else 'LoKr'} module without {wanted}: the "
                                   "file is incomplete; download or export it again")
+        shape = {p: tensors[f"{name}.{p}"]["shape"] for p in parts}
+        pairs = [("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b"), ("lokr_w1_a", "lokr_w1_b"),
+                 ("lokr_w2_a", "lokr_w2_b")]
+        tucker = any(p.endswith(("_t1", "_t2")) for p in parts)
+        bad = [f"{a} {shape[a]} · {b} {shape[b]}" for a, b in pairs if a in shape and b in shape and not tucker
+               and (len(shape[a]) < 2 or not shape[b] or shape[a][1] != shape[b][0])]
+        if loha and not tucker and not bad and \
+                (shape["hada_w1_a"][0], shape["hada_w1_b"][1]) != (shape["hada_w2_a"][0], shape["hada_w2_b"][1]):
+            bad.append(f"hada_w1 {shape['hada_w1_a'][0]}x{shape['hada_w1_b'][1]} ⊙ hada_w2 "
+                       f"{shape['hada_w2_a'][0]}x{shape['hada_w2_b'][1]}")
+        if bad:
+            raise HeaderError(f"{path.name}: {name}'s factors do not fit together ({bad[0]}): the file is damaged; "
+                              "export it again")

@@ -74,12 +74,25 @@ def check_rank(model: torch.nn.Module, targets: list[str], rank: int, what: str)
                                  f"use a rank of at most {min(w.shape[0], w.shape[1])}")
 
 
+def check_factor(model: torch.nn.Module, targets: list[str], factor: int, what: str) -> None:
+    """peft splits a dimension by the factor when it divides it, else near its square root capped at the factor: a
+    factor above every targeted dimension is the same file as -1 (it was accepted and ignored: lokr_factor=1e9)."""
+    dims = [d for name, mod in model.named_modules() if any(name == t or name.endswith("." + t) for t in targets)
+            for d in (getattr(mod, "weight", None).shape[:2] if getattr(mod, "weight", None) is not None else ())]
+    if dims and factor > max(dims):
+        raise ValueError(f"lora.lokr_factor {factor} is larger than every {what} layer's dimension (the largest is "
+                         f"{max(dims)}): LoKr would split each near its square root, exactly as lora.lokr_factor = -1 "
+                         "does; use -1, or a factor that divides the dimensions (4, 8, 16 ...)")
+
+
 def inject(model: torch.nn.Module, cfg: LoraConfig, targets: list[str], what: str) -> None:
     """peft's own injection for every model. `model.add_adapter` would route the text encoders through
     transformers' optional peft integration, whose version gate broke every run once (transformers 5.24
     demanded a peft that did not exist); peft's API is the one both libraries build on."""
     if cfg.network != "lokr":  # a LoKr rank sizes the Kronecker factors' decomposition, not the update
         check_rank(model, targets, cfg.rank, what)
+    elif cfg.lokr_factor > 0:
+        check_factor(model, targets, cfg.lokr_factor, what)
     inject_adapter_in_model(peft_config(cfg, targets), model, adapter_name=ADAPTER)  # only LoRA stays trainable
 
 

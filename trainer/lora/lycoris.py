@@ -99,6 +99,11 @@ def read_modules(tensors: dict[str, torch.Tensor]) -> dict[str, "LycorisModule"]
             raw[_normal(name)] = name
     for name, m in out.items():
         alpha = tensors.get(f"{raw[name]}.alpha")
+        if alpha is not None and alpha.numel() != 1:
+            from trainer.errors import LoraError
+
+            raise LoraError(f"{raw[name]}.alpha holds {alpha.numel()} values ({tuple(alpha.shape)}), not one number: "
+                            "the file is damaged; export it again")
         m.file_alpha = float(alpha) if alpha is not None else None
         m.check(name)
     return out
@@ -122,7 +127,8 @@ class LycorisModule:
     _svd: tuple | None = field(default=None, repr=False)
 
     def check(self, name: str) -> None:
-        """Refuse a module a loader could not rebuild (a factor missing)."""
+        """Refuse a module a loader could not rebuild: a factor missing, or factors whose shapes do not multiply
+        (checked on shapes alone, with meta tensors)."""
         from trainer.errors import LoraError
 
         if self.algo == "loha":
@@ -134,6 +140,13 @@ class LycorisModule:
                 wanted = " or ".join("+".join(choice) for choice in choices)
                 raise LoraError(f"{name} is a {'LoHa' if self.algo == 'loha' else 'LoKr'} module without {wanted}: "
                                 "the file is incomplete")
+        shapes = LycorisModule(self.algo, {k: torch.empty(v.shape, device="meta") for k, v in self.factors.items()})
+        try:
+            shapes.delta()
+        except (RuntimeError, ValueError, IndexError) as e:
+            kinds = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(self.factors.items()))
+            raise LoraError(f"{name}: its {'LoHa' if self.algo == 'loha' else 'LoKr'} factors do not fit together "
+                            f"({kinds}): the file is damaged; export it again") from None
 
     @property
     def dim(self) -> int | None:
@@ -173,8 +186,17 @@ class LycorisModule:
             w1 = w1[:, :, None, None]
         return torch.kron(w1.contiguous(), w2.contiguous()) * self.loader_scale
 
+    @property
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in self.factors.values())
+
     def _factorised(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._svd is None:
+            if not self.finite:  # no SVD of NaN/Inf: a stand-in of the factors' own rank, which defects() reports
+                d = self.delta().nan_to_num(0.0, 0.0, 0.0)
+                rank = self.dim or 1
+                self._svd = (torch.zeros(rank, *d.shape[1:]), torch.zeros(d.shape[0], rank))
+                return self._svd
             d = self.delta()
             flat = d.flatten(1)
             u, s, vh = torch.linalg.svd(flat, full_matrices=False)

@@ -173,6 +173,14 @@ def read_lora(path: str | Path) -> LoraFile:
     return LoraFile(path, family, source, layout, modules, metadata)
 
 
+def one_number(alpha: torch.Tensor, name: str) -> float:
+    """A module's alpha: one number, or the file is refused with the module named."""
+    if alpha.numel() != 1:
+        raise LoraError(f"{name}.alpha holds {alpha.numel()} values ({tuple(alpha.shape)}), not one number: the file is "
+                        "damaged or not a LoRA; export it again")
+    return float(alpha)
+
+
 def _kohya_modules(t: dict, dora_base_norm: bool = False) -> dict[str, Module]:
     out = {}
     for key in t:
@@ -187,7 +195,7 @@ def _kohya_modules(t: dict, dora_base_norm: bool = False) -> dict[str, Module]:
             if dora is not None and dora.shape[0] != up.shape[0]:
                 raise LoraError(f"{name}: its DoRA magnitudes are per input channel (LyCORIS wd_on_out=false), which "
                                 "no peft layer can hold; LoRA Studio reads per-output DoRA only")
-            out[name] = Module(down, up, float(alpha) if alpha is not None else float(down.shape[0]), dora,
+            out[name] = Module(down, up, one_number(alpha, name) if alpha is not None else float(down.shape[0]), dora,
                                dora_norm="base" if dora is not None and dora_base_norm else "merged")
     return out
 
@@ -293,6 +301,22 @@ def check_family(lora: LoraFile, base_family: str) -> None:
         raise LoraError(f"{lora.path.name} is a {FAMILY_NAMES[lora.family]} LoRA but the base model is "
                         f"{FAMILY_NAMES.get(base_family, base_family)}; pick a {FAMILY_NAMES[lora.family]} base "
                         "or a LoRA made for this one")
+
+
+def require_fit(lora_name: str, name: str, m, weight: torch.Tensor) -> None:
+    """A module must make an update of its layer's shape, or it is refused with the file, the module and both shapes
+    (torch's reshape error named neither)."""
+    if hasattr(m, "algo"):  # LoHa/LoKr: ΔW's size, computed on shapes alone
+        from trainer.lora.lycoris import LycorisModule
+
+        shape = LycorisModule(m.algo, {k: torch.empty(v.shape, device="meta") for k, v in m.factors.items()}).delta().shape
+        ok = int(torch.Size(shape).numel()) == weight.numel()
+    else:
+        shape = (m.up.shape[0], *m.down.shape[1:])
+        ok = m.up.shape[0] == weight.shape[0] and m.down[0].numel() == weight[0].numel()
+    if not ok:
+        raise LoraError(f"{lora_name}: module {name} makes an update of shape {tuple(shape)}, which does not fit its "
+                        f"layer's weight {tuple(weight.shape)}; is the file made for another model?")
 
 
 def module_index(models: dict[str, torch.nn.Module], unet_namer=None) -> dict[str, torch.nn.Module]:

@@ -57,14 +57,24 @@ def inspect(path: str | Path) -> dict:
                                                                                 lora.modules.values()))}
         ranks = Counter(m.dim or "full" for m in lora.modules.values())  # a full LoKr factor has no rank
         alphas = Counter(m.file_alpha for m in lora.modules.values())
+    from trainer.lora.header import read as read_header
+    from trainer.lora.readers import kind_of, readers
+
+    keys = [k for k in read_header(lora.path)[0] if k != "__metadata__"]
     return {
         "file": str(lora.path), "family": lora.family, "family_source": lora.family_source, "layout": lora.layout,
+        "loads_in": readers(lora.family, kind_of(keys)),
         "kind": lora.kind, **network, "rank": ranks.most_common(1)[0][0], "ranks": dict(ranks),
         "alpha": alphas.most_common(1)[0][0], "modules": len(lora.modules),
         "module_ranks": {n: m.rank for n, m in sorted(lora.modules.items())},  # effective: the update's rank
         "trigger_words": trigger_words(lora), **hashes,
         "defects": lora.defects(), "warnings": lora.warnings(), "metadata": md,
     }
+
+
+def alpha_text(alpha) -> str:
+    """A file's alpha for people: a LyCORIS module may carry none (its loaders then scale by 1)."""
+    return "none (scale 1)" if alpha is None else f"{alpha:g}"
 
 
 def to_tensors(modules: dict[str, Module], dtype: torch.dtype, paths: dict[str, str] | None = None) -> dict:
@@ -276,7 +286,7 @@ def card(path, force: bool = False) -> Path:
     fam = FAMILY_NAMES.get(lora.family or "", "unknown")
     samples = sorted((lora.path.parent / "samples").glob("*.png"))[-4:] if (lora.path.parent / "samples").is_dir() else []
     settings = [("base model", md.get("ss_sd_model_name", "unknown")), ("family", fam),
-                ("kind", lora.kind), ("rank / alpha", f"{info['rank']} / {info['alpha']:g}"),
+                ("kind", lora.kind), ("rank / alpha", f"{info['rank']} / {alpha_text(info['alpha'])}"),
                 ("resolution", md.get("modelspec.resolution", "?")), ("steps", md.get("ss_steps", "?")),
                 ("learning rate", md.get("ss_learning_rate", "?")), ("images", md.get("ss_num_train_images", "?")),
                 ("seed", md.get("ss_seed", "?")), ("AutoV2 / AutoV3 hash", f"{info['autov2']} / {info['autov3']}")]
@@ -285,10 +295,7 @@ def card(path, force: bool = False) -> Path:
     lines += [f"| {k} | {v} |" for k, v in settings]
     if samples:
         lines += ["", "## Samples", ""] + [f"![sample]({s.relative_to(lora.path.parent)})" for s in samples]
-    if lora.network != "lora":
-        lines += ["", f"A {lora.kind.split('+')[0]} (LyCORIS) file: ComfyUI, Forge, AUTOMATIC1111 1.5+ and kohya's "
-                  "tools read it as they read a LoRA; diffusers' `load_lora_weights` does not read LyCORIS files "
-                  "(LoRA Studio's Preview and `lora bake` do)."]
+    lines += ["", "## Where it loads", ""] + [f"- {line}" for line in info["loads_in"]]
     lines += ["", "## Use it", "",
               f"- **AUTOMATIC1111 / Forge**: copy `{lora.path.name}` to `models/Lora/` and add "
               f"`<lora:{lora.path.stem}:0.8>` to the prompt{' with ' + trig if info['trigger_words'] else ''}.",
@@ -306,7 +313,7 @@ def bake(base: str, loras: list, weights: list[float], out: str | Path, force: b
     import shutil
     import tempfile
 
-    from trainer.lora.read import check_family, module_index
+    from trainer.lora.read import check_family, module_index, require_fit
     from trainer.models import load_base
 
     out = Path(out)
@@ -323,6 +330,8 @@ def bake(base: str, loras: list, weights: list[float], out: str | Path, force: b
         missing = [n for n in lora.modules if n not in index]
         if missing:
             raise LoraError(f"{lora.path.name}: {len(missing)} module(s) not in this base model, e.g. {missing[0]}")
+        for name, m in lora.modules.items():
+            require_fit(lora.path.name, name, m, index[name].weight)
         with torch.no_grad():
             for name, m in lora.modules.items():
                 weight = index[name].weight

@@ -224,9 +224,13 @@ def _from_folder(path: Path, dtype=None, on_unet=None, t5: bool = True) -> Simpl
                 raise _CallerError(e) from e
     if "transformer" in parts:
         parts.pop("unet", None)
-    for required in ("unet" if "transformer" not in parts else "transformer", "vae", "text_encoder", "tokenizer"):
+    # the denoiser its model_index names: a Flux.1, SD3 or Z-Image folder has a transformer, an SD one a UNet
+    denoiser = "transformer" if "transformer" in parts or ("transformer" in index and "unet" not in parts) else "unet"
+    what = index.get("_class_name") or "diffusers Stable Diffusion"
+    for required in (denoiser, "vae", "text_encoder", "tokenizer"):
         if required not in parts:
-            raise ModelError(f"{path} has no {required}/ folder; a diffusers Stable Diffusion model needs one")
+            raise ModelError(f"{path} has no {required}/ folder; a {what} model needs one (download the whole model "
+                             "folder, or pass the model's single .safetensors file)")
     config_file = path / "scheduler" / "scheduler_config.json"
     scheduler = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
     return SimpleNamespace(scheduler=SimpleNamespace(config=scheduler), **parts)

@@ -22,8 +22,14 @@ def xy_cells(loras: list[dict], xs: list[float], ys: list[float]) -> list[tuple[
     if len(enabled) < 2:
         raise ValueError("an X/Y grid needs two enabled LoRAs")
     a, b = enabled[:2]
-    return [(f"{x:g} / {y:g}", [{"path": a["path"], "weight": x}, {"path": b["path"], "weight": y}])
+    return [(f"X {x:g} · Y {y:g}", [{"path": a["path"], "weight": x}, {"path": b["path"], "weight": y}])
             for y in ys for x in xs]
+
+
+def xy_title(loras: list[dict]) -> str:
+    """The axes of an X/Y grid, named: which LoRA each weight belongs to."""
+    a, b = [s for s in loras if s.get("enabled", True)][:2]
+    return f"X: {Path(a['path']).stem} weight (columns)  ·  Y: {Path(b['path']).stem} weight (rows)"
 
 
 def checkpoint_cells(checkpoints: list[str], weights: list[float]) -> list[tuple[str, list[dict]]]:

@@ -28,12 +28,17 @@ class Judge:
         self.seed_spread: float | None = None  # the base's own change between two seeds: the auto drift bound
 
     def __call__(self, step: int, saved: Path | None = None) -> None:
-        cfg = self.cfg
+        """A Stop pressed meanwhile ends the figures between images (and denoising steps): the run saves its LoRA
+        sooner, and this checkpoint goes without them."""
+        cfg, stop = self.cfg, self.events.stop_requested
         if self.val is None:
             return
         if self.loss_at[0] != step:
-            with self.events.progress.phase("validation", len(self.val)):
-                self.loss_at = (step, self.val.loss(self.models[0], self.models[1:]))
+            with self.events.progress.phase("validation", len(self.val)) as tick:
+                loss = self.val.loss(self.models[0], self.models[1:], stop=stop, progress=tick)
+            if loss is None:  # stopped part-way: no figure
+                return
+            self.loss_at = (step, loss)
             self.events.emit("validation", step=step, loss=self.loss_at[1])
             self.accelerator.log({"validation_loss": self.loss_at[1]}, step=step)
         if saved is None:
@@ -41,12 +46,20 @@ class Judge:
         prompts = validation.drift_prompts(cfg, is_embedded(cfg.model.source))
         if prompts and not self.base_renders:
             with validation.lora_disabled(self.models):
-                self.base_renders.extend(self.render(prompts))
+                renders = self.render(prompts, stop=stop)
+                if len(renders) < len(prompts):
+                    return
                 if cfg.train.drift_bound is None:
-                    other = self.render(prompts, validation.SPREAD_SEED_OFFSET)
-                    self.seed_spread = drift(self.base_renders, other)
+                    other = self.render(prompts, validation.SPREAD_SEED_OFFSET, stop=stop)
+                    if len(other) < len(prompts):
+                        return
+                    self.seed_spread = drift(renders, other)
                     self.events.emit("seed_spread", value=self.seed_spread, prompts=len(prompts))
-        moved = drift(self.base_renders, self.render(prompts)) if prompts else None
+                self.base_renders.extend(renders)
+        renders = self.render(prompts, stop=stop) if prompts else []
+        if len(renders) < len(prompts):
+            return
+        moved = drift(self.base_renders, renders) if prompts else None
         self.checkpoints.append(validation.Checkpoint(step, str(saved), self.loss_at[1], moved))
         self.events.emit("checkpoint", step=step, path=str(saved), validation_loss=self.loss_at[1], drift=moved)
         sampled = (cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0) or \

@@ -69,8 +69,8 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
                      models=fam.models(unet if cfg.lora.train_unet else None, r.te_trained))
     params = state_mod.trainable(save_args["models"])
     judge = Judge(cfg, r.val, events, accelerator, final, models=[unet, *tes],
-                  render=lambda prompts, offset=0: render_prompts(cfg, base, unet, tes, precision, prompts,
-                                                                  encoded=r.encoded, seed_offset=offset),
+                  render=lambda prompts, offset=0, stop=None: render_prompts(cfg, base, unet, tes, precision, prompts,
+                                                                             stop, r.encoded, seed_offset=offset),
                   sample=lambda at: sample(cfg, base, unet, tes, precision, run_dir, at, events, encoded=r.encoded))
     step, epoch, consumed, smooth, bad_streak, stopped, feeder, total = 0, 0, 0, None, 0, False, r.feeder, r.total
 
@@ -125,7 +125,9 @@ def train(cfg: RunConfig, events: Events | None = None, resume: bool = False, pl
             bar.set_postfix(loss=f"{smooth:.4f}" if smooth is not None else "nan", lr=f"{lr:.2e}", epoch=epoch + 1)
 
             if main and cfg.sample.every_n_steps and step % cfg.sample.every_n_steps == 0 and step < total:
-                sample(cfg, base, unet, tes, precision, run_dir, step, events, encoded=r.encoded)
+                # a Stop ends the samples between denoising steps: then the LoRA saves (a 1024 px sample on a CPU
+                # took minutes, and Stop waited for every one)
+                sample(cfg, base, unet, tes, precision, run_dir, step, events, events.stop_requested, r.encoded)
             if cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0 and step < total and main:
                 save_lora_file(checkpoint := run_dir / "checkpoints" / f"{name}-step{step:06d}.safetensors", step,
                                epoch, events, **save_args)

@@ -88,8 +88,9 @@ class Validation:
         return hidden[0].cpu(), None if pooled is None else pooled[0].cpu()
 
     @torch.no_grad()
-    def loss(self, unet, text_encoders) -> float:
-        """Mean MSE over every held-out image and timestep, the models in eval mode (LoRA dropout off)."""
+    def loss(self, unet, text_encoders, stop=None, progress=None) -> float | None:
+        """Mean MSE over every held-out image and timestep, the models in eval mode (LoRA dropout off); None when
+        `stop()` said so between two images (a Stop pressed meanwhile)."""
         models = [unet, *text_encoders]
         modes = [m.training for m in models]
         for m in models:
@@ -97,8 +98,12 @@ class Validation:
         try:
             total = 0.0
             for i, (latent, noise) in enumerate(zip(self.latents, self.noise)):
+                if stop is not None and stop():
+                    return None
                 hidden, pooled = self.text[i] if self.text is not None else self._encode(text_encoders, self.captions[i])
                 total += self._one(unet, i, latent, noise, hidden, pooled)
+                if progress:
+                    progress(i + 1)
             return total / len(self.latents)
         finally:
             for m, mode in zip(models, modes):
