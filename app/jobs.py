@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -59,8 +60,11 @@ def train_command(run_dir: Path, resume: bool = False) -> list[str]:
 
 
 def cli_equivalent(run_dir: Path, resume: bool = False) -> str:
-    """The command a user types to do the same from a terminal."""
-    cmd = ["lora-studio", "train", "--config", str(run_dir / "config.toml"), "--output", str(run_dir)]
+    """The command a user types to do the same from a terminal: through launch.py when the app was started by it
+    (lora-studio is in .venv, not on the PATH of a new user's terminal)."""
+    launcher = os.environ.get("LORA_STUDIO_LAUNCHER")
+    start = [("py" if portable.WINDOWS else "python"), launcher] if launcher else ["lora-studio"]
+    cmd = [*start, "train", "--config", str(run_dir / "config.toml"), "--output", str(run_dir)]
     return quote_command(cmd + (["--resume", str(run_dir)] if resume else []))
 
 

@@ -411,6 +411,13 @@ def test_the_launcher_runs_the_cli_commands_so_no_path_entry_is_needed(tmp_path,
     monkeypatch.setattr(launcher, "install_reason", lambda *a: None)  # an environment that is installed already
     assert launcher.main(["train", "--help", "--dataset", "d", "--venv", "x"]) == 0
     assert started["cmd"][1:] == ["-m", "app", "train", "--help", "--dataset", "d", "--venv", "x"]
+    # and the Train tab's "the same run from a terminal" says it that way when the launcher started the app
+    from app.jobs import cli_equivalent
+
+    monkeypatch.setenv("LORA_STUDIO_LAUNCHER", "/home/me/lora-studio/launch.py")
+    assert cli_equivalent(tmp_path / "r").startswith("python /home/me/lora-studio/launch.py train --config ")
+    monkeypatch.delenv("LORA_STUDIO_LAUNCHER")
+    assert cli_equivalent(tmp_path / "r").startswith("lora-studio train --config ")
 
 
 def test_stop_ends_samples_and_validation_part_way_and_the_page_says_what_it_waits_for(folders, tmp_path,

@@ -26,13 +26,14 @@ def grid(images: list[Image.Image], labels: list[str], columns: int, cells: int 
     size = max(12, min(28, cw // 12))
     text = font(size)
     band = max(BAND, size + 8)
-    head = size + 12 if title else 0
+    lines = _wrapped(title, text, columns * cw - 8) if title else []
+    head = len(lines) * (size + 6) + 6 if lines else 0
     cells = max(cells or 0, len(images))
     rows = (cells + columns - 1) // columns
     sheet = Image.new("RGB", (columns * cw, head + rows * (ch + band)), "white")
     draw = ImageDraw.Draw(sheet)
-    if title:
-        draw.text((4, 4), title, fill="black", font=text)
+    for k, line in enumerate(lines):
+        draw.text((4, 4 + k * (size + 6)), line, fill="black", font=text)
     for i in range(cells):
         x, y = (i % columns) * cw, head + (i // columns) * (ch + band)
         if i < len(images):
@@ -44,3 +45,17 @@ def grid(images: list[Image.Image], labels: list[str], columns: int, cells: int 
             label = label[:-2] + "…" if len(label) > 2 else ""
         draw.text((x + 3, y + 3), label, fill="black", font=text)
     return sheet
+
+
+def _wrapped(text: str, face, width: int) -> list[str]:
+    """`text` in lines no wider than `width` px, broken between words."""
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines, line = [], ""
+    for word in text.split(" "):
+        trial = f"{line} {word}".strip()
+        if line and probe.textlength(trial, font=face) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + ([line] if line else [])

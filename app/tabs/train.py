@@ -19,7 +19,7 @@ def build(ctx: Ctx, saved_form) -> dict:
     h = TrainHandlers(ctx)
     ws = ctx.ws
     names = ws.dataset_names()
-    with gr.Tab("Train", id="train"):
+    with gr.Tab("Train", id="train") as tab:
         with gr.Row():
             model = gr.Dropdown([form.EMBEDDED], value=form.EMBEDDED, allow_custom_value=True, scale=3, elem_id="model",
                                 label="Base model: the embedded tiny model, a local file or folder, or a Hub id")
@@ -94,6 +94,9 @@ def build(ctx: Ctx, saved_form) -> dict:
     settings_outputs = [summary, estimate_md, advanced, resolution, saved_form]
     for comp in form_inputs:
         comp.change(h.settings, form_inputs, settings_outputs)
+    # The dataset open on the Datasets tab may have changed since (its trigger, its captions): the sample prompts and
+    # repeats are read again whenever this tab is opened
+    tab.select(h.settings, form_inputs, settings_outputs, show_progress="hidden")
     measure.click(h.do_measure, [advanced, *form_inputs], settings_outputs, show_progress_on=estimate_md)
     start.click(h.do_start, [advanced, run_name], [start_msg, run_pick, run_name])
 

@@ -1,5 +1,6 @@
 """`lora-studio bench modern`: what one block of Flux.1 and of Z-Image keeps for the backward pass, measured on this
-machine at full width (random bf16 weights, LoRA on the attention, 512 and 1024 px), with and without gradient
+machine at full width (random bf16 weights, LoRA on the family's default targets, 512 and 1024 px; Flux's single
+block also with LoRA on its attention alone, the targets before issue 37), with and without gradient
 checkpointing, then scaled to the published depths. A full-size Flux.1 (24 GB in bf16) does not fit this machine's
 RAM, a few of its blocks do: each measurement runs in a process of its own with one and with three blocks of a kind,
 and half the difference is one block, free of the fixed costs (embeddings, the runtime). The estimator's constants
@@ -26,8 +27,9 @@ def _shapes(family: str, kind: str, n: int) -> dict:
     return {"n_layers": n, "n_refiner_layers": 1}
 
 
-def one(family: str, kind: str, n: int, pixels: int, checkpointing: bool) -> dict:
-    """In this process: build, inject, one forward and backward at `pixels`; the peak RSS over the step (GB)."""
+def one(family: str, kind: str, n: int, pixels: int, checkpointing: bool, targets: str = "default") -> dict:
+    """In this process: build, inject, one forward and backward at `pixels`; the peak RSS over the step (GB).
+    `targets`: the family's default LoRA targets, or "attention" alone."""
     import torch
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -44,9 +46,13 @@ def one(family: str, kind: str, n: int, pixels: int, checkpointing: bool) -> dic
         for p in model.parameters():
             p.normal_(0, 0.02)
     model.requires_grad_(False)
-    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"] \
-        if family == "flux" else ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0"]
-    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets), model)
+    from trainer.models.families import FAMILIES
+
+    attention, _ = FAMILIES[family].lora_targets(dict(model.config))  # what a run trains by default
+    if targets == "attention":
+        attention = [t for t in attention if "single_transformer_blocks" not in t]  # without the single MLP
+    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=attention), model)
+    lora_params = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
     for name, p in model.named_parameters():
         if "lora_" in name:
             p.data = p.data.float()
@@ -82,8 +88,8 @@ def one(family: str, kind: str, n: int, pixels: int, checkpointing: bool) -> dic
     seconds = time.perf_counter() - start
     peak = _peak_gb()
     return {"family": family, "kind": kind, "blocks": n, "pixels": pixels, "checkpointing": checkpointing,
-            "before_gb": round(before, 3), "peak_gb": round(peak, 3), "step_gb": round(peak - before, 3),
-            "seconds": round(seconds, 1)}
+            "targets": targets, "before_gb": round(before, 3), "peak_gb": round(peak, 3),
+            "step_gb": round(peak - before, 3), "seconds": round(seconds, 1), "lora_params": lora_params}
 
 
 def _rss_gb() -> float:
@@ -105,10 +111,10 @@ def _peak_gb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
-def measure(family: str, kind: str, n: int, pixels: int, checkpointing: bool) -> dict:
+def measure(family: str, kind: str, n: int, pixels: int, checkpointing: bool, targets: str = "default") -> dict:
     """`one` in a fresh process, so its peak RSS is that step's alone."""
     code = ("import json, sys; from trainer.bench.modern import one; "
-            f"print(json.dumps(one({family!r}, {kind!r}, {n}, {pixels}, {checkpointing})))")
+            f"print(json.dumps(one({family!r}, {kind!r}, {n}, {pixels}, {checkpointing}, {targets!r})))")
     # glibc serves large blocks from mmap only up to a threshold that grows as blocks are freed; past it freed memory
     # stays in the heap and the RSS keeps what autograd already let go. A fixed threshold makes the peak RSS the
     # peak of live tensors, which is what a GPU's allocator would hold.
@@ -116,23 +122,25 @@ def measure(family: str, kind: str, n: int, pixels: int, checkpointing: bool) ->
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600, env=env)
     if out.returncode != 0:
         return {"family": family, "kind": kind, "blocks": n, "pixels": pixels, "checkpointing": checkpointing,
-                "error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+                "targets": targets, "error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run(sizes=(512, 1024)) -> dict:
     rows = []
-    kinds = [("flux", "double"), ("flux", "single"), ("zimage", "layer")]
+    kinds = [("flux", "double", "default"), ("flux", "single", "default"), ("flux", "single", "attention"),
+             ("zimage", "layer", "default")]
     for pixels in sizes:
-        for family, kind in kinds:
+        for family, kind, targets in kinds:
             for ckpt in (False, True):
-                pair = [measure(family, kind, n, pixels, ckpt) for n in (1, 3)]
-                row = {"family": family, "kind": kind, "pixels": pixels, "checkpointing": ckpt}
+                pair = [measure(family, kind, n, pixels, ckpt, targets) for n in (1, 3)]
+                row = {"family": family, "kind": kind, "pixels": pixels, "checkpointing": ckpt, "targets": targets}
                 if any("error" in p for p in pair):
                     row["error"] = next(p["error"] for p in pair if "error" in p)
                 else:
                     row["block_gb"] = round((pair[1]["step_gb"] - pair[0]["step_gb"]) / 2, 3)
                     row["one_block_step_gb"], row["seconds"] = pair[0]["step_gb"], pair[0]["seconds"]
+                    row["block_lora_params"] = (pair[1]["lora_params"] - pair[0]["lora_params"]) // 2
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return {"rows": rows, "scaled": scaled(rows), "cpu_cores": os.cpu_count()}
@@ -146,7 +154,7 @@ def scaled(rows: list[dict]) -> dict:
             total = {}
             for ckpt in (False, True):
                 parts = [r for r in rows if r["family"] == family and r["pixels"] == pixels and
-                         r["checkpointing"] == ckpt and "block_gb" in r]
+                         r["checkpointing"] == ckpt and "block_gb" in r and r.get("targets", "default") == "default"]
                 if len(parts) != len(depth):
                     break
                 total[ckpt] = sum(depth[r["kind"]] * max(r["block_gb"], 0.0) for r in parts)
@@ -160,16 +168,19 @@ def scaled(rows: list[dict]) -> dict:
 def markdown(result: dict) -> str:
     lines = ["## Modern families", "",
              f"Generated by `lora-studio bench modern` on {result['cpu_cores']} CPU cores: one and three blocks of "
-             "each kind at full width (random bf16 weights, LoRA rank 16 on the attention), one image, one forward and "
+             "each kind at full width (random bf16 weights, LoRA rank 16 on the family's default targets; Flux's single "
+             "block also on its attention alone), one image, one forward and "
              f"backward; half the difference is one block (Flux's text stream {TEXT_TOKENS['flux']} T5 tokens, Z-Image's "
              f"caption {TEXT_TOKENS['zimage']} tokens). Scaled to the published depths: Flux.1 19 double + 38 single "
              "blocks, Z-Image 30 layers + 4 refiner layers (counted as layers). Memory is the process's peak RSS "
              "over the step, with glibc's mmap threshold fixed so that freed tensors leave it. Do not edit: re-run it.", "",
-             "| family | block | px | checkpointing | one block GB | one-block step s |", "|---|---|---|---|---|---|"]
+             "| family | block | LoRA on | px | checkpointing | one block GB | one-block step s | LoRA params a block |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         value = r.get("block_gb", r.get("error", ""))
-        lines.append(f"| {r['family']} | {r['kind']} | {r['pixels']} | {'on' if r['checkpointing'] else 'off'} | "
-                     f"{value} | {r.get('seconds', '')} |")
+        on = "attention" if r.get("targets") == "attention" else "default"
+        lines.append(f"| {r['family']} | {r['kind']} | {on} | {r['pixels']} | {'on' if r['checkpointing'] else 'off'} | "
+                     f"{value} | {r.get('seconds', '')} | {r.get('block_lora_params', '')} |")
     lines += ["", "| model at size | activations GB (all blocks) | with checkpointing GB | share kept |",
               "|---|---|---|---|"]
     for name, s in result["scaled"].items():
