@@ -11,11 +11,11 @@
 import os
 import sys
 
-if sys.version_info < (3, 10):
+if sys.version_info < (3, 8):  # from 3.8 the launcher itself runs, and finds or fetches a Python LoRA Studio runs on
     sys.stderr.write(
-        "LoRA Studio needs Python 3.10 or newer; this is Python %d.%d (%s). Install Python 3.12 from "
-        "https://www.python.org/downloads/ and run 'py -3.12 launch.py' (Windows) or 'python3.12 launch.py'.\n"
-        % (sys.version_info[0], sys.version_info[1], sys.executable))
+        "LoRA Studio runs on Python 3.11 to 3.13, and this launcher needs 3.8 or newer to find one; this is Python %d.%d "
+        "(%s). Install Python 3.12 from https://www.python.org/downloads/ and run 'py -3.12 launch.py' (Windows) or "
+        "'python3.12 launch.py'.\n" % (sys.version_info[0], sys.version_info[1], sys.executable))
     sys.exit(1)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

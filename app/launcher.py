@@ -1,186 +1,41 @@
-"""`python launch.py`: make the environment this machine needs, then start the app. Standard library only.
+"""`python launch.py`: make the environment this machine needs, then start the app. Standard library only, and it
+runs on old Pythons too, to rescue them.
 
-First run: a virtual environment in `.venv` beside this checkout; torch at the version `requirements.lock` pins,
-in the build for this machine's GPU (NVIDIA: the newest CUDA build its driver runs; AMD on Linux: ROCm; Apple:
-PyPI's build, which has MPS; else the CPU build), then every other package at the locked version. Later runs start
-the app at once and install again only when the lock or pyproject.toml changed (or with --reinstall).
+First run: a Python LoRA Studio supports (pyproject.toml's requires-python; the one that started this, or another on
+the machine, or one uv installs), a virtual environment in `.venv` beside this checkout made by uv (fetched from the
+package index when it is not here; pip when uv cannot be had), torch at the version `requirements.lock` pins in the
+build for this machine's GPU (NVIDIA: the newest CUDA build its driver runs; AMD on Linux: ROCm; Apple: PyPI's build,
+which has MPS; else the CPU build), checked against its index before anything installs, then every other package at
+the locked version. Later runs start the app at once and install again only when the lock, pyproject.toml or the
+wanted torch build changed (or with --reinstall).
 
-`--dry-run` says what it would do, as one JSON object on the last line; `--os` and `--gpu` describe another
-machine, so anyone can see the choice for any PC. Options it does not know go to the app (`lora-studio --help`).
-Every failure is one line that says what to do. Output is ASCII: a Windows console may not print more.
+`--dry-run` says what it would do, as one JSON object on the last line; `--os`, `--arch`, `--macos` and `--gpu`
+describe another machine, so anyone can see the choice for any PC. Options it does not know go to the app
+(`lora-studio --help`). Every failure is one line that says what to do. Output is ASCII: a Windows console may not
+print more.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
-import re
-import shutil
-import struct
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from app.torch_choice import (TORCH_SIZE_GB, REST_SIZE_GB, Gpu, LaunchError, TorchChoice, choose_torch,  # noqa: F401
-                               detect_gpu, detect_os, locked_version, override, parse_gpu_arg, parse_nvidia_smi,
-                               variant_index)
+from app import install_tools, interpreters, torch_index
+from app.environment import (STAMP, Step, check_space, explain, extras_for, install_reason, install_steps,  # noqa: F401
+                             read_stamp, run_step, say, sha256, space_needed_gb, venv_python, wanted_install)
+from app.torch_choice import (TORCH_INDEX, Gpu, LaunchError, TorchChoice, choose_torch,  # noqa: F401
+                              detect_gpu, detect_os, fallbacks, locked_version, override, parse_gpu_arg,
+                              parse_nvidia_smi, variant_index)
 
 ROOT = Path(__file__).resolve().parent.parent
-STAMP = "lora-studio-install.json"  # inside the venv: what was installed, from which lock
 OSES = ("windows", "linux", "macos")
-# ---- the environment ----------------------------------------------------------------------------------------
-def venv_python(venv: Path, os_name: str) -> Path:
-    return venv / ("Scripts/python.exe" if os_name == "windows" else "bin/python")
-
-
-def sha256(path: Path) -> str:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return ""
-
-
-def wanted_install(root: Path, torch: TorchChoice, extras: list[str]) -> dict:
-    return {"lock": sha256(root / "requirements.lock"), "pyproject": sha256(root / "pyproject.toml"),
-            "torch": {"version": torch.version, "variant": torch.variant, "index_url": torch.index_url},
-            "extras": sorted(extras)}
-
-
-def read_stamp(venv: Path) -> dict:
-    try:
-        return json.loads((venv / STAMP).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
-def install_reason(venv: Path, os_name: str, stamp: dict, wanted: dict, reinstall: bool, forced_torch: bool) -> str | None:
-    """Why an install must run now, or None when the environment is as the lock says."""
-    if not venv_python(venv, os_name).exists():
-        return f"first run: no environment in {venv}"
-    if reinstall:
-        return "--reinstall"
-    if not stamp:
-        return "no record of a finished install in this environment"
-    for key, what in (("lock", "requirements.lock"), ("pyproject", "pyproject.toml")):
-        if stamp.get(key) != wanted[key]:
-            return f"{what} changed since the last install"
-    if set(wanted["extras"]) - set(stamp.get("extras", [])):
-        return f"the {', '.join(sorted(set(wanted['extras']) - set(stamp.get('extras', []))))} extra is not installed"
-    if forced_torch and stamp.get("torch", {}).get("variant") != wanted["torch"]["variant"]:
-        return f"torch {wanted['torch']['variant']} asked for; {stamp.get('torch', {}).get('variant')} is installed"
-    return None
-
-
-def extras_for(torch: TorchChoice, app_args: list[str]) -> list[str]:
-    extras = ["cuda"] if torch.variant.startswith("cu") else []  # bitsandbytes' 8-bit AdamW for the VRAM tiers
-    if "--window" in app_args:
-        extras.append("window")  # pywebview
-    return extras
-
-
-@dataclass
-class Step:
-    title: str
-    cmd: list[str]
-    torch_index: str | None = None  # the torch step: retried from pip's own index when this one cannot be reached
-
-
-def install_steps(root: Path, venv: Path, os_name: str, torch: TorchChoice, extras: list[str], fresh: bool,
-                  python: str = sys.executable) -> list[Step]:
-    py = str(venv_python(venv, os_name))
-    pip = [py, "-m", "pip", "install", "--disable-pip-version-check"]
-    lock = str(root / "requirements.lock")
-    steps = []
-    if fresh:
-        steps.append(Step(f"making the environment in {venv}", [python, "-m", "venv", str(venv)]))
-    steps.append(Step("updating pip", [*pip, "-c", lock, "--upgrade", "pip"]))
-    cmd = [*pip, f"torch=={torch.version}"] + (["--index-url", torch.index_url] if torch.index_url else [])
-    where = f"from {torch.index_url}" if torch.index_url else "from PyPI"
-    steps.append(Step(f"torch {torch.version} ({torch.variant}) {where}", cmd, torch.index_url))
-    target = f"{root}[{','.join(extras)}]" if extras else str(root)
-    steps.append(Step("LoRA Studio and its packages at the locked versions", [*pip, "-c", lock, "-e", target]))
-    return steps
-
-
-def space_needed_gb(torch: TorchChoice) -> float:
-    kind = ("cuda" if torch.variant.startswith("cu") else "rocm" if torch.variant.startswith("rocm")
-            else "mps" if torch.variant == "mps" else "cpu")
-    return round(sum(TORCH_SIZE_GB[kind]) + sum(REST_SIZE_GB), 1)
-
-
-def check_space(folder: Path, need_gb: float, disk_usage=shutil.disk_usage) -> None:
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free_gb = disk_usage(probe).free / 2**30
-    if free_gb < need_gb:
-        raise LaunchError(f"not enough disk space: the environment needs about {need_gb:.0f} GB in {probe} and "
-                          f"{free_gb:.1f} GB is free; free some space, or put it on another drive with --venv DIR")
-
-
-# ---- running pip and saying what went wrong -----------------------------------------------------------------
-NETWORK = re.compile(r"NameResolutionError|Temporary failure in name resolution|getaddrinfo failed|Failed to "
-                     r"establish a new connection|Max retries exceeded|ProxyError|SSLError|ConnectTimeout|Read timed "
-                     r"out|No route to host|Network is unreachable|Could not fetch URL", re.I)
-DISK_FULL = re.compile(r"No space left on device|Errno 28\]|ENOSPC|not enough space on the disk|WinError 112", re.I)
-LONG_PATH = re.compile(r"Long Path|WinError 206|filename or extension is too long", re.I)
-IN_USE = re.compile(r"WinError 32|being used by another process|WinError 5\]|Access is denied", re.I)
-NOT_FOUND = re.compile(r"No matching distribution found for ([^\s]+)|Could not find a version that satisfies the "
-                       r"requirement ([^\s]+)", re.I)
-
-
-def explain(stderr: str, step: Step, os_name: str, python_version: str) -> str:
-    """One line for a failed step, from what pip (or venv) printed."""
-    if DISK_FULL.search(stderr):
-        return f"the disk filled up while {step.title}; free some space (about 10 GB for a GPU build) and run " \
-               "python launch.py again"
-    if "ensurepip" in stderr or "No module named venv" in stderr:
-        return ("this Python cannot make virtual environments; on Debian or Ubuntu: sudo apt install "
-                f"python{python_version}-venv, then run python launch.py again")
-    if LONG_PATH.search(stderr):
-        return ("Windows refused a long file path; move the LoRA Studio folder closer to the drive root (e.g. "
-                "C:\\lora-studio) or enable long paths (Settings > System > For developers), then run it again")
-    if IN_USE.search(stderr) and os_name == "windows":
-        return ("Windows could not replace a file that is in use; close LoRA Studio (and anything else using "
-                ".venv), then run py launch.py again")
-    m = NOT_FOUND.search(stderr)
-    if NETWORK.search(stderr) and (not m or "from versions: none" in stderr):
-        return (f"cannot reach the package index while {step.title}; check the internet connection or proxy "
-                "(HTTPS_PROXY), then run python launch.py again")
-    if m:
-        what = m.group(1) or m.group(2)
-        if what.lower().startswith("torch"):
-            return (f"{what} has no build for Python {python_version} on {os_name} ({platform.machine() or 'this CPU'})"
-                    f" {'at ' + step.torch_index if step.torch_index else 'on PyPI'}; use Python 3.10 to 3.13 from "
-                    "python.org (py -3.12 launch.py), or pick a build with --torch-variant")
-        return (f"{what} is not available for Python {python_version} on {os_name}; use Python 3.10 to 3.13 from "
-                "python.org, or check your package index settings (pip config list)")
-    errors = [ln.strip() for ln in stderr.splitlines() if ln.strip().startswith(("ERROR", "error"))]
-    last = errors[-1] if errors else next((ln.strip() for ln in reversed(stderr.splitlines()) if ln.strip()), "")
-    return f"{step.title} failed: {last or 'see the lines above'}"
-
-
-def run_step(cmd: list[str]) -> tuple[int, str]:
-    """Run with pip's own progress on the console; stderr is shown as it comes and kept for `explain`."""
-    try:
-        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                                encoding="utf-8", errors="replace")
-    except OSError as e:
-        return 1, f"{e}"
-    kept: list[str] = []
-    for line in proc.stderr:
-        sys.stderr.write(line)
-        kept = (kept + [line])[-300:]
-    return proc.wait(), "".join(kept)
-
-
-def say(text: str) -> None:
-    print(f"LoRA Studio setup: {text}", flush=True)
-
-
+ARCHES = ("x86_64", "arm64", "aarch64")
+RELAUNCHED = "LORA_STUDIO_RELAUNCHED"  # set when this launcher re-ran itself under a supported Python
 # ---- main ---------------------------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -193,9 +48,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="say what would be installed and run, install nothing; the "
                    "last line is one JSON object")
     p.add_argument("--os", choices=OSES, help="describe another machine's system (with --dry-run)")
+    p.add_argument("--arch", choices=ARCHES, help="describe another machine's CPU (with --dry-run): x86_64, or arm64 "
+                   "(aarch64) for Apple silicon, Arm Linux and Windows on Arm")
+    p.add_argument("--macos", metavar="VERSION", help="describe a Mac's macOS version, e.g. 13.6 (with --dry-run)")
     p.add_argument("--gpu", metavar='"NAME, MEMORY MiB, DRIVER"', help="describe another machine's GPU as nvidia-smi "
                    "--query-gpu=name,memory.total,driver_version --format=csv,noheader prints it; none for no GPU; "
-                   "rocm for an AMD card")
+                   "rocm, or an AMD card's name (\"AMD Radeon RX 7900 XTX\")")
     p.add_argument("--torch-variant", metavar="VARIANT", help="install this torch build instead of the detected one: "
                    "cu130, cu128, cu126, rocm7.2, cpu, or default (PyPI's build for this platform)")
     p.add_argument("--torch-index", metavar="URL", help="install torch from this package index instead")
@@ -218,79 +76,159 @@ def main(argv: list[str] | None = None, *, root: Path = ROOT) -> int:
     else:
         args, app_args = parser().parse_known_args(argv)
     try:
-        return _main(args, app_args, root)
+        return _main(args, app_args, root, argv)
     except LaunchError as e:
         print(f"LoRA Studio setup: error: {e}", file=sys.stderr, flush=True)
+        if args.dry_run:  # a dry run's last line is its JSON, a refusal included
+            print(json.dumps({"refused": str(e), "install": None, "steps": []}))
         return 1
     except KeyboardInterrupt:
         print("\nLoRA Studio setup: interrupted; run python launch.py again to finish", file=sys.stderr)
         return 130
 
 
-def _main(args, app_args: list[str], root: Path) -> int:
+def _main(args, app_args: list[str], root: Path, argv: list[str]) -> int:
     real_os = detect_os()
     os_name = args.os or real_os
-    if os_name != real_os and not args.dry_run:
-        raise LaunchError(f"--os {os_name} describes another machine: use it with --dry-run (this one runs {real_os})")
-    faked = os_name != real_os or args.gpu is not None
-    machine = platform.machine() if os_name == real_os else ("arm64" if os_name == "macos" else "x86_64")
-    if args.gpu is not None:
-        gpu = parse_gpu_arg(args.gpu)
-    else:
-        gpu = detect_gpu(os_name) if os_name == real_os else None
-    torch = choose_torch(os_name, machine, gpu, locked_version(root / "requirements.lock"))
-    torch = override(torch, args.torch_variant, args.torch_index, os_name)
+    if (os_name != real_os or args.arch or args.macos) and not args.dry_run:
+        raise LaunchError("--os, --arch and --macos describe another machine: use them with --dry-run (this one runs "
+                          f"{real_os} on {platform.machine()})")
+    described = os_name != real_os or bool(args.arch or args.macos)
+    faked = described or args.gpu is not None
+    here = interpreters.this_python()
+    machine = args.arch or (("arm64" if here["translated"] else platform.machine()) if not described else
+                            ("arm64" if os_name == "macos" else "x86_64"))
+    gpu = parse_gpu_arg(args.gpu) if args.gpu is not None else (detect_gpu(os_name) if not described else None)
+    macos = args.macos or (platform.mac_ver()[0] if os_name == "macos" and not described else None)
+    version = locked_version(root / "requirements.lock")
+    torch = override(choose_torch(os_name, machine, gpu, version, macos), args.torch_variant, args.torch_index, os_name)
+    if gpu is not None and gpu.memory_mib == 0:
+        torch.warnings.append(f"{gpu.name} reports 0 MiB of memory: its size is unknown, so memory plans cannot use it; "
+                              "check nvidia-smi")
+    python = sys.executable if described else supported_python(root, os_name, here, argv, args.dry_run)
     venv = (args.venv or root / ".venv").expanduser().absolute()
     extras = extras_for(torch, app_args)
-    wanted = wanted_install(root, torch, extras)
     stamp = read_stamp(venv)
     forced = bool(args.torch_variant or args.torch_index)
+    if not faked and not forced:
+        torch = served(torch, gpu, os_name, machine, python)
+    wanted = wanted_install(root, torch, extras)
     reason = install_reason(venv, os_name, stamp, wanted, args.reinstall, forced)
     fresh = not venv_python(venv, os_name).exists()
-    steps = install_steps(root, venv, os_name, torch, extras, fresh) if reason else []
+    uv = install_tools.find_uv(root / ".uv", os_name) if reason and not args.dry_run else None
+    if reason and not args.dry_run and uv is None:
+        uv = get_uv(python, root, os_name)
+    planned_uv = uv or ([str(root / ".uv" / "bin" / "uv")] if args.dry_run and install_tools.find_uv(root / ".uv",
+                        os_name) is None and os.environ.get("LORA_STUDIO_INSTALLER", "").lower() != "pip" else
+                        install_tools.find_uv(root / ".uv", os_name))
+    sources = install_tools.uv_index_args(install_tools.pip_settings(python)) if planned_uv and not described else []
+    steps = install_steps(root, venv, os_name, torch, extras, fresh, python, planned_uv, sources) if reason else []
     start = [str(venv_python(venv, os_name)), "-m", "app", *(["--help"] if args.help_app else app_args)]
     if args.dry_run:
-        return dry_run(os_name, machine, gpu, torch, venv, root, reason, steps, start, faked)
+        return dry_run(os_name, machine, gpu, torch, venv, root, reason, steps, start, faked, python, planned_uv)
     if reason:
         install(root, venv, os_name, torch, steps, wanted, reason, gpu)
-    else:
-        installed = stamp.get("torch", {})
-        if not forced and installed.get("variant") not in (torch.variant, None) and not faked:
-            say(f"note: this machine now looks like torch {torch.variant} ({torch.reason}), but {installed.get('variant')}"
-                " is installed; run python launch.py --reinstall to switch")
     return start_app(start, os_name, root)
 
 
-def dry_run(os_name, machine, gpu, torch, venv, root, reason, steps, start, faked) -> int:
+def supported_python(root: Path, os_name: str, here: dict, argv: list[str], dry_run: bool) -> str:
+    """This Python when LoRA Studio runs on it; else another supported one on this machine, or one uv installs, and
+    this launcher runs again under it (said in one line). A 32-bit build or an Intel one under Rosetta counts as
+    unsupported: torch has no build for either."""
+    why = interpreters.why_not(here, root)
+    if why is None:
+        return sys.executable
+    if os.environ.get(RELAUNCHED):
+        raise LaunchError(f"{why}, and so is the Python this launcher was started with again; install Python 3.12 "
+                          "from python.org and run python3.12 launch.py")
+    found = interpreters.find(root, os_name)
+    if found is None and not dry_run:
+        uv = install_tools.find_uv(root / ".uv", os_name) or get_uv(sys.executable, root, os_name, quiet=True)
+        if uv is not None:
+            say(f"{why}: asking uv for a Python LoRA Studio supports ({interpreters.range_text(root)}; a download "
+                "of about 30 MB)")
+            found = interpreters.with_uv(uv, root, arm_mac=here["translated"])
+    if found is None:
+        raise LaunchError(f"{why}, and no Python {interpreters.range_text(root)} is on this machine or could be "
+                          "downloaded; install Python 3.12 from python.org, then run python3.12 launch.py (py -3.12 "
+                          "launch.py on Windows)")
+    path, info = found
+    say(f"{why}: using Python {'.'.join(map(str, info['version']))} at {path} for LoRA Studio")
+    if dry_run:
+        return path
+    env = {**os.environ, RELAUNCHED: "1"}
+    code = subprocess.call([path, str(root / "launch.py"), *argv], env=env)
+    raise SystemExit(code)
+
+
+def get_uv(python: str, root: Path, os_name: str, quiet: bool = False) -> list[str] | None:
+    """uv from the package index (with pip), or None with a line saying pip installs instead."""
+    version = locked_version(root / "requirements.lock", "uv")
+    if not quiet:
+        say(f"getting uv {version}, a fast installer, from the package index")
+    uv, why = install_tools.fetch_uv(python, root / ".uv", version, os_name)
+    if uv is None and not quiet:
+        say(f"uv could not be had ({why}); installing with pip instead")
+    return uv
+
+
+def served(torch: TorchChoice, gpu, os_name: str, machine: str, python: str) -> TorchChoice:
+    """Ask the chosen index, once and briefly, whether it serves the locked torch for this Python and platform. A
+    build it lacks falls back to the next this GPU and driver run (said, with why); an index that cannot be reached
+    to the user's own index (said now, not after minutes of pip's retries)."""
+    if not torch.index_url:
+        return torch
+    py = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], capture_output=True,
+                        text=True).stdout.strip() or "%d.%d" % sys.version_info[:2]
+    tried = []
+    for variant in [torch.variant, *fallbacks(torch, gpu, os_name)]:
+        index = variant_index(variant, os_name)
+        if index is None:  # PyPI's build (Windows/macOS CPU): nothing to ask
+            return replace(torch, variant=variant, index_url=None, reason=f"{torch.reason}; {'; '.join(tried)}")
+        answer = torch_index.check(index, torch.version, variant, py, os_name, machine)
+        if not answer.reachable:
+            say(f"{answer.detail}: torch {torch.version} comes from your configured package index instead (it may not "
+                "be the build for your GPU: lora-studio doctor tells)")
+            return replace(torch, index_url=None, reason=f"{torch.reason}; {index} unreachable, your index instead",
+                           warnings=[*torch.warnings, f"{index} could not be reached"])
+        if answer.ok:
+            if tried:
+                say(f"{'; '.join(tried)}: installing the {variant} build instead")
+                return replace(torch, variant=variant, index_url=index, reason=f"{torch.reason}; {'; '.join(tried)}: "
+                               f"{variant} instead")
+            return torch
+        tried.append(answer.detail)
+    raise LaunchError(f"{'; '.join(tried)}; no build of torch {torch.version} this machine runs is served: try "
+                      "--torch-variant cpu, or another Python (3.12 has the most builds)")
+
+
+def dry_run(os_name, machine, gpu, torch, venv, root, reason, steps, start, faked, python, uv) -> int:
     say(f"{os_name} ({machine}), GPU: {gpu.name if gpu else 'none found'}"
-        + (" (described with --os/--gpu, not detected)" if faked else ""))
+        + (" (described with --os/--arch/--macos/--gpu, not detected)" if faked else ""))
     say(f"torch {torch.version} {torch.variant}: {torch.reason}")
     for w in torch.warnings:
         say(f"warning: {w}")
+    say(f"installer: {'uv (' + uv[0] + ')' if uv else 'pip'}; Python for the environment: {python}")
     say(f"would install ({reason}):" if reason else f"nothing to install: {venv} is as requirements.lock says")
     for i, s in enumerate(steps, 1):
         say(f"  [{i}/{len(steps)}] {s.title}: {subprocess.list2cmdline(s.cmd)}")
     say(f"then start: {subprocess.list2cmdline(start)}")
     print(json.dumps({
-        "os": os_name, "machine": machine, "gpu": asdict(gpu) if gpu else None,
-        "torch": {**asdict(torch)}, "venv": str(venv), "lock": str(root / "requirements.lock"),
-        "install": reason, "space_gb": space_needed_gb(torch) if reason else 0,
+        "os": os_name, "machine": machine, "gpu": asdict(gpu) if gpu else None, "python": python,
+        "installer": "uv" if uv else "pip", "torch": {**asdict(torch)}, "venv": str(venv),
+        "lock": str(root / "requirements.lock"), "install": reason, "space_gb": space_needed_gb(torch) if reason else 0,
         "steps": [s.cmd for s in steps], "start": start}))
     return 0
 
 
 def install(root: Path, venv: Path, os_name: str, torch: TorchChoice, steps: list[Step], wanted: dict, reason: str,
             gpu: Gpu | None) -> None:
-    if struct.calcsize("P") == 4:
-        raise LaunchError("this is a 32-bit Python, and torch has no 32-bit build; install 64-bit Python 3.12 from "
-                          "python.org and run py -3.12 launch.py")
-    python_version = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    if sys.version_info >= (3, 14):
-        say(f"note: Python {python_version} is newer than the versions LoRA Studio is tested with (3.10-3.13); if a "
-            "package has no build for it, install Python 3.12 and run py -3.12 launch.py")
+    python_version = "%d.%d" % sys.version_info[:2]
     if venv.exists() and not venv_python(venv, os_name).exists():
         if any(venv.iterdir()) and not (venv / "pyvenv.cfg").exists():
             raise LaunchError(f"{venv} exists and is not a virtual environment; move it away or pass --venv DIR")
+        import shutil
+
         shutil.rmtree(venv)  # a half-made environment from an interrupted first run
     check_space(venv, space_needed_gb(torch))
     say(f"installing ({reason}); torch {torch.version} {torch.variant}: {torch.reason}")
@@ -301,13 +239,8 @@ def install(root: Path, venv: Path, os_name: str, torch: TorchChoice, steps: lis
     for i, step in enumerate(steps, 1):
         say(f"[{i}/{len(steps)}] {step.title}")
         code, err = run_step(step.cmd)
-        if code and step.torch_index and NETWORK.search(err):
-            say(f"could not reach {step.torch_index}; installing torch {torch.version} from your package index "
-                "instead (it may not be the build for your GPU: lora-studio doctor tells)")
-            wanted = {**wanted, "torch": {**wanted["torch"], "index_url": None, "fallback": True}}
-            code, err = run_step([c for c in step.cmd if c not in ("--index-url", step.torch_index)])
         if code:
-            raise LaunchError(explain(err, step, os_name, python_version))
+            raise LaunchError(explain(err, step, os_name, python_version, interpreters.range_text(root)))
     check = subprocess.run([str(venv_python(venv, os_name)), "-c", "import json, torch; print(json.dumps({'v': "
                             "torch.__version__, 'cuda': torch.cuda.is_available() and torch.cuda.get_device_name(0)}))"],
                            capture_output=True, text=True)
@@ -320,7 +253,10 @@ def install(root: Path, venv: Path, os_name: str, torch: TorchChoice, steps: lis
                                   != "mps" else "runs on the Apple GPU (MPS)"))
     if gpu and gpu.vendor == "nvidia" and not found["cuda"] and torch.variant.startswith("cu"):
         say(f"warning: torch cannot use {gpu.name} yet; update the NVIDIA driver, then run python launch.py again")
-    (venv / STAMP).write_text(json.dumps({**wanted, "python": platform.python_version()}, indent=1), encoding="utf-8")
+    python = subprocess.run([str(venv_python(venv, os_name)), "-c", "import platform; print(platform.python_version())"],
+                            capture_output=True, text=True).stdout.strip()
+    (venv / STAMP).write_text(json.dumps({**wanted, "python": python, "installed_torch": found["v"]}, indent=1),
+                              encoding="utf-8")
     say("installed; later runs start at once")
 
 

@@ -65,31 +65,46 @@ def _version(text: str | None) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", text or "")[:3])
 
 
-def parse_nvidia_smi(text: str) -> list[Gpu]:
-    """`nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader` lines."""
+def parse_nvidia_smi(text: str, strict: bool = False) -> list[Gpu]:
+    """`nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader` lines. `strict` (a --gpu the
+    user typed): a memory that is not a whole number of MiB at least 0, or a driver that is not a version, is one
+    line saying what is accepted (a driver "abc" was read as too old, -24564 MiB as 24564)."""
     gpus = []
     for line in text.strip().splitlines():
         parts = [p.strip() for p in line.rsplit(",", 2)]
         if len(parts) != 3 or not parts[0]:
             continue
-        mem = _version(parts[1])
-        gpus.append(Gpu("nvidia", parts[0], mem[0] if mem else None, parts[2] or None))
+        mem = re.fullmatch(r"(-?\d+)(\s*MiB)?", parts[1], re.I)
+        driver = parts[2] if re.fullmatch(r"\d+(\.\d+){0,2}", parts[2]) else None
+        if strict and (mem is None or int(mem.group(1)) < 0):
+            raise LaunchError(f'--gpu memory "{parts[1]}" is not a size like 12282 MiB (nvidia-smi\'s memory.total)')
+        if strict and driver is None:
+            raise LaunchError(f'--gpu driver "{parts[2]}" is not a driver version like 566.36 (nvidia-smi\'s '
+                              "driver_version)")
+        gpus.append(Gpu("nvidia", parts[0], int(mem.group(1)) if mem and int(mem.group(1)) >= 0 else None,
+                        driver or (parts[2] or None)))
     return gpus
 
 
+AMD_NAME = re.compile(r"\b(AMD|Radeon|Instinct)\b", re.I)
+
+
 def parse_gpu_arg(value: str) -> Gpu | None:
-    """--gpu: nvidia-smi's csv fields ("NVIDIA GeForce RTX 4070, 12282 MiB, 566.36"), `none`, or `rocm[:NAME]`
-    for an AMD card."""
+    """--gpu: nvidia-smi's csv fields ("NVIDIA GeForce RTX 4070, 12282 MiB, 566.36"), `none`, `rocm[:NAME]`, or an
+    AMD card by its name ("AMD Radeon RX 7900 XTX")."""
     v = value.strip()
     if v.lower() in ("none", "no", "cpu", ""):
         return None
-    if v.lower().startswith(("rocm", "amd")):
+    if v.lower().startswith(("rocm", "amd:")):
         name = v.partition(":")[2].strip() or "AMD GPU"
         return Gpu("amd", name)
-    gpus = parse_nvidia_smi(v)
+    if AMD_NAME.search(v) and v.count(",") < 2:
+        return Gpu("amd", v)
+    gpus = parse_nvidia_smi(v, strict=True)
     if not gpus:
         raise LaunchError(f'--gpu "{value}" is not "NAME, MEMORY MiB, DRIVER" (as nvidia-smi --query-gpu='
-                          'name,memory.total,driver_version --format=csv,noheader prints it), none, or rocm')
+                          'name,memory.total,driver_version --format=csv,noheader prints it), none, rocm, or an AMD '
+                          "card's name")
     return gpus[0]
 
 
@@ -135,13 +150,25 @@ def variant_index(variant: str, os_name: str) -> str | None:
     return TORCH_INDEX + variant
 
 
-def choose_torch(os_name: str, machine: str, gpu: Gpu | None, version: str) -> TorchChoice:
-    """The build of torch `version` for this machine, and why."""
+MACOS_FLOOR = (14, 0)  # torch 2.13's macOS wheels are macosx_14_0_arm64
+
+
+def choose_torch(os_name: str, machine: str, gpu: Gpu | None, version: str,
+                 macos_version: str | None = None) -> TorchChoice:
+    """The build of torch `version` for this machine, and why. A machine no build of it runs on gets one line that
+    says what would (an Intel Mac, macOS before 14), never a traceback."""
     arm = machine.lower() in ("arm64", "aarch64")
     if os_name == "macos":
         if not arm:
-            raise LaunchError(f"torch {version} has no build for Intel Macs (PyTorch's last one was 2.2); LoRA "
-                              "Studio needs an Apple-silicon Mac, or Linux or Windows")
+            raise LaunchError(f"this is an Intel Mac: PyTorch's last macOS x86-64 build was torch 2.2.2 (2024), and "
+                              f"LoRA Studio needs torch 2.4 or newer (it is tested with {version}). What works: an "
+                              "Apple-silicon Mac, a Windows or Linux PC (a CPU trains the embedded model), or Linux "
+                              "in a virtual machine on this Mac")
+        found = _version(macos_version) if macos_version else None
+        if found and found[:2] < MACOS_FLOOR:
+            raise LaunchError(f"torch {version} needs macOS {MACOS_FLOOR[0]} (Sonoma) or newer on Apple silicon, and "
+                              f"this Mac runs macOS {macos_version}: update macOS (System Settings > General > Software "
+                              "Update), then run python3 launch.py again")
         return TorchChoice(version, "mps", None, "Apple silicon: PyPI's build runs on the GPU through MPS")
     if gpu is None:
         where = "PyPI's Windows build" if os_name == "windows" else "PyTorch's CPU index (PyPI's Linux build is CUDA)"
@@ -157,9 +184,7 @@ def choose_torch(os_name: str, machine: str, gpu: Gpu | None, version: str) -> T
                            [f"{gpu.name} is not used: no CUDA build of torch exists for Windows on Arm"])
     col = 1 if os_name == "windows" else 0
     driver = _version(gpu.driver)
-    allowed = [b for b in CUDA_BUILDS if not (MAXWELL_PASCAL.search(gpu.name) and b[0] != "cu126")
-               and not (VOLTA.search(gpu.name) and b[0] == "cu130")
-               and not (BLACKWELL.search(gpu.name) and b[0] == "cu126")]  # no Blackwell kernels before CUDA 12.8
+    allowed = card_builds(gpu)
     label = f"{gpu.name}, driver {gpu.driver or 'unknown'}"
     for variant, *mins in allowed:
         if driver >= mins[col]:
@@ -182,9 +207,48 @@ def choose_torch(os_name: str, machine: str, gpu: Gpu | None, version: str) -> T
                        "training runs on the CPU. Update the NVIDIA driver, then run: python launch.py --reinstall"])
 
 
+def card_builds(gpu: Gpu) -> list[tuple]:
+    """The CUDA builds (newest first, with their driver minimums) that have kernels for this card."""
+    return [b for b in CUDA_BUILDS if not (MAXWELL_PASCAL.search(gpu.name) and b[0] != "cu126")
+            and not (VOLTA.search(gpu.name) and b[0] == "cu130")
+            and not (BLACKWELL.search(gpu.name) and b[0] == "cu126")]  # no Blackwell kernels before CUDA 12.8
+
+
+def fallbacks(choice: TorchChoice, gpu: Gpu | None, os_name: str) -> list[str]:
+    """The builds to try, in order, when the chosen one's index does not serve the locked torch for this Python and
+    platform: the older CUDA builds this card and driver run, then the CPU build; ROCm falls back to the CPU."""
+    if choice.variant.startswith("cu") and gpu is not None:
+        col = 1 if os_name == "windows" else 0
+        driver, names = _version(gpu.driver), [b[0] for b in card_builds(gpu)]
+        older = names[names.index(choice.variant) + 1:] if choice.variant in names else []
+        runs = [b[0] for b in card_builds(gpu) if b[0] in older and (driver >= b[col + 1] or
+                                                                     driver >= CUDA12_FLOOR[col])]
+        return [*runs, "cpu"]
+    if choice.variant.startswith("rocm"):
+        return ["cpu"]
+    return []
+
+
+def variants() -> list[str]:
+    return [b[0] for b in CUDA_BUILDS] + [ROCM_BUILD, "cpu", "default"]
+
+
 def override(choice: TorchChoice, variant: str | None, index_url: str | None, os_name: str) -> TorchChoice:
+    """--torch-variant / --torch-index, checked: a build PyTorch does not publish, a CUDA or ROCm build on a Mac (or
+    ROCm on Windows), or an index that is not a URL is one line saying what is accepted."""
     if not variant and not index_url:
         return choice
+    if variant and variant not in variants():
+        raise LaunchError(f"--torch-variant {variant} is not a torch build; accepted: {', '.join(variants())}")
+    if variant and os_name == "macos" and variant not in ("cpu", "default"):
+        raise LaunchError(f"--torch-variant {variant} has no macOS build (CUDA and ROCm are for Windows and Linux); "
+                          "on a Mac: default (PyPI's build, with MPS) or cpu")
+    if variant and os_name == "windows" and variant.startswith("rocm"):
+        raise LaunchError(f"--torch-variant {variant}: PyTorch publishes ROCm builds for Linux only; on Windows: "
+                          f"{', '.join(b[0] for b in CUDA_BUILDS)}, cpu or default")
+    if index_url and not re.match(r"(https?|file)://[^\s]+$", index_url):
+        raise LaunchError(f"--torch-index {index_url} is not a URL; give a package index such as "
+                          f"{TORCH_INDEX}cu128 (https://, http:// or file://)")
     variant = variant or "custom"
     index = index_url or variant_index(variant, os_name)
     return TorchChoice(choice.version, variant, index, f"asked for with --torch-{'index' if index_url else 'variant'}"
