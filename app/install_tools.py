@@ -24,6 +24,15 @@ def find_uv(tools: Path, os_name: str) -> list[str] | None:
     return [str(exe)] if exe.is_file() else None
 
 
+def planned_uv(tools: Path, os_name: str, here: bool = True) -> list[str] | None:
+    """The uv a dry run describes: the one here (for this machine), else the copy an install would fetch (None: pip
+    installs)."""
+    if os.environ.get("LORA_STUDIO_INSTALLER", "").lower() == "pip":
+        return None
+    return (find_uv(tools, os_name) if here else None) or [str(tools / "bin" / ("uv.exe" if os_name == "windows"
+                                                                                 else "uv"))]
+
+
 def fetch_uv(python: str, tools: Path, version: str, os_name: str, run=subprocess.run) -> tuple[list[str] | None, str]:
     """uv `version` into `tools` with the running Python's pip (uv's wheels are the same for every Python). Returns
     (the command, '') or (None, why not)."""

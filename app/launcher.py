@@ -118,9 +118,7 @@ def _main(args, app_args: list[str], root: Path, argv: list[str]) -> int:
     uv = install_tools.find_uv(root / ".uv", os_name) if reason and not args.dry_run else None
     if reason and not args.dry_run and uv is None:
         uv = get_uv(python, root, os_name)
-    planned_uv = uv or ([str(root / ".uv" / "bin" / "uv")] if args.dry_run and install_tools.find_uv(root / ".uv",
-                        os_name) is None and os.environ.get("LORA_STUDIO_INSTALLER", "").lower() != "pip" else
-                        install_tools.find_uv(root / ".uv", os_name))
+    planned_uv = uv or (install_tools.planned_uv(root / ".uv", os_name, here=not described) if args.dry_run else None)
     sources = install_tools.uv_index_args(install_tools.pip_settings(python)) if planned_uv and not described else []
     steps = install_steps(root, venv, os_name, torch, extras, fresh, python, planned_uv, sources) if reason else []
     start = [str(venv_python(venv, os_name)), "-m", "app", *(["--help"] if args.help_app else app_args)]

@@ -19,11 +19,14 @@ from app.launcher import Gpu, LaunchError, choose_torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def dry_run(*args: str) -> dict:
-    """`python launch.py --dry-run ARGS` as a user runs it; its last line is one JSON object."""
+def dry_run(*args: str, installer: str = "", code: int = 0) -> dict:
+    """`python launch.py --dry-run ARGS` as a user runs it; its last line is one JSON object. `installer`: pip to
+    describe the installs that fall back to pip."""
+    env = {**os.environ, "LORA_STUDIO_INSTALLER": installer}
     out = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--dry-run", *args], capture_output=True, text=True,
-                         timeout=60, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
+                         timeout=60, cwd=ROOT, env=env)
+    assert out.returncode == code, out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -38,13 +41,21 @@ def test_dry_run_windows_rtx_4070_driver_566_gets_cuda_12_6():
     assert got["torch"]["variant"] == "cu126"
     assert got["torch"]["index_url"] == "https://download.pytorch.org/whl/cu126"
     assert got["gpu"] == {"vendor": "nvidia", "name": "NVIDIA GeForce RTX 4070", "memory_mib": 12282, "driver": "566.36"}
-    assert got["venv"].endswith(".venv") and got["lock"].endswith("requirements.lock")
+    assert got["venv"].endswith(".venv") and got["lock"].endswith("requirements.lock") and got["installer"] == "uv"
     torch_step = next(s for s in got["steps"] if f"torch=={LOCKED_TORCH}" in s)
-    assert torch_step[0].replace("\\", "/").endswith(".venv/Scripts/python.exe")  # Windows' venv layout
-    assert torch_step[-2:] == ["--index-url", "https://download.pytorch.org/whl/cu126"]
+    # uv, into Windows' venv layout, under the lock's constraints, torch alone from PyTorch's cu126 index
+    assert torch_step[0].replace("\\", "/").endswith(".uv/bin/uv.exe") and torch_step[1:3] == ["pip", "install"]
+    python = torch_step[torch_step.index("--python") + 1]
+    assert python.replace("\\", "/").endswith(".venv/Scripts/python.exe")
+    assert torch_step[torch_step.index("-c") + 1] == str(ROOT / "requirements.lock")
+    assert torch_step[-2:] == ["--torch-backend", "cu126"]
     rest = got["steps"][-1]
-    assert rest[-3:-1] == ["-c", str(ROOT / "requirements.lock")] or "-c" in rest
-    assert rest[-1].endswith("[cuda]")  # bitsandbytes' 8-bit AdamW, which the VRAM tiers use
+    assert "-c" in rest and rest[-1].endswith("[cuda]")  # bitsandbytes' 8-bit AdamW, which the VRAM tiers use
+    # pip, where uv cannot be had: the same steps, torch under the lock's constraints too
+    pip = dry_run("--os", "windows", "--gpu", "NVIDIA GeForce RTX 4070, 12282 MiB, 566.36", installer="pip")
+    torch_step = next(s for s in pip["steps"] if f"torch=={LOCKED_TORCH}" in s)
+    assert torch_step[0].replace("\\", "/").endswith(".venv/Scripts/python.exe") and "-c" in torch_step
+    assert torch_step[-2:] == ["--index-url", "https://download.pytorch.org/whl/cu126"] and pip["installer"] == "pip"
 
 
 def test_dry_run_linux_rtx_5090_driver_575_gets_cuda_12_8():
@@ -71,8 +82,10 @@ def test_app_flags_pass_through_and_overrides_are_said():
                   "--listen", "--torch-variant", "cu128")
     assert got["start"][3:] == ["--port", "7999", "--no-browser", "--workspace", "/tmp/ws", "--listen"]
     assert got["torch"]["variant"] == "cu128" and "--torch-variant" in got["torch"]["reason"]
-    assert dry_run("--os", "linux", "--gpu", "none", "--torch-index", "https://mirror.example/torch")["torch"][
-        "index_url"] == "https://mirror.example/torch"
+    mirror = dry_run("--os", "linux", "--gpu", "none", "--torch-index", "https://mirror.example/torch")
+    assert mirror["torch"]["index_url"] == "https://mirror.example/torch"
+    assert mirror["steps"][-2][-4:] == ["--index-url", "https://mirror.example/torch", "--index-strategy",
+                                        "unsafe-best-match"]
     window = dry_run("--os", "windows", "--gpu", "none", "--window")
     assert window["steps"][-1][-1].endswith("[window]") and window["start"][-1] == "--window"
 
@@ -100,7 +113,7 @@ def test_torch_choice_for_each_kind_of_pc(os_name, gpu, variant, warns):
 
 
 def test_intel_mac_and_bad_gpu_strings_are_one_clear_line():
-    with pytest.raises(LaunchError, match="Intel Macs"):
+    with pytest.raises(LaunchError, match="Intel Mac.*What works: an Apple-silicon Mac"):
         choose_torch("macos", "x86_64", None, "2.13.0")
     with pytest.raises(LaunchError, match="NAME, MEMORY MiB, DRIVER"):
         launcher.parse_gpu_arg("an RTX somewhere")
@@ -326,7 +339,8 @@ def test_a_spilling_run_warns_in_its_events_and_the_train_tab(tmp_path, monkeypa
 
 # ---- the first command, for real -------------------------------------------------------------------------------
 def copy_checkout(dest: Path) -> Path:
-    skip = {".venv", ".git", "build", "test-artifacts", "__pycache__", ".pytest_cache", ".venv-latest", ".venv-lock"}
+    skip = {".venv", ".git", "build", "test-artifacts", "__pycache__", ".pytest_cache", ".venv-latest", ".venv-lock",
+            ".uv"}
     shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in names if n in skip or n.endswith(".egg-info")])
     return dest
 
@@ -349,7 +363,9 @@ def test_launcher_installs_into_a_fresh_copy_and_a_run_finishes_from_the_train_t
     elsewhere, ws, port = tmp_path / "elsewhere", tmp_path / "workspace", free_port()
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(LORA_STUDIO_HOME=str(tmp_path / "home"))
+    # pip's steps (uv's, for real, are tests/test_install.py's): uv installs by reading the environment's own
+    # site-packages, not the test run's lent through a .pth, and would download everything again
+    env.update(LORA_STUDIO_HOME=str(tmp_path / "home"), LORA_STUDIO_INSTALLER="pip")
     log = open(tmp_path / "launch.log", "w")
     proc = subprocess.Popen([sys.executable, str(checkout / "launch.py"), "--no-browser", "--port", str(port),
                              "--workspace", str(ws)], cwd=elsewhere, env=env, stdout=log, stderr=subprocess.STDOUT)
