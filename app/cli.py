@@ -150,26 +150,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lora-studio: error: {e}", file=sys.stderr)
         return 1
     if window:
-        show_window(demo, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{args.port}/")
+        show_window(demo, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{args.port}/", ws.runs)
     note = closing_note(runner.active_runs(), ws.runs)
     if note:
         print(note, flush=True)
     return 0
 
 
-def show_window(demo, url: str) -> None:
-    """The UI in a native window until it is closed; the browser (until Ctrl-C) when no window can open."""
-    from .desktop import open_window
+def show_window(demo, url: str, runs: Path, run=subprocess.run) -> str | None:
+    """The UI in a native window, in a process of its own, until it is closed. When it cannot open or crashes (a GUI
+    toolkit that aborts takes only that process), one line says why and the browser opens; the server stays up until
+    Ctrl-C. Returns that line (None when the window opened and was closed)."""
+    import logging
 
-    why_not = open_window(url)
-    if why_not:
-        import webbrowser
+    from .window import failure
 
-        print(f"LoRA Studio: {why_not}; opening the browser instead", flush=True)
-        webbrowser.open(url)
-        demo.block_thread()
-    else:
-        demo.close()
+    out = run([sys.executable, "-m", "app.window", url, "--runs", str(runs)], capture_output=True, text=True)
+    if out.returncode == 0:  # the user closed the window: the app closes with it
+        close = getattr(demo, "close", None)
+        if close:
+            close()
+        return None
+    logging.getLogger("lora_studio.details").info("the window's process said:\n%s", (out.stderr or "")[-8000:])
+    why = f"the native window could not open: {failure((out.stderr or '') + (out.stdout or ''), out.returncode)}"
+    import webbrowser
+
+    print(f"LoRA Studio: {why}; opening the browser instead", flush=True)
+    webbrowser.open(url)
+    demo.block_thread()
+    return why
 
 
 if __name__ == "__main__":

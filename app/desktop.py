@@ -97,19 +97,3 @@ def closing_note(active: list[str], runs_dir: Path) -> str | None:
     return (f"LoRA Studio closed; {'run' if len(active) == 1 else 'runs'} {names} keep{'s' if len(active) == 1 else ''}"
             f" training in the background (its files: {runs_dir}). Start the app again to follow it; to stop it, "
             f"create a file named STOP in its run folder")
-
-
-def open_window(url: str, title: str = APP_NAME) -> str | None:
-    """Show `url` in a native window (pywebview) and return when it is closed; None on success, else why not (the
-    caller opens the browser instead)."""
-    try:
-        import webview  # the optional extra: python launch.py --window installs it
-    except Exception as e:  # ImportError, or a GUI toolkit missing underneath
-        return f"pywebview is not available ({type(e).__name__}: {e}); python launch.py --window installs it"
-    try:
-        webview.create_window(title, url, width=1400, height=950, confirm_close=True)
-        webview.start(localization={"global.quitConfirmation": "Close LoRA Studio? A training run keeps going "
-                                                              "in the background; open the app again to follow it."})
-    except Exception as e:  # no GTK/Qt backend on this Linux, no WebView2 runtime on this Windows
-        return f"a native window could not open ({type(e).__name__}: {e})"
-    return None

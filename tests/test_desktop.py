@@ -228,7 +228,76 @@ def test_closing_the_app_says_the_run_keeps_going(tmp_path):
     assert desktop.closing_note([], tmp_path) is None
     note = desktop.closing_note(["run-3"], tmp_path)
     assert "run-3 keeps training" in note and "STOP" in note
-    assert "pywebview" in (desktop.open_window("http://127.0.0.1:1/") or "pywebview")  # no extra here: browser
+
+
+FAKE_QT_ABORT = """import os, sys
+def create_window(*a, **k):
+    sys.stderr.write('qt.qpa.plugin: From 6.5.0, xcb-cursor0 or libxcb-cursor0 is needed to load the Qt xcb platform '
+                     'plugin.\\nqt.qpa.plugin: Could not load the Qt platform plugin "xcb" in "" even though it was '
+                     'found.\\nThis application failed to start because no Qt platform plugin could be initialized.\\n')
+    sys.stderr.flush()
+    os.abort()
+"""
+FAKE_WINDOW = """import json, os
+class _Event:
+    def __init__(self): self.handlers = []
+    def __iadd__(self, f): self.handlers.append(f); return self
+class _Window:
+    def __init__(self):
+        self.events = type("Events", (), {})(); self.events.closing = _Event(); self.asked = []
+    def create_confirmation_dialog(self, title, message): self.asked.append(message); return False
+_window = None
+def create_window(title, url, **kwargs):
+    global _window
+    _window = _Window(); return _window
+def start(gui=None):  # the user closes the window at once
+    results = [h() for h in _window.events.closing.handlers]
+    open(os.environ["FAKE_WEBVIEW_OUT"], "w").write(json.dumps({"results": results, "asked": _window.asked, "gui": gui}))
+"""
+
+
+def _with_fake_webview(tmp_path, source, **env):
+    fake = tmp_path / "fake-webview"
+    fake.mkdir(exist_ok=True)
+    (fake / "webview.py").write_text(source)
+    return lambda cmd, **kw: subprocess.run(cmd, env={**os.environ, "PYTHONPATH": f"{fake}{os.pathsep}{ROOT}", **env},
+                                            **kw)
+
+
+def test_a_window_whose_toolkit_aborts_leaves_the_server_up_and_opens_the_browser(tmp_path, monkeypatch, capsys):
+    """Qt without libxcb-cursor0 aborts its process: it was the app's own process, server included. Now the window
+    is a process of its own; its cause is one line, and the browser opens."""
+    from app import cli
+
+    opened, blocked = [], []
+    monkeypatch.setattr("webbrowser.open", opened.append)
+    demo = type("Demo", (), {"block_thread": lambda self: blocked.append(True)})()
+    why = cli.show_window(demo, "http://127.0.0.1:7860/", tmp_path / "runs", run=_with_fake_webview(tmp_path,
+                                                                                                 FAKE_QT_ABORT))
+    said = capsys.readouterr().out.strip().splitlines()
+    assert "libxcb-cursor0" in why and opened == ["http://127.0.0.1:7860/"] and blocked == [True]
+    assert len(said) == 1 and "Traceback" not in said[0] and "sudo apt install libxcb-cursor0" in said[0]
+
+
+def test_closing_the_window_asks_only_while_a_run_trains(tmp_path):
+    from app import cli
+
+    runs, out = tmp_path / "runs", tmp_path / "closing.json"
+    (runs / "r1").mkdir(parents=True)
+    demo = type("Demo", (), {"block_thread": lambda self: None})()
+    run = _with_fake_webview(tmp_path, FAKE_WINDOW, FAKE_WEBVIEW_OUT=str(out))
+    assert cli.show_window(demo, "http://127.0.0.1:7860/", runs, run=run) is None  # opened, and closed by the user
+    got = json.loads(out.read_text())
+    assert got["results"] == [True] and got["asked"] == []  # nothing training: it closes without a question
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(runs / "r1")])
+    try:
+        (runs / "r1" / "job.json").write_text(json.dumps({"state": "running", "pid": trainer.pid}))
+        cli.show_window(demo, "http://127.0.0.1:7860/", runs, run=run)
+        got = json.loads(out.read_text())
+        assert got["results"] == [False] and "Run r1 keeps training in the background" in got["asked"][0]
+        assert got["gui"] == ("qt" if sys.platform.startswith("linux") else None)
+    finally:
+        trainer.kill()
 
 
 # ---- no unguarded POSIX-only call -----------------------------------------------------------------------------

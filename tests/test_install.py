@@ -352,7 +352,10 @@ def test_python_3_10_reaches_the_page_through_uv(tmp_path):
     checkout = copy_checkout(tmp_path / "lora-studio")
     port, log_path = free_port(), tmp_path / "launch.log"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "LORA_STUDIO_INSTALLER")}
-    env.update(LORA_STUDIO_HOME=str(tmp_path / "home"))
+    # as a new user's shell: the test's own environment (with its uv and Python 3.11) is not on PATH
+    here = str(Path(sys.executable).parent)
+    env.update(LORA_STUDIO_HOME=str(tmp_path / "home"),
+               PATH=os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p and p != here))
     with open(log_path, "w") as log:
         proc = subprocess.Popen([str(old), str(checkout / "launch.py"), "--no-browser", "--port", str(port),
                                  "--workspace", str(tmp_path / "ws")], cwd=tmp_path, env=env, stdout=log,
