@@ -7,7 +7,10 @@ WebView2 on Windows, WebKit on macOS."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,6 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("url")
     p.add_argument("--runs", type=Path, required=True, help="the workspace's runs folder")
     args = p.parse_args(argv)
+    if sys.platform.startswith("linux"):
+        missing = missing_libraries(qt_xcb_plugin())
+        if missing:  # Qt would print a misleading line (it always names xcb-cursor) and abort
+            print(f"missing system libraries: {' '.join(missing)}", file=sys.stderr)
+            return 3
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            # Chromium (in QtWebEngine) refuses to run as root with its sandbox; the page is our own, on loopback
+            os.environ.setdefault("QTWEBENGINE_DISABLE_SANDBOX", "1")
     import webview  # the window extra: python launch.py --window installs it
 
     window = webview.create_window(APP_NAME, args.url, width=1400, height=950)
@@ -47,8 +58,49 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def qt_xcb_plugin() -> Path | None:
+    """Qt's X11 platform plugin in the installed PyQt6 wheel, without importing Qt."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("PyQt6")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    plugin = Path(list(spec.submodule_search_locations)[0]) / "Qt6" / "plugins" / "platforms" / "libqxcb.so"
+    return plugin if plugin.is_file() else None
+
+
+def missing_libraries(binary: Path | None, ldd: str | None = None) -> list[str]:
+    """The shared libraries `binary` needs that the system lacks, all of them at once (the loader names only the
+    first): what ldd reports as 'not found'."""
+    ldd = ldd or shutil.which("ldd")
+    if binary is None or ldd is None:
+        return []
+    try:
+        out = subprocess.run([ldd, str(binary)], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return sorted({m.group(1) for m in re.finditer(r"^\s*(\S+)\s+=>\s+not found", out, re.M)})
+
+
+def debian_package(soname: str) -> str:
+    """Debian's package for a library: libxcb-icccm.so.4 -> libxcb-icccm4, libxkbcommon-x11.so.0 ->
+    libxkbcommon-x11-0 (a hyphen before the number where the name ends in a digit)."""
+    m = re.match(r"(lib[\w.+-]+?)\.so\.(\d+)", soname)
+    if not m:
+        return soname
+    name, major = m.groups()
+    return f"{name}{'-' if name[-1].isdigit() else ''}{major}"
+
+
+def _missing_line(found: str) -> str:
+    names = found.split()
+    return (f"Qt needs the system {'libraries' if len(names) > 1 else 'library'} {', '.join(names)} (Debian/Ubuntu: "
+            f"sudo apt install {' '.join(debian_package(n) for n in names)})")
+
+
 # What a failed window's output says, most telling first: (pattern, the line the user reads).
 CAUSES = [
+    (r"missing system libraries: (.+)", _missing_line),
     (r"xcb-cursor|libxcb-cursor", "Qt needs the system library libxcb-cursor0 (Debian/Ubuntu: sudo apt install "
                                   "libxcb-cursor0)"),
     (r"error while loading shared libraries: (\S+?):|(lib[\w.+-]+\.so[\d.]*): cannot open shared object file",
@@ -57,6 +109,8 @@ CAUSES = [
                                                                                   "window on (a server or an SSH session)"),
     (r"No module named ['\"]?(webview|qtpy|PyQt6)", "pywebview and its Qt backend are not installed: python launch.py "
                                                      "--window installs them"),
+    (r"Running as root without --no-sandbox", "Chromium in Qt refused to run as root: set QTWEBENGINE_DISABLE_SANDBOX=1 "
+                                              "or run LoRA Studio as a normal user"),
     (r"WebView2", "the Microsoft Edge WebView2 Runtime is missing: install it from microsoft.com/edge/webview2"),
 ]
 
@@ -68,7 +122,7 @@ def failure(output: str, returncode: int) -> str:
         m = re.search(pattern, output, re.I)
         if m:
             found = next((g for g in m.groups() if g), "") if m.groups() else ""
-            return line.format(found)
+            return line(found.strip()) if callable(line) else line.format(found)
     last = next((ln.strip() for ln in reversed(output.splitlines()) if ln.strip()), "")
     return f"the window's process ended ({'signal ' + str(-returncode) if returncode < 0 else 'exit ' + str(returncode)})" \
            + (f": {last[:200]}" if last else "")

@@ -5,8 +5,9 @@
 #   bash tests/run.sh --fresh [...]   the same in a .venv made from nothing, without pip's cache (CI does this)
 #   bash tests/run.sh --latest        the newest versions pyproject's ranges allow, in a new .venv-latest:
 #                                     prints what differs from the lock, then runs the smoke tests
-#   bash tests/run.sh --lock          refresh the lock: resolve the newest allowed versions in a new .venv-lock,
-#                                     run the whole suite, and only if it passes write requirements.lock
+#   bash tests/run.sh --lock          refresh the lock: resolve the newest allowed versions for every target
+#                                     (tests/write_lock.py --upgrade, uv's universal resolver), install them in a
+#                                     new .venv-lock, run the whole suite, and only if it passes replace requirements.lock
 #
 # torch 2.13.0 is always installed first and named exactly: a bare range would pull a multi-GB CUDA build.
 set -euo pipefail
@@ -23,6 +24,13 @@ pip_opts=(-q)
 constraints=()
 if [ "$mode" = locked ]; then
   constraints=(-c requirements.lock)
+elif [ "$mode" = lock ]; then
+  [ -x .venv/bin/python ] || { echo "tests/run.sh --lock: run bash tests/run.sh first (uv comes with the test extra)"; exit 1; }
+  candidate=$(mktemp requirements.lock.XXXXXX)
+  trap 'rm -f "$candidate"' EXIT
+  cp requirements.lock "$candidate"
+  PATH="$PWD/.venv/bin:$PATH" .venv/bin/python tests/write_lock.py --upgrade --out "$candidate"
+  constraints=(-c "$candidate")
 fi
 if [ "$fresh" = 1 ]; then
   echo "tests/run.sh: making $venv from nothing (mode: $mode)"
@@ -46,16 +54,10 @@ case "$mode" in
     exec "$venv/bin/python" -m pytest "$@" ;;
   latest)
     echo "tests/run.sh: newer than requirements.lock:"
-    diff <(grep '==' requirements.lock | sort -f) <(freeze) | grep '^>' || echo "  (nothing: the lock is the newest)"
+    diff <(grep '==' requirements.lock | sed 's/ *;.*//' | sort -fu) <(freeze) | grep '^>' || echo "  (nothing: the lock is the newest)"
     exec "$venv/bin/python" -m pytest -m smoke "$@" ;;
   lock)
     "$venv/bin/python" -m pytest "$@"
-    tmp=$(mktemp requirements.lock.XXXXXX)
-    {
-      echo "# LoRA Studio's tested versions, as pip constraints: pip install -c requirements.lock ..."
-      echo "# Written by 'bash tests/run.sh --lock' on $(date -u +%F) with Python $("$venv/bin/python" -c 'import platform; print(platform.python_version())') after the whole suite passed."
-      freeze
-    } > "$tmp"
-    chmod 644 "$tmp" && mv "$tmp" requirements.lock
+    chmod 644 "$candidate" && mv "$candidate" requirements.lock
     echo "tests/run.sh: wrote requirements.lock; review 'git diff requirements.lock' and commit it" ;;
 esac

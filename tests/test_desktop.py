@@ -260,6 +260,8 @@ def _with_fake_webview(tmp_path, source, **env):
     fake = tmp_path / "fake-webview"
     fake.mkdir(exist_ok=True)
     (fake / "webview.py").write_text(source)
+    (fake / "PyQt6").mkdir(exist_ok=True)  # a Qt without its X11 plugin: the system-library check has nothing to read
+    (fake / "PyQt6" / "__init__.py").write_text("")
     return lambda cmd, **kw: subprocess.run(cmd, env={**os.environ, "PYTHONPATH": f"{fake}{os.pathsep}{ROOT}", **env},
                                             **kw)
 
@@ -277,6 +279,31 @@ def test_a_window_whose_toolkit_aborts_leaves_the_server_up_and_opens_the_browse
     said = capsys.readouterr().out.strip().splitlines()
     assert "libxcb-cursor0" in why and opened == ["http://127.0.0.1:7860/"] and blocked == [True]
     assert len(said) == 1 and "Traceback" not in said[0] and "sudo apt install libxcb-cursor0" in said[0]
+
+
+def test_a_qt_missing_system_libraries_names_them_all_with_their_packages(tmp_path, monkeypatch):
+    """Qt's own line always blames xcb-cursor, whichever library is missing (on a Debian with libxcb-cursor0 it was
+    libxcb-icccm4 and libxcb-keysyms1): the window process asks the loader for every missing one before Qt starts."""
+    from app import window
+
+    plugin = tmp_path / "libqxcb.so"
+    plugin.write_bytes(b"\x7fELF")
+    ldd = tmp_path / "ldd"
+    ldd.write_text("#!/bin/sh\necho '\tlibxcb-icccm.so.4 => not found'\necho '\tlibc.so.6 => /lib/libc.so.6 (0x1)'\n"
+                   "echo '\tlibxcb-keysyms.so.1 => not found'\necho '\tlibxkbcommon-x11.so.0 => not found'\n")
+    ldd.chmod(0o755)
+    missing = window.missing_libraries(plugin, ldd=str(ldd))
+    assert missing == ["libxcb-icccm.so.4", "libxcb-keysyms.so.1", "libxkbcommon-x11.so.0"]
+    assert window.missing_libraries(None, ldd=str(ldd)) == []
+    monkeypatch.setattr(window, "qt_xcb_plugin", lambda: plugin)
+    monkeypatch.setattr(window, "missing_libraries", lambda binary: missing)
+    monkeypatch.setattr(window.sys, "platform", "linux")
+    assert window.main(["http://127.0.0.1:1/", "--runs", str(tmp_path)]) == 3  # before webview is imported
+    line = window.failure("qt.qpa.plugin: ...xcb-cursor0...\nmissing system libraries: " + " ".join(missing), 3)
+    assert line == ("Qt needs the system libraries libxcb-icccm.so.4, libxcb-keysyms.so.1, libxkbcommon-x11.so.0 "
+                    "(Debian/Ubuntu: sudo apt install libxcb-icccm4 libxcb-keysyms1 libxkbcommon-x11-0)")
+    assert "QTWEBENGINE_DISABLE_SANDBOX=1" in window.failure("ERROR:zygote_host_impl_linux.cc(101)] Running as root "
+                                                             "without --no-sandbox is not supported.", 1)
 
 
 def test_closing_the_window_asks_only_while_a_run_trains(tmp_path):
