@@ -69,7 +69,7 @@ def install_reason(venv: Path, os_name: str, stamp: dict, wanted: dict, reinstal
 
 
 def extras_for(torch: TorchChoice, app_args: list[str]) -> list[str]:
-    extras = ["cuda"] if torch.variant.startswith("cu") else []  # bitsandbytes' 8-bit AdamW for the VRAM tiers
+    extras = ["cuda"] if torch.variant.startswith("cu") else []  # prodigyopt (bitsandbytes is a core dependency)
     if "--window" in app_args:
         extras.append("window")  # pywebview
     return extras

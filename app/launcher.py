@@ -155,7 +155,12 @@ def supported_python(root: Path, os_name: str, here: dict, argv: list[str], dry_
     if dry_run:
         return path
     env = {**os.environ, RELAUNCHED: "1"}
-    code = subprocess.call([path, str(root / "launch.py"), *argv], env=env)
+    if os.name == "posix":  # the supported Python takes this process: a signal to it reaches the app, none is orphaned
+        os.execve(path, [path, str(root / "launch.py"), *argv], env)
+    try:
+        code = subprocess.call([path, str(root / "launch.py"), *argv], env=env)
+    except KeyboardInterrupt:
+        code = 130
     raise SystemExit(code)
 
 

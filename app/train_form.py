@@ -101,6 +101,10 @@ def parse_edited(text: str) -> RunConfig:
     return cfg
 
 
+FROZEN_WORDS = {"auto": "in the run's precision", "fp8": "fp8 (float8, computed in bf16/fp16)",
+                "int8": "int8 (8-bit rows)", "nf4": "nf4 (4-bit, QLoRA): samples render on the 4-bit copy"}
+
+
 def summary(cfg: RunConfig) -> list[list]:
     """The settings users look at first, grouped; everything else is in the Advanced box."""
     te = cfg.lora.train_text_encoder
@@ -120,6 +124,9 @@ def summary(cfg: RunConfig) -> list[list]:
         ["train", "steps", cfg.train.max_steps or f"{cfg.train.epochs} epochs"],
         ["train", "batch / precision", f"{cfg.train.batch_size} / {cfg.train.mixed_precision}"],
         ["train", "gradient checkpointing", cfg.train.gradient_checkpointing],
+        *([["train", "frozen weights", FROZEN_WORDS[cfg.train.frozen_dtype]
+            + (", streamed from system RAM" if cfg.train.offload else "")]]
+          if cfg.train.frozen_dtype != "auto" or cfg.train.offload else []),
         ["data", "repeats / resolution", f"{cfg.data.repeats} / {training_resolution(cfg) or 'auto'}"],
         ["data", "trigger", cfg.data.trigger or "(from the dataset)"],
         ["sample", "sample prompts", " | ".join(cfg.sample.prompts) or "(none)"],

@@ -22,7 +22,7 @@ def test_outputs_and_input_gradients_equal_a_half_layer_with_the_rounded_weights
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 32) if kind == "linear" else torch.nn.Conv2d(8, 16, 3, padding=1, stride=2)
     layer.requires_grad_(False)
-    stored = (frozen.FrozenLinear if kind == "linear" else frozen.FrozenConv2d)(layer, torch.bfloat16, fp8=True)
+    stored = (frozen.FrozenLinear if kind == "linear" else frozen.FrozenConv2d)(layer, torch.bfloat16, store="fp8")
     assert stored.stored_weight.dtype == torch.float8_e4m3fn
     rel = (layer.weight - stored.weight.float()).abs().amax() / layer.weight.abs().amax()
     assert 0 < rel < 0.07  # e4m3 keeps 3 mantissa bits; the per-row scale uses its whole range
@@ -57,7 +57,7 @@ def test_cpu_upcast_equals_torchs_float8_conversion_for_every_byte_and_scale(dty
 def test_half_conv_stand_in_equals_the_conv_and_keeps_no_input(dtype):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(16, 16, 3, padding=1).to(dtype).requires_grad_(False)
-    stand_in = frozen.FrozenConv2d(conv, dtype, fp8=False)
+    stand_in = frozen.FrozenConv2d(conv, dtype)
     x = torch.randn(2, 16, 24, 24, dtype=dtype)
     results, kept = [], []
     for module in (conv, stand_in):
@@ -127,8 +127,8 @@ def test_streamed_weights_are_no_buffers_and_give_the_same_outputs_and_gradients
     model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(8 * 36, 5))
     model.requires_grad_(False).to(torch.bfloat16)  # as the loop loads a base: in the weight dtype
     kept, streamed = copy.deepcopy(model), copy.deepcopy(model)
-    assert frozen.freeze(kept, torch.bfloat16, fp8=fp8) == (2 if fp8 else 1)
-    assert frozen.freeze(streamed, torch.bfloat16, fp8=fp8, stream=True) == 2  # every frozen Linear and Conv2d
+    assert frozen.freeze(kept, torch.bfloat16, store="fp8" if fp8 else None) == (2 if fp8 else 1)
+    assert frozen.freeze(streamed, torch.bfloat16, store="fp8" if fp8 else None, stream=True) == 2  # every frozen Linear and Conv2d
     layers = [m for m in streamed.modules() if isinstance(m, (frozen.FrozenLinear, frozen.FrozenConv2d))]
     assert all(m.streamed for m in layers)
     # Module.to() moves parameters and buffers only: a weight that is neither stays in host RAM.

@@ -121,6 +121,12 @@ def test_an_unsupported_python_is_replaced_by_a_supported_one_said_in_one_line(v
                                                                       info((3, 12, 7), machine="arm64")))
     called = {}
     monkeypatch.setattr(launcher.subprocess, "call", lambda cmd, env: called.update(cmd=cmd, env=env) or 0)
+
+    def execve(path, cmd, env):  # POSIX: the supported Python replaces this process (no orphaned app on a signal)
+        called.update(cmd=cmd, env=env, path=path)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(launcher.os, "execve", execve)
     with pytest.raises(SystemExit) as done:
         launcher.supported_python(ROOT, "linux", info(version, bits, translated=translated), ["--port", "9"], False)
     assert done.value.code == 0
@@ -370,8 +376,10 @@ def test_python_3_10_reaches_the_page_through_uv(tmp_path):
 
             wait_until(up, "the page, after installing with uv", timeout_s=600)
         finally:
-            proc.terminate()
+            proc.terminate()  # the launcher became the app (exec): nothing is left behind
             proc.wait(timeout=30)
+    with pytest.raises(OSError):  # the app went with it (a relaunch by subprocess left it running, orphaned)
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
     said = log_path.read_text()
     assert "Python 3.10 is outside the 3.11 to 3.13 LoRA Studio runs on: using Python 3.1" in said, said[-2000:]
     assert "getting uv" in said and "[1/3] making the environment" in said and "installing with pip instead" not in said

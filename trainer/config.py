@@ -147,12 +147,15 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory")
     frozen_dtype: str = opt("auto", "Storage of the frozen UNet and text-encoder weights: auto = the mixed-precision "
                             "dtype; fp8 = float8 with a scale per row, computed in bf16/fp16 (half of fp16's memory; "
-                            "needs mixed_precision bf16 or fp16)", choices=["auto", "fp8"])
+                            "needs mixed_precision bf16 or fp16); int8 = bitsandbytes' 8-bit rows (as fp8, any "
+                            "precision); nf4 = 4-bit NormalFloat, QLoRA's (a quarter of fp16's memory; the LoRA "
+                            "learns on a slightly perturbed base: bench qlora measures by how much)",
+                            choices=["auto", "fp8", "int8", "nf4"])
     offload: bool = opt(False, "Keep the frozen UNet weights in system RAM and copy each layer to the GPU only for "
                                "its own forward and backward pass: the GPU holds activations, LoRA and one layer "
                                "(for 4 GB cards; steps slower; nothing changes on a CPU)")
-    fit_memory: bool = opt(True, "Let the memory planner turn on savings (caches, fp8 frozen weights, gradient "
-                                 "checkpointing, 8-bit AdamW, a smaller batch with accumulation, offload) when the run "
+    fit_memory: bool = opt(True, "Let the memory planner turn on savings (caches, fp8/int8/nf4 frozen weights, "
+                                 "gradient checkpointing, 8-bit AdamW, a smaller batch with accumulation, offload) when the run "
                                  "would not fit the GPU (or the RAM on a CPU); false = run exactly as configured")
     seed: int = opt(42, "Random seed; the same seed and config give the same LoRA", min=0)
     min_snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (5 is common; 0 = off)", min=0.0)

@@ -42,17 +42,20 @@ class Setting:
     fp8: bool = False  # frozen UNet/text-encoder weights stored in float8 (train.frozen_dtype=fp8)
     t5: bool = True  # SD3: T5-XXL loaded (model.t5)
     offload: bool = False  # frozen UNet weights streamed from system RAM (train.offload; CUDA only)
+    frozen: str = ""  # "int8" or "nf4": train.frozen_dtype (bench qlora)
+    compute: str = ""  # train.mixed_precision for this row, whatever the bench's own ("no": fp32)
 
     def precision(self, bench_precision: str) -> str:
         # The embedded model trains in fp32 by default: its first-step time is measured as users get it.
-        return "no" if self.model == "tiny" else bench_precision
+        return self.compute or ("no" if self.model == "tiny" else bench_precision)
 
     @property
     def label(self) -> str:
         return (f"{self.model} {self.resolution}px, ckpt {'on' if self.checkpointing else 'off'}, "
                 f"cache {'on' if self.cache else 'off'}, TE {'trained' if self.train_te else 'frozen'}"
                 + (", fp8 frozen weights" if self.fp8 else "") + (", no T5" if not self.t5 else "")
-                + (", offload" if self.offload else ""))
+                + (", offload" if self.offload else "") + (f", {self.frozen} frozen weights" if self.frozen else "")
+                + (f", {'fp32' if self.compute == 'no' else self.compute}" if self.compute else ""))
 
     def overrides(self, precision: str) -> list[str]:
         return [f"data.resolution={self.resolution}", "train.batch_size=1", "lora.rank=16", "lora.alpha=16",
@@ -64,7 +67,8 @@ class Setting:
                 "sample.at_end=false", "sample.every_n_steps=0", "save.state_every_n_steps=0",
                 "data.min_bucket_side=64", "optim.optimizer=adamw", "train.fit_memory=false"] + \
             (["train.frozen_dtype=fp8"] if self.fp8 else []) + (["model.t5=false"] if not self.t5 else []) + \
-            (["train.offload=true"] if self.offload else [])
+            (["train.offload=true"] if self.offload else []) + \
+            ([f"train.frozen_dtype={self.frozen}"] if self.frozen else [])
 
 
 def matrix(quick: bool, device: str = "cpu") -> list[Setting]:

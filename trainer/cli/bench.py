@@ -43,6 +43,15 @@ def add_parser(sub) -> None:
                                       "10,000 images; growth per operation; writes bench/results.md's Data path")
     bd.add_argument("--sizes", default="100,1000,10000", help="dataset sizes, comma-separated")
     bd.add_argument("--no-results", action="store_true", help="print only; leave bench/results.md alone")
+    bq = bsub.add_parser("qlora", help="int8/nf4 frozen weights: stored bytes of Flux.1 and Z-Image blocks scaled to "
+                         "full depth, a full-size SD1.5 64 px step's peak RSS and time per storage, and each preset "
+                         "trained on an nf4 and an int8 base against fp32 (scored on the full-precision base)")
+    bq.add_argument("--part", action="append", choices=["weights", "step", "quality"],
+                    help="only this part (repeatable; default: all three)")
+    bq.add_argument("--kind", action="append", choices=["character", "style", "concept"],
+                    help="quality: only this preset (repeatable)")
+    bq.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="quality: a setting for every training run")
     bm = bsub.add_parser("modern", help="one block of Flux.1 and of Z-Image at full width: the activations it keeps "
                                         "with and without checkpointing at 512 and 1024 px, scaled to the published "
                                         "depths; writes bench/results.md's Modern families")
@@ -74,6 +83,11 @@ def cmd_bench(args) -> int:
         from trainer.bench.modern import main as bench_modern
 
         bench_modern(_sizes(args.sizes), None if args.no_results else Path("bench/results.md"))
+    elif args.bench_command == "qlora":
+        from trainer.bench.qlora import main as bench_qlora
+
+        bench_qlora(tuple(args.part or ("weights", "step", "quality")),
+                    tuple(args.kind or ("character", "style", "concept")), args.overrides)
     elif args.bench_command == "checkpoints":
         from trainer.bench.checkpoints import main as bench_checkpoints
 

@@ -73,12 +73,18 @@ CUDA_CHECKPOINTED = 0.367
 # Fitted on the same H100's first runs, when the UNet and text encoders still sat beside the VAE:
 # SD1.5 512 px 2.44 GB, SDXL 1024 px 9.86 GB (fp32 VAE). The loop now encodes with the VAE alone.
 CUDA_VAE_ENCODE_GB = 0.38
-# float8 storage: one byte a weight, plus per-row scales and the small layers frozen.KEEP_HALF leaves in half.
-FP8_BYTES = 1.03
-# Share of the denoiser frozen.KEEP_HALF leaves in half precision beyond that: SD3's adaptive-norm modulation
-# Linears (norm1.linear, ~1/3 of SD 3.5 Medium's 2.24 B) stay half, as diffusers' layerwise casting skips "norm".
-# Counted on the full-size architectures (SD1.5 3.3%, SDXL 1.0% are inside FP8_BYTES already).
-FP8_HALF_SHARE = {"sd3": 0.349, "flux": 0.277, "zimage": 0.002}  # flux: its norm1/norm1_context/norm.linear
+# Frozen weights stored below the run's precision (train.frozen_dtype; memory/codecs.py): bytes per stored weight,
+# scales included (fp8 and int8 one per output row; nf4 an fp32 absmax per block of 64).
+STORED_BYTES = {"fp8": 1.0, "int8": 1.0, "nf4": 0.5625}
+# Share of the denoiser frozen.KEEP_HALF (fp8) or frozen.KEEP_QUANTIZED (int8, nf4) leaves in the run's precision:
+# embeddings, norms, the first and last layers; for fp8 also the adaptive-norm modulation Linears (SD3's norm1.linear
+# is ~1/3 of SD 3.5 Medium's 2.24 B, Flux's norm1/norm1_context/norm.linear 28% of its 11.9 B), which int8 and nf4
+# quantize as diffusers' bitsandbytes loading does. Counted on the full-size architectures by bench qlora; its
+# blocks measured 1.001 B a weight for int8 and 0.563 for nf4 (Flux.1, Z-Image).
+KEPT_SHARE = {"fp8": {"sd1": 0.0329, "sd2": 0.0329, "sdxl": 0.0103, "sd3": 0.3489, "flux": 0.2768, "zimage": 0.0019},
+              "quantized": {"sd1": 0.0329, "sd2": 0.0329, "sdxl": 0.0103, "sd3": 0.0092, "flux": 0.0056,
+                            "zimage": 0.0019}}  # bench qlora's kept_share (sd2: sd1's)
+TE_KEPT_SHARE = 0.03  # a text encoder's token embedding (T5-XXL's 131 M of 4.76 B) stays in the run's precision
 # fp8 stand-ins also replace frozen Linear layers, and a step keeps less still. Share of the UNet
 # activations left, fitted on the H100 (checkpointing on): SD1.5 512 px 2.03 -> 1.16 GB, SDXL 1024 px
 # 6.81 -> 3.75 GB in all. sd2 takes sd1's share, not measured.
@@ -254,7 +260,7 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
                                        max(1, cfg.train.batch_size * cfg.train.gradient_accumulation))
     if family == "tiny":
         params = embedded_params()
-        weights = params * wbytes / GB
+        weights = params * te_bytes(stored_as(cfg), wbytes) / GB
         lora = cfg.lora.rank * 20_000 * 16 / GB
         res = cfg.data.resolution or NATIVE["tiny"]
         act = 0.02 * cfg.train.batch_size * (res / NATIVE["tiny"]) ** 2
@@ -267,16 +273,17 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
     # Cached captions: the encoders leave the GPU, and then memory altogether (training/residency.py let_encoders_go); they count
     # in the caption phase and, on the host, while the base loads.
     te_on_device = 0.0 if cached_text else p["text_encoders"]
-    fp8 = half and cfg.train.frozen_dtype == "fp8"
-    frozen_bytes = FP8_BYTES if fp8 else wbytes
-    unet_bytes = _fp8_unet_bytes(family, wbytes) if fp8 else wbytes
+    store = stored_as(cfg)
+    stand_ins = store is not None  # any stored form: the stand-ins keep no inputs, hold one dequantized layer at a time
+    frozen_bytes = te_bytes(store, wbytes)
+    unet_bytes = denoiser_bytes(family, wbytes, store)
     vae_bytes = 4 if (family in FP32_VAE_UNDER_FP16 and cfg.train.mixed_precision == "fp16") or not half else 2
     vae_on_device = host or not cfg.data.cache_latents
     vae_gb = (p["vae"] * vae_bytes if vae_on_device else 0) * 1e6 / GB
     unet_gb = STREAMED_ON_DEVICE_GB if cfg.train.offload and not host else p["unet"] * unet_bytes * 1e6 / GB
     weights = unet_gb + te_on_device * frozen_bytes * 1e6 / GB + vae_gb
-    # On the host the base is loaded in half precision before its layers turn to fp8: that moment can be the peak.
-    load_peak = _loading_gb(cfg, family, p, wbytes, fp8) + vae_gb if host else 0.0
+    # On the host the base is loaded in half precision before its layers turn to fp8/int8/nf4: that can be the peak.
+    load_peak = _loading_gb(cfg, family, p, wbytes, store) + vae_gb if host else 0.0
     act_scale, lora_scale, vae_scale = shape_scales(cfg, family)
     per_rank = LORA_PER_RANK_M[family][0] * lora_scale * cfg.lora.train_unet + \
         LORA_PER_RANK_M[family][1] * bool(train_te)
@@ -289,10 +296,10 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
         auto_resolution(NATIVE[family], host)
     pixels = (res / NATIVE[family]) ** 2 * cfg.train.batch_size * act_scale
     act_gb, kept = (ACTIVATION_GB, CHECKPOINTED) if host else (CUDA_ACTIVATION_GB, CUDA_CHECKPOINTED)
-    fp8_share = (HOST_FP8_ACTIVATION_SHARE if host else FP8_ACTIVATION_SHARE[family]) if fp8 else 1.0
+    fp8_share = (HOST_FP8_ACTIVATION_SHARE if host else FP8_ACTIVATION_SHARE[family]) if stand_ins else 1.0
     kept = MODERN_CHECKPOINTED.get(family, kept)
     unet_act = act_gb[family] * pixels * (1 if half else 2) * (kept if cfg.train.gradient_checkpointing else 1.0) * \
-        fp8_share + (HOST_FP8_EXTRA_GB if fp8 and host else 0.0)
+        fp8_share + (HOST_FP8_EXTRA_GB if stand_ins and host else 0.0)
     te_act = TE_ACTIVATION_GB[family] * cfg.train.batch_size * (1 if half else 2) if train_te else 0.0
     # Encoding latents on the fly frees its buffers before the UNet runs, but the allocator keeps part
     # of them: measured, it adds to the peak rather than overlapping.
@@ -313,10 +320,32 @@ def estimate(cfg, n_samples: int | None = None, host: bool = False) -> Estimate:
         if cached_text:  # the encoders visit the GPU one at a time to fill the caption cache
             phases.append(p["largest_te"] * frozen_bytes * 1e6 / GB + TE_ACTIVATION_GB[family])
     peak = max(phases) + (RUNTIME_GB if host else 0.0)
-    return Estimate(round(peak, 2), weights, lora, act, steps, secs, _unmeasured(cfg, family, host, fp8))
+    return Estimate(round(peak, 2), weights, lora, act, steps, secs, _unmeasured(cfg, family, host, store))
 
 
-def _unmeasured(cfg, family: str, host: bool, fp8: bool) -> list[str]:
+def stored_as(cfg) -> str | None:
+    """The frozen weights' stored form, or None for the run's precision (fp8 only computes in half precision)."""
+    kind = cfg.train.frozen_dtype
+    if kind == "fp8":
+        return kind if cfg.train.mixed_precision in ("fp16", "bf16") else None
+    return kind if kind in STORED_BYTES else None
+
+
+def denoiser_bytes(family: str, wbytes: int, store: str | None) -> float:
+    """Bytes per denoiser weight: the stored form's, with the layers it leaves in the run's precision."""
+    if store is None:
+        return wbytes
+    share = KEPT_SHARE["fp8" if store == "fp8" else "quantized"].get(family, 0.0)
+    return share * wbytes + (1 - share) * STORED_BYTES[store]
+
+
+def te_bytes(store: str | None, wbytes: int) -> float:
+    if store is None:
+        return wbytes
+    return TE_KEPT_SHARE * wbytes + (1 - TE_KEPT_SHARE) * STORED_BYTES[store]
+
+
+def _unmeasured(cfg, family: str, host: bool, store: str | None) -> list[str]:
     """The figures an estimate of this run takes from somewhere else, said beside it."""
     notes = []
     if family == "sd2":
@@ -325,8 +354,10 @@ def _unmeasured(cfg, family: str, host: bool, fp8: bool) -> list[str]:
         notes.append("SD3 on a GPU (the CPU fit at SDXL's GPU/CPU ratio)")
     if family in ("flux", "zimage") and not host:
         notes.append(f"{FAMILY_WORDS[family]} on a GPU (its CPU figure at SDXL's GPU/CPU ratio)")
-    if fp8 and not host and family in ("sd2", "sd3", "flux", "zimage"):
-        notes.append(f"fp8's saving for {family} (taken from {'SD1.5' if family == 'sd2' else 'SDXL'})")
+    if store and not host and family in ("sd2", "sd3", "flux", "zimage"):
+        notes.append(f"{store}'s activation saving for {family} (taken from {'SD1.5' if family == 'sd2' else 'SDXL'})")
+    if store in ("int8", "nf4") and not host:
+        notes.append(f"{store} on a GPU (its weights are counted; its activations and speed are fp8's)")
     if cfg.train.offload and not host:
         notes.append("train.offload (counted from the architecture; its speed cost is a guess of 2x)")
     if family in ("sd2", "sd3", "flux", "zimage"):
@@ -334,21 +365,19 @@ def _unmeasured(cfg, family: str, host: bool, fp8: bool) -> list[str]:
     return notes
 
 
-def _fp8_unet_bytes(family: str, wbytes: int) -> float:
-    share = FP8_HALF_SHARE.get(family, 0.0)
-    return share * wbytes + (1 - share) * FP8_BYTES
-
-
-def _loading_gb(cfg, family: str, p: dict, wbytes: int, fp8: bool) -> float:
+def _loading_gb(cfg, family: str, p: dict, wbytes: int, store: str | None) -> float:
     """Weights resident while the base loads and the captions are encoded. A diffusers folder stored in the run's
     precision (as SDXL and SD 3.5 are published) is mapped from its files, and a model's pages arrive when it is
     first used: the encoders' while they encode, the denoiser's when training starts, so the two do not add up
     (SD 3.5 Medium with T5-XXL: 10.81 GB measured, not the 15.6 GB of all its weights). With fp8 the UNet turns to
     fp8 before the encoders load (loop._ready_unet), which reads all of it. A single file or a Hub id loads every
-    part at once."""
+    part at once. int8 and nf4 load in the file's own half precision whatever the run's (setup.loading_dtype), so a
+    run in fp32 never holds the model in fp32 (full-size SD1.5 in fp32: 5.22 GB peak; with nf4 2.18, int8 2.03)."""
     folder = cfg.model.source in ("", "tiny") or Path(cfg.model.source).expanduser().is_dir()
-    if folder and fp8:
-        return max(p["unet"] * wbytes, p["unet"] * _fp8_unet_bytes(family, wbytes) + p["text_encoders"] * wbytes) \
+    if store in ("int8", "nf4"):
+        wbytes = min(wbytes, 2)  # as published: half precision
+    if folder and store:
+        return max(p["unet"] * wbytes, p["unet"] * denoiser_bytes(family, wbytes, store) + p["text_encoders"] * wbytes) \
             * 1e6 / GB
     if folder:
         return max(p["unet"], p["text_encoders"]) * wbytes * 1e6 / GB
@@ -363,6 +392,5 @@ def host_load_gb(cfg) -> float:
     if family == "tiny":
         params = embedded_params()
         return round(params * wbytes / GB + RUNTIME_GB, 2)
-    fp8 = wbytes == 2 and cfg.train.frozen_dtype == "fp8"
     p = params_m(cfg, family)
-    return round(_loading_gb(cfg, family, p, wbytes, fp8) + p["vae"] * wbytes * 1e6 / GB + RUNTIME_GB, 2)
+    return round(_loading_gb(cfg, family, p, wbytes, stored_as(cfg)) + p["vae"] * wbytes * 1e6 / GB + RUNTIME_GB, 2)

@@ -1,11 +1,13 @@
-"""Frozen base layers that keep nothing for the backward pass but their weight, optionally in float8.
+"""Frozen base layers that keep nothing for the backward pass but their weight, optionally in float8, int8 or NF4.
 
 A frozen nn.Conv2d still keeps its input for the backward pass (only a weight gradient needs it). The
 stand-ins here keep only the weight and compute the input gradient from it. Measured on an H100 that
 saves little: SD1.5 512 px without checkpointing 2.82 -> 2.69 GB, and nothing with checkpointing,
 which recomputes those inputs anyway. With fp8 they also store
 frozen Linear and Conv2d weights as float8 e4m3 with one scale per output row, computed in bf16/fp16:
-half of fp16's memory. LoRA layers, norms, embeddings and the VAE keep their own precision.
+half of fp16's memory; with int8 or nf4 (QLoRA) as bitsandbytes' int8 rows or 4-bit NF4 blocks (codecs.py), a
+half or a quarter of it again, computed in the run's precision (fp32 too). LoRA layers, norms, embeddings and the
+VAE keep their own precision.
 
 Why not diffusers' layerwise casting for fp8: its hooks cast a layer up for the forward and back down
 right after, in place, while autograd still holds that weight for the backward pass. Gradients that
@@ -16,116 +18,84 @@ tensor itself and the backward pass casts it up again: gradients are exact for t
 from __future__ import annotations
 
 import functools
-import threading
 
 import torch
 import torch.nn.functional as F
 
-STORAGE = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(STORAGE).max
+from trainer.memory import codecs
+from trainer.memory.fp8 import STORAGE, dequantize, quantize  # noqa: F401 - the fp8 storage's names, as before
+
 # Small, sensitive layers that set the whole model's input and output scale stay in half precision.
 KEEP_HALF = ("conv_in", "conv_out", "time_embedding", "add_embedding", "time_emb_proj", "norm", "embed")
+# int8 and nf4 also store the adaptive-norm modulation Linears (norm1.linear and the like: 28% of Flux.1, a third of
+# SD 3.5 Medium), as diffusers' bitsandbytes loading does; the final norm_out's stays.
+KEEP_QUANTIZED = tuple(k for k in KEEP_HALF if k != "norm") + ("norm_out",)
 
 
-def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float8 weight, per-output-row scale) with weight ≈ fp8 · scale."""
-    w = weight.detach().float()
-    amax = w.flatten(1).abs().amax(dim=1).clamp(min=1e-12)
-    scale = (amax / FP8_MAX).reshape(-1, *([1] * (w.ndim - 1)))
-    return (w / scale).to(STORAGE), scale
-
-
-def dequantize(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, scratch: bool = False) -> torch.Tensor:
-    """fp8 · scale in `dtype`. With `scratch` (on a CPU) the result lives in a buffer that the next call with scratch
-    overwrites: only for a weight used at once and dropped, as the stand-ins' forward and backward do."""
-    if w.dtype == STORAGE and w.device.type == "cpu" and dtype in _BITS:
-        return _cpu_upcast(w, scale, dtype, scratch)
-    return w.to(dtype) if scale is None else w.to(dtype) * scale.to(dtype)
-
-
-# float8 e4m3 (s eeee mmm) -> bf16 / fp16 by moving bits: (left shift, mask of sign + exponent/mantissa bits kept,
-# power of two that turns e4m3's exponent bias 7 into the target's). Exact for every finite byte (tested); e4m3's
-# subnormals land on the target's subnormals, which the same multiply scales right.
-_BITS = {torch.bfloat16: (4, -30736, 2.0 ** 120),  # 0x87F0: sign, then e4m3's 7 bits at bf16's bits 10..4
-         torch.float16: (7, -16512, 2.0 ** 8)}  # 0xBF80: sign, then at fp16's bits 13..7
-
-
-def _cpu_upcast(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, scratch: bool) -> torch.Tensor:
-    """w.to(dtype) * scale, on a CPU about 15x faster than torch's float8 conversion there, which goes one element
-    at a time (measured on 2 cores, a 1280x5120 weight: 11.6 ms -> 0.73 ms). CUDA converts natively and fast.
-
-    Why the scratch buffer: otherwise every frozen layer's pass allocates and frees a weight-sized buffer between
-    the activations, holes the C allocator keeps. One reused buffer per thread: SD1.5 512 px fp8 peak 2.32 -> 2.24
-    GB and 8.2 -> 7.6 s a step on 2 cores (the rest of a CPU run's excess over a GPU's is the allocator's too:
-    returning freed memory at once, MALLOC_MMAP_THRESHOLD_, cut the peak to 1.9 GB but made steps 1.3-1.7x)."""
-    shift, mask, bias = _BITS[dtype]
-    if scratch:
-        bits = _scratch(w.numel()).view(w.shape)
-        bits.copy_(w.view(torch.int8))  # int8 -> int16 sign-extends: the sign lands on bit 15, the mask clears bits 14..
-    else:
-        bits = w.view(torch.int8).to(torch.int16)
-    bits = bits.bitwise_left_shift_(shift).bitwise_and_(mask).view(dtype)
-    return bits.mul_(bias if scale is None else scale.to(dtype) * bias)
-
-
-_local = threading.local()
-
-
-def _scratch(numel: int) -> torch.Tensor:
-    buf = getattr(_local, "buf", None)
-    if buf is None or buf.numel() < numel:
-        _local.buf = buf = torch.empty(numel, dtype=torch.int16)
-    return buf[:numel]
-
-
-def _weight_for(w: torch.Tensor, scale: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+def _weight_for(w: torch.Tensor, scale: torch.Tensor | None, like: torch.Tensor, how: tuple,
+                scratch: bool = True) -> torch.Tensor:
     """The stored weight in `like`'s dtype on `like`'s device, for one use: a weight streamed from host RAM (see
-    freeze's `stream`) is copied to the GPU here, each pass, and dropped after."""
-    return dequantize(w.to(like.device), scale, like.dtype, scratch=True)
+    freeze's `stream`) is copied to the GPU here, each pass, and dropped after. `how`: (storage, weight shape).
+    `scratch`: the result may live in a buffer the next call overwrites (fp8 on a CPU)."""
+    kind, shape = how
+    w = w.to(like.device)
+    if kind is None:
+        return w.to(like.dtype)
+    return codecs.decode(kind, w, None if scale is None else scale.to(like.device), like.dtype, shape,
+                         scratch=scratch)
 
 
 class _Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, scale, bias):
+    def forward(ctx, x, w, scale, bias, how):
         ctx.save_for_backward(w, scale)
-        return F.linear(x, _weight_for(w, scale, x), bias)
+        ctx.how = how
+        return F.linear(x, _weight_for(w, scale, x, how), bias)
 
     @staticmethod
     def backward(ctx, grad):
         w, scale = ctx.saved_tensors
-        return grad @ _weight_for(w, scale, grad), None, None, None
+        return grad @ _weight_for(w, scale, grad, ctx.how), None, None, None, None
 
 
 class _Conv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, scale, bias, stride, padding, dilation, groups):
+    def forward(ctx, x, w, scale, bias, how, stride, padding, dilation, groups):
         ctx.save_for_backward(w, scale)
-        ctx.conf = (x.shape, stride, padding, dilation, groups)
-        return F.conv2d(x, _weight_for(w, scale, x), bias, stride, padding, dilation, groups)
+        ctx.conf = (x.shape, how, stride, padding, dilation, groups)
+        return F.conv2d(x, _weight_for(w, scale, x, how), bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
         w, scale = ctx.saved_tensors
-        shape, stride, padding, dilation, groups = ctx.conf
-        grad_x = torch.nn.grad.conv2d_input(shape, _weight_for(w, scale, grad), grad, stride, padding, dilation, groups)
-        return grad_x, None, None, None, None, None, None, None
+        shape, how, stride, padding, dilation, groups = ctx.conf
+        grad_x = torch.nn.grad.conv2d_input(shape, _weight_for(w, scale, grad, how), grad, stride, padding, dilation,
+                                            groups)
+        return grad_x, None, None, None, None, None, None, None, None
 
 
 class _Frozen(torch.nn.Module):
-    """The stored weight (half, or fp8 with `scale`) and bias of a frozen layer, computed in the autocast
-    dtype (else the storage dtype). A streamed weight is a plain attribute, not a buffer, so moving the model to
-    the GPU leaves it in host RAM."""
+    """The stored weight (in the compute dtype, or fp8/int8/nf4 with `scale`) and bias of a frozen layer, computed in
+    the autocast dtype (else the compute dtype). A streamed weight is a plain attribute, not a buffer, so moving the
+    model to the GPU leaves it in host RAM."""
 
-    def _store(self, layer: torch.nn.Module, compute_dtype: torch.dtype, fp8: bool, stream: bool) -> None:
-        w, scale = quantize(layer.weight) if fp8 else (layer.weight.detach().to(compute_dtype), None)
+    def _store(self, layer: torch.nn.Module, compute_dtype: torch.dtype, store: str | None, stream: bool) -> None:
+        self.store, self.weight_shape = store, tuple(layer.weight.shape)
+        w, scale = codecs.encode(store, layer.weight) if store else (layer.weight.detach().to(compute_dtype), None)
         if stream:
             self.stored_weight = w
         else:
             self.register_buffer("stored_weight", w)
-        self.register_buffer("scale", None if scale is None else scale.to(compute_dtype))
+        # fp8's row scales in the compute dtype, as before; int8 and nf4 keep theirs in fp32 (bitsandbytes' absmax)
+        self.register_buffer("scale", None if scale is None else scale.to(compute_dtype if store == "fp8" else
+                                                                          torch.float32))
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().to(compute_dtype))
         self.register_buffer("anchor", torch.zeros(0, dtype=compute_dtype))  # where the layer computes: moves with .to()
         self.compute_dtype = compute_dtype
+
+    @property
+    def how(self) -> tuple:
+        return self.store, self.weight_shape
 
     @property
     def streamed(self) -> bool:
@@ -133,7 +103,7 @@ class _Frozen(torch.nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:  # for code that reads a layer's weight (shapes, dtype, device; DoRA's norm)
-        return dequantize(self.stored_weight.to(self.anchor.device), self.scale, self.compute_dtype)
+        return _weight_for(self.stored_weight, self.scale, self.anchor, self.how, scratch=False)
 
     def _inputs(self, x):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else self.compute_dtype
@@ -143,50 +113,54 @@ class _Frozen(torch.nn.Module):
 class FrozenLinear(_Frozen):
     """Stands in for a frozen nn.Linear wherever it sat (peft's base_layer included)."""
 
-    def __init__(self, linear: torch.nn.Linear, compute_dtype: torch.dtype, fp8: bool, stream: bool = False):
+    def __init__(self, linear: torch.nn.Linear, compute_dtype: torch.dtype, store: str | None = None,
+                 stream: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._store(linear, compute_dtype, fp8, stream)
+        self._store(linear, compute_dtype, store, stream)
 
     def forward(self, x):
         x, bias = self._inputs(x)
-        return _Linear.apply(x, self.stored_weight, self.scale, bias)
+        return _Linear.apply(x, self.stored_weight, self.scale, bias, self.how)
 
 
 class FrozenConv2d(_Frozen):
-    def __init__(self, conv: torch.nn.Conv2d, compute_dtype: torch.dtype, fp8: bool, stream: bool = False):
+    def __init__(self, conv: torch.nn.Conv2d, compute_dtype: torch.dtype, store: str | None = None,
+                 stream: bool = False):
         super().__init__()
         self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        self._store(conv, compute_dtype, fp8, stream)
+        self._store(conv, compute_dtype, store, stream)
 
     def forward(self, x):
         x, bias = self._inputs(x)
-        return _Conv2d.apply(x, self.stored_weight, self.scale, bias, self.stride, self.padding, self.dilation,
-                             self.groups)
+        return _Conv2d.apply(x, self.stored_weight, self.scale, bias, self.how, self.stride, self.padding,
+                             self.dilation, self.groups)
 
 
-def _replaceable(name: str, mod: torch.nn.Module, fp8: bool, stream: bool) -> bool:
+def _replaceable(name: str, mod: torch.nn.Module, store: str | None, stream: bool) -> bool:
     if "lora_" in name or type(mod) not in (torch.nn.Linear, torch.nn.Conv2d) or mod.weight.requires_grad:
         return False
     if isinstance(mod, torch.nn.Conv2d) and (mod.padding_mode != "zeros" or isinstance(mod.padding, str)):
         return False
     if stream:
         return True
-    if fp8:
-        return not _keeps_half(name)
+    if store:
+        return not _kept(name, store)
     return isinstance(mod, torch.nn.Conv2d)  # a frozen Linear keeps only its weight already
 
 
-def _keeps_half(name: str) -> bool:
-    return any(k in name for k in KEEP_HALF)
+def _kept(name: str, store: str) -> bool:
+    """Left in the run's precision by `store`."""
+    return any(k in name for k in (KEEP_HALF if store == "fp8" else KEEP_QUANTIZED))
 
 
-def freeze(model: torch.nn.Module, compute_dtype: torch.dtype, fp8: bool = False, stream: bool = False) -> int:
-    """Replace `model`'s frozen Conv2d layers (and with fp8 or `stream` its frozen Linear layers) by stand-ins that
-    keep no input for the backward pass; returns how many. With fp8 they store float8, bar KEEP_HALF's layers.
-    With `stream` their weights stay in host RAM when the model moves to the GPU, and go there one layer at a
-    time, for that layer's forward and backward pass: the GPU holds the activations, the LoRA and one layer.
+def freeze(model: torch.nn.Module, compute_dtype: torch.dtype, store: str | None = None, stream: bool = False) -> int:
+    """Replace `model`'s frozen Conv2d layers (and with a `store` or `stream` its frozen Linear layers) by stand-ins
+    that keep no input for the backward pass; returns how many. With `store` ("fp8", "int8" or "nf4") they keep their
+    weights in it, bar KEEP_HALF's (fp8) or KEEP_QUANTIZED's (int8, nf4) layers. With `stream` their weights stay in host RAM when the model moves to the
+    GPU, and go there one layer at a time, for that layer's forward and backward pass: the GPU holds the
+    activations, the LoRA and one layer (streamed in the stored form: nf4 crosses as its packed bytes).
 
     Why not accelerate's or diffusers' offloading: their hooks swap a parameter's data back to the CPU right after
     the forward, while autograd still holds that parameter for the backward pass, which then meets a CPU tensor
@@ -194,21 +168,24 @@ def freeze(model: torch.nn.Module, compute_dtype: torch.dtype, fp8: bool = False
     the trained LoRA weights too. Here the backward pass copies the stored weight again itself.
 
     Call after LoRA injection (peft must see the original layers) and before moving to the GPU, so the
-    half-precision weights never reach it."""
-    if fp8 and compute_dtype not in (torch.bfloat16, torch.float16):
+    half-precision weights never reach it. The layers are replaced one by one and each original is let go at once,
+    so a base mapped from its file never sits in memory beside its whole quantized copy (see page_out)."""
+    if store == "fp8" and compute_dtype not in (torch.bfloat16, torch.float16):
         raise ValueError("fp8 frozen weights compute in bf16 or fp16: set train.mixed_precision to bf16 or fp16")
-    names = [name for name, mod in model.named_modules() if _replaceable(name, mod, fp8, stream)]
+    if store not in (None, *codecs.KINDS):
+        raise ValueError(f"unknown frozen storage {store!r}; allowed: {', '.join(codecs.KINDS)}")
+    names = [name for name, mod in model.named_modules() if _replaceable(name, mod, store, stream)]
     for name in names:  # names, not modules: each replaced layer is freed at once, not after the last one
         parent, _, leaf = name.rpartition(".")
         holder = model.get_submodule(parent) if parent else model
         mod = getattr(holder, leaf)
         cls = FrozenLinear if isinstance(mod, torch.nn.Linear) else FrozenConv2d
-        in_fp8 = fp8 and not _keeps_half(name)
-        setattr(holder, leaf, cls(mod, compute_dtype, in_fp8, stream))
-        if in_fp8:
+        kind = store if store and not _kept(name, store) else None
+        setattr(holder, leaf, cls(mod, compute_dtype, kind, stream))
+        if kind:
             page_out(mod.weight)
         del mod
-    if fp8 and names:
+    if store and names:
         _own_memory(model)
     return len(names)
 
@@ -250,11 +227,11 @@ def _libc():
 
 
 def _own_memory(model: torch.nn.Module) -> None:
-    """Frozen tensors fp8 left alone (norms, embeddings, KEEP_HALF layers) still point into the loaded file's
+    """Frozen tensors the storage left alone (norms, embeddings, KEEP_HALF layers) still point into the loaded file's
     map and keep all of it mapped; copies of them let it go."""
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
-            if not t.requires_grad and t.dtype != STORAGE and t.device.type == "cpu":
+            if not t.requires_grad and t.dtype not in (STORAGE, torch.int8, torch.uint8) and t.device.type == "cpu":
                 t.data = t.data.clone()
 
 

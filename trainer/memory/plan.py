@@ -29,6 +29,11 @@ MARGIN = 0.10  # the plan leaves this share of the budget free: the estimate is 
 STEP_COST = {
     "checkpointing": {"cuda": 1.65, "cpu": 1.30},
     "fp8": {"cuda": 1.13, "cpu": 1.14},
+    # int8 and nf4 dequantize each layer for its pass, as fp8 does. CPU: bench qlora, a full-size SD1.5 step at
+    # 64 px in fp32 (where the dequantizing is most of the work): int8 1.24x, nf4 1.54x. CUDA not measured (no GPU
+    # since they were built): fp8's cost with a margin, so that fp8 comes first where it fits.
+    "int8": {"cuda": 1.15, "cpu": 1.24},
+    "nf4": {"cuda": 1.2, "cpu": 1.54},
     "cache": {"cuda": 1.0, "cpu": 1.0},
     "adamw8bit": {"cuda": 1.0, "cpu": 1.0},
     "half": {"cuda": 1.0, "cpu": 1.0},
@@ -38,6 +43,10 @@ STEP_COST = {
     # savings come first.
     "offload": {"cuda": 2.0, "cpu": 1.0},
 }
+STORAGES = {"fp8": "fp8 frozen weights", "int8": "int8 frozen weights", "nf4": "nf4 frozen weights (QLoRA)"}
+# What training on a quantized base did to the LoRA, measured by `lora-studio bench qlora` on the embedded model
+# (scored on the full-precision base, as users apply it): said in the plan beside the speed.
+QUALITY = {"int8": "the LoRA trains on an 8-bit copy of the base", "nf4": "the LoRA trains on a 4-bit copy of the base"}
 # Halving the batch and doubling gradient accumulation trains on the same images per step; each micro-batch
 # uses the device less fully. Not measured here: a rule of thumb, said as such in the plan.
 HALVED_BATCH_COST = 1.1
@@ -136,9 +145,17 @@ def candidates(cfg, device: str) -> list[Choice]:
     if device == "cuda" and d.cache_ahead:
         out.append(Choice("latents cached before training", ["data.cache_ahead=false"], "no slower; the first step "
                           "waits until every image is encoded (the VAE then never sits beside the denoiser)", 1.0))
-    if t.frozen_dtype != "fp8" and not (slow_half and t.mixed_precision == "no"):
+    stored = t.frozen_dtype in STORAGES
+    if not stored and not (slow_half and t.mixed_precision == "no"):
         f = STEP_COST["fp8"][device]
         out.append(Choice("fp8 frozen weights", ["train.frozen_dtype=fp8"], f"steps {f:.2f}x", f))
+    if t.frozen_dtype in ("auto", "fp8"):  # int8 and nf4 compute in any precision, fp32 on a CPU too
+        for kind in ("int8", "nf4") if not stored else ("nf4",):
+            f = STEP_COST[kind][device]
+            out.append(Choice(STORAGES[kind], [f"train.frozen_dtype={kind}"], f"steps {f:.2f}x; {QUALITY[kind]}", f))
+    elif t.frozen_dtype == "int8":
+        f = STEP_COST["nf4"][device]
+        out.append(Choice(STORAGES["nf4"], ["train.frozen_dtype=nf4"], f"steps {f:.2f}x; {QUALITY['nf4']}", f))
     if not t.gradient_checkpointing:
         f = STEP_COST["checkpointing"][device]
         out.append(Choice("gradient checkpointing", ["train.gradient_checkpointing=true"], f"steps {f:.2f}x", f))
@@ -233,6 +250,8 @@ def _make_plan(cfg, budget: Budget, n_samples: int | None) -> Plan:
                 if any(c.name == "fp8 frozen weights" for c in chosen) and cfg.train.mixed_precision == "no" and \
                         not any(o.startswith("train.mixed_precision=") for c in chosen for o in c.overrides):
                     continue  # fp8 computes in half precision
+                if sum(c.name in STORAGES.values() for c in chosen) > 1:
+                    continue  # one stored form at a time
                 trial = _load(cfg, [o for c in chosen for o in c.overrides])
                 peak = estimate(trial, n_samples, host=host).peak_gb
                 if peak > usable:

@@ -67,6 +67,31 @@ def denoiser_config(folder: Path) -> dict | None:
     return None
 
 
+def stored_dtype(source: str) -> str | None:
+    """The dtype most of a base's denoiser weights are stored in ("F16", "BF16", "F32"), from the safetensors
+    headers of a diffusers folder's unet/ or transformer/, or of a single file; None for a Hub id or no header."""
+    from trainer.lora.header import HeaderError, read
+
+    path = Path(source or EMBEDDED_DIR).expanduser() if source not in ("", "tiny") else EMBEDDED_DIR
+    if path.is_dir():
+        files = [f for name in ("unet", "transformer") for f in sorted((path / name).glob("*.safetensors"))][:1]
+    else:
+        files = [path] if path.suffix.lower() == ".safetensors" and path.is_file() else []
+    counts: dict[str, int] = {}
+    for f in files:
+        try:
+            header, _ = read(f)
+        except HeaderError:
+            return None
+        for k, v in header.items():
+            if k != "__metadata__" and isinstance(v, dict):
+                n = 1
+                for d in v.get("shape", []):
+                    n *= d
+                counts[v.get("dtype", "")] = counts.get(v.get("dtype", ""), 0) + n
+    return max(counts, key=counts.get) if counts else None
+
+
 def looks_like_path(source: str) -> bool:
     """A Hub id is "owner/name"; anything else with separators or a file suffix is meant as a path."""
     return (source.startswith((".", "/", "~")) or source.count("/") != 1 or "\\" in source

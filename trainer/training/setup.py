@@ -17,7 +17,7 @@ from trainer.data.text_cache import TextCache
 from trainer.data.scan import DatasetError, scan
 from trainer.errors import TrainingError
 from trainer.lora import inject as lora_mod
-from trainer.memory import frozen
+from trainer.memory import codecs, frozen
 from trainer.memory.precision import Precision
 from trainer.models import load_base
 from trainer.models import info
@@ -50,10 +50,14 @@ def prepare_models(cfg: RunConfig, precision: Precision, events: Events):
     (base, the family's noise schedule, the text encoders being trained)."""
     from diffusers.training_utils import cast_training_params
 
-    fp8 = cfg.train.frozen_dtype == "fp8"
+    store = stored_as(cfg)
+    try:
+        codecs.check(store, precision.device)  # a backend that cannot run it: one line, before anything loads
+    except codecs.CodecError as e:
+        raise TrainingError(str(e)) from None
     with events.progress.phase("loading"):  # no count to give: its heartbeat says it is still loading
-        base = load_base(cfg.model.source, cfg.model.family, dtype=precision.weight_dtype,
-                         on_unet=lambda unet: ready_unet(unet, cfg, precision, fp8), t5=cfg.model.t5)
+        base = load_base(cfg.model.source, cfg.model.family, dtype=loading_dtype(cfg.model.source, store, precision),
+                         on_unet=lambda unet: ready_unet(unet, cfg, precision, store), t5=cfg.model.t5)
     fam = base.family
     auto_size = cfg.data.resolution is None
     cfg.save.layout, layout_note = fam.layout_for(cfg.save.layout)  # written down as the layout the files use
@@ -61,6 +65,10 @@ def prepare_models(cfg: RunConfig, precision: Precision, events: Events):
                  base.zero_terminal_snr, dict(base.unet.config))
     if layout_note:
         events.emit("warning", message=layout_note)
+    if store in ("int8", "nf4"):
+        events.emit("warning", message=f"samples and validation render on the {store} copy of the base this LoRA "
+                    "trains on; the saved LoRA is for the full-precision base, where ComfyUI, Forge and diffusers "
+                    "apply it (bench qlora measures how the two differ)")
     if auto_size and cfg.data.resolution < native_resolution(base):
         events.emit("warning", message=f"data.resolution = auto trains this {fam.name} model at "
                     f"{cfg.data.resolution} px on the CPU, not its native {native_resolution(base)} px (a step "
@@ -81,12 +89,16 @@ def prepare_models(cfg: RunConfig, precision: Precision, events: Events):
     te_trained = list(tes[:len(fam.te_prefixes)]) if cfg.lora.train_text_encoder else []  # SD3's T5 is never trained
     for m in (vae, *tes):
         m.requires_grad_(False)
-    for te in tes:  # a no-op when the loader honoured dtype; before LoRA exists, so only base weights cast
-        place(te, torch.device("cpu"), precision.weight_dtype)
+    for te in tes:
+        quantized_as_stored = _quantizes_as_stored(te, store, precision)
+        if not quantized_as_stored:  # a no-op when the loader honoured dtype; before LoRA, so only base weights cast
+            place(te, torch.device("cpu"), precision.weight_dtype)
         if any(te is t for t in te_trained):
             lora_mod.inject(te, cfg.lora, lora_mod.text_encoder_targets(cfg.lora), "text-encoder")
-        if fp8:
-            frozen.freeze(te, precision.weight_dtype, fp8=True)
+        if store:
+            frozen.freeze(te, precision.weight_dtype, store=store)
+        if quantized_as_stored:  # what int8/nf4 left (embeddings, norms, LoRA) computes in the run's precision
+            te.to(dtype=precision.weight_dtype)
     trained = ([unet] if cfg.lora.train_unet else []) + te_trained
     if not trained:
         raise TrainingError("nothing to train: set lora.train_unet or lora.train_text_encoder to true")
@@ -216,20 +228,45 @@ def native_resolution(base, on_cpu: bool = False) -> int:
     native = info.native_resolution(base.family.name, dict(base.unet.config), dict(base.vae.config))
     return info.auto_resolution(native or base.family.default_resolution, on_cpu)
 
-def ready_unet(unet, cfg: RunConfig, precision: Precision, fp8: bool) -> None:
+def stored_as(cfg: RunConfig) -> str | None:
+    """The frozen weights' storage: fp8, int8, nf4, or None for the run's precision."""
+    return cfg.train.frozen_dtype if cfg.train.frozen_dtype in codecs.KINDS else None
+
+
+def ready_unet(unet, cfg: RunConfig, precision: Precision, store: str | None) -> None:
     """The UNet's LoRA and frozen stand-ins, built on the host as soon as it loads (before the text encoders):
     neither full-precision weights nor all the models at once reach the GPU, each model goes there for its
-    own phase (VAE: latent cache; text encoders: caption cache; UNet: training), and with fp8 the half-precision
-    UNet is gone before the encoders arrive, so neither phase's peak is the sum of all the models."""
+    own phase (VAE: latent cache; text encoders: caption cache; UNet: training), and with fp8, int8 or nf4 the
+    half-precision UNet is gone before the encoders arrive, so neither phase's peak is the sum of all the models."""
     from trainer.models import FAMILIES, family_name
 
     unet.requires_grad_(False)
-    place(unet, torch.device("cpu"), precision.weight_dtype)  # a no-op when the loader honoured dtype
+    quantized_as_stored = _quantizes_as_stored(unet, store, precision)
+    if not quantized_as_stored:
+        place(unet, torch.device("cpu"), precision.weight_dtype)  # a no-op when the loader honoured dtype
     if cfg.lora.train_unet:
         fam = FAMILIES[family_name(dict(unet.config)) if cfg.model.family == "auto" else cfg.model.family]
         lora_mod.inject(unet, cfg.lora, lora_mod.unet_targets(cfg.lora, fam, unet.config), "UNet")
     # After injection: peft wraps the original layers. Streamed weights stay on the host when the UNet moves.
-    frozen.freeze(unet, precision.weight_dtype, fp8=fp8, stream=cfg.train.offload)
+    frozen.freeze(unet, precision.weight_dtype, store=store, stream=cfg.train.offload)
+    if quantized_as_stored:  # what int8/nf4 left (norms, embeddings, the first and last layers) to the run's dtype
+        unet.to(dtype=precision.weight_dtype)
+
+
+def loading_dtype(source: str, store: str | None, precision: Precision) -> torch.dtype:
+    """The dtype the base loads in. int8 and nf4 quantize from the file's own half precision, layer by layer, while
+    the file stays mapped (each layer's pages let go once quantized: frozen.page_out), so a run in fp32 (a CPU's)
+    never holds the model in fp32: a full-size SD1.5 stored in bf16 peaked at 5.22 GB loaded as fp32 then
+    quantized, as fp32 frozen weights did. Everything else loads in the run's precision."""
+    if store in ("int8", "nf4"):
+        found = {"F16": torch.float16, "BF16": torch.bfloat16}.get(info.stored_dtype(source))
+        if found is not None and found != precision.weight_dtype:
+            return found
+    return precision.weight_dtype
+
+
+def _quantizes_as_stored(model, store: str | None, precision: Precision) -> bool:
+    return store in ("int8", "nf4") and next(model.parameters()).dtype != precision.weight_dtype
 
 def resolve_auto(cfg: RunConfig, fam, model_prediction_type: str, resolution: int, zero_terminal_snr: bool = False,
                  denoiser_config: dict | None = None) -> None:
