@@ -50,6 +50,7 @@ class RunView:
     plan: str = ""  # the memory plan the trainer chose, in one line
     checkpoints: list[dict] = field(default_factory=list)  # checkpoint events: step, validation_loss, drift, path
     alert: str = ""  # a warning the run's page shows above all else (VRAM spilling into system memory)
+    notes: list = field(default_factory=list)  # the run's other warnings, each once, in order
     progress: dict | None = None  # the open phase: {"phase", "done", "total", "started", "time"} (trainer/progress.py)
     ahead: dict | None = None  # latents encoded during training (cache-ahead), likewise
 
@@ -131,6 +132,8 @@ def view(run_dir: Path, alive=pid_alive) -> RunView:
             v.plan = e.get("text", "")
         elif t == "warning" and e.get("kind") == "vram_spill":
             v.alert = e.get("message", "")
+        elif t == "warning" and e.get("message") and e["message"] not in v.notes:
+            v.notes.append(e["message"])
         elif t == "progress":
             slot = "ahead" if e.get("phase") == "caching latents" and v.step else "progress"
             current = getattr(v, slot)

@@ -216,3 +216,28 @@ def test_the_vram_tiers_say_what_they_use_and_fit_by_the_estimate():
             cfg = RunConfig.load(resolve("character", family=family, vram=gb), overrides=[f"model.family={family}"])
             assert (cfg.train.frozen_dtype, cfg.train.offload) == (store, streamed), (family, gb)
             assert estimate.estimate(cfg, host=False).peak_gb <= budget_for(gb).usable_gb, (family, gb)
+
+
+def test_the_train_tab_shows_what_a_run_says_about_itself(tmp_path):
+    """The nf4 run's note (samples on the 4-bit copy) and other warnings reached only events.jsonl: the run's state
+    on the Train tab now carries each once, the first three, and how many more."""
+    import json
+
+    from app import jobs
+    from app.context import Ctx
+    from app.handlers.train import TrainHandlers
+    from app.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    run = ws.runs / "r"
+    run.mkdir(parents=True)
+    notes = ["samples and validation render on the nf4 copy of the base", "skipped a.png: too small",
+             "skipped b.png: too small", "skipped c.png: too small"]
+    lines = [{"type": "warning", "message": m, "time": 1} for m in [notes[0], *notes]] + \
+        [{"type": "done", "path": "x", "step": 3, "time": 2}]
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines), encoding="utf-8")
+    (run / "job.json").write_text(json.dumps({"state": "finished"}), encoding="utf-8")
+    assert jobs.view(run).notes == notes  # each once, in order
+    state = TrainHandlers(Ctx(ws, jobs.JobRunner(ws.runs))).refresh("r", None)[0]
+    assert state.count("Note: ") == 3 and "Note: samples and validation render on the nf4 copy" in state
+    assert "Note: skipped c.png" not in state and "(and 1 more in the run's events.jsonl)" in state

@@ -164,6 +164,9 @@ class TrainHandlers:
             state += f"\n\n**Warning:** {html.escape(v.alert)}"
         if v.plan:
             state += f"\n\n{html.escape(v.plan[0].upper() + v.plan[1:])}"
+        if v.notes:  # what the run said about itself (samples on a 4-bit base, files skipped, a lower resolution)
+            more = f" (and {len(v.notes) - 3} more in the run's events.jsonl)" if len(v.notes) > 3 else ""
+            state += "\n\n" + "\n\n".join(f"Note: {html.escape(n)}" for n in v.notes[:3]) + more
         if v.recommendation:
             state += f"\n\n**Recommended:** {html.escape(v.recommendation['message'])}"
         log_tail = newest_lines(v.log_tail)
