@@ -35,6 +35,9 @@ def test_codecs_round_trip_any_shape_within_their_precision_and_take_their_bytes
             assert stored.dtype == torch.int8 and nbytes == w.numel() + 4 * shape[0]
         for dtype in (torch.bfloat16, torch.float16):
             assert codecs.decode(kind, stored, scale, dtype, w.shape).dtype == dtype
+        # the reused-buffer path a CPU pass takes gives bitsandbytes' own dequantized weight
+        torch.testing.assert_close(codecs.decode(kind, stored, scale, torch.float32, w.shape, scratch=True), back,
+                                   rtol=1e-6, atol=1e-7)
     assert estimate.STORED_BYTES["nf4"] == codecs.BYTES["nf4"]
 
 

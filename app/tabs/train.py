@@ -70,9 +70,10 @@ def build(ctx: Ctx, saved_form) -> dict:
         progress = gr.HTML(elem_id="progress")
         with gr.Row():
             # Tick labels short from the first step (one point made "1.000000" and a cut-off "…5765249").
-            # steps as whole numbers (d3's "~g" wrote 100 as 1e+2); losses short
+            # steps in decimal (d3's "~g" wrote 100 as 1e+2; "d" wrote the half-step ticks of a run's first three
+            # steps as "1, 2, 2, 3, 3"); losses short
             loss = gr.LinePlot(x="step", y="loss", color="series", title="Loss", height=260, elem_id="loss-plot",
-                               x_axis_format="d", y_axis_format=".3~g")
+                               x_axis_format="~r", y_axis_format=".3~g")
             samples = gr.Gallery(label="Samples", columns=4, height=260, elem_id="samples")
         checkpoint_table = gr.Dataframe(headers=["step", "validation loss", "drift", ""], interactive=False,
                                         label="Checkpoints (validation loss: lower is better; drift: change on "

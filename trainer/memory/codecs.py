@@ -54,9 +54,9 @@ def check(kind: str | None, device: torch.device) -> None:
         return
     bf = bnb_functional()
     w = torch.linspace(-1, 1, 2 * NF4_BLOCK).reshape(2, NF4_BLOCK)
-    try:
-        stored, scale = encode(kind, w.to(device))
-        back = decode(kind, stored, scale, torch.float32, w.shape)
+    try:  # quantized on the host, as frozen.freeze does before the model moves; dequantized where it computes
+        stored, scale = encode(kind, w)
+        back = decode(kind, stored.to(device), scale.to(device), torch.float32, w.shape)
     except Exception as e:  # noqa: BLE001 - any backend failure is the same one line
         raise CodecError(f"train.frozen_dtype={kind} does not run on this {device.type} with bitsandbytes "
                          f"{getattr(bf, '__version__', '') or _bnb_version()} ({type(e).__name__}: {str(e)[:160]}); "
@@ -80,11 +80,9 @@ def encode(kind: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     if kind == "fp8":
         return fp8.quantize(weight)
     w = weight.detach()
-    if kind == "int8":
-        rows = w.reshape(w.shape[0], -1).float()
-        amax = rows.abs().amax(dim=1).clamp(min=1e-12)
-        q = torch.round(rows * (127 / amax[:, None])).clamp_(-127, 127).to(torch.int8)  # bitsandbytes' row-wise int8
-        return q, amax
+    if kind == "int8":  # LLM.int8's row-wise absmax quantization (no outlier columns: threshold 0)
+        q, row_absmax, _ = bnb_functional().int8_vectorwise_quant(w.reshape(w.shape[0], -1).float())
+        return q, row_absmax.float()
     if kind == "nf4":
         bf = bnb_functional()
         flat = w.reshape(-1)
@@ -103,9 +101,10 @@ def decode(kind: str, stored: torch.Tensor, scale: torch.Tensor | None, dtype: t
     numel = int(torch.Size(shape).numel())
     out = _scratch(numel, dtype) if scratch and stored.device.type == "cpu" else None
     if kind == "int8":
-        rows = stored.shape[0]
-        w = torch.empty(stored.shape, dtype=dtype, device=stored.device) if out is None else out.view(rows, -1)
-        return w.copy_(stored).mul_((scale.to(dtype) / 127)[:, None]).reshape(shape)
+        if out is None:
+            return bnb_functional().int8_vectorwise_dequant(stored, scale).to(dtype).reshape(shape)
+        # the same product (int8 x row absmax / 127) into the reused buffer (tests: equal to bitsandbytes')
+        return out.view(stored.shape).copy_(stored).mul_((scale.to(dtype) / 127)[:, None]).reshape(shape)
     if kind == "nf4":
         bf = bnb_functional()
         out_dtype = dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
