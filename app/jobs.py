@@ -189,6 +189,7 @@ class JobRunner:
                 if latest_state(run_dir) is None:  # refused now, not by the trainer seconds later
                     raise RuntimeError(f"run {name} has no saved state to resume from (states are saved every "
                                        "save.state_every_n_steps steps and on Stop); start it again instead")
+                self._settle(name)
             else:
                 if run_dir.exists() and any(run_dir.iterdir()):
                     raise FileExistsError(f"run {name} already exists; pick another name")
@@ -299,6 +300,18 @@ class JobRunner:
         for name, proc in list(self.procs.items()):
             if proc.poll() is not None:
                 self._finish(name, proc.returncode)
+
+    def _settle(self, name: str) -> None:
+        """A run that wrote its end but whose process has not exited yet is waited for and reaped now: reaped after
+        the resume's job was written, its exit was recorded over that job, and the resume showed as failed ("ended
+        without finishing (exit code 0)"; a Resume pressed within a second of the end, seen under load)."""
+        proc = self.procs.get(name)
+        if proc is not None:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"run {name} is still finishing; try again in a moment") from None
+            self._finish(name, proc.returncode)
 
     def _launch(self, name: str) -> None:
         run_dir = self.runs_dir / name

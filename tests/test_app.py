@@ -39,6 +39,8 @@ FAKE_TRAINER = textwrap.dedent('''\
         emit(type="step", step=step, total=4, loss=1.0 / step, eta_s=1.0)
     emit(type="sample", step=4, path=str(out / "s.png"))
     emit(type="done", step=4, stopped=False, path=str(out / "x.safetensors"))
+    if mode == "linger":  # the trainer's exit comes a moment after its last event (saving, closing files)
+        time.sleep(1.5)
 ''')
 
 
@@ -259,6 +261,37 @@ def test_existing_dataset_name_and_resume_without_a_saved_state_are_refused_at_o
     (cut_short / "COMPLETE").touch()
     assert runner.submit("r1", "", resume=True).state in ("queued", "running")
     wait(runner, "r1", {"finished"})
+
+
+def test_resume_pressed_as_a_run_ends_is_not_taken_for_a_failed_run(ws, fake_python):
+    """The finished run's process was reaped after the resume's job was written: its exit code was recorded over
+    the resume, which then read 'failed: the trainer process ended without finishing (exit code 0)' (under load)."""
+    runner = jobs.JobRunner(ws.runs, python=fake_python)
+    runner.submit("r1", config_text(ws, "r1", mode="linger"))
+    wait(runner, "r1", {"finished"})  # its done event is written; its process is still lingering
+    real = runner.procs["r1"]
+    assert real.poll() is None
+
+    class Ending:  # exits between the resume's two looks at it: alive when submit starts, gone at its tick
+        pid, returncode, polls = real.pid, None, 0
+
+        def poll(self):
+            self.polls += 1
+            if self.polls > 1:
+                real.wait()
+                self.returncode = real.returncode
+            return self.returncode
+
+        def wait(self, timeout=None):
+            self.returncode = real.wait(timeout)
+            return self.returncode
+
+    runner.procs["r1"] = Ending()
+    (ws.runs / "r1" / "state" / "step-000004").mkdir(parents=True)
+    (ws.runs / "r1" / "state" / "step-000004" / "COMPLETE").touch()
+    resumed = runner.submit("r1", "", resume=True)
+    assert resumed.state in ("queued", "running"), resumed.message
+    assert wait(runner, "r1", {"finished", "failed"}).state == "finished"
 
 
 def test_each_page_load_proposes_a_free_run_name(ws):
