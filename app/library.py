@@ -17,11 +17,11 @@ from trainer.lora.readers import kind_of, readers
 from trainer.atomic import copy_file, write_bytes
 from trainer.data.importer import sanitize_name
 from trainer.file_hashes import file_hashes
+from trainer import safetensors_header
 
 from . import trainer_cli
 from .workspace import Workspace, WorkspaceError, new_folder
 
-MAX_HEADER = 100 * 2**20
 
 
 @dataclass
@@ -69,16 +69,9 @@ FAMILIES = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl", "sd3": "sd
 def read_header(path: Path) -> tuple[dict, int]:
     """(safetensors header, its length); a broken file raises WorkspaceError with the reason."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise WorkspaceError(f"{path.name} is not a safetensors file (too short)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > MAX_HEADER or n > path.stat().st_size - 8:
-                raise WorkspaceError(f"{path.name} is truncated or not a safetensors file")
-            return json.loads(f.read(n)), n
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise WorkspaceError(f"{path.name} cannot be read as safetensors: {e}") from None
+        return safetensors_header.read(path)
+    except safetensors_header.HeaderError as e:
+        raise WorkspaceError(str(e)) from None
 
 
 class Index:

@@ -3,41 +3,18 @@ and the raw tensor bytes (numpy). Dropping a 220 KB LoRA into Preview used to st
 read its header (about 160 s on a loaded machine); this takes milliseconds."""
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 import numpy as np
 
+from trainer.safetensors_header import HeaderError, read  # noqa: F401 (the LoRA checks' errors)
+
 # Markers of adapter kinds LoRA Studio does not read (refused by name rather than half-loaded).
 UNSUPPORTED = {"oft_blocks": "OFT", "oft_diag": "OFT", ".a1.weight": "GLoRA", "diff_b": "full-difference",
                "on_input": "IA3", ".diff": "full-difference"}
-MAX_HEADER = 100 * 2**20
 DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 LORA_KEYS = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight")
 LYCORIS_KEYS = (".hada_w1_a", ".lokr_w1", ".lokr_w1_a")  # LoHa and LoKr (their first factor)
-
-
-class HeaderError(ValueError):
-    """The file is not a LoRA LoRA Studio can use; the message says why and what to do."""
-
-
-def read(path: str | Path) -> tuple[dict, int]:
-    """(safetensors header, its length)."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise HeaderError(f"{path.name} is not a safetensors file (too short)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > MAX_HEADER or n > path.stat().st_size - 8:
-                raise HeaderError(f"{path.name} is truncated or not a safetensors file")
-            return json.loads(f.read(n)), n
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        if isinstance(e, HeaderError):
-            raise
-        raise HeaderError(f"{path.name} cannot be read as safetensors: {e}") from None
 
 
 def _finite(raw: bytes, dtype: str) -> bool:

@@ -70,7 +70,7 @@ def denoiser_config(folder: Path) -> dict | None:
 def stored_dtype(source: str) -> str | None:
     """The dtype most of a base's denoiser weights are stored in ("F16", "BF16", "F32"), from the safetensors
     headers of a diffusers folder's unet/ or transformer/, or of a single file; None for a Hub id or no header."""
-    from trainer.lora.header import HeaderError, read
+    from trainer.safetensors_header import HeaderError, read
 
     path = Path(source or EMBEDDED_DIR).expanduser() if source not in ("", "tiny") else EMBEDDED_DIR
     if path.is_dir():
