@@ -245,6 +245,52 @@ def test_loss_plot_data_is_numeric_from_the_first_tick_and_the_log_shows_the_new
     assert newest_lines(log).splitlines() == [f"step {i}" for i in range(31 - LOG_LINES, 31)]
 
 
+def test_a_long_run_draws_at_most_a_thousand_points_a_series_and_each_tick_sends_only_what_changed(tmp_path):
+    """The Train tab sent the whole gallery and checkpoint table with every step (every 1.5 s tick) and the plot
+    one point per step however long the run: a new step now sends the plot alone, a new sample the gallery, and
+    a 5,000-step run draws the mean of every 5 steps."""
+    import json
+
+    import gradio as gr
+
+    from app import jobs
+    from app.context import Ctx
+    from app.handlers.train import MAX_POINTS, TrainHandlers, loss_frame
+    from app.workspace import Workspace
+
+    losses = [(i, float(i % 10)) for i in range(1, 5001)]
+    frame = loss_frame(losses)
+    raw = frame[frame.series == "loss"]
+    assert len(raw) == MAX_POINTS == 1000 and raw.step.iloc[-1] == 5000
+    assert list(raw.loss[:2]) == [3.0, 6.0]  # the mean of steps 1-5 (1,2,3,4,5) and 6-10 (6,7,8,9,0)
+    assert len(loss_frame(losses[:800])[lambda f: f.series == "loss"]) == 800  # a short run: every step
+
+    ws = Workspace(tmp_path / "ws")
+    run = ws.runs / "r"
+    run.mkdir(parents=True)
+    (run / "job.json").write_text(json.dumps({"state": "running", "pid": None}), encoding="utf-8")
+    events = [{"type": "start", "total": 100, "time": 1}, {"type": "step", "step": 1, "loss": 0.5, "time": 1},
+              {"type": "sample", "step": 1, "path": str(run / "s.png"), "prompt": "p", "time": 1}]
+
+    def tick(last):
+        (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
+        return h.refresh("r", last)
+
+    h = TrainHandlers(Ctx(ws, jobs.JobRunner(ws.runs)))
+    h.runner.view = lambda name: jobs.view(run, alive=lambda pid, d: True)
+    first = tick(None)
+    assert not isinstance(first[2], type(gr.skip())) and len(first[3]) == 1  # the first tick sends everything
+    events.append({"type": "step", "step": 2, "loss": 0.4, "time": 2})
+    second = tick(first[7])
+    skip = gr.skip()
+    assert len(second[2]) > len(first[2])  # the new point
+    assert second[3] == skip and second[6] == skip  # the same gallery and checkpoints are not sent again
+    events.append({"type": "sample", "step": 2, "path": str(run / "t.png"), "prompt": "p", "time": 2})
+    third = tick(second[7])
+    assert third[2] == skip and len(third[3]) == 2  # a new sample: the gallery alone
+    assert tick(third[7])[2:4] == (skip, skip)  # nothing new: nothing sent
+
+
 def test_existing_dataset_name_and_resume_without_a_saved_state_are_refused_at_once(ws, fake_python):
     assert ops.create_dataset(ws, "mine") == "mine"
     with pytest.raises(WorkspaceError, match="dataset mine already exists"):

@@ -172,8 +172,13 @@ class TrainHandlers:
         log_tail = newest_lines(v.log_tail)
         if signature == last:  # nothing new: leave the plot and gallery alone (no flicker, no traffic)
             return state, progress_html(v), gr.skip(), gr.skip(), log_tail, v.command, gr.skip(), last, said
-        return (state, progress_html(v), loss_frame(v.losses, v.val_losses), list(v.samples), log_tail, v.command,
-                checkpoint_rows(v), signature, said)
+        same_run = last is not None and last[0] == name and last[4] == v.state
+        # Each part only when it changed: with every step the whole gallery and checkpoint table were sent again
+        # (the server copying each sample into gradio's cache, the page redrawing them every 1.5 s).
+        plot = gr.skip() if same_run and last[1:4:2] == signature[1:4:2] else loss_frame(v.losses, v.val_losses)
+        gallery = gr.skip() if same_run and last[2] == signature[2] else list(v.samples)
+        table = gr.skip() if same_run and last[5:] == signature[5:] else checkpoint_rows(v)
+        return state, progress_html(v), plot, gallery, log_tail, v.command, table, signature, said
 
     @staticmethod
     def count_ended(sig, n):
@@ -285,6 +290,7 @@ SMOOTHING = 0.9  # the smoothed curve is an exponential moving average, as Tenso
 
 
 SERIES = ("loss", "smoothed", "validation")
+MAX_POINTS = 1000  # per series: a 20,000-step run draws the mean of every 20 steps, not 40,000 points a tick
 
 
 def loss_frame(losses: list[tuple[int, float]], validation: list[tuple[int, float]] = ()):
@@ -298,10 +304,14 @@ def loss_frame(losses: list[tuple[int, float]], validation: list[tuple[int, floa
     run's first step; validation, until the first checkpoint) was drawn with no colour: not at all."""
     import pandas as pd
 
-    rows, smooth = [], None
-    for step, value in losses:
+    rows, smooth, every = [], None, -(-len(losses) // MAX_POINTS)  # a long run: the mean of each `every` steps
+    bucket: list[float] = []
+    for i, (step, value) in enumerate(losses):
         smooth = value if smooth is None else SMOOTHING * smooth + (1 - SMOOTHING) * value
-        rows += [(step, value, "loss"), (step, smooth, "smoothed")]
+        bucket.append(value)
+        if len(bucket) == every or i == len(losses) - 1:
+            rows += [(step, sum(bucket) / len(bucket), "loss"), (step, smooth, "smoothed")]
+            bucket = []
     rows += [(step, value, "validation") for step, value in validation]
     first = rows[0][0] if rows else 0
     present = {r[2] for r in rows}

@@ -10,7 +10,7 @@
   base, each LoRA scored on the full-precision base (as users apply it), a second fp32 seed for the noise; the
   distance between the fp32- and nf4-trained LoRAs' images on the full-precision base against the LoRA's own effect;
   and the nf4 LoRA scored on the nf4 base too (what the trainer's samples show) against the full-precision base.
-The last line is one JSON object."""
+Each part replaces its section of bench/results.md (bench/qlora_report.py). The last line is one JSON object."""
 from __future__ import annotations
 
 import json
@@ -220,5 +220,9 @@ def main(parts=("weights", "step", "quality"), kinds=("character", "style", "con
         ratios = [q["nf4_vs_fp32"] for q in out["quality"].values() if q["nf4_vs_fp32"] is not None]
         out["nf4_worst_score_ratio"] = min(ratios) if ratios else None
         out["nf4_median_score_ratio"] = statistics.median(ratios) if ratios else None
+    if results_md is not None:
+        from .qlora_report import MEASUREMENTS, write
+
+        print(f"wrote {', '.join(write(out, results_md))} of {results_md} and {MEASUREMENTS}", flush=True)
     print(json.dumps(out))
     return out

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-OWN_SECTIONS = ("Data path", "Modern families")  # written by bench data and bench modern; bench speed keeps them
+# written by bench data, bench modern and bench qlora; bench speed keeps them
+OWN_SECTIONS = ("Data path", "Modern families", "QLoRA: stored weights", "QLoRA: step", "QLoRA: quality")
 
 
 def split(text: str) -> tuple[str, dict[str, str]]:

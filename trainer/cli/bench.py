@@ -52,6 +52,10 @@ def add_parser(sub) -> None:
                     help="quality: only this preset (repeatable)")
     bq.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="quality: a setting for every training run")
+    bq.add_argument("--no-results", action="store_true", help="print only; leave bench/results.md alone")
+    bq.add_argument("--report", metavar="JSON", type=Path,
+                    help="measure nothing: write bench/results.md's QLoRA sections again from this measurements file "
+                         "(bench/qlora-measurements.json, which each run updates)")
     bm = bsub.add_parser("modern", help="one block of Flux.1 and of Z-Image at full width: the activations it keeps "
                                         "with and without checkpointing at 512 and 1024 px, scaled to the published "
                                         "depths; writes bench/results.md's Modern families")
@@ -84,10 +88,22 @@ def cmd_bench(args) -> int:
 
         bench_modern(_sizes(args.sizes), None if args.no_results else Path("bench/results.md"))
     elif args.bench_command == "qlora":
+        if args.report:
+            import json
+
+            from trainer.bench.qlora_report import render
+
+            try:
+                saved = json.loads(args.report.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"--report {args.report}: cannot read it as bench qlora's measurements ({e})") from None
+            print(f"wrote {', '.join(render(saved, Path('bench/results.md'))) or 'nothing'} of bench/results.md")
+            return 0
         from trainer.bench.qlora import main as bench_qlora
 
         bench_qlora(tuple(args.part or ("weights", "step", "quality")),
-                    tuple(args.kind or ("character", "style", "concept")), args.overrides)
+                    tuple(args.kind or ("character", "style", "concept")), args.overrides,
+                    None if args.no_results else Path("bench/results.md"))
     elif args.bench_command == "checkpoints":
         from trainer.bench.checkpoints import main as bench_checkpoints
 
