@@ -244,3 +244,31 @@ def test_the_train_tab_shows_what_a_run_says_about_itself(tmp_path):
     state = TrainHandlers(Ctx(ws, jobs.JobRunner(ws.runs))).refresh("r", None)[0]
     assert state.count("Note: ") == 3 and "Note: samples and validation render on the nf4 copy" in state
     assert "Note: skipped c.png" not in state and "(and 1 more in the run's events.jsonl)" in state
+
+
+def test_bench_qlora_writes_its_sections_from_what_it_measured_and_keeps_the_parts_it_did_not_run(tmp_path):
+    """Each part replaces its own section of bench/results.md and its entry in the measurements file; the other
+    parts' sections stay, bench speed keeps them, and --report renders them again from the file alone."""
+    import json
+
+    from trainer.bench import qlora_report, sections
+
+    md, saved = tmp_path / "results.md", tmp_path / "qlora.json"
+    md.write_text("# Benchmark results\n\n## Summary\n\nspeed's own\n", encoding="utf-8")
+    step = {"steps": [{"model": "sd15", "resolution": 64, "store": "auto", "peak_gb": 5.2, "step_s": 1.2,
+                       "estimate_gb": 4.0, "error": "", "peak_vs_fp32": 1.0, "step_vs_fp32": 1.0},
+                      {"model": "sd15", "resolution": 64, "store": "nf4", "peak_gb": 2.1, "step_s": 1.9,
+                       "estimate_gb": 2.3, "error": "", "peak_vs_fp32": 0.41, "step_vs_fp32": 1.54}]}
+    weights = {"kept_share": {"flux": {"params_m": 11901.4, "fp8": 0.2768, "quantized": 0.0056}}, "blocks": []}
+    assert qlora_report.write(weights, md, saved) == ["QLoRA: stored weights"]
+    assert qlora_report.write(step, md, saved) == ["QLoRA: step"]
+    text = md.read_text(encoding="utf-8")
+    assert "speed's own" in text and "| flux | 11901.4 | 0.2768 | 0.0056 |" in text
+    assert "| sd15 | 64 | nf4 | 2.1 | 0.41 | 1.9 | 1.54 | 2.3 |" in text and "| sd15 | 64 | fp32 | 5.2 |" in text
+    assert set(json.loads(saved.read_text(encoding="utf-8"))) == {"weights", "step"}
+    kept = sections.kept_sections(md)
+    assert "## QLoRA: step" in kept and "## QLoRA: stored weights" in kept and "speed's own" not in kept
+    again = tmp_path / "again.md"
+    assert qlora_report.render(json.loads(saved.read_text(encoding="utf-8")), again) == \
+        ["QLoRA: stored weights", "QLoRA: step"]
+    assert "| sd15 | 64 | nf4 | 2.1 |" in again.read_text(encoding="utf-8")

@@ -65,12 +65,13 @@ def quality_section(out: dict) -> str:
              "prompts). Image distance: mean pixel difference between two LoRAs' images at the same seeds, against "
              "the LoRA's own effect (with against without it). Do not edit: re-run it.", "",
              "| preset | fp32 | fp32 seed 43 | int8 | nf4 | nf4 / fp32 | int8 / fp32 | seed noise | "
-             "fp32 vs nf4 images | LoRA effect | nf4 LoRA on the nf4 base |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "fp32 vs nf4 images | two fp32 seeds' images | LoRA effect | nf4 LoRA on the nf4 base |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind, q in out.get("quality", {}).items():
         lines.append(f"| {kind} | {q['fp32']['score']} | {q['fp32 seed 43']['score']} | {q['int8']['score']} | "
                      f"{q['nf4']['score']} | {q['nf4_vs_fp32']} | {q['int8_vs_fp32']} | {q['seed_noise']} | "
-                     f"{q['image_distance_fp32_nf4']} | {q['lora_effect']} | {q['nf4_score_on_nf4_base']} |")
+                     f"{q['image_distance_fp32_nf4']} | {q.get('image_distance_seeds', '')} | "
+                     f"{q['lora_effect']} | {q['nf4_score_on_nf4_base']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -96,7 +96,8 @@ def cmd_bench(args) -> int:
             try:
                 saved = json.loads(args.report.read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
-                raise ConfigError(f"--report {args.report}: cannot read it as bench qlora's measurements ({e})") from None
+                raise ConfigError(f"--report {args.report}: cannot read it as bench qlora's measurements ({e})") \
+                    from None
             print(f"wrote {', '.join(render(saved, Path('bench/results.md'))) or 'nothing'} of bench/results.md")
             return 0
         from trainer.bench.qlora import main as bench_qlora

@@ -46,7 +46,8 @@ STEP_COST = {
 STORAGES = {"fp8": "fp8 frozen weights", "int8": "int8 frozen weights", "nf4": "nf4 frozen weights (QLoRA)"}
 # What training on a quantized base did to the LoRA, measured by `lora-studio bench qlora` on the embedded model
 # (scored on the full-precision base, as users apply it): said in the plan beside the speed.
-QUALITY = {"int8": "the LoRA trains on an 8-bit copy of the base", "nf4": "the LoRA trains on a 4-bit copy of the base"}
+QUALITY = {"int8": "the LoRA trains on an 8-bit copy of the base",
+           "nf4": "the LoRA trains on a 4-bit copy of the base; its samples show it on that copy"}
 # Halving the batch and doubling gradient accumulation trains on the same images per step; each micro-batch
 # uses the device less fully. Not measured here: a rule of thumb, said as such in the plan.
 HALVED_BATCH_COST = 1.1
