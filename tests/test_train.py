@@ -177,6 +177,29 @@ def test_two_seeded_runs_write_identical_files(tiny_models, dataset, tmp_path):
     assert paths[0].read_bytes() == paths[1].read_bytes()
 
 
+def test_a_cpu_run_leaves_a_core_to_the_page_and_a_second_run(tiny_models, dataset, tmp_path, monkeypatch):
+    """torch's default (a spinning thread on every core) made a tiny step 3.5x slower beside one busy process and 4x
+    with a second run on this 2-core machine; a CPU run now takes all cores but one, shared among its processes,
+    unless OMP_NUM_THREADS says otherwise."""
+    from trainer.memory.cpu_features import training_threads
+
+    assert training_threads(cores=2, env={}) == 1 and training_threads(cores=16, env={}) == 15
+    assert training_threads(processes=2, cores=16, env={}) == 7 and training_threads(cores=1, env={}) == 1
+    assert training_threads(processes=4, cores=2, env={}) == 1
+    assert training_threads(cores=16, env={"OMP_NUM_THREADS": "4"}) is None  # the user's setting stands
+    from trainer.cli import main as cli_main
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 3)
+    try:
+        assert cli_main(["train", "--model", str(tiny_models["sd1"]), "--dataset", str(dataset), "--output",
+                         str(tmp_path / "run"), "--set", "train.max_steps=1", "--set", "sample.at_end=false"]) == 0
+        assert torch.get_num_threads() == 2  # the run's process: 3 cores, one left
+    finally:
+        torch.set_num_threads(before)
+
+
 def _eval_loss(pipe, dataset: Path, seeds=range(4)) -> float:
     """Denoising loss on fixed images, noise and timesteps: a deterministic measure of fit."""
     from trainer.data.dataset import open_rgb

@@ -138,6 +138,7 @@ def cmd_train(args) -> int:
                               "or --force to start over in it")
         (run_dir / EVENTS_FILE).unlink()
         shutil.rmtree(run_dir / STATE_DIR, ignore_errors=True)  # the old run's states must not be resumed
+    _leave_a_core()
     try:
         result = train(cfg, resume=bool(args.resume), plan=plan.to_dict())
     except Exception as e:
@@ -149,3 +150,17 @@ def cmd_train(args) -> int:
     if result.is_main:
         print(f"{'stopped' if result.stopped_early else 'done'} after {result.steps} steps: {result.lora_path}")
     return 0
+
+
+def _leave_a_core() -> None:
+    """A run's process on the CPU: torch's threads on all cores but one (memory/cpu_features.training_threads). Set
+    here, for the process a run owns, not in the library's train(), which tests and benchmarks call in their own."""
+    import torch
+
+    from trainer.memory.cpu_features import training_threads
+
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        return
+    threads = training_threads(int(os.environ.get("WORLD_SIZE", "1") or 1))
+    if threads:
+        torch.set_num_threads(threads)
