@@ -92,7 +92,8 @@ def training_threads(processes: int = 1, cores: int | None = None, env=None) -> 
     torch's default, a spinning OpenMP thread on every core, collapses as soon as anything else wants a core: on this
     2-core machine a tiny-model step (`lora-studio train`, median of 60) took 0.12 s alone, 0.42 s beside one busy
     process and 0.48-0.50 s with a second run beside it (the journey test's run with its page open: 0.35 s); with
-    one thread 0.10 s alone, 0.10 s and 0.12-0.14 s."""
+    one thread 0.10 s alone, 0.10 s and 0.12-0.14 s. The price with nothing else running, where compute dominates: a
+    full-size SD1.5 64 px step took 1.35 s with one thread against 1.04 s with two (2 cores; less on more cores)."""
     env = os.environ if env is None else env
     if env.get("OMP_NUM_THREADS", "").strip():
         return None
