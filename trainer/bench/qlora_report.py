@@ -7,7 +7,7 @@ import json
 import platform
 from pathlib import Path
 
-from .sections import replace_section
+from .sections import replace_section, table
 
 TITLES = {"weights": "QLoRA: stored weights", "step": "QLoRA: step", "quality": "QLoRA: quality"}
 MEASUREMENTS = Path("bench/qlora-measurements.json")
@@ -25,15 +25,12 @@ def weights_section(out: dict) -> str:
              "stored form leaves in the run's precision (embeddings, norms, first and last layers; counted on the "
              "architectures, the estimator's KEPT_SHARE), and one full-width block of Flux.1 and Z-Image frozen by "
              "the trainer's stand-ins in each storage (random bf16 weights, bytes measured), scaled to the published "
-             "depths. Do not edit: re-run it.", "",
-             "| family | params (M) | kept with fp8 | kept with int8/nf4 |", "|---|---|---|---|"]
-    for family, row in out.get("kept_share", {}).items():
-        lines.append(f"| {family} | {row['params_m']} | {row['fp8']} | {row['quantized']} |")
-    lines += ["", "| family | block | storage | block MB | bytes a weight | blocks | all blocks GB |",
-              "|---|---|---|---|---|---|---|"]
-    for r in out.get("blocks", []):
-        lines.append(f"| {r['family']} | {r['block']} | {r['store']} | {r['block_mb']} | {r['bytes_per_weight']} | "
-                     f"{r['depth']} | {r['all_blocks_gb']} |")
+             "depths. Do not edit: re-run it.", ""]
+    lines += table(["family", "params (M)", "kept with fp8", "kept with int8/nf4"],
+                   [(f, r["params_m"], r["fp8"], r["quantized"]) for f, r in out.get("kept_share", {}).items()])
+    lines += [""] + table(["family", "block", "storage", "block MB", "bytes a weight", "blocks", "all blocks GB"],
+                          [(r["family"], r["block"], r["store"], r["block_mb"], r["bytes_per_weight"], r["depth"],
+                            r["all_blocks_gb"]) for r in out.get("blocks", [])])
     return "\n".join(lines) + "\n"
 
 
@@ -43,16 +40,14 @@ def step_section(out: dict) -> str:
              "step of the full-size SD1.5 architecture (random weights, the real loader and loop, each row a process "
              "of its own) and of the embedded model, per storage of the frozen weights; fp32, int8 and nf4 compute in "
              "fp32, fp8 in bf16. Peak is the process's peak RSS, loading included; the estimate is the planner's. "
-             "Do not edit: re-run it.", "",
-             "| model | px | frozen weights | peak GB | x fp32 | step s | x fp32 | estimate GB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Do not edit: re-run it.", ""]
+    rows = []
     for r in out.get("steps", []):
-        store = "fp32" if r["store"] == "auto" else r["store"]
-        if r.get("error"):
-            lines.append(f"| {r['model']} | {r['resolution']} | {store} | failed: {r['error']} | | | | |")
-            continue
-        lines.append(f"| {r['model']} | {r['resolution']} | {store} | {r['peak_gb']} | {r.get('peak_vs_fp32', '')} | "
-                     f"{r['step_s']} | {r.get('step_vs_fp32', '')} | {r['estimate_gb']} |")
+        head = (r["model"], r["resolution"], "fp32" if r["store"] == "auto" else r["store"])
+        rows.append((*head, f"failed: {r['error']}", "", "", "", "") if r.get("error") else
+                    (*head, r["peak_gb"], r.get("peak_vs_fp32", ""), r["step_s"], r.get("step_vs_fp32", ""),
+                     r["estimate_gb"]))
+    lines += table(["model", "px", "frozen weights", "peak GB", "x fp32", "step s", "x fp32", "estimate GB"], rows)
     return "\n".join(lines) + "\n"
 
 
@@ -63,15 +58,13 @@ def quality_section(out: dict) -> str:
              "base, and on fp32 with a second seed (the noise); every LoRA scored on the full-precision base as "
              "users apply it (the preset's own score: higher is learned better; drift: change on trigger-free "
              "prompts). Image distance: mean pixel difference between two LoRAs' images at the same seeds, against "
-             "the LoRA's own effect (with against without it). Do not edit: re-run it.", "",
-             "| preset | fp32 | fp32 seed 43 | int8 | nf4 | nf4 / fp32 | int8 / fp32 | seed noise | "
-             "fp32 vs nf4 images | two fp32 seeds' images | LoRA effect | nf4 LoRA on the nf4 base |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for kind, q in out.get("quality", {}).items():
-        lines.append(f"| {kind} | {q['fp32']['score']} | {q['fp32 seed 43']['score']} | {q['int8']['score']} | "
-                     f"{q['nf4']['score']} | {q['nf4_vs_fp32']} | {q['int8_vs_fp32']} | {q['seed_noise']} | "
-                     f"{q['image_distance_fp32_nf4']} | {q.get('image_distance_seeds', '')} | "
-                     f"{q['lora_effect']} | {q['nf4_score_on_nf4_base']} |")
+             "the LoRA's own effect (with against without it). Do not edit: re-run it.", ""]
+    lines += table(["preset", "fp32", "fp32 seed 43", "int8", "nf4", "nf4 / fp32", "int8 / fp32", "seed noise",
+                    "fp32 vs nf4 images", "two fp32 seeds' images", "LoRA effect", "nf4 LoRA on the nf4 base"],
+                   [(kind, q["fp32"]["score"], q["fp32 seed 43"]["score"], q["int8"]["score"], q["nf4"]["score"],
+                     q["nf4_vs_fp32"], q["int8_vs_fp32"], q["seed_noise"], q["image_distance_fp32_nf4"],
+                     q.get("image_distance_seeds", ""), q["lora_effect"], q["nf4_score_on_nf4_base"])
+                    for kind, q in out.get("quality", {}).items()])
     return "\n".join(lines) + "\n"
 
 
@@ -81,15 +74,14 @@ SECTIONS = {"weights": (("kept_share", "blocks"), weights_section), "step": (("s
 
 def write(out: dict, results_md: Path, measurements: Path = MEASUREMENTS) -> list[str]:
     """Merge `out` into the measurements file and replace the sections of the parts it holds; their titles."""
-    saved = json.loads(measurements.read_text(encoding="utf-8")) if measurements.exists() else {}
-    out = {"machine": _machine(), **out}
-    for part, (keys, _) in SECTIONS.items():
-        if all(k in out for k in keys):
-            saved[part] = {"machine": out["machine"], **{k: out[k] for k in keys}}
     from trainer.atomic import write_text
 
+    saved = json.loads(measurements.read_text(encoding="utf-8")) if measurements.exists() else {}
+    parts = [part for part, (keys, _) in SECTIONS.items() if all(k in out for k in keys)]
+    for part in parts:
+        saved[part] = {"machine": _machine(), **{k: out[k] for k in SECTIONS[part][0]}}
     write_text(measurements, json.dumps(saved, indent=1) + "\n")
-    return render(saved, results_md, parts=[p for p, (keys, _) in SECTIONS.items() if all(k in out for k in keys)])
+    return render(saved, results_md, parts=parts)
 
 
 def render(saved: dict, results_md: Path, parts=None) -> list[str]:

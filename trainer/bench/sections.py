@@ -34,3 +34,9 @@ def kept_sections(path: Path) -> str:
         return ""
     _, sections = split(path.read_text(encoding="utf-8"))
     return "\n".join(v for k, v in sections.items() if k in OWN_SECTIONS)
+
+
+def table(header: list[str], rows) -> list[str]:
+    """A markdown table's lines: the header, its rule and one line a row (each cell as str() writes it)."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
