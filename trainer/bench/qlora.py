@@ -138,7 +138,7 @@ def quality(kinds=("character", "style", "concept"), overrides: list[str] = ()) 
             dataset = SAMPLE_DATASETS / kind
             files, scores = {}, {}
             for label, extra in QUALITY_RUNS.items():
-                path, seconds = learn_file(kind, Path(tmp) / label.replace(" ", "-"), overrides=[*overrides, *extra])
+                path, seconds, _ = learn_file(kind, Path(tmp) / label.replace(" ", "-"), overrides=[*overrides, *extra])
                 base, lora, drift = evaluate(pipe, kind, path, dataset)
                 files[label] = path
                 scores[label] = {"score": round(lora, 4), "drift": round(drift, 4), "seconds": seconds}

@@ -97,14 +97,14 @@ def evaluate(pipe, kind: str, lora_path: Path, dataset: Path) -> tuple[float, fl
 def learn(kind: str, workdir: Path, *, pipe=None, dataset: Path | None = None, overrides: list[str] = (),
           model: str = "tiny") -> Learned:
     dataset = dataset or SAMPLE_DATASETS / kind
-    path, seconds, steps = learn_file(kind, workdir, dataset=dataset, overrides=overrides, model=model, steps=True)
+    path, seconds, steps = learn_file(kind, workdir, dataset=dataset, overrides=overrides, model=model)
     base, lora, drift = evaluate(pipe or load_pipeline(model), kind, path, dataset)
     return Learned(round(base, 4), round(lora, 4), round(drift, 4), steps, round(seconds, 1))
 
 
 def learn_file(kind: str, workdir: Path, *, dataset: Path | None = None, overrides: list[str] = (),
-               model: str = "tiny", steps: bool = False):
-    """Train the `kind` preset on its dataset: (the LoRA file, seconds[, steps])."""
+               model: str = "tiny") -> tuple[Path, float, int]:
+    """Train the `kind` preset on its dataset: (the LoRA file, seconds, steps)."""
     from ..config import RunConfig
     from trainer.training.loop import train
     from ..presets import resolve
@@ -117,7 +117,7 @@ def learn_file(kind: str, workdir: Path, *, dataset: Path | None = None, overrid
     start = time.perf_counter()
     result = train(cfg)
     seconds = round(time.perf_counter() - start, 1)
-    return (result.lora_path, seconds, result.steps) if steps else (result.lora_path, seconds)
+    return result.lora_path, seconds, result.steps
 
 
 def as_dict(results: dict[str, Learned]) -> dict:
